@@ -1,0 +1,66 @@
+"""What the tracker tells its user: per-packet verdicts and per-connection events."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+from .flow import FlowTuple
+from .tcp_states import Direction, TcpState
+
+if TYPE_CHECKING:
+    from .table import Conn
+
+
+class CtState(IntEnum):
+    """Linux's ctstate of a packet (what iptables' ``-m conntrack --ctstate`` matches)."""
+
+    NEW = 0
+    ESTABLISHED = 1
+    RELATED = 2
+    INVALID = 3
+    UNTRACKED = 4
+
+
+class Why(IntEnum):
+    """Why a packet was not tracked or an entry went away."""
+
+    TCP_INVALID = 1  # segment the state table calls invalid
+    ICMP_NO_FLOW = 2  # ICMP error quoting a flow we do not know
+    ICMP_UNMATCHED_REPLY = 3  # echo reply with no request
+    FRAGMENT_WITHOUT_HEAD = 4  # non-first fragment before its first
+    TABLE_FULL = 5  # full, and no unassured entry to drop
+    NOT_TRACKABLE = 6  # e.g. ICMPv6 neighbour discovery
+    TIMEOUT = 10
+    RESET = 11  # RST before any reply: killed at once, as Linux does
+    REOPEN = 12  # SYN on a tuple in TIME_WAIT/CLOSE
+    EARLY_DROP = 13  # evicted to make room, unassured
+    REMOVED = 14  # removed by the user (flush, NAT address loss)
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """The verdict on one packet."""
+
+    ctstate: CtState
+    direction: Direction = Direction.ORIGINAL
+    conn: "Conn | None" = field(default=None, compare=False)
+    why: Why | None = None
+
+
+class EventKind(IntEnum):
+    NEW = 1
+    UPDATE = 2
+    DESTROY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    kind: EventKind
+    original: FlowTuple
+    reply: FlowTuple
+    state: TcpState | None  # TCP only
+    assured: bool
+    now: float
+    why: Why | None = None
+    conn: "Conn | None" = field(default=None, compare=False, repr=False)

@@ -1,0 +1,1 @@
+"""The `roam` command-line front end: the only layer that prints, parses argv or reads the clock."""
