@@ -2,9 +2,10 @@
 
 Sans-I/O: ``track(packet, now)`` and ``expire(now)`` are the only inputs; the caller
 owns the clock and drains ``pop_events()``.  Expiry uses a one-second timer wheel
-filled lazily (a refreshed entry is re-filed only when its old slot comes due), so
-a packet costs a dict lookup and a few attribute writes; a lookup also checks the
-exact deadline, so no entry is ever used past its timeout.
+filled lazily (a refreshed entry is re-filed only when its old slot comes due, or at
+once when its timeout gets shorter; a stale slot finds it alive and files it again), so
+a packet costs a dict lookup and a few attribute writes; a lookup also checks the exact
+deadline, so no entry is ever used past its timeout.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ _NEW, _EST, _REL, _INV, _UNT = (CtState.NEW, CtState.ESTABLISHED, CtState.RELATE
 class Conn:
     """One tracked connection (mutable: the table owns it)."""
 
-    __slots__ = ("original", "reply", "proto", "state", "status", "deadline", "filed",
-                 "created", "orig_packets", "orig_bytes", "reply_packets", "reply_bytes", "extra")
+    __slots__ = ("original", "reply", "proto", "state", "status", "deadline", "orig_packets", "orig_bytes", "reply_packets", "reply_bytes", "extra")
 
     def __init__(self, original: bytes, reply: bytes, proto: int, state: int, now: float) -> None:
         self.original = original
@@ -42,8 +42,6 @@ class Conn:
         self.state = state  # TcpState for TCP, 0 otherwise
         self.status = 0
         self.deadline = now
-        self.filed = now  # the deadline this entry was last filed in the wheel under
-        self.created = now
         self.orig_packets = self.orig_bytes = self.reply_packets = self.reply_bytes = 0
         self.extra = None  # owned by the user (the NAT keeps its mapping here)
 
@@ -163,8 +161,8 @@ class ConnTable:
         while slots and slots[0] <= now:
             slot = heapq.heappop(slots)
             for c in wheel.pop(slot, ()):
-                if c.status & DEAD or math.ceil(c.filed) != slot:
-                    continue  # stale reference: re-filed elsewhere or gone
+                if c.status & DEAD:
+                    continue
                 if c.deadline <= now:
                     self._destroy(c, now, Why.TIMEOUT)
                     n += 1
@@ -267,7 +265,7 @@ class ConnTable:
                 c.status |= ASSURED
                 self._emit(EventKind.UPDATE, c, now)
         if c.proto in (Proto.UDP, Proto.UDPLITE):
-            if c.status & SEEN_REPLY and now - c.created >= t.udp_stream_after:
+            if c.status & SEEN_REPLY:
                 if not c.status & ASSURED:
                     c.status |= ASSURED
                     self._emit(EventKind.UPDATE, c, now)
@@ -312,13 +310,12 @@ class ConnTable:
             c.orig_bytes += pkt.end - pkt.l3
 
     def _set_deadline(self, c: Conn, deadline: float) -> None:
-        shorter = deadline < c.filed
+        shorter = deadline < c.deadline
         c.deadline = deadline
-        if shorter:  # the old slot is too late now: file again (old slot goes stale)
+        if shorter:  # the slot it sits in may be too late now: file it again as well
             self._file(c)
 
     def _file(self, c: Conn) -> None:
-        c.filed = c.deadline
         slot = math.ceil(c.deadline)
         bucket = self._wheel.get(slot)
         if bucket is None:

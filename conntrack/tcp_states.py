@@ -99,12 +99,16 @@ def next_state(direction: Direction, segment: Segment, state: TcpState) -> TcpSt
 
 
 def mermaid() -> str:
-    """The state diagram, drawn from TRANSITIONS (used by the docs)."""
-    lines = ["stateDiagram-v2"]
+    """The state diagram, drawn from TRANSITIONS (the README embeds its output)."""
+    edges: dict[tuple[TcpState, TcpState], dict[Segment, set[str]]] = {}
     for direction, rows in TRANSITIONS.items():
         for segment, row in rows.items():
             for state, nxt in row.items():
-                if nxt in (IV, IG) or nxt == state:
-                    continue
-                lines.append(f"    {state.name} --> {nxt.name}: {direction.name.lower()} {segment.name}")
+                if nxt not in (IV, IG) and nxt != state:
+                    edges.setdefault((state, nxt), {}).setdefault(segment, set()).add(direction.name.lower())
+    lines = ["stateDiagram-v2"]
+    for (state, nxt), segments in edges.items():
+        label = ", ".join(seg.name if len(dirs) == 2 else f"{seg.name} ({dirs.pop()})"
+                          for seg, dirs in segments.items())
+        lines.append(f"    {state.name} --> {nxt.name}: {label}")
     return "\n".join(lines)

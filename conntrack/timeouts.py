@@ -20,10 +20,7 @@ class Timeouts:
     close: float = 10
     syn_sent2: float = 120
     udp: float = 30  # unreplied
-    udp_stream: float = 120  # once a reply was seen
-    #: Linux waits until a replied UDP flow is this old before calling it a stream
-    #: (120 s, ASSURED). 0 follows the plain rule "120 s once replied".
-    udp_stream_after: float = 0
+    udp_stream: float = 120  # once a reply was seen (Linux waits 2 s more; see README)
     icmp: float = 30
     generic: float = 600
     fragment: float = 30  # how long a fragment's head is remembered

@@ -1,0 +1,1 @@
+"""Benchmark targets for `roam bench` (one module each)."""
