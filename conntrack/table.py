@@ -91,6 +91,7 @@ class ConnTable:
         self._count = 0
         self._wheel: dict[int, list[Conn]] = {}
         self._slots: list[int] = []  # heap of wheel slots in use
+        self._slot_min: dict[int, float] = {}  # earliest deadline filed in each slot
         self._frags: dict[tuple, tuple[Conn, int, float]] = {}  # (src, dst, proto, id) -> head
         self._events: list[ConnEvent] = []
         self.emit_events = True
@@ -119,8 +120,11 @@ class ConnTable:
         return ev
 
     def next_deadline(self) -> float | None:
-        """When ``expire`` next has work (may be early, never late)."""
-        return float(self._slots[0]) if self._slots else None
+        """When ``expire`` next has work (may be early, never late; ``expire`` at it makes progress)."""
+        if not self._slots:
+            return None
+        slot = self._slots[0]
+        return self._slot_min.get(slot, float(slot))
 
     def timeout_left(self, c: Conn, now: float) -> float:
         return max(0.0, c.deadline - now)
@@ -158,8 +162,10 @@ class ConnTable:
         """Destroy every entry whose timeout has passed; returns how many."""
         n = 0
         slots, wheel = self._slots, self._wheel
+        later: dict[int, Conn] = {}
         while slots and slots[0] <= now:
             slot = heapq.heappop(slots)
+            self._slot_min.pop(slot, None)
             for c in wheel.pop(slot, ()):
                 if c.status & DEAD:
                     continue
@@ -167,7 +173,9 @@ class ConnTable:
                     self._destroy(c, now, Why.TIMEOUT)
                     n += 1
                 else:
-                    self._file(c)
+                    later[id(c)] = c  # filed after the loop: it may belong in this very slot
+        for c in later.values():
+            self._file(c)
         if self._frags:
             for fk in [fk for fk, (_, _, t) in self._frags.items() if t <= now]:
                 del self._frags[fk]
@@ -196,10 +204,13 @@ class ConnTable:
             if pkt.icmp_type not in (ICMP4_QUERIES if pkt.family == 4 else ICMP6_QUERIES):
                 self.counters["invalid"] += 1
                 return Tracked(_INV, why=Why.ICMP_UNMATCHED_REPLY)
-        if self._count >= self.capacity and not self._early_drop(now):
+        if self._count >= self.capacity and not self.expire(now) and not self._early_drop(now):
             self.counters["dropped_full"] += 1
             return Tracked(_INV, why=Why.TABLE_FULL)
         rkey = reply.key() if reply is not None else reverse_key(key)
+        holder = self._by_key.get(rkey)
+        if holder is not None and holder.deadline <= now:  # held by a timed-out entry: reap it
+            self._destroy(holder, now, Why.TIMEOUT)
         if rkey in self._by_key:  # reply tuple taken (a NAT clash): not ours to resolve
             self.counters["invalid"] += 1
             return Tracked(_INV, why=Why.TABLE_FULL)
@@ -229,19 +240,24 @@ class ConnTable:
     def _tcp(self, c: Conn, pkt: Packet, direction: Direction, now: float) -> Tracked | None:
         seg = classify(pkt.tcp_flags)
         old = TcpState(c.state)
-        if direction is _ORIG and seg is Segment.SYN and old in REOPEN_STATES:
+        new = next_state(direction, seg, old)
+        if new == TcpState.SYN_SENT and old in REOPEN_STATES:
             self._destroy(c, now, Why.REOPEN)
+            if direction is _REPLY:  # the server opens the new connection: roles switch (Linux)
+                return self._new(pkt, c.reply, now, None)
             return self._new(pkt, c.original, now, None if c.reply == reverse_key(c.original)
                              else FlowTuple.from_key(c.reply))
-        new = next_state(direction, seg, old)
         if new == TcpState.INVALID:
             self.counters["invalid"] += 1
             return Tracked(_INV, direction, c, Why.TCP_INVALID)
         if new == TcpState.IGNORE:
             self._account(c, pkt, direction)
+            if direction is _REPLY:  # still a reply: Linux sets SEEN_REPLY for accepted packets
+                c.status |= SEEN_REPLY
             return Tracked(_EST if c.status & SEEN_REPLY else _NEW, direction, c)
         if seg is Segment.RST and not c.status & SEEN_REPLY:
             self._account(c, pkt, direction)
+            c.state = new  # CLOSE, as the kernel's DESTROY event reports it
             self._destroy(c, now, Why.RESET)
             return Tracked(_EST if direction is _REPLY else _NEW, direction, c)
         changed = new != old
@@ -288,7 +304,7 @@ class ConnTable:
 
     def _track_fragment(self, pkt: Packet, now: float) -> Tracked:
         head = self._frags.get((pkt.src, pkt.dst, pkt.proto, pkt.fragment.ident))
-        if head is None or head[0].status & DEAD or head[2] <= now:
+        if head is None or head[0].status & DEAD or head[2] <= now or head[0].deadline <= now:
             return Tracked(_UNT, why=Why.FRAGMENT_WITHOUT_HEAD)
         c, direction, _ = head
         self._account(c, pkt, Direction(direction))
@@ -316,13 +332,16 @@ class ConnTable:
             self._file(c)
 
     def _file(self, c: Conn) -> None:
-        slot = math.ceil(c.deadline)
+        slot = math.floor(c.deadline)  # never later than the deadline: expire(now) finds all due
         bucket = self._wheel.get(slot)
         if bucket is None:
             self._wheel[slot] = [c]
+            self._slot_min[slot] = c.deadline
             heapq.heappush(self._slots, slot)
         else:
             bucket.append(c)
+            if c.deadline < self._slot_min[slot]:
+                self._slot_min[slot] = c.deadline
 
     def _early_drop(self, now: float) -> bool:
         for i, (k, c) in enumerate(self._by_key.items()):
