@@ -71,7 +71,7 @@ TRANSITIONS: dict[Direction, dict[Segment, dict[TcpState, TcpState]]] = {
     Direction.ORIGINAL: {
         #                      NO  SS  SR  ES  FW  CW  LA  TW  CL  S2
         Segment.SYN:    _row(SS, SS, IG, IG, IG, IG, IG, SS, SS, S2),
-        Segment.SYNACK: _row(IV, IV, IG, IG, IG, IG, IG, IG, IG, SR),
+        Segment.SYNACK: _row(IV, IV, SR, IV, IV, IV, IV, IV, IV, SR),
         Segment.FIN:    _row(IV, IV, FW, FW, LA, LA, LA, TW, CL, IV),
         Segment.ACK:    _row(ES, IV, ES, ES, CW, CW, TW, TW, CL, IV),
         Segment.RST:    _row(IV, CL, CL, CL, CL, CL, CL, CL, CL, CL),
@@ -79,7 +79,7 @@ TRANSITIONS: dict[Direction, dict[Segment, dict[TcpState, TcpState]]] = {
     },
     Direction.REPLY: {
         #                      NO  SS  SR  ES  FW  CW  LA  TW  CL  S2
-        Segment.SYN:    _row(IV, S2, IV, IV, IV, IV, IV, IV, IV, S2),
+        Segment.SYN:    _row(IV, S2, IV, IV, IV, IV, IV, SS, IV, S2),
         Segment.SYNACK: _row(IV, SR, IG, IG, IG, IG, IG, IG, IG, SR),
         Segment.FIN:    _row(IV, IV, FW, FW, LA, LA, LA, TW, CL, IV),
         Segment.ACK:    _row(IV, IG, SR, ES, CW, CW, TW, TW, CL, IG),
@@ -88,8 +88,9 @@ TRANSITIONS: dict[Direction, dict[Segment, dict[TcpState, TcpState]]] = {
     },
 }
 
-#: A SYN in the original direction in these states starts a new connection on the
-#: same tuple (RFC 1122 reopening): the old entry is destroyed first, as Linux does.
+#: A SYN that the table sends to SYN_SENT from these states starts a new connection on
+#: the same tuple (RFC 1122 reopening): the old entry is destroyed first, as Linux does.
+#: In the reply direction (SYN in TIME_WAIT) the server has switched roles.
 REOPEN_STATES = frozenset({TcpState.TIME_WAIT, TcpState.CLOSE})
 
 
