@@ -1,0 +1,386 @@
+"""NAT configuration: VMware's ``nat.conf`` and roam's own TOML, into one frozen value.
+
+Both parsers fail only with :class:`ConfigError`, which names the file and line.
+Settings below the RFC minimums are honoured (the config wins) but each one adds a
+warning to ``NatConfig.warnings``; unknown sections and keys are kept out and warned about.
+
+nat.conf (VMware)::
+
+    [host]
+    ip = 198.18.0.1          # the NAT's own internal address ...
+    netmask = 255.255.255.0  # ... and the internal network it implies
+    [udp]
+    timeout = 60             # seconds (below 120 s: warning, RFC 4787 REQ-5)
+    [tcp]
+    timeWaitTimeout = 30
+    [incomingtcp]
+    8080 = 198.18.0.2:80
+    [incomingudp]
+    5353 = 198.18.0.2:53
+
+TOML (roam)::
+
+    external_ip = "203.0.113.1"       # optional; the plugin reads the interface
+    internal = ["198.18.0.0/24"]
+    filtering = "endpoint-independent" # | "address-dependent" | "address-and-port-dependent"
+    hairpinning = true
+    [ports]
+    range = "1024-65535"
+    low_range = "600-1023"
+    [timeouts]
+    udp = 300
+    tcp_established = 7440
+    tcp_transitory = 240
+    tcp_time_wait = 240
+    icmp = 60
+    [[inbound]]
+    proto = "tcp"
+    port = 8080
+    to = "198.18.0.2:80"
+"""
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+from conntrack.packet import Proto
+
+#: RFC minimums (seconds): RFC 4787 REQ-5, RFC 5382 REQ-5, RFC 5508 REQ-1.
+UDP_MIN = 120
+TCP_ESTABLISHED_MIN = 7440
+TCP_TRANSITORY_MIN = 240
+ICMP_MIN = 60
+
+
+class Filtering(IntEnum):
+    """Which inbound packets an existing mapping admits (RFC 4787 section 5)."""
+
+    ENDPOINT_INDEPENDENT = 1
+    ADDRESS_DEPENDENT = 2
+    ADDRESS_AND_PORT_DEPENDENT = 3
+
+
+_FILTERING_NAMES = {
+    "endpoint-independent": Filtering.ENDPOINT_INDEPENDENT,
+    "address-dependent": Filtering.ADDRESS_DEPENDENT,
+    "address-and-port-dependent": Filtering.ADDRESS_AND_PORT_DEPENDENT,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; says where (file:line) and why."""
+
+    def __init__(self, where: str, message: str) -> None:
+        self.where = where
+        self.message = message
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True, slots=True)
+class PortForward:
+    """An explicit inbound mapping: external ``port`` of ``proto`` -> internal ip:port."""
+
+    proto: int
+    external_port: int
+    internal_ip: str
+    internal_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class NatConfig:
+    internal: tuple[str, ...] = ()  # CIDRs of the internal side
+    external_ip: str | None = None
+    forwards: tuple[PortForward, ...] = ()
+    filtering: Filtering = Filtering.ENDPOINT_INDEPENDENT
+    hairpinning: bool = True
+    port_range: tuple[int, int] = (1024, 65535)
+    low_port_range: tuple[int, int] = (600, 1023)
+    icmp_id_range: tuple[int, int] = (1, 65535)
+    udp_timeout: float = 300
+    tcp_established: float = TCP_ESTABLISHED_MIN
+    tcp_transitory: float = TCP_TRANSITORY_MIN
+    tcp_time_wait: float = TCP_TRANSITORY_MIN
+    icmp_timeout: float = ICMP_MIN
+    capacity: int = 65536
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: nat.conf sections roam does not use, kept as read: ((name, ((key, value), ...)), ...)
+    other_sections: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(default=(), compare=False)
+
+    def with_(self, **changes) -> "NatConfig":
+        return replace(self, **changes)
+
+    def networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.internal)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _port(text, where: str, what: str = "port") -> int:
+    try:
+        p = int(str(text).strip(), 10)
+    except ValueError:
+        raise ConfigError(where, f"{what} {text!r} is not a number") from None
+    if not 1 <= p <= 65535:
+        raise ConfigError(where, f"{what} {p} is outside 1-65535")
+    return p
+
+
+def _ipv4(text, where: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(text).strip()))
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not an IPv4 address") from None
+
+
+def _endpoint(text, where: str) -> tuple[str, int]:
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep:
+        raise ConfigError(where, f"{text!r} should be ADDRESS:PORT")
+    return _ipv4(host, where), _port(port, where)
+
+
+def _range(text, where: str, low: int = 1, high: int = 65535) -> tuple[int, int]:
+    a, sep, b = str(text).partition("-")
+    if not sep:
+        raise ConfigError(where, f"range {text!r} should be FIRST-LAST")
+    lo, hi = _port(a, where), _port(b, where)
+    if lo > hi or lo < low or hi > high:
+        raise ConfigError(where, f"range {lo}-{hi} must be ascending within {low}-{high}")
+    return lo, hi
+
+
+def _seconds(text, where: str) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(where, f"timeout {text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise ConfigError(where, f"timeout {v} must be positive")
+    return v
+
+
+def _cidr(text, where: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(str(text).strip(), strict=False))
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not an IPv4 network (CIDR)") from None
+
+
+def check_minimums(cfg: NatConfig) -> NatConfig:
+    """Add a warning for every lifetime the config sets below the RFC minimum."""
+    warn = list(cfg.warnings)
+    for value, minimum, name, rfc in (
+        (cfg.udp_timeout, UDP_MIN, "UDP mapping timeout", "RFC 4787 REQ-5"),
+        (cfg.tcp_established, TCP_ESTABLISHED_MIN, "TCP established timeout", "RFC 5382 REQ-5"),
+        (cfg.tcp_transitory, TCP_TRANSITORY_MIN, "TCP transitory timeout", "RFC 5382 REQ-5"),
+        (cfg.tcp_time_wait, TCP_TRANSITORY_MIN, "TCP TIME_WAIT timeout", "RFC 5382 REQ-5 (transitory)"),
+        (cfg.icmp_timeout, ICMP_MIN, "ICMP query timeout", "RFC 5508 REQ-1"),
+    ):
+        if value < minimum:
+            warn.append(f"{name} {value:g} s is below the {rfc} minimum of {minimum} s (kept as configured)")
+    lo_a, lo_b = cfg.low_port_range
+    if lo_b >= 1024:
+        warn.append(f"low port range {lo_a}-{lo_b} reaches 1024 or above (RFC 4787 REQ-3a keeps ports "
+                    "below 1024 below 1024)")
+    if cfg.port_range[0] < 1024:
+        warn.append(f"port range {cfg.port_range[0]}-{cfg.port_range[1]} starts below 1024 (RFC 4787 REQ-3a)")
+    seen = {}
+    for f in cfg.forwards:
+        key = (f.proto, f.external_port)
+        if key in seen:
+            raise ConfigError("", f"{Proto(f.proto).name} port {f.external_port} is mapped twice")
+        seen[key] = f
+    return replace(cfg, warnings=tuple(warn))
+
+
+# ----------------------------------------------------------------------------- nat.conf
+_KNOWN = {"host", "udp", "tcp", "incomingtcp", "incomingudp", "roam"}
+
+
+def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
+    """Parse VMware's nat.conf syntax. ``[roam]`` may set roam's own keys (as in TOML)."""
+    section = None
+    host_ip = netmask = None
+    host_line = 0
+    kw: dict = {}
+    forwards: list[PortForward] = []
+    warnings: list[str] = []
+    warned_sections: set[str] = set()
+    other: dict[str, list[tuple[str, str]]] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        where = f"{name}:{n}"
+        line = raw.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                raise ConfigError(where, f"section header {line!r} should look like [name]")
+            section = line[1:-1].strip().lower()
+            if section not in _KNOWN and section not in warned_sections:
+                warned_sections.add(section)
+                other[section] = []
+                warnings.append(f"{where}: unknown section [{section}] kept and ignored")
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(where, f"expected KEY = VALUE, got {line!r}")
+        if section is None:
+            raise ConfigError(where, f"{key!r} appears before any [section]")
+        if section not in _KNOWN:
+            other[section].append((key, value))
+            continue
+        k = key.lower()
+        if section == "host":
+            if k == "ip":
+                host_ip, host_line = _ipv4(value, where), n
+            elif k == "netmask":
+                netmask = _ipv4(value, where)
+            elif k == "externalip":
+                kw["external_ip"] = _ipv4(value, where)
+            else:
+                warnings.append(f"{where}: [host] {key} ignored")
+        elif section == "udp":
+            if k == "timeout":
+                kw["udp_timeout"] = _seconds(value, where) if value != "-1" else 86400.0
+            else:
+                warnings.append(f"{where}: [udp] {key} ignored")
+        elif section == "tcp":
+            if k == "timewaittimeout":
+                kw["tcp_time_wait"] = _seconds(value, where)
+            elif k == "timeout":
+                kw["tcp_established"] = _seconds(value, where)
+            else:
+                warnings.append(f"{where}: [tcp] {key} ignored")
+        elif section in ("incomingtcp", "incomingudp"):
+            proto = Proto.TCP if section == "incomingtcp" else Proto.UDP
+            ext = _port(key, where, "external port")
+            ip, port = _endpoint(value, where)
+            forwards.append(PortForward(int(proto), ext, ip, port))
+        elif section == "roam":
+            _roam_key(kw, k, value, where)
+    if host_ip is not None:
+        if netmask is None:
+            raise ConfigError(f"{name}:{host_line}", "[host] ip needs a netmask")
+        try:
+            net = ipaddress.IPv4Network(f"{host_ip}/{netmask}", strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{name}:{host_line}", f"bad [host] netmask: {exc}") from None
+        kw["internal"] = (str(net),)
+    try:
+        return check_minimums(NatConfig(forwards=tuple(forwards), warnings=tuple(warnings),
+                                        other_sections=tuple((k, tuple(v)) for k, v in other.items()), **kw))
+    except ConfigError as exc:
+        raise ConfigError(name, exc.message) from None
+
+
+def _roam_key(kw: dict, k: str, value, where: str) -> None:
+    if k == "filtering":
+        v = str(value).strip().lower()
+        if v not in _FILTERING_NAMES:
+            raise ConfigError(where, f"filtering {value!r}: use one of {', '.join(_FILTERING_NAMES)}")
+        kw["filtering"] = _FILTERING_NAMES[v]
+    elif k in ("port_range", "range"):
+        kw["port_range"] = _range(value, where)
+    elif k in ("low_port_range", "low_range"):
+        kw["low_port_range"] = _range(value, where)
+    elif k == "hairpinning":
+        if isinstance(value, bool):
+            kw["hairpinning"] = value
+        else:
+            v = str(value).strip().lower()
+            if v not in ("1", "0", "true", "false", "yes", "no"):
+                raise ConfigError(where, f"hairpinning {value!r} should be true or false")
+            kw["hairpinning"] = v in ("1", "true", "yes")
+    elif k == "internal":
+        kw["internal"] = tuple(_cidr(c, where) for c in (value if isinstance(value, list) else str(value).split(",")))
+    elif k == "external_ip":
+        kw["external_ip"] = _ipv4(value, where)
+    elif k == "capacity":
+        try:
+            kw["capacity"] = int(value)
+        except ValueError:
+            raise ConfigError(where, f"capacity {value!r} is not a number") from None
+        if kw["capacity"] < 1:
+            raise ConfigError(where, "capacity must be at least 1")
+    else:
+        raise ConfigError(where, f"unknown key {k!r}")
+
+
+# ----------------------------------------------------------------------------- TOML
+_TIMEOUT_KEYS = {"udp": "udp_timeout", "tcp_established": "tcp_established",
+                 "tcp_transitory": "tcp_transitory", "tcp_time_wait": "tcp_time_wait", "icmp": "icmp_timeout"}
+
+
+def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, f"not valid TOML: {exc}") from None
+    kw: dict = {}
+    warnings: list[str] = []
+    for key, value in doc.items():
+        where = f"{name}: {key}"
+        if key in ("filtering", "hairpinning", "internal", "external_ip", "capacity"):
+            if key == "internal" and not isinstance(value, (list, str)):
+                raise ConfigError(where, "internal should be a list of CIDRs")
+            _roam_key(kw, key, value, where)
+        elif key == "ports":
+            for k, v in _table(value, where).items():
+                if k not in ("range", "low_range", "icmp_range"):
+                    raise ConfigError(f"{where}.{k}", "unknown key (range, low_range, icmp_range)")
+                if k == "icmp_range":
+                    kw["icmp_id_range"] = _range(v, f"{where}.{k}")
+                else:
+                    _roam_key(kw, k, v, f"{where}.{k}")
+        elif key == "timeouts":
+            for k, v in _table(value, where).items():
+                if k not in _TIMEOUT_KEYS:
+                    raise ConfigError(f"{where}.{k}", f"unknown timeout (known: {', '.join(_TIMEOUT_KEYS)})")
+                kw[_TIMEOUT_KEYS[k]] = _seconds(v, f"{where}.{k}")
+        elif key == "inbound":
+            if not isinstance(value, list):
+                raise ConfigError(where, "use [[inbound]] tables")
+            fw = []
+            for i, item in enumerate(value, 1):
+                w = f"{name}: inbound #{i}"
+                item = _table(item, w)
+                unknown = set(item) - {"proto", "port", "to"}
+                if unknown:
+                    raise ConfigError(w, f"unknown key(s) {', '.join(sorted(unknown))} (proto, port, to)")
+                proto = str(item.get("proto", "")).lower()
+                if proto not in ("tcp", "udp"):
+                    raise ConfigError(w, f"proto {item.get('proto')!r} should be \"tcp\" or \"udp\"")
+                if "port" not in item or "to" not in item:
+                    raise ConfigError(w, "needs port and to")
+                ip, port = _endpoint(item["to"], w)
+                fw.append(PortForward(int(Proto.TCP if proto == "tcp" else Proto.UDP),
+                                      _port(item["port"], w), ip, port))
+            kw["forwards"] = tuple(fw)
+        else:
+            warnings.append(f"{where}: unknown key or table ignored")
+    try:
+        return check_minimums(NatConfig(warnings=tuple(warnings), **kw))
+    except ConfigError as exc:
+        raise ConfigError(name, exc.message) from None
+
+
+def _table(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(where, "should be a table")
+    return value
+
+
+def load(path: str) -> NatConfig:
+    """Read ``path``: TOML when it ends in .toml, nat.conf syntax otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "not UTF-8 text") from None
+    if path.endswith(".toml"):
+        return parse_toml(text, path)
+    return parse_nat_conf(text, path)

@@ -1,0 +1,107 @@
+"""External port (and ICMP identifier) allocation.
+
+Port preservation first: the internal port is kept when it is free and inside the
+pool of its range class.  Otherwise a free port of the same class, chosen from a
+random starting point (RFC 6056 style) and probed linearly, so allocation never
+fails while a port is free.  Classes follow RFC 4787 REQ-3a: an internal port below
+1024 gets an external port from the low range, any other from the high range.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUse:
+    used: int
+    size: int
+
+
+class PortRange:
+    """One contiguous range of ports; tracks which are in use."""
+
+    __slots__ = ("first", "last", "used", "reserved", "_rng")
+
+    def __init__(self, first: int, last: int, reserved: frozenset[int] = frozenset(),
+                 rng: random.Random | None = None) -> None:
+        if not 0 <= first <= last <= 65535:
+            raise ValueError(f"bad port range {first}-{last}")
+        self.first, self.last = first, last
+        self.reserved = frozenset(p for p in reserved if first <= p <= last)
+        self.used: set[int] = set()
+        self._rng = rng or random.Random()
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1 - len(self.reserved)
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+    def full(self) -> bool:
+        return len(self.used) >= self.size
+
+    def take(self, port: int) -> bool:
+        """Take ``port`` if it is in range and free."""
+        if port in self and port not in self.used and port not in self.reserved:
+            self.used.add(port)
+            return True
+        return False
+
+    def allocate(self) -> int | None:
+        if self.full():
+            return None
+        n = self.last - self.first + 1
+        start = self._rng.randrange(n)
+        used, reserved = self.used, self.reserved
+        for i in range(n):
+            p = self.first + (start + i) % n
+            if p not in used and p not in reserved:
+                used.add(p)
+                return p
+        return None  # unreachable while size is counted right
+
+    def free(self, port: int) -> None:
+        self.used.discard(port)
+
+
+class PortPool:
+    """The external ports of one protocol on one external address."""
+
+    def __init__(self, high: tuple[int, int], low: tuple[int, int] | None = None,
+                 reserved: frozenset[int] = frozenset(), seed: int | None = None) -> None:
+        rng = random.Random(seed)
+        self.high = PortRange(*high, reserved=reserved, rng=rng)
+        self.low = PortRange(*low, reserved=reserved, rng=rng) if low else None
+
+    def _class(self, internal_port: int) -> PortRange:
+        if self.low is not None and internal_port < 1024:
+            return self.low
+        return self.high
+
+    def allocate(self, internal_port: int) -> int | None:
+        """An external port for ``internal_port``: itself if possible, else one of its class."""
+        r = self._class(internal_port)
+        if r.take(internal_port):
+            return internal_port
+        return r.allocate()
+
+    def take(self, port: int) -> bool:
+        """Claim a specific port (restore from a snapshot)."""
+        for r in (self.high, self.low):
+            if r is not None and port in r:
+                return r.take(port)
+        return False
+
+    def free(self, port: int) -> None:
+        for r in (self.high, self.low):
+            if r is not None and port in r:
+                r.free(port)
+
+    def use(self) -> PoolUse:
+        rs = [r for r in (self.high, self.low) if r is not None]
+        return PoolUse(sum(len(r.used) for r in rs), sum(r.size for r in rs))
+
+    def in_use(self, port: int) -> bool:
+        return any(r is not None and port in r.used for r in (self.high, self.low))

@@ -1,0 +1,95 @@
+"""In-place rewrite of IPv4 packets with incremental checksum updates (RFC 1624).
+
+``rewrite`` changes addresses and ports (or an ICMP query's identifier) of a packet;
+``rewrite_icmp_error`` translates an ICMP error and the header it quotes (RFC 5508):
+the quoted packet is the one the far side saw, so it is turned back into the one the
+near side sent.  Both work on the buffer ``parse_ip`` read, at the offsets it found.
+"""
+from __future__ import annotations
+
+import struct
+
+from conntrack.packet import Packet, Proto
+
+from .checksum import adjust, fold, ones_sum, udp_update
+
+_H = struct.Struct("!H")
+_HH = struct.Struct("!HH")
+
+
+def _ws(b: bytes) -> int:
+    return (b[0] << 8 | b[1]) + (b[2] << 8 | b[3])
+
+
+def rewrite(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+    """Give ``pkt`` (IPv4, in ``buf``) these addresses and ports (ICMP query: ``sport`` is the id)."""
+    l3 = pkt.l3
+    a_old = _ws(pkt.src) + _ws(pkt.dst)
+    a_new = _ws(src) + _ws(dst)
+    if src != pkt.src or dst != pkt.dst:
+        buf[l3 + 12:l3 + 16] = src
+        buf[l3 + 16:l3 + 20] = dst
+        (c,) = _H.unpack_from(buf, l3 + 10)
+        _H.pack_into(buf, l3 + 10, adjust(c, a_old, a_new))
+    l4 = pkt.l4
+    if l4 < 0:
+        return  # a later fragment: no transport header here
+    proto = pkt.proto
+    if proto == Proto.TCP:
+        (c,) = _H.unpack_from(buf, l4 + 16)
+        _HH.pack_into(buf, l4, sport, dport)
+        _H.pack_into(buf, l4 + 16, adjust(c, a_old + pkt.sport + pkt.dport, a_new + sport + dport))
+    elif proto == Proto.UDP:
+        (c,) = _H.unpack_from(buf, l4 + 6)
+        _HH.pack_into(buf, l4, sport, dport)
+        _H.pack_into(buf, l4 + 6, udp_update(c, a_old + pkt.sport + pkt.dport, a_new + sport + dport))
+    elif proto == Proto.ICMP:
+        if sport != pkt.sport:
+            (c,) = _H.unpack_from(buf, l4 + 2)
+            _H.pack_into(buf, l4 + 4, sport)
+            _H.pack_into(buf, l4 + 2, adjust(c, pkt.sport, sport))
+
+
+def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst: bytes,
+                       inner_src: bytes, inner_dst: bytes, inner_sport: int, inner_dport: int) -> None:
+    """Translate an ICMPv4 error: the outer addresses, and the quoted packet's addresses and ports.
+
+    The quoted transport checksum is updated when the quote holds it; the ICMP checksum
+    is updated over everything that changed inside the message.
+    """
+    inner = pkt.inner
+    assert inner is not None
+    start, end = pkt.l4 + 8, pkt.end
+    old_sum = ones_sum(buf[start:end])
+    il3, il4 = inner.l3, inner.l4
+    a_old = _ws(inner.src) + _ws(inner.dst)
+    a_new = _ws(inner_src) + _ws(inner_dst)
+    buf[il3 + 12:il3 + 16] = inner_src
+    buf[il3 + 16:il3 + 20] = inner_dst
+    (c,) = _H.unpack_from(buf, il3 + 10)
+    _H.pack_into(buf, il3 + 10, adjust(c, a_old, a_new))
+    if il4 >= 0:
+        p_old, p_new = inner.sport + inner.dport, inner_sport + inner_dport
+        if inner.proto == Proto.TCP:
+            _HH.pack_into(buf, il4, inner_sport, inner_dport)
+            if inner.end >= il4 + 18:
+                (c,) = _H.unpack_from(buf, il4 + 16)
+                _H.pack_into(buf, il4 + 16, adjust(c, a_old + p_old, a_new + p_new))
+        elif inner.proto == Proto.UDP:
+            _HH.pack_into(buf, il4, inner_sport, inner_dport)
+            if inner.end >= il4 + 8:
+                (c,) = _H.unpack_from(buf, il4 + 6)
+                _H.pack_into(buf, il4 + 6, udp_update(c, a_old + p_old, a_new + p_new))
+        elif inner.proto == Proto.ICMP and inner.end >= il4 + 8:
+            (c,) = _H.unpack_from(buf, il4 + 2)
+            _H.pack_into(buf, il4 + 4, inner_sport)
+            _H.pack_into(buf, il4 + 2, adjust(c, inner.sport, inner_sport))
+    new_sum = ones_sum(buf[start:end])
+    (c,) = _H.unpack_from(buf, pkt.l4 + 2)
+    _H.pack_into(buf, pkt.l4 + 2, adjust(c, fold(old_sum), fold(new_sum)))
+    l3 = pkt.l3
+    if outer_src != pkt.src or outer_dst != pkt.dst:
+        buf[l3 + 12:l3 + 16] = outer_src
+        buf[l3 + 16:l3 + 20] = outer_dst
+        (c,) = _H.unpack_from(buf, l3 + 10)
+        _H.pack_into(buf, l3 + 10, adjust(c, _ws(pkt.src) + _ws(pkt.dst), _ws(outer_src) + _ws(outer_dst)))

@@ -1,0 +1,374 @@
+"""`roam nat` on real packets: VM namespace -> host namespace running the plugin -> internet.
+
+Topology (all inside namespaces made by tools.netlab):
+
+    vm  [vm0 198.18.0.2/24] -- [hv0 198.18.0.1/24] host [ext0 203.0.113.1/24] -- [inet0 203.0.113.2/24] inet
+
+The host forwards with a stateful firewall (conntrack matches in FORWARD), so the
+kernel's own connection tracker is active and must stay consistent with the NAT.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conntrack.pcap import read_pcap, record_packet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXT, PEER, VM = "203.0.113.1", "203.0.113.2", "198.18.0.2"
+INTERNAL = ipaddress.ip_network("198.18.0.0/15")
+CONF = "[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n[incomingtcp]\n8080 = 198.18.0.2:80\n"
+
+
+def _wait(pred, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+class Site:
+    def __init__(self, lab, tmp_path):
+        self.lab, self.dir = lab, str(tmp_path)
+        self.conf = os.path.join(self.dir, "nat.conf")
+        with open(self.conf, "w") as f:
+            f.write(CONF)
+        self.vm, self.host, self.inet = lab.ns("vm"), lab.ns("host"), lab.ns("inet")
+        lab.veth(self.vm, "vm0", self.host, "hv0")
+        lab.veth(self.host, "ext0", self.inet, "inet0")
+        lab.addr(self.vm, "vm0", "198.18.0.2/24")
+        lab.route(self.vm, "default", "198.18.0.1")
+        lab.addr(self.host, "hv0", "198.18.0.1/24")
+        lab.addr(self.host, "ext0", "203.0.113.1/24")
+        lab.addr(self.inet, "inet0", "203.0.113.2/24")
+        lab.sysctl(self.host, "net.ipv4.ip_forward", "1")
+        # a stateful firewall: makes the kernel track these flows (its entries must stay consistent)
+        for rule in (["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+                     ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "hv0", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", VM, "-j", "ACCEPT"],
+                     ["-P", "FORWARD", "DROP"]):
+            lab.run(self.host, ["iptables-legacy", *rule])
+        self.proc = None
+        self.log = os.path.join(self.dir, "nat.log")
+        self.status_file = os.path.join(self.dir, "nat-q3.status.json")
+        self.snapshot_file = os.path.join(self.dir, "nat-q3.snapshot.json")
+
+    def start(self, internal="hv0"):
+        with open(self.log, "a") as log:
+            self.proc = self.lab.popen(self.host, [sys.executable, "-m", "tools.cli", "-v", "nat", "--config", self.conf,
+                                                  "--external", "ext0", "--internal", internal, "--queue", "3",
+                                                  "--state-dir", self.dir], stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=ROOT)
+        pid = self.proc.pid
+
+        def ready():
+            st = self.status()
+            # the child of `ip netns exec` is the plugin (exec'd): same pid
+            return st is not None and st["pid"] == pid and self.proc.poll() is None
+        _wait(ready, 15, "roam nat to start (log: %s)" % self.log)
+
+    def status(self):
+        try:
+            with open(self.status_file) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def counter(self, name):
+        st = self.status()
+        return st["engine"]["counters"].get(name, 0) if st else 0
+
+    def rules(self):
+        return self.lab.run(self.host, ["iptables-legacy-save"]).stdout
+
+    def sock(self, ns, kind=socket.SOCK_STREAM):
+        s = self.lab.socket(ns, socket.AF_INET, kind)
+        s.settimeout(5)
+        return s
+
+
+@pytest.fixture
+def site(lab, tmp_path):
+    return Site(lab, tmp_path)
+
+
+def _capture_addresses(path):
+    """Every IPv4 address in IP headers of the capture, quoted ones in ICMP errors included."""
+    seen = set()
+    with open(path, "rb") as f:
+        for rec in read_pcap(f):
+            pkt = record_packet(rec)
+            while pkt is not None:
+                seen.add(ipaddress.ip_address(pkt.src))
+                seen.add(ipaddress.ip_address(pkt.dst))
+                pkt = pkt.inner
+    return seen
+
+
+def test_outbound_tcp_udp_ping_nothing_internal_leaves(site):
+    lab = site.lab
+    pcap = os.path.join(site.dir, "ext.pcap")
+    dump = lab.popen(site.inet, ["tcpdump", "-n", "-U", "-i", "inet0", "-w", pcap], stderr=subprocess.PIPE)
+    _wait(lambda: os.path.exists(pcap), 10, "tcpdump to start")
+    time.sleep(0.3)  # tcpdump has opened the file before it has attached its filter; give it a moment
+    site.start()
+    rules = site.rules()
+    assert "-A PREROUTING -i ext0 -m comment --comment \"roam-nat q3 pid" in rules
+    assert "-A POSTROUTING -o ext0 -m comment --comment \"roam-nat q3 pid" in rules
+    assert "--queue-bypass" not in rules  # fail-closed
+    assert f"-A PREROUTING -s 198.18.0.0/24 -d {EXT}/32 ! -i ext0 -m comment" in rules  # hairpin, first half
+    assert "-A POSTROUTING -s 198.18.0.0/24 ! -o ext0 -m comment" in rules  # hairpin, second half
+
+    # TCP
+    srv = site.sock(site.inet)
+    srv.bind((PEER, 7000))
+    srv.listen()
+    c = site.sock(site.vm)
+    c.connect((PEER, 7000))
+    conn, peer_addr = srv.accept()
+    assert peer_addr[0] == EXT and peer_addr[1] == c.getsockname()[1]  # port preserved
+    c.sendall(b"hello")
+    assert conn.recv(10) == b"hello"
+    conn.sendall(b"world")
+    assert c.recv(10) == b"world"
+    # UDP
+    us = site.sock(site.inet, socket.SOCK_DGRAM)
+    us.bind((PEER, 5300))
+    uc = site.sock(site.vm, socket.SOCK_DGRAM)
+    uc.sendto(b"q", (PEER, 5300))
+    data, src = us.recvfrom(100)
+    assert data == b"q" and src[0] == EXT
+    us.sendto(b"a", src)
+    assert uc.recvfrom(100)[0] == b"a"
+    # ping
+    assert lab.ping(site.vm, PEER, count=2) == 2
+    # an ICMP error about a translated flow reaches the VM (UDP to a closed port on the peer)
+    uc.sendto(b"x", (PEER, 9))
+    with pytest.raises(ConnectionRefusedError):
+        uc2 = site.sock(site.vm, socket.SOCK_DGRAM)
+        uc2.connect((PEER, 9))
+        uc2.send(b"x")
+        uc2.recv(10)
+
+    # the kernel's tracker saw only internal-side tuples, both ways, and did no NAT of its own
+    ct = lab.run(site.host, ["conntrack", "-L", "-p", "tcp"], check=False).stdout
+    line = next(l for l in ct.splitlines() if "dport=7000" in l)
+    assert f"src={VM} dst={PEER}" in line and f"src={PEER} dst={VM}" in line, line
+    assert "ESTABLISHED" in line and "[ASSURED]" in line
+
+    _wait(lambda: site.counter("translated_in") >= 4, 5, "status counters")
+    out = lab.run(site.host, [sys.executable, "-m", "tools.cli", "nat", "status", "--queue", "3",
+                              "--state-dir", site.dir, "--mappings"], check=False)
+    assert out.returncode == 0 and "running" in out.stdout and "mappings live" in out.stdout, out
+    rows = [l.split() for l in out.stdout.splitlines()]
+    # one mapping, two flows (to 5300 and to the closed port 9): endpoint-independent mapping
+    assert ["udp", f"{VM}:{uc.getsockname()[1]}", "->", f"{EXT}:{src[1]}", "flows", "2"] in rows, out.stdout
+    assert ["tcp", f"{VM}:80", "->", f"{EXT}:8080", "flows", "0", "(inbound", "mapping)"] in rows, out.stdout
+
+    # fail-closed: kill -9, the rules stay, and what the VM sends now is dropped, not leaked
+    lab.stop(site.proc, sig=signal.SIGKILL)
+    assert "roam-nat q3" in site.rules()
+    assert lab.ping(site.vm, PEER, count=1, timeout=1.0) == 0
+    uc.sendto(b"leak?", (PEER, 5300))
+    c.sendall(b"leak?")
+    time.sleep(0.5)
+    lab.stop(dump)
+    addrs = _capture_addresses(pcap)
+    assert ipaddress.ip_address(EXT) in addrs
+    assert not [a for a in addrs if a in INTERNAL], addrs
+    for s in (srv, conn, c, us, uc):
+        s.close()
+
+
+def test_inbound_mapping_and_unmapped_dropped(site):
+    site.start()
+    lab = site.lab
+    srv = site.sock(site.vm)
+    srv.bind((VM, 80))
+    srv.listen()
+    c = site.sock(site.inet)
+    c.connect((EXT, 8080))
+    conn, addr = srv.accept()
+    assert addr[0] == PEER  # the VM sees the real peer
+    conn.sendall(b"hi")
+    assert c.recv(10) == b"hi"
+    # the kernel tracked it with the internal address, consistently both ways
+    ct = site.lab.run(site.host, ["conntrack", "-L", "-p", "tcp", "--dport", "80"], check=False).stdout
+    line = next(l for l in ct.splitlines() if f"src={PEER} dst={VM}" in l)
+    assert f"src={VM} dst={PEER} sport=80" in line and "ESTABLISHED" in line, line
+    # no mapping: dropped (no RST either: the connect times out)
+    c2 = site.sock(site.inet)
+    c2.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        c2.connect((EXT, 8081))
+    _wait(lambda: site.counter("dropped_no_mapping") >= 1, 5, "the drop to be counted")
+    # the host's own connections from the external address keep working beside the NAT
+    hs = site.sock(site.inet)
+    hs.bind((PEER, 7002))
+    hs.listen()
+    h = site.sock(site.host)
+    h.connect((PEER, 7002))
+    hc, haddr = hs.accept()
+    assert haddr == (EXT, h.getsockname()[1])
+    hc.sendall(b"host")
+    assert h.recv(10) == b"host"
+    for s in (hs, h, hc):
+        s.close()
+    # SIGTERM removes the rules; the established flow survives in the snapshot
+    assert lab.stop(site.proc) == 0
+    assert "roam-nat" not in site.rules()
+    with open(site.snapshot_file) as f:
+        assert len(json.load(f)["flows"]) >= 1
+    for s in (srv, conn, c, c2):
+        s.close()
+
+
+def test_kill9_restart_keeps_established_tcp(site):
+    site.start()
+    lab = site.lab
+    srv = site.sock(site.inet)
+    srv.bind((PEER, 7001))
+    srv.listen()
+    c = site.sock(site.vm)
+    c.connect((PEER, 7001))
+    conn, _ = srv.accept()
+    c.sendall(b"before")
+    assert conn.recv(10) == b"before"
+
+    def snapped():
+        try:
+            with open(site.snapshot_file) as f:
+                return any(fl["proto"] == 6 and fl["state"] == 3 for fl in json.load(f)["flows"])
+        except (FileNotFoundError, ValueError):
+            return False
+    _wait(snapped, 5, "a snapshot holding the established flow")
+    lab.stop(site.proc, sig=signal.SIGKILL)
+    c.sendall(b"during")  # dropped at the queue: TCP retransmits it
+    site.start()
+    with open(site.log) as f:
+        log = f.read()
+    assert "replaced 4 stale rules" in log and "restored" in log
+    assert site.rules().count("roam-nat q3") == 4  # in, out, and the two hairpin halves
+    conn.settimeout(15)
+    assert conn.recv(10) == b"during"
+    conn.sendall(b"after")
+    assert c.recv(10) == b"after"
+    for s in (srv, conn, c):
+        s.close()
+
+
+def test_external_address_change_kills_old_mappings(site):
+    site.start()
+    lab = site.lab
+    us = site.sock(site.inet, socket.SOCK_DGRAM)
+    us.bind(("0.0.0.0", 5301))
+    uc = site.sock(site.vm, socket.SOCK_DGRAM)
+    uc.sendto(b"1", (PEER, 5301))
+    _, src = us.recvfrom(10)
+    assert src[0] == EXT
+    lab.flush_addr(site.host, "ext0")
+    lab.addr(site.host, "ext0", "203.0.113.5/24")
+    _wait(lambda: (site.status() or {}).get("engine", {}).get("external_ip") == "203.0.113.5", 10,
+          "the plugin to see the new address")
+    assert site.counter("flows_killed_by_address_change") >= 1
+    rules = site.rules()
+    assert "-d 203.0.113.5/32" in rules and f"-d {EXT}/32" not in rules  # the hairpin rule moved along
+    uc.sendto(b"2", (PEER, 5301))
+    _, src2 = us.recvfrom(10)
+    assert src2[0] == "203.0.113.5"
+    us.sendto(b"r", src2)
+    assert uc.recvfrom(10)[0] == b"r"
+    for s in (us, uc):
+        s.close()
+
+
+def test_sighup_reloads_inbound_mappings_keeping_flows(site):
+    site.start()
+    srv = site.sock(site.vm)
+    srv.bind((VM, 80))
+    srv.listen()
+    c = site.sock(site.inet)
+    c.connect((EXT, 8080))
+    conn, _ = srv.accept()
+    with open(site.conf, "w") as f:
+        f.write(CONF.replace("8080 = ", "9090 = "))
+    os.kill(site.proc.pid, signal.SIGHUP)
+    _wait(lambda: "reloaded: 1 inbound mappings" in open(site.log).read(), 10, "the reload")
+    c.sendall(b"still")  # the flow opened through 8080 goes on
+    assert conn.recv(10) == b"still"
+    c2 = site.sock(site.inet)
+    c2.connect((EXT, 9090))
+    conn2, _ = srv.accept()
+    c2.sendall(b"new")
+    assert conn2.recv(10) == b"new"
+    c3 = site.sock(site.inet)
+    c3.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        c3.connect((EXT, 8080))  # gone for new flows
+    for s in (srv, conn, c, c2, conn2, c3):
+        s.close()
+
+
+def test_malformed_packets_are_counted_drops(site):
+    import struct
+
+    site.start()
+    raw_sock = site.lab.socket(site.inet, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    # UDP whose length field claims more than the packet holds; TCP with a data offset past its end
+    bad_udp = struct.pack("!HHHH", 1000, 2000, 400, 0) + b"abc"
+    bad_tcp = struct.pack("!HHIIBBHHH", 1000, 2000, 1, 0, 0xF0, 0x02, 100, 0, 0)
+    for proto, l4 in ((17, bad_udp), (6, bad_tcp)):
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                         socket.inet_aton(PEER), socket.inet_aton(EXT))
+        raw_sock.sendto(ip + l4, (EXT, 0))
+    raw_sock.close()
+    _wait(lambda: (site.status() or {}).get("engine", {}).get("parse_errors") == {"bad_udp_length": 1,
+                                                                                 "bad_tcp_offset": 1},
+          5, "both malformed packets to be counted")
+    assert site.counter("dropped_malformed") == 2
+    assert site.proc.poll() is None  # still running
+    assert site.lab.ping(site.vm, PEER, count=1) == 1
+
+
+def test_hairpin_between_two_vms(site):
+    lab = site.lab
+    vm2 = lab.ns("vm2")
+    lab.veth(vm2, "vm0", site.host, "hv1")
+    lab.addr(vm2, "vm0", "198.18.1.2/24")
+    lab.route(vm2, "default", "198.18.1.1")
+    lab.addr(site.host, "hv1", "198.18.1.1/24")
+    lab.run(site.host, ["iptables-legacy", "-I", "FORWARD", "3", "-i", "hv1", "-j", "ACCEPT"])
+    site.start(internal="198.18.0.0/15")
+    srv = site.sock(site.vm)
+    srv.bind((VM, 80))
+    srv.listen()
+    c = site.sock(vm2)
+    c.bind(("198.18.1.2", 41000))
+    c.connect((EXT, 8080))  # VM2 reaches VM's service through the NAT's external address
+    conn, peer = srv.accept()
+    assert peer == (EXT, 41000)  # RFC 4787 REQ-9: the external source address and port
+    conn.sendall(b"ping")
+    assert c.recv(10) == b"ping"
+    c.sendall(b"pong")
+    assert conn.recv(10) == b"pong"
+    assert c.getpeername() == (EXT, 8080)
+    # the kernel tracked the half-way tuple, consistently in both directions
+    ct = lab.run(site.host, ["conntrack", "-L", "-p", "tcp"], check=False).stdout
+    line = next(l for l in ct.splitlines() if "sport=41000" in l)
+    assert "src=198.18.1.2 dst=198.18.0.2" in line and "src=198.18.0.2 dst=198.18.1.2" in line, line
+    assert "ESTABLISHED" in line
+    _wait(lambda: site.counter("hairpin_half") >= 3, 5, "hairpin counters")
+    for s in (srv, conn, c):
+        s.close()

@@ -1,0 +1,266 @@
+"""`roam nat`: the user-space NAT as a netfilter plugin, offline over a capture, and its status.
+
+    roam nat --config FILE --external IFACE [--internal IFACE|CIDR] [--queue N]
+    roam nat translate --config FILE --in A.pcap --out B.pcap [--external-ip IP] [--internal CIDR]
+    roam nat status [--queue N] [--state-dir DIR] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+
+from conntrack.errors import ParseError
+from conntrack.pcap import CaptureError, LinkType, ip_offset, read_pcap, write_pcap
+from conntrack.packet import parse_frame, parse_ip
+
+log = logging.getLogger("roam.nat")
+
+_RUN_DESC = """\
+Run the user-space NAT in the current network namespace as a netfilter plugin. It
+installs its own iptables rules (legacy xtables, through python-iptables): in `raw
+PREROUTING` every packet arriving on the external interface is queued to NFQUEUE N and
+its destination translated before routing and before the kernel's connection tracking
+sees it; in `mangle POSTROUTING` every packet leaving the external interface is queued
+and its source translated. The kernel's own conntrack therefore only ever sees the
+internal-side addresses, so it stays consistent and does no NAT of its own. With
+hairpinning on (the default), packets from the internal network to the external address
+are translated in two halves: destination in `raw PREROUTING`, source in `mangle
+POSTROUTING` as they leave toward the inside.
+
+Fail-closed: the rules have no --queue-bypass, so while no plugin listens on the queue
+(crashed, killed, starting) the kernel drops those packets instead of letting them leave
+untranslated. Rules are tagged with a comment; stale ones from a killed run are replaced
+at start and all are removed on SIGINT/SIGTERM (after a deliberate stop forwarding is up
+to the host's own firewall again: give FORWARD a DROP policy if that must not happen).
+SIGHUP re-reads the config (inbound mappings, timeouts, filtering) without dropping
+established flows. The external address is followed through netlink: when it changes or
+vanishes every mapping on the old address dies at once, as with MASQUERADE. Mappings and
+flows are snapshotted to the state dir every second (when packets went through) and on
+exit, and restored at start, so a restart keeps established
+connections. Malformed packets are counted and dropped. Counters: `roam nat status`.
+"""
+
+
+def register(sub, help_text: str) -> None:
+    p = sub.add_parser("nat", help=help_text, description=_RUN_DESC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  roam nat --config examples/nat/nat.conf --external eth0\n"
+                              "  roam nat translate --config examples/nat/nat.toml --in a.pcap --out b.pcap "
+                              "--external-ip 203.0.113.1\n  roam nat status")
+    p.add_argument("--config", help="nat.conf (VMware syntax) or a .toml file")
+    p.add_argument("--external", metavar="IFACE", help="the external interface (its IPv4 address is the NAT's)")
+    p.add_argument("--internal", metavar="IFACE|CIDR", action="append", default=[],
+                   help="the internal network: an interface (its networks) or a CIDR; repeatable; "
+                        "default: the config's internal networks ([host] ip/netmask)")
+    p.add_argument("--queue", type=int, default=0, metavar="N", help="NFQUEUE number (default %(default)s)")
+    p.add_argument("--state-dir", default=None,
+                   help="where the status file and the snapshot live (default /run/roam, per namespace)")
+    p.add_argument("--no-restore", action="store_true", help="ignore a snapshot left by an earlier run")
+    p.set_defaults(func=_run)
+    subs = p.add_subparsers(dest="nat_command", metavar="{translate,status}")
+    t = subs.add_parser("translate", help="run the NAT engine offline over a capture",
+                        description="Run the same NAT engine offline over a pcap capture holding both directions. "
+                        "Packets whose source is in the internal network are outbound, all others inbound. "
+                        "The capture's timestamps are the clock. Dropped packets are left out of the output "
+                        "and counted by reason on stderr.")
+    t.add_argument("--config", dest="t_config", required=True, help="nat.conf or .toml")
+    t.add_argument("--in", dest="inp", required=True, metavar="A.pcap")
+    t.add_argument("--out", dest="out", required=True, metavar="B.pcap")
+    t.add_argument("--external-ip", dest="external_ip", help="the NAT's external address (else the config's)")
+    t.add_argument("--internal", dest="t_internal", action="append", default=[], metavar="CIDR",
+                   help="internal network (repeatable; else the config's [host] ip/netmask)")
+    t.add_argument("--json", action="store_true", help="print the final status as JSON on stdout")
+    t.set_defaults(func=_translate)
+    s = subs.add_parser("status", help="counters of a running `roam nat`",
+                        description="Print the counters a running `roam nat` in this network namespace keeps "
+                        "in its status file: translated, dropped by reason, mappings live, pool use.")
+    s.add_argument("--queue", dest="s_queue", type=int, default=0, metavar="N")
+    s.add_argument("--state-dir", dest="s_state_dir", default=None)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--mappings", action="store_true", help="also list the live mappings (first 200)")
+    s.set_defaults(func=_status)
+
+
+def _err(msg: str) -> int:
+    print(f"roam nat: {msg}", file=sys.stderr)
+    return 1
+
+
+def _load_config(path: str, internal: list[str]):
+    from nat.config import ConfigError, load
+
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        raise SystemExit(f"roam nat: {exc}") from None
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- translate
+def _translate(args: argparse.Namespace) -> int:
+    from nat.engine import Action, NatEngine, Side
+
+    cfg = _load_config(args.t_config, [])
+    if args.t_internal:
+        try:
+            nets = tuple(str(ipaddress.IPv4Network(c, strict=False)) for c in args.t_internal)
+        except ValueError as exc:
+            return _err(f"--internal: {exc}")
+        cfg = cfg.with_(internal=nets)
+    if not cfg.internal:
+        return _err("no internal network: give --internal CIDR or [host] ip/netmask in the config")
+    ext = args.external_ip or cfg.external_ip
+    if not ext:
+        return _err("no external address: give --external-ip IP (or external_ip in the config)")
+    try:
+        ipaddress.IPv4Address(ext)
+    except ValueError:
+        return _err(f"--external-ip {ext!r} is not an IPv4 address")
+    engine = NatEngine(cfg, ext)
+    dropped: Counter[str] = Counter()
+    written = total = 0
+    out_records = []
+    now = 0.0
+    try:
+        fin = open(args.inp, "rb")
+    except OSError as exc:
+        return _err(f"cannot open {args.inp}: {exc.strerror}")
+    linktype = LinkType.RAW
+    with fin:
+        try:
+            for rec in read_pcap(fin):
+                total += 1
+                linktype = rec.linktype
+                now = max(now, rec.time)
+                try:
+                    if rec.linktype == LinkType.ETHERNET:
+                        fr = parse_frame(rec.data)
+                        off = fr.l3 if fr.packet is not None else None
+                    else:
+                        off = ip_offset(rec.linktype, rec.data)
+                    pkt = parse_ip(rec.data, off) if off is not None else None
+                except CaptureError:
+                    raise
+                except ParseError as exc:
+                    dropped["malformed_" + exc.reason.name.lower()] += 1
+                    continue
+                if pkt is None:  # ARP and friends pass as they are
+                    out_records.append((rec.time, rec.data))
+                    written += 1
+                    continue
+                side = Side.INTERNAL if pkt.family == 4 and engine.is_internal(pkt.src) else Side.EXTERNAL
+                v = engine.process(rec.data[off:], side, now)
+                if v.action != Action.ACCEPT:
+                    dropped[v.reason.name.lower()] += 1
+                    continue
+                data = rec.data[:off] + v.data + rec.data[off + len(v.data):]
+                out_records.append((rec.time, data))
+                written += 1
+        except CaptureError as exc:
+            return _err(f"{args.inp}: {exc}")
+    try:
+        with open(args.out, "wb") as fout:
+            write_pcap(fout, out_records, linktype)
+    except OSError as exc:
+        return _err(f"cannot write {args.out}: {exc.strerror}")
+    engine.expire(now)
+    st = engine.status()
+    note = f"roam nat translate: {total} records, {written} written"
+    if dropped:
+        note += ", dropped: " + ", ".join(f"{n} {r}" for r, n in dropped.most_common())
+    note += f"; {st['mappings_live']} mappings live at the end"
+    print(note, file=sys.stderr)
+    if args.json:
+        json.dump(st, sys.stdout, indent=2)
+        print()
+    return 0
+
+
+# ----------------------------------------------------------------------------- status
+def state_paths(state_dir: str | None, queue: int) -> tuple[str, str]:
+    """(status file, snapshot file) for this network namespace and queue."""
+    if state_dir is None:
+        try:
+            ns = os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            ns = 0
+        state_dir = "/run/roam"
+        base = f"nat-ns{ns}-q{queue}"
+    else:
+        base = f"nat-q{queue}"
+    return os.path.join(state_dir, base + ".status.json"), os.path.join(state_dir, base + ".snapshot.json")
+
+
+def _status(args: argparse.Namespace) -> int:
+    path, _ = state_paths(args.s_state_dir, args.s_queue)
+    try:
+        with open(path, encoding="utf-8") as f:
+            st = json.load(f)
+    except FileNotFoundError:
+        return _err(f"no status at {path}: is `roam nat` running in this namespace (queue {args.s_queue})?")
+    except (OSError, ValueError) as exc:
+        return _err(f"cannot read {path}: {exc}")
+    alive = _pid_alive(st.get("pid", 0))
+    if args.json:
+        json.dump(dict(st, running=alive), sys.stdout, indent=2)
+        print()
+        return 0 if alive else 3
+    age = time.time() - st.get("written_at", 0)
+    print(f"roam nat pid {st.get('pid')} ({'running' if alive else 'NOT running'}), queue {st.get('queue')}, "
+          f"external {st.get('external_iface')} = {st['engine'].get('external_ip')}, "
+          f"internal {', '.join(st.get('internal', []))}; status {age:.1f} s old")
+    e = st["engine"]
+    print(f"flows {e['flows']}, mappings live {e['mappings_live']}, inbound mappings {e['inbound_mappings']}")
+    for proto, u in e["pools"].items():
+        print(f"pool {proto}: {u['used']} of {u['size']} in use")
+    c = e["counters"]
+    print(f"translated out {c.get('translated_out', 0)}, in {c.get('translated_in', 0)}")
+    drops = {k[len('dropped_'):]: v for k, v in c.items() if k.startswith("dropped_")}
+    print("dropped: " + (", ".join(f"{v} {k}" for k, v in sorted(drops.items(), key=lambda x: -x[1])) or "none"))
+    other = {k: v for k, v in c.items() if not k.startswith(("dropped_", "translated_"))}
+    if other:
+        print("other: " + ", ".join(f"{k} {v}" for k, v in sorted(other.items())))
+    if e.get("parse_errors"):
+        print("malformed: " + ", ".join(f"{v} {k}" for k, v in e["parse_errors"].items()))
+    if args.mappings:
+        for m in st.get("mappings", []):
+            print(f"{m['proto']:4} {m['internal']:>21} -> {m['external']:<21} flows {m['flows']}"
+                  + (" (inbound mapping)" if m["static"] else ""))
+    return 0 if alive else 3
+
+
+def _pid_alive(pid: int) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- run
+def _run(args: argparse.Namespace) -> int:
+    if not args.config or not args.external:
+        return _err("running the plugin needs --config FILE and --external IFACE "
+                    "(or use `roam nat translate` / `roam nat status`; see roam nat --help)")
+    from nat.plugin import Plugin, PluginError
+
+    cfg = _load_config(args.config, args.internal)
+    status_path, snap_path = state_paths(args.state_dir, args.queue)
+    try:
+        plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
+                        clock=time.monotonic, wall=time.time, restore=not args.no_restore)
+        return plugin.run()
+    except PluginError as exc:
+        return _err(str(exc))
