@@ -1,0 +1,486 @@
+"""The layer-2 tunnel on the real kernel: a VM keeps its home address across a migration.
+
+Lab (every namespace made by tools.netlab, removed also on failure)::
+
+    peer (198.18.0.10) --- [br0 198.18.0.1 + proxy TAP] home 192.0.2.1 --- inet --- 198.51.100.1 hosta [brvm + host TAP]
+                                                                              \\-- 203.0.113.1  hostb [brvm + host TAP]
+    vm (198.18.0.50, MAC 02:00:00:00:00:50): its link "vmport" sits in hosta's brvm, then moves to hostb's.
+
+The VM, whose only link ends on a remote host, holds its home-LAN address; the
+tunnel carries its frames to the proxy on the home LAN; home routes to the
+internet namespace ("beyond" the LAN).  Survival is judged by
+what the sockets see: bytes arriving in order, no reset, echoes coming back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tunnel import AeadCipher, HostEnd
+from tunnel.crypto import Key
+
+ROOT = Path(__file__).resolve().parents[2]
+VM_MAC = "02:00:00:00:00:50"
+VM_IP, PEER_IP = "198.18.0.50", "198.18.0.10"
+PROXY_IP, PORT = "192.0.2.1", 4789
+STREAM_PORT, ECHO_PORT = 5001, 2222
+BEYOND = "192.0.2.254"  # the internet namespace, reached through the home LAN's router
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.05):
+    """Poll ``pred`` until it returns something truthy; bounded in time (not a timing assertion)."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+class TunnelLab:
+    def __init__(self, lab, tmp: Path, transport: str) -> None:
+        self.lab, self.tmp, self.transport = lab, tmp, transport
+        self.status_dir = tmp / "status"
+        self.logs: list[Path] = []
+        ns = self.ns = {r: lab.ns(r) for r in ("home", "peer", "inet", "hosta", "hostb", "vm")}
+        for h in ("hosta", "hostb"):  # the hosts' own bridges stay silent on the VM's LAN (no IPv6 chatter)
+            lab.sysctl(ns[h], "net.ipv6.conf.default.disable_ipv6", "1")
+            lab.sysctl(ns[h], "net.ipv6.conf.all.disable_ipv6", "1")
+        lab.veth(ns["peer"], "p0", ns["home"], "hp")
+        lab.bridge(ns["home"], "br0", ports=["hp"])
+        lab.addr(ns["peer"], "p0", f"{PEER_IP}/24")
+        lab.veth(ns["home"], "hi", ns["inet"], "ih")
+        lab.veth(ns["hosta"], "ai", ns["inet"], "ia")
+        lab.veth(ns["hostb"], "bi", ns["inet"], "ib")
+        for n, i, a in (("home", "hi", "192.0.2.1"), ("hosta", "ai", "198.51.100.1"), ("hostb", "bi", "203.0.113.1")):
+            lab.addr(ns[n], i, f"{a}/24")
+            lab.route(ns[n], "default", a.rsplit(".", 1)[0] + ".254")
+        for i, a in (("ih", "192.0.2.254"), ("ia", "198.51.100.254"), ("ib", "203.0.113.254")):
+            lab.addr(ns["inet"], i, f"{a}/24")
+        lab.sysctl(ns["inet"], "net.ipv4.ip_forward", "1")
+        # The home LAN's router (198.18.0.1 on br0) leads "beyond", to the internet namespace.
+        lab.addr(ns["home"], "br0", "198.18.0.1/24")
+        lab.sysctl(ns["home"], "net.ipv4.ip_forward", "1")
+        lab.route(ns["inet"], "198.18.0.0/24", "192.0.2.1")
+        for h in ("hosta", "hostb"):
+            lab.bridge(ns[h], "brvm")
+        lab.veth(ns["vm"], "eth0", ns["hosta"], "vmport")
+        lab.ipr(ns["vm"]).link("set", index=lab.index(ns["vm"], "eth0"), address=VM_MAC)
+        lab.addr(ns["vm"], "eth0", f"{VM_IP}/24")
+        lab.route(ns["vm"], "default", "198.18.0.1")
+        self.enslave("hosta", "vmport")
+        key = subprocess.run([sys.executable, "-m", "tools.cli", "tunnel", "genkey"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        self.key = tmp / "tunnel.key"
+        self.key.write_text(key)
+        self.key.chmod(0o600)
+
+    def enslave(self, host: str, ifname: str) -> None:
+        ipr = self.lab.ipr(self.ns[host])
+        ipr.link("set", index=self.lab.index(self.ns[host], ifname), master=self.lab.index(self.ns[host], "brvm"))
+        self.lab.up(self.ns[host], ifname)
+
+    def roam(self, ns: str, *args: str, log: str) -> subprocess.Popen:
+        path = self.tmp / f"{log}.log"
+        self.logs.append(path)
+        f = open(path, "ab")
+        argv = [sys.executable, "-m", "tools.cli", "-v", "tunnel", *args, "--status-dir", str(self.status_dir)]
+        if args[0] != "status":
+            argv += ["--key-file", str(self.key), "--transport", self.transport]
+        return self.lab.popen(ns, argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+
+    def start_proxy(self) -> subprocess.Popen:
+        return self.roam(self.ns["home"], "proxy", "--listen", f"{PROXY_IP}:{PORT}", "--bridge", "br0",
+                         "--session-timeout", "30", log="proxy")
+
+    def start_host(self, host: str) -> subprocess.Popen:
+        return self.roam(self.ns[host], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
+                         "--mac", VM_MAC, "--keepalive", "1", "--dead-after", "5", log=host)
+
+    def status(self, p: subprocess.Popen) -> dict | None:
+        try:
+            return json.loads((self.status_dir / f"{'proxy' if 'proxy' in p.args else 'host'}-{p.pid}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def attached(self, p: subprocess.Popen) -> dict | None:
+        st = self.status(p)
+        return st if st and st.get("state") == "ATTACHED" else None
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs if p.exists())
+
+
+class Stream:
+    """A long-running TCP stream from the VM to the home peer: numbered bytes, checked in order."""
+
+    def __init__(self, lab, vm_ns: str, peer_ns: str) -> None:
+        self.srv = lab.socket(peer_ns)
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind((PEER_IP, STREAM_PORT))
+        self.srv.listen(1)
+        self.srv.settimeout(10)
+        self.cli = lab.socket(vm_ns)
+        self.cli.settimeout(10)
+        self.cli.connect((PEER_IP, STREAM_PORT))
+        self.conn, _ = self.srv.accept()
+        self.conn.settimeout(60)
+        self.received = 0
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True), threading.Thread(target=self._recv, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self) -> None:
+        n = 0
+        try:
+            for _ in range(200_000):  # bounded: at most ~ 200k chunks
+                if self.stop.is_set():
+                    break
+                chunk = bytes((n + i) & 0xFF for i in range(512))
+                self.cli.sendall(chunk)
+                n += 512
+                time.sleep(0.002)
+            self.cli.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self.errors.append(f"sender: {exc!r}")
+
+    def _recv(self) -> None:
+        try:
+            while True:
+                data = self.conn.recv(65536)
+                if not data:
+                    return
+                expect = bytes((self.received + i) & 0xFF for i in range(len(data)))
+                if data != expect:
+                    self.errors.append(f"receiver: bytes out of order at offset {self.received}")
+                    return
+                self.received += len(data)
+        except OSError as exc:
+            self.errors.append(f"receiver: {exc!r}")
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        for s in (self.cli, self.conn, self.srv):
+            s.close()
+
+
+def echo(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    got = b""
+    while len(got) < len(line):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_vm_keeps_home_address_and_connections_across_migration(lab, tmp_path, transport):
+    t = TunnelLab(lab, tmp_path, transport)
+    ns = t.ns
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.start_host("hosta")
+        st = wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
+        assert st["local"] == "198.51.100.1"
+
+        # The VM, on host A, holds its home address and reaches the home peer, and beyond the home router.
+        assert lab.ping(ns["vm"], PEER_IP, count=3) == 3
+        assert lab.ping(ns["vm"], BEYOND, count=2) == 2
+        # An interactive session *to* the VM (socat echo), and a long-running stream from it.
+        lab.popen(ns["vm"], ["socat", f"TCP-LISTEN:{ECHO_PORT},bind={VM_IP},reuseaddr,fork", "EXEC:cat"])
+        session = wait_for(lambda: _connect(lab, ns["peer"], VM_IP, ECHO_PORT), 10, "socat in the VM")
+        assert echo(session, b"before migration\n") == b"before migration\n"
+        stream = Stream(lab, ns["vm"], ns["peer"])
+        wait_for(lambda: stream.received > 20_000, 20, "the stream to flow")
+
+        # Migrate: the host end on A stops, the VM's link moves to host B, the host end starts there.
+        lab.stop(host_a)
+        lab.move_link(ns["hosta"], "vmport", ns["hostb"])
+        t.enslave("hostb", "vmport")
+        at_move = stream.received
+        host_b = t.start_host("hostb")
+        wait_for(lambda: t.attached(host_b), 20, "host end B to attach")
+        wait_for(lambda: stream.received > at_move + 20_000, 30, "the stream to continue after the move")
+
+        # The interactive session survived; new inbound connections reach the VM's home address.
+        assert echo(session, b"after migration\n") == b"after migration\n"
+        fresh = _connect(lab, ns["peer"], VM_IP, ECHO_PORT)
+        assert fresh is not None and echo(fresh, b"new after\n") == b"new after\n"
+        fresh.close()
+        session.close()
+        assert lab.ping(ns["vm"], PEER_IP, count=2) == 2
+        assert lab.ping(ns["vm"], BEYOND, count=2) == 2
+        stream.finish()
+        assert stream.errors == [], stream.errors  # no reset, no gap, nothing out of order
+
+        # The proxy moved the VM's MAC to B's session and dropped A's (detached) session.
+        pst = t.status(proxy)
+        sessions = pst["sessions"]
+        assert len(sessions) == 1 and "203.0.113.1" in sessions[0]["endpoint"], sessions
+        assert pst["macs"][VM_MAC] == f"session {sessions[0]['session']}"
+        assert pst["counters"]["sessions_closed"] >= 1
+
+        # `roam tunnel status` shows them.
+        out = subprocess.run([sys.executable, "-m", "tools.cli", "tunnel", "status", "--status-dir", str(t.status_dir)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "203.0.113.1" in out.stdout and VM_MAC in out.stdout
+        # Clean shutdown removes the devices it made.
+        lab.stop(host_b)
+        lab.stop(proxy)
+        assert lab.ipr(ns["hostb"]).link_lookup(ifname="rt0") == []
+        assert lab.ipr(ns["home"]).link_lookup(ifname=f"roamp{PORT}") == []
+        assert not list(t.status_dir.glob("*.json"))
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def _connect(lab, ns: str, ip: str, port: int) -> socket.socket | None:
+    s = lab.socket(ns)
+    s.settimeout(5)
+    try:
+        s.connect((ip, port))
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
+class IcmpCounter:
+    """Counts ICMP echo requests from the VM's address that reach the home peer's link."""
+
+    def __init__(self, lab, ns: str, ifname: str) -> None:
+        self.sock = lab.socket(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.2)
+        self.count = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        vm = socket.inet_aton(VM_IP)
+        while not self.stop.is_set():
+            try:
+                f = self.sock.recv(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if len(f) >= 35 and f[12:14] == b"\x08\x00" and f[23] == 1 and f[26:30] == vm and f[34] == 8:
+                self.count += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_forged_and_replayed_frames_are_rejected_and_change_nothing(lab, tmp_path):
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    t = TunnelLab(lab, tmp_path, "udp")
+    ns = t.ns
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.start_host("hosta")
+        wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
+        cap = tmp_path / "tunnel.pcap"
+        dump = lab.popen(ns["inet"], ["tcpdump", "-n", "-U", "-i", "ia", "-w", str(cap), "udp", "port", str(PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(lambda: cap.exists() and cap.stat().st_size >= 24, 10, "tcpdump to start")
+        time.sleep(0.3)  # tcpdump writes the file header before its filter is attached
+        assert lab.ping(ns["vm"], PEER_IP, count=4) == 4
+        wait_for(lambda: len(_captured(cap, rdpcap, IP, UDP)) >= 4, 10, "captured tunnel messages")
+        lab.stop(dump)
+        captured = _captured(cap, rdpcap, IP, UDP)
+        assert len(captured) >= 4  # the echo requests, at least
+
+        before = t.status(proxy)
+        (sess,) = before["sessions"]
+        counter = IcmpCounter(lab, ns["peer"], "p0")
+        # An endpoint without the key: junk, a wrong-key attach naming the VM's MAC, wrong-key data,
+        # tampered copies of real messages; then every captured message replayed from there.
+        stranger = HostEnd(AeadCipher(Key(os.urandom(32))), [bytes.fromhex(VM_MAC.replace(":", ""))])
+        stranger.start(0.0)
+        stranger.send_frame(b"\xff" * 6 + bytes.fromhex(VM_MAC.replace(":", "")) + b"\x08\x06" + bytes(28), 0.0)
+        wrong_key = stranger.pop_datagrams()
+        # tampered: a fresh sequence number written into the header (the header is authenticated)
+        tampered = [m[:8] + (int.from_bytes(m[8:16], "big") + 100_000 + i).to_bytes(8, "big") + m[16:]
+                    for i, m in enumerate(captured)]
+        junk = [b"", b"\x01", os.urandom(100)]
+        with lab.socket(ns["inet"], socket.AF_INET, socket.SOCK_DGRAM) as evil:
+            evil.bind(("192.0.2.254", 0))
+            for m in junk + wrong_key + tampered + captured:
+                evil.sendto(m, (PROXY_IP, PORT))
+        expected = len(junk) + len(wrong_key) + len(tampered) + len(captured)
+
+        def all_counted():
+            st = t.status(proxy)
+            return st if st and sum(st["drops"].values()) - sum(before["drops"].values()) >= expected else None
+
+        after = wait_for(all_counted, 10, "the proxy to count every injected message")
+        time.sleep(0.3)
+        counter.close()
+        drops = {k: after["drops"].get(k, 0) - before["drops"].get(k, 0) for k in after["drops"]}
+        assert drops.get("replayed", 0) == len(captured), drops
+        # the stranger's ATTACH fails authentication; its data names a session nobody attached
+        assert drops.get("auth_failed", 0) == 1 + len(tampered), drops
+        assert drops.get("unknown_session", 0) == len(wrong_key) - 1, drops
+        assert sum(drops.values()) == expected, drops
+        # Nothing changed: same session, same endpoint, the VM's MAC still behind it; no frame re-delivered.
+        (sess_after,) = after["sessions"]
+        assert (sess_after["session"], sess_after["endpoint"]) == (sess["session"], sess["endpoint"])
+        assert after["macs"][VM_MAC] == before["macs"][VM_MAC]
+        assert after["counters"].get("sessions_opened") == before["counters"].get("sessions_opened")
+        assert counter.count == 0  # the replayed echo requests never reached the peer
+        assert lab.ping(ns["vm"], PEER_IP, count=2) == 2
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def _captured(cap: Path, rdpcap, IP, UDP) -> list[bytes]:
+    """Whole (unfragmented) tunnel messages the host end sent to the proxy."""
+    try:
+        pkts = rdpcap(str(cap))
+    except Exception:
+        return []
+    out = []
+    for p in pkts:
+        if IP in p and UDP in p and p[IP].src == "198.51.100.1" and p[UDP].dport == PORT and p[IP].frag == 0 \
+                and not p[IP].flags.MF:
+            out.append(bytes(p[UDP].payload))
+    return out
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_host_address_change_reattaches_and_stream_survives(lab, tmp_path, transport):
+    t = TunnelLab(lab, tmp_path, transport)
+    ns = t.ns
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.start_host("hosta")
+        wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
+        stream = Stream(lab, ns["vm"], ns["peer"])
+        wait_for(lambda: stream.received > 20_000, 20, "the stream to flow")
+        # Host A's public address changes (new lease): add the new one, remove the old.
+        lab.sysctl(ns["hosta"], "net.ipv4.conf.ai.promote_secondaries", "1")
+        lab.addr(ns["hosta"], "ai", "198.51.100.7/24")
+        ipr = lab.ipr(ns["hosta"])
+        ipr.addr("del", index=lab.index(ns["hosta"], "ai"), address="198.51.100.1", prefixlen=24)
+        if not ipr.get_default_routes(family=socket.AF_INET):
+            lab.route(ns["hosta"], "default", "198.51.100.254")
+        at_change = stream.received
+        wait_for(lambda: (t.status(host_a) or {}).get("local") == "198.51.100.7", 10, "host end to see its new address")
+        wait_for(lambda: stream.received > at_change + 20_000, 30, "the stream to continue from the new address")
+        stream.finish()
+        assert stream.errors == [], stream.errors
+        (sess,) = t.status(proxy)["sessions"]
+        assert "198.51.100.7" in sess["endpoint"]
+        assert t.status(proxy)["counters"]["endpoint_changes"] >= 1
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def test_two_hosts_two_vms_reach_each_other_and_the_lan_through_one_proxy(lab, tmp_path):
+    """Several host ends and VMs at once: VM1 on host A, VM2 on host B (its MAC learned, not given)."""
+    t = TunnelLab(lab, tmp_path, "udp")
+    ns = t.ns
+    vm2 = lab.ns("vm2")
+    lab.veth(vm2, "eth0", ns["hostb"], "vm2port")
+    lab.addr(vm2, "eth0", "198.18.0.51/24")
+    t.enslave("hostb", "vm2port")
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.start_host("hosta")
+        host_b = t.roam(ns["hostb"], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
+                        log="hostb")
+        wait_for(lambda: t.attached(host_a) and t.attached(host_b), 20, "both host ends to attach")
+        assert lab.ping(ns["vm"], PEER_IP, count=2) == 2
+        assert lab.ping(vm2, PEER_IP, count=2) == 2
+        assert lab.ping(ns["vm"], "198.18.0.51", count=2) == 2  # VM to VM: host A -> proxy -> host B
+        assert lab.ping(ns["peer"], "198.18.0.51", count=2) == 2
+        pst = t.status(proxy)
+        assert len(pst["sessions"]) == 2
+        vm2_mac = lab.ipr(vm2).get_links(lab.index(vm2, "eth0"))[0].get_attr("IFLA_ADDRESS")
+        b_sess = next(s for s in pst["sessions"] if "203.0.113.1" in s["endpoint"])
+        assert pst["macs"][vm2_mac] == f"session {b_sess['session']}"
+        assert vm2_mac in t.status(host_b)["macs"]  # learned from the VM's first frames and named
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def test_offload_mode_carries_gso_frames_over_tcp(lab, tmp_path):
+    """--offload: TAPs with IFF_VNET_HDR (frames carry a virtio-net header, GSO allowed); a stream arrives intact."""
+    t = TunnelLab(lab, tmp_path, "tcp")
+    ns = t.ns
+    try:
+        proxy = t.roam(ns["home"], "proxy", "--listen", f"{PROXY_IP}:{PORT}", "--bridge", "br0", "--offload", log="proxy")
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.roam(ns["hosta"], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
+                        "--mac", VM_MAC, "--offload", log="hosta")
+        wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
+        assert lab.ping(ns["vm"], PEER_IP, count=2) == 2
+        stream = Stream(lab, ns["vm"], ns["peer"])
+        wait_for(lambda: stream.received > 500_000, 30, "the stream to flow")
+        stream.finish()
+        assert stream.errors == [], stream.errors
+        st = t.status(host_a)
+        assert st["offload"] is True and not st["drops"], st
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def test_proxy_restart_host_reattaches_and_stream_survives(lab, tmp_path):
+    """The proxy stops (DETACHing its hosts) and starts again with a new epoch: the host end
+    re-attaches under a new session and the VM's TCP stream carries on."""
+    t = TunnelLab(lab, tmp_path, "udp")
+    ns = t.ns
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host_a = t.start_host("hosta")
+        first = wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
+        old_epoch = t.status(proxy)["epoch"]
+        stream = Stream(lab, ns["vm"], ns["peer"])
+        wait_for(lambda: stream.received > 20_000, 20, "the stream to flow")
+        lab.stop(proxy)
+        proxy2 = t.start_proxy()
+        st2 = wait_for(lambda: t.status(proxy2), 20, "proxy to start again")
+        assert st2["epoch"] != old_epoch
+        at_restart = stream.received
+        again = wait_for(lambda: (lambda s: s if s and s["state"] == "ATTACHED" and s["session"] != first["session"]
+                                  else None)(t.status(host_a)), 20, "host end to re-attach under a new session")
+        assert again["proxy_epoch"] == st2["epoch"]
+        wait_for(lambda: stream.received > at_restart + 20_000, 30, "the stream to continue through the new proxy")
+        stream.finish()
+        assert stream.errors == [], stream.errors
+        assert lab.ping(ns["peer"], VM_IP, count=2) == 2
+    except BaseException:
+        print(t.dump_logs())
+        raise

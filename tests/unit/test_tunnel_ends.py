@@ -1,0 +1,441 @@
+"""The two tunnel ends wired in memory (aioquic style): transfer, drop, roam, migrate."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+from scapy.layers.l2 import ARP, Ether
+
+from tunnel import AeadCipher, Drop, EventKind, HostEnd, LAN, ProxyEnd, SessionState, parse_key_text
+from tunnel.crypto import Key, PlainCipher
+from tunnel.wire import MsgType, parse_header
+
+KEY = Key(bytes(range(32)))
+OTHER_KEY = Key(bytes(range(1, 33)))
+VM1 = bytes.fromhex("020000000001")
+VM2 = bytes.fromhex("020000000002")
+PEER = bytes.fromhex("02000000aaaa")
+BCAST = b"\xff" * 6
+EP_A = ("192.0.2.10", 40000)
+EP_A2 = ("192.0.2.99", 40001)
+EP_B = ("198.51.100.20", 40000)
+
+
+def counter_random():
+    """Deterministic randomness for session ids / sequence starts (tests only)."""
+    c = itertools.count(1)
+    return lambda n: (next(c) * 0x01020304050607).to_bytes(8, "big")[-n:]
+
+
+def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 46, ethertype: int = 0x0800) -> bytes:
+    return dst + src + ethertype.to_bytes(2, "big") + payload
+
+
+def ipv4_frame(dst: bytes, src: bytes, src_ip: bytes, dst_ip: bytes = bytes([198, 18, 0, 1])) -> bytes:
+    ip = bytes([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]) + src_ip + dst_ip + b"\x00" * 8
+    return frame(dst, src, ip + b"\x00" * 18)
+
+
+class Net:
+    """A proxy and any number of host ends, messages moved by hand."""
+
+    def __init__(self, cipher=None, **proxy_kw) -> None:
+        self.cipher = cipher or AeadCipher(KEY)
+        self.proxy = ProxyEnd(self.cipher, random_bytes=counter_random(), **proxy_kw)
+        self.hosts: dict[str, HostEnd] = {}
+        self.endpoint: dict[str, tuple] = {}
+        self.now = 0.0
+        self.lan: list[bytes] = []  # frames the proxy put on the LAN
+        self.tap: dict[str, list[bytes]] = {}  # frames each host wrote to its TAP
+        self.captured: dict[str, list[bytes]] = {}  # every message each host sent
+        self.rng = counter_random()
+
+    def add_host(self, name, endpoint, macs=(), **kw) -> HostEnd:
+        kw.setdefault("random_bytes", lambda n: self.rng(n))
+        h = HostEnd(self.cipher, macs, **kw)
+        self.hosts[name], self.endpoint[name], self.tap[name], self.captured[name] = h, endpoint, [], []
+        return h
+
+    def transfer(self, rounds: int = 4, lose_from: set[str] = frozenset()) -> None:
+        for _ in range(rounds):
+            moved = False
+            for name, h in self.hosts.items():
+                for m in h.pop_datagrams():
+                    moved = True
+                    self.captured[name].append(m)
+                    if name not in lose_from:
+                        self.proxy.receive(m, self.endpoint[name], self.now)
+                self.tap[name] += h.pop_frames()
+            for ep, m in self.proxy.pop_datagrams():
+                moved = True
+                for name, h in self.hosts.items():
+                    if self.endpoint[name] == ep:
+                        h.receive(m, self.now)
+            self.lan += self.proxy.pop_frames()
+            for name, h in self.hosts.items():
+                self.tap[name] += h.pop_frames()
+            if not moved:
+                return
+
+    def advance(self, seconds: float, step: float = 0.5) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for h in self.hosts.values():
+                d = h.next_deadline()
+                if d is not None and d <= self.now:
+                    h.expire(self.now)
+            d = self.proxy.next_deadline()
+            if d is not None and d <= self.now:
+                self.proxy.expire(self.now)
+            self.transfer()
+
+
+def attached_pair(**kw):
+    net = Net(**kw)
+    a = net.add_host("a", EP_A, [VM1])
+    a.start(net.now)
+    net.transfer()
+    assert a.state == SessionState.ATTACHED
+    return net, a
+
+
+def test_attach_names_macs_and_frames_flow_both_ways():
+    net, a = attached_pair()
+    assert net.proxy.macs.lookup(VM1) == a.session
+    assert a.send_frame(frame(PEER, VM1), net.now)
+    net.transfer()
+    assert net.lan == [frame(PEER, VM1)]
+    net.proxy.from_lan(frame(VM1, PEER, b"reply" + b"\x00" * 41), net.now)
+    net.transfer()
+    assert net.tap["a"] == [frame(VM1, PEER, b"reply" + b"\x00" * 41)]
+    assert net.proxy.macs.lookup(PEER) == LAN
+    assert not net.proxy.drops and not a.drops
+
+
+def test_attach_is_retried_with_backoff_until_acked():
+    net = Net()
+    a = net.add_host("a", EP_A, [VM1], retry=0.5)
+    a.start(0.0)
+    net.transfer(lose_from={"a"})  # first ATTACH lost
+    assert a.state == SessionState.ATTACHING
+    assert a.next_deadline() == pytest.approx(0.5)
+    a.expire(0.5)
+    assert a.next_deadline() == pytest.approx(1.5)  # doubled
+    net.now = 0.5
+    net.transfer()
+    assert a.state == SessionState.ATTACHED
+    assert a.counters["attach_retries"] == 1
+
+
+def test_broadcast_floods_to_lan_and_other_sessions_not_back():
+    net, a = attached_pair()
+    b = net.add_host("b", EP_B, [VM2])
+    b.start(net.now)
+    net.transfer()
+    a.send_frame(frame(BCAST, VM1, ethertype=0x0806), net.now)
+    net.transfer()
+    assert net.lan == [frame(BCAST, VM1, ethertype=0x0806)]
+    assert net.tap["b"] == [frame(BCAST, VM1, ethertype=0x0806)]
+    assert net.tap["a"] == []
+    net.proxy.from_lan(frame(BCAST, PEER, ethertype=0x0806), net.now)
+    net.transfer()
+    assert net.tap["a"] == net.tap["b"][-1:] == [frame(BCAST, PEER, ethertype=0x0806)]
+
+
+def test_unicast_between_vms_on_two_hosts_and_unknown_unicast_floods():
+    net, a = attached_pair()
+    b = net.add_host("b", EP_B, [VM2])
+    b.start(net.now)
+    net.transfer()
+    a.send_frame(frame(VM2, VM1), net.now)
+    net.transfer()
+    assert net.tap["b"] == [frame(VM2, VM1)] and net.lan == []
+    unknown = bytes.fromhex("02000000beef")
+    a.send_frame(frame(unknown, VM1), net.now)
+    net.transfer()
+    assert net.lan == [frame(unknown, VM1)] and net.tap["b"][-1] == frame(unknown, VM1)
+    assert net.proxy.counters["unknown_unicast"] == 1
+
+
+def test_hairpin_and_lan_local_frames_are_not_forwarded():
+    net, a = attached_pair()
+    a.send_frame(frame(VM1, VM1), net.now)  # destination lives behind the same session
+    net.proxy.from_lan(frame(PEER, PEER), net.now)  # LAN->LAN: the bridge's job, not ours
+    net.transfer()
+    assert net.lan == [] and net.tap["a"] == []
+    assert net.proxy.drops[Drop.HAIRPIN] == 1 and net.proxy.drops[Drop.NO_ROUTE] == 1
+
+
+def test_host_learns_vm_mac_from_first_frame_and_names_it():
+    net = Net()
+    a = net.add_host("a", EP_A)  # no --mac
+    a.start(0.0)
+    net.transfer()
+    assert net.proxy.sessions[a.session].named == ()
+    a.send_frame(frame(BCAST, VM1), net.now)
+    net.transfer()
+    assert net.proxy.sessions[a.session].named == (VM1,)
+    assert a.counters["macs_learned"] == 1
+
+
+def test_roaming_moves_endpoint_on_authentic_traffic_and_announces():
+    net, a = attached_pair()
+    a.send_frame(ipv4_frame(PEER, VM1, bytes([198, 18, 0, 50])), net.now)
+    net.transfer()
+    net.lan.clear()
+    net.endpoint["a"] = EP_A2  # our address changed
+    a.roamed(net.now)
+    net.transfer()
+    s = net.proxy.sessions[a.session]
+    assert s.endpoint == EP_A2 and a.state == SessionState.ATTACHED
+    garp = Ether(net.lan[0])
+    assert garp.dst == "ff:ff:ff:ff:ff:ff" and garp[ARP].psrc == garp[ARP].pdst == "198.18.0.50"
+    assert garp[ARP].hwsrc == "02:00:00:00:00:01" and garp[ARP].op == 1
+    net.proxy.from_lan(frame(VM1, PEER), net.now)
+    net.transfer()
+    assert net.tap["a"] == [frame(VM1, PEER)]
+    assert [e.kind for e in net.proxy.pop_events()].count(EventKind.ENDPOINT_CHANGED) == 1
+
+
+def test_migration_to_another_host_moves_mac_at_once_and_announces_ipv6():
+    net, a = attached_pair()
+    v6 = bytes.fromhex("20010db8000000000000000000000050")
+    ip6 = bytes([0x60, 0, 0, 0, 0, 8, 17, 64]) + v6 + bytes.fromhex("20010db8000000000000000000000001") + b"\x00" * 8
+    a.send_frame(frame(PEER, VM1, ip6, 0x86DD), net.now)
+    net.transfer()
+    net.lan.clear()
+    b = net.add_host("b", EP_B, [VM1])  # the VM now runs on host B
+    b.start(net.now)
+    net.transfer()
+    assert net.proxy.macs.lookup(VM1) == b.session
+    na = Ether(net.lan[0])
+    assert na.dst == "33:33:00:00:00:01" and na[IPv6].src == "2001:db8::50" and na[IPv6].hlim == 255
+    assert na[ICMPv6ND_NA].tgt == "2001:db8::50" and na[ICMPv6ND_NA].O == 1
+    assert na[ICMPv6NDOptDstLLAddr].lladdr == "02:00:00:00:00:01"
+    # checksum verified independently by scapy
+    raw = bytes(na)
+    na2 = Ether(raw)
+    del na2[ICMPv6ND_NA].cksum
+    assert Ether(bytes(na2))[ICMPv6ND_NA].cksum == na[ICMPv6ND_NA].cksum
+    net.proxy.from_lan(frame(VM1, PEER), net.now)
+    net.transfer()
+    assert net.tap["b"] == [frame(VM1, PEER)]
+    assert net.tap["a"] == [net.lan[0]]  # other sessions hear the announcement too, not the frame
+
+
+def test_lan_frames_cannot_take_a_named_mac():
+    net, a = attached_pair()
+    net.proxy.from_lan(frame(BCAST, VM1), net.now)
+    assert net.proxy.macs.lookup(VM1) == a.session
+    assert net.proxy.counters["lan_conflicts"] == 1
+
+
+def snapshot(net: Net) -> tuple:
+    p = net.proxy
+    return (
+        {sid: (s.endpoint, s.state, s.named, s.window.top) for sid, s in p.sessions.items()},
+        dict((m, e.port) for m, e in p.macs.items()),
+        {m: tuple(a) for m, a in p.addresses.items()},
+    )
+
+
+def test_forged_tampered_wrong_key_and_junk_change_nothing():
+    net, a = attached_pair()
+    a.send_frame(frame(PEER, VM1), net.now)
+    good = a.pop_datagrams()[0]
+    before = snapshot(net)
+    evil = ("203.0.113.66", 666)
+    stranger = HostEnd(AeadCipher(OTHER_KEY), [VM1], random_bytes=lambda n: b"\x77" * n)
+    stranger.start(0.0)
+    stranger_attach = stranger.pop_datagrams()[0]
+    forged_same_session = bytearray(good)
+    forged_same_session[-1] ^= 1  # tampered tag
+    header_flip = bytearray(good)
+    header_flip[1] = MsgType.KEEPALIVE  # type changed: the header is associated data
+    cases = [b"", b"\x01", b"junk" * 10, stranger_attach, bytes(forged_same_session), bytes(header_flip),
+             good[:20], b"\x02" + good[1:], good + b"\x00" * 2000]
+    for m in cases:
+        assert not net.proxy.receive(m, evil, net.now)
+    assert snapshot(net) == before
+    d = net.proxy.drops
+    assert d[Drop.AUTH_FAILED] == 3 and d[Drop.TRUNCATED] == 3 and d[Drop.BAD_VERSION] == 2
+    assert d[Drop.OVERSIZED] == 1
+    assert sum(d.values()) == len(cases)
+    assert net.proxy.pop_frames() == []
+    assert net.proxy.receive(good, EP_A, net.now)  # the real one still goes through
+
+
+def test_replay_changes_nothing_even_from_a_new_endpoint():
+    net, a = attached_pair()
+    a.send_frame(frame(PEER, VM1), net.now)
+    net.transfer()
+    assert len(net.lan) == 1
+    before = snapshot(net)
+    evil = ("203.0.113.66", 666)
+    first_attach, *rest = net.captured["a"]  # the first ATTACH named no epoch yet
+    assert net.proxy.receive(first_attach, evil, net.now)  # authentic: answered with EPOCH, nothing else
+    assert [(ep, parse_header(m).type) for ep, m in net.proxy.pop_datagrams()] == [(evil, MsgType.EPOCH)]
+    for m in rest:
+        assert not net.proxy.receive(m, evil, net.now)
+    assert snapshot(net) == before
+    assert net.proxy.drops[Drop.REPLAYED] == len(rest)
+    assert len(net.lan) == 1 and net.proxy.pop_frames() == [] and net.proxy.pop_datagrams() == []
+
+
+def test_replayed_proxy_messages_are_dropped_by_the_host():
+    net, a = attached_pair()
+    net.proxy.from_lan(frame(VM1, PEER), net.now)
+    out = net.proxy.pop_datagrams()
+    assert a.receive(out[0][1], net.now)
+    assert not a.receive(out[0][1], net.now)
+    assert a.drops[Drop.REPLAYED] == 1 and len(a.pop_frames()) == 1
+
+
+def test_reflected_host_message_is_wrong_direction():
+    net, a = attached_pair()
+    a.send_frame(frame(PEER, VM1), net.now)
+    m = a.pop_datagrams()[0]
+    assert not a.receive(m, net.now)
+    assert a.drops[Drop.WRONG_DIRECTION] == 1
+
+
+def test_keepalives_and_proxy_silence_gives_new_session_that_supersedes_old():
+    net, a = attached_pair()
+    old = a.session
+    net.advance(12.0)  # keepalives every 5 s are answered
+    assert a.counters["keepalives"] == 2 and a.state == SessionState.ATTACHED and a.session == old
+    # the proxy stops answering (say it is unreachable) for longer than dead_after
+    saved = net.endpoint["a"]
+    net.endpoint["a"] = ("192.0.2.200", 1)  # replies go nowhere
+    for _ in range(40):
+        net.now += 0.5
+        a.expire(net.now) if a.next_deadline() is not None and a.next_deadline() <= net.now else None
+        net.transfer(lose_from={"a"})
+        net.proxy.pop_datagrams()
+    assert a.session != old and a.previous == old
+    net.endpoint["a"] = saved
+    a.roamed(net.now)
+    net.transfer()
+    assert a.state == SessionState.ATTACHED
+    assert old not in net.proxy.sessions and net.proxy.macs.lookup(VM1) == a.session
+
+
+def test_proxy_expires_silent_sessions_and_forgets_their_macs():
+    net, a = attached_pair(session_timeout=30.0)
+    sid = a.session
+    a.close(net.now)  # pretend it vanished without a word: drop its DETACH
+    a.pop_datagrams()
+    net.proxy.expire(29.0)
+    assert sid in net.proxy.sessions
+    net.proxy.expire(30.0)
+    assert sid not in net.proxy.sessions and net.proxy.macs.lookup(VM1) is None
+
+
+def test_detach_closes_and_replayed_attach_cannot_reopen():
+    net, a = attached_pair()
+    attach = net.captured["a"][1]  # the ATTACH that named the proxy's epoch and opened the session
+    a.close(net.now)
+    net.transfer()
+    assert not net.proxy.sessions
+    assert not net.proxy.receive(attach, ("203.0.113.66", 666), net.now)
+    assert net.proxy.drops[Drop.REPLAYED] == 1 and not net.proxy.sessions
+
+
+def test_attach_captured_before_a_proxy_restart_cannot_be_replayed_after_it():
+    net, a = attached_pair()
+    attach = net.captured["a"][1]
+    restarted = ProxyEnd(net.cipher)  # new epoch, knows no closed sessions
+    evil = ("203.0.113.66", 666)
+    assert restarted.receive(attach, evil, net.now)  # authentic, but names the old epoch
+    assert not restarted.sessions and restarted.macs.lookup(VM1) is None
+    assert [parse_header(m).type for _, m in restarted.pop_datagrams()] == [MsgType.EPOCH]
+
+
+def test_host_starts_a_new_session_when_the_proxy_restarted_under_it():
+    net, a = attached_pair()
+    old = a.session
+    net.proxy = ProxyEnd(net.cipher, random_bytes=lambda n: b"\x42" * n)  # restarted, unclean: no DETACH
+    a.send_frame(frame(BCAST, VM2), net.now)  # a new MAC: ATTACH under the old session, old epoch
+    net.transfer()
+    assert a.session != old and a.previous == old and a.state == SessionState.ATTACHED
+    assert a.proxy_epoch == net.proxy.epoch and net.proxy.macs.lookup(VM1) == a.session
+
+
+def test_oversized_frames_are_counted_never_truncated():
+    net, a = attached_pair()
+    big = frame(PEER, VM1, b"y" * 1600)
+    assert not a.send_frame(big, net.now)
+    assert a.drops[Drop.OVERSIZED] == 1 and a.pop_datagrams() == []
+    net.proxy.from_lan(frame(VM1, PEER, b"y" * 1600), net.now)
+    assert net.proxy.drops[Drop.OVERSIZED] == 1 and net.proxy.pop_datagrams() == []
+    assert not a.send_frame(b"short", net.now) and a.drops[Drop.TRUNCATED] == 1
+
+
+def test_plaintext_and_encrypted_ends_refuse_each_other():
+    net = Net(cipher=PlainCipher())
+    a = net.add_host("a", EP_A, [VM1])
+    a.start(0.0)
+    net.transfer()
+    assert a.state == SessionState.ATTACHED  # plaintext works with plaintext
+    m = a.pop_datagrams() or net.captured["a"][:1]
+    enc = ProxyEnd(AeadCipher(KEY))
+    assert not enc.receive(m[0], EP_A, 0.0) and enc.drops[Drop.MODE_MISMATCH] == 1
+    assert parse_header(m[0]).plaintext
+
+
+def test_unknown_session_data_is_dropped_without_creating_one():
+    net, a = attached_pair()
+    fresh = ProxyEnd(AeadCipher(KEY))  # a proxy that restarted
+    a.send_frame(frame(PEER, VM1), net.now)
+    assert not fresh.receive(a.pop_datagrams()[0], EP_A, net.now)
+    assert fresh.drops[Drop.UNKNOWN_SESSION] == 1 and not fresh.sessions
+
+
+def test_key_text_and_repr_never_show_the_key():
+    k = parse_key_text("# roam tunnel key\n" + __import__("base64").b64encode(bytes(range(32))).decode() + "\n")
+    assert k == KEY
+    for text in (repr(k), str(k), repr(AeadCipher(k))):
+        assert bytes(range(32)).hex() not in text and "AAECAwQFBgcICQoL" not in text
+    with pytest.raises(TypeError):
+        __import__("pickle").dumps(k)
+
+
+def test_proxy_shutdown_detaches_hosts_which_reattach_under_a_new_session():
+    net, a = attached_pair()
+    old = a.session
+    net.proxy.close(net.now)
+    assert not net.proxy.sessions
+    # the proxy comes back (a fresh engine); the host got DETACH and is already re-attaching
+    out = net.proxy.pop_datagrams()
+    net.proxy = ProxyEnd(net.cipher, random_bytes=lambda n: b"\x43" * n)  # a new epoch
+    for _, m in out:
+        assert a.receive(m, net.now)
+    assert a.state == SessionState.ATTACHING and a.session != old and a.previous == old
+    net.transfer()
+    assert a.state == SessionState.ATTACHED and net.proxy.macs.lookup(VM1) == a.session
+
+
+def test_offload_mode_carries_the_virtio_header_and_refuses_the_other_mode():
+    net = Net()
+    net.proxy = ProxyEnd(net.cipher, offload=True, max_frame=60000)
+    a = net.add_host("a", EP_A, [VM1], offload=True, max_frame=60000)
+    a.start(0.0)
+    net.transfer()
+    assert a.state == SessionState.ATTACHED
+    vnet = bytes([1, 1]) + (54).to_bytes(2, "little") + (1448).to_bytes(2, "little") + bytes(4)  # a TCPv4 GSO frame
+    big = vnet + frame(PEER, VM1, b"z" * 20000)
+    assert a.send_frame(big, net.now)
+    net.transfer()
+    assert net.lan == [big]  # header and super-frame carried whole
+    assert net.proxy.macs.lookup(VM1) == a.session  # MACs read after the 10-byte header
+    net.proxy.from_lan(bytes(10) + frame(VM1, PEER), net.now)
+    net.transfer()
+    assert net.tap["a"] == [bytes(10) + frame(VM1, PEER)]
+    plain_host = HostEnd(net.cipher, [VM2])
+    plain_host.start(0.0)
+    assert not net.proxy.receive(plain_host.pop_datagrams()[0], EP_B, net.now)
+    assert net.proxy.drops[Drop.MODE_MISMATCH] == 1 and len(net.proxy.sessions) == 1
+    assert not a.send_frame(vnet + frame(PEER, VM1, b"z" * 60001), net.now)
+    assert a.drops[Drop.OVERSIZED] == 1

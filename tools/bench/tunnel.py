@@ -1,0 +1,363 @@
+"""roam tunnel vs kernel VXLAN vs direct, in one namespace lab; and a migration's interruption.
+
+One run builds a lab (home LAN bridge with a peer, an internet namespace, two remote
+hosts, a VM namespace), then measures between the VM and the home peer, one way of
+attaching after another:
+
+* direct:       the VM's link on the home bridge itself (the LAN path, no tunnel);
+* vxlan:        kernel VXLAN from host A to the home site (the limit for L2 over UDP);
+* roam-udp:     `roam tunnel` over UDP, ChaCha20-Poly1305;
+* roam-tcp:     `roam tunnel` over TCP, ChaCha20-Poly1305;
+* roam-plain:   `roam tunnel` over UDP, --plaintext (no crypto: the cost of Python alone);
+* roam-*-offload: `roam tunnel --offload`: TCP GSO super-frames carried whole (IFF_VNET_HDR);
+* openvpn-aes:  OpenVPN 2.6 in tap mode, UDP, static key, AES-256-CBC + HMAC-SHA256 (static-key mode
+                has no AEAD ciphers; ChaCha20-Poly1305 needs its TLS mode), if `openvpn` is installed;
+* openvpn-none: the same with --cipher none --auth none.
+
+Throughput is iperf3 TCP (VM -> peer), RTT is a UDP echo (median and 99th
+percentile of N round trips).  Then the migration: a TCP stream from the VM runs
+while the VM's link moves from host A to host B, with the host end on B started after
+the move (it names the VM's MAC) or already running (it learns the MAC from the VM's
+first frame); the table gives milliseconds from the link coming up on B to host end
+B serving the VM's MAC and to the first new byte of the stream delivered at the peer,
+and the longest gap in delivery.  The stream's own TCP retransmission timer (which
+backs off while the VM has no path) decides much of the latter.  Printed only; never
+asserted anywhere.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tools.bench.table import render
+
+ROOT = Path(__file__).resolve().parents[2]
+VM_MAC = "02:00:00:00:00:50"
+VM_IP, PEER_IP, PROXY_IP, PORT = "198.18.0.50", "198.18.0.10", "192.0.2.1", 4789
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 run (default 4)")
+    parser.add_argument("--pings", type=int, default=200, help="UDP echo round trips per path (default 200)")
+    parser.add_argument("--only", action="append", default=[],
+                        help="measure only these paths (direct, vxlan, roam-udp, roam-tcp, roam-plain, roam-tcp-offload, "
+                        "roam-udp-offload, openvpn); "
+                        "repeatable")
+    parser.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
+
+
+def run(args) -> int:
+    from tools.netlab import Lab, probe
+
+    why = probe()
+    if why:
+        print(f"roam bench tunnel: cannot build the lab: {why}", file=sys.stderr)
+        return 2
+    wanted = set(args.only) or {"direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-tcp-offload",
+                                "roam-udp-offload", "openvpn"}
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="roam-bench-tunnel-"))
+    try:
+        with Lab("roambench") as lab:
+            b = _Bench(lab, tmp, args)
+            for name in ("direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-tcp-offload",
+                         "roam-udp-offload"):
+                if name in wanted:
+                    rows.append(b.measure(name))
+            if "openvpn" in wanted:
+                if shutil.which("openvpn"):
+                    for name in ("openvpn-aes", "openvpn-none"):
+                        rows.append(b.measure(name))
+                else:
+                    print("openvpn: not installed (apt install openvpn): skipped", file=sys.stderr)
+            migration = None if args.no_migration else [b.migration(prestart=False), b.migration(prestart=True)]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ref = next((r for r in rows if r[0] == "direct"), rows[0] if rows else None)
+    table = []
+    for name, mbps, med, p99 in rows:
+        table.append([name, mbps, f"{mbps / ref[1]:.3f}" if ref and ref[1] else "-", f"{med * 1000:.3f}",
+                      f"{p99 * 1000:.3f}", f"{(med - ref[2]) * 1000:+.3f}" if ref else "-"])
+    print(render(["path (VM -> home peer)", "iperf3 Mbit/s", "x " + (ref[0] if ref else "-"), "RTT median ms",
+                  "RTT p99 ms", "added RTT ms"], table))
+    if migration:
+        print()
+        print(render(["migration A -> B, stream VM -> peer (udp)", "host end started after the move",
+                      "host end already running on B"],
+                     [[what, *(m[key] for m in migration)] for what, key in (
+                         ("link up on B -> host end B attached (ms)", "attach_ms"),
+                         ("link up on B -> first new stream byte at the peer (ms)", "resume_ms"),
+                         ("longest gap in delivery at the peer (ms, includes stopping A)", "gap_ms"),
+                         ("stream errors / resets / bytes out of order", "errors"))]))
+    return 0
+
+
+class _Bench:
+    def __init__(self, lab, tmp: Path, args) -> None:
+        self.lab, self.tmp, self.args = lab, tmp, args
+        ns = self.ns = {r: lab.ns(r) for r in ("home", "peer", "inet", "hosta", "hostb", "vm")}
+        for h in ("hosta", "hostb"):
+            lab.sysctl(ns[h], "net.ipv6.conf.default.disable_ipv6", "1")
+            lab.sysctl(ns[h], "net.ipv6.conf.all.disable_ipv6", "1")
+        lab.veth(ns["peer"], "p0", ns["home"], "hp")
+        lab.bridge(ns["home"], "br0", ports=["hp"])
+        lab.addr(ns["peer"], "p0", f"{PEER_IP}/24")
+        lab.veth(ns["home"], "hi", ns["inet"], "ih")
+        lab.veth(ns["hosta"], "ai", ns["inet"], "ia")
+        lab.veth(ns["hostb"], "bi", ns["inet"], "ib")
+        for n, i, a in (("home", "hi", "192.0.2.1"), ("hosta", "ai", "198.51.100.1"), ("hostb", "bi", "203.0.113.1")):
+            lab.addr(ns[n], i, f"{a}/24")
+            lab.route(ns[n], "default", a.rsplit(".", 1)[0] + ".254")
+        for i, a in (("ih", "192.0.2.254"), ("ia", "198.51.100.254"), ("ib", "203.0.113.254")):
+            lab.addr(ns["inet"], i, f"{a}/24")
+        lab.sysctl(ns["inet"], "net.ipv4.ip_forward", "1")
+        for h in ("hosta", "hostb"):
+            lab.bridge(ns[h], "brvm")
+        lab.veth(ns["vm"], "eth0", ns["hosta"], "vmport")
+        lab.ipr(ns["vm"]).link("set", index=lab.index(ns["vm"], "eth0"), address=VM_MAC)
+        lab.addr(ns["vm"], "eth0", f"{VM_IP}/24")
+        self.where = "hosta"
+        self._enslave("hosta", "vmport", "brvm")
+        self.key = tmp / "tunnel.key"
+        from tunnel.crypto import generate_key_text
+        self.key.write_text(generate_key_text() + "\n")
+        self.key.chmod(0o600)
+        # UDP echo on the peer, for RTT.
+        self.echo = lab.socket(ns["peer"], socket.AF_INET, socket.SOCK_DGRAM)
+        self.echo.bind((PEER_IP, 7))
+        self.echo.settimeout(0.5)
+        self._echo_stop = threading.Event()
+        threading.Thread(target=self._echo_loop, daemon=True).start()
+
+    def _echo_loop(self) -> None:
+        while not self._echo_stop.is_set():
+            try:
+                data, addr = self.echo.recvfrom(2048)
+                self.echo.sendto(data, addr)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def _enslave(self, host: str, ifname: str, bridge: str) -> None:
+        ipr = self.lab.ipr(self.ns[host])
+        ipr.link("set", index=self.lab.index(self.ns[host], ifname), master=self.lab.index(self.ns[host], bridge))
+        self.lab.up(self.ns[host], ifname)
+
+    def _move_vm(self, to_ns: str, bridge: str) -> None:
+        cur = self.where
+        if cur != to_ns:
+            self.lab.move_link(self.ns[cur], "vmport", self.ns[to_ns])
+            self.where = to_ns
+        self._enslave(to_ns, "vmport", bridge)
+
+    def _roam(self, ns: str, *argv: str, log: str) -> subprocess.Popen:
+        f = open(self.tmp / f"{log}.log", "ab")
+        return self.lab.popen(ns, [sys.executable, "-m", "tools.cli", "tunnel", *argv,
+                                   "--status-dir", str(self.tmp / "status")], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+
+    def _status(self, p: subprocess.Popen) -> dict | None:
+        for role in ("host", "proxy"):
+            path = self.tmp / "status" / f"{role}-{p.pid}.json"
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def _wait(self, pred, timeout: float):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            v = pred()
+            if v:
+                return v
+            time.sleep(0.005)
+        raise RuntimeError("timed out waiting for the lab")
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def measure(self, name: str):
+        procs, cleanup = [], []
+        lab, ns = self.lab, self.ns
+        if name == "direct":
+            self._move_vm("home", "br0")
+        elif name == "vxlan":
+            self._move_vm("hosta", "brvm")
+            for n, local, remote, br in (("hosta", "198.51.100.1", PROXY_IP, "brvm"), ("home", PROXY_IP, "198.51.100.1", "br0")):
+                lab.ipr(ns[n]).link("add", ifname="vx0", kind="vxlan", vxlan_id=42, vxlan_local=local,
+                                    vxlan_group=remote, vxlan_port=4790)
+                self._enslave(n, "vx0", br)
+                cleanup.append((n, "vx0"))
+        elif name.startswith("openvpn"):
+            self._move_vm("hosta", "brvm")
+            procs = self._openvpn("none" if name == "openvpn-none" else "AES-256-CBC",
+                                  "none" if name == "openvpn-none" else "SHA256")
+        else:
+            self._move_vm("hosta", "brvm")
+            extra = ["--transport", "tcp"] if name.startswith("roam-tcp") else []
+            extra += ["--offload"] if name.endswith("-offload") else []
+            extra += ["--plaintext"] if name == "roam-plain" else ["--key-file", str(self.key)]
+            proxy = self._roam(ns["home"], "proxy", "--listen", f"{PROXY_IP}:{PORT}", "--bridge", "br0", *extra, log=f"{name}-proxy")
+            self._wait(lambda: self._status(proxy), 20)
+            host = self._roam(ns["hosta"], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
+                              "--mac", VM_MAC, *extra, log=f"{name}-host")
+            self._wait(lambda: (self._status(host) or {}).get("state") == "ATTACHED", 20)
+            procs = [host, proxy]
+        try:
+            self._wait(lambda: lab.ping(ns["vm"], PEER_IP, count=1, timeout=0.5) == 1, 20)
+            rtts = self._rtts(self.args.pings)
+            mbps = self._iperf(self.args.duration)
+        finally:
+            for p in procs:
+                lab.stop(p)
+            for n, ifname in cleanup:
+                lab.delete_link(ns[n], ifname)
+        rtts.sort()
+        med = statistics.median(rtts) if rtts else float("nan")
+        p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] if rtts else float("nan")
+        print(f"  {name}: {mbps:.0f} Mbit/s, RTT median {med * 1e6:.0f} us", file=sys.stderr)
+        return name, mbps, med, p99
+
+    def _openvpn(self, cipher: str, auth: str) -> list[subprocess.Popen]:
+        key = self.tmp / "openvpn.key"
+        if not key.exists():
+            subprocess.run(["openvpn", "--genkey", "secret", str(key)], check=True, capture_output=True, timeout=30)
+        procs = []
+        for n, local, remote, br in (("home", PROXY_IP, "198.51.100.1", "br0"), ("hosta", "198.51.100.1", PROXY_IP, "brvm")):
+            argv = ["openvpn", "--dev", "ovtap", "--dev-type", "tap", "--proto", "udp", "--secret", str(key),
+                    "--cipher", cipher, "--auth", auth, "--local", local, "--lport", "1194", "--remote", remote, "1194",
+                    "--verb", "1"]
+            procs.append(self.lab.popen(self.ns[n], argv, stdout=open(self.tmp / f"openvpn-{n}.log", "ab"),
+                                        stderr=subprocess.STDOUT))
+            self._wait(lambda: self.lab.ipr(self.ns[n]).link_lookup(ifname="ovtap"), 20)
+            self._enslave(n, "ovtap", br)
+        return procs
+
+    def _rtts(self, n: int) -> list[float]:
+        out = []
+        with self.lab.socket(self.ns["vm"], socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1.0)
+            s.connect((PEER_IP, 7))
+            for i in range(n):
+                msg = i.to_bytes(4, "big") * 8
+                t0 = time.perf_counter()
+                s.send(msg)
+                try:
+                    while s.recv(2048) != msg:
+                        pass
+                except socket.timeout:
+                    continue
+                out.append(time.perf_counter() - t0)
+        return out
+
+    def _iperf(self, duration: float) -> float:
+        srv = self.lab.popen(self.ns["peer"], ["iperf3", "-s", "-1", "-B", PEER_IP, "-p", "5201"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                cp = self.lab.run(self.ns["vm"], ["iperf3", "-c", PEER_IP, "-p", "5201", "-t", str(duration), "-J"],
+                                  timeout=duration + 30, check=False)
+                try:
+                    return json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+                except (ValueError, KeyError):
+                    time.sleep(0.1)  # server not listening yet (iperf3 reports it as an error)
+            return float("nan")
+        finally:
+            self.lab.stop(srv)
+
+    # -- migration ----------------------------------------------------------------------------------
+
+    def migration(self, prestart: bool) -> dict:
+        """Move the VM from A to B under a running stream.  With ``prestart`` the host end on B runs
+        before the move, naming no MAC: it learns the VM's from its first frame (and receives the
+        frames the proxy floods to it once A's session has detached)."""
+        lab, ns = self.lab, self.ns
+        self._move_vm("hosta", "brvm")
+        common = ["--key-file", str(self.key)]
+        proxy = self._roam(ns["home"], "proxy", "--listen", f"{PROXY_IP}:{PORT}", "--bridge", "br0", *common, log="mig-proxy")
+        self._wait(lambda: self._status(proxy), 20)
+        hargs = ["host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm", *common]
+        host_a = self._roam(ns["hosta"], *hargs, "--mac", VM_MAC, log="mig-a")
+        host_b = None
+        if prestart:
+            host_b = self._roam(ns["hostb"], *hargs, log="mig-b")
+            self._wait(lambda: (self._status(host_b) or {}).get("state") == "ATTACHED", 20)
+        self._wait(lambda: (self._status(host_a) or {}).get("state") == "ATTACHED", 20)
+        srv = lab.socket(ns["peer"])
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((PEER_IP, 5002))
+        srv.listen(1)
+        cli = lab.socket(ns["vm"])
+        cli.connect((PEER_IP, 5002))
+        conn, _ = srv.accept()
+        conn.settimeout(30)
+        arrivals: list[tuple[float, int]] = []
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def send():
+            n = 0
+            try:
+                while not stop.is_set() and n < 200_000_000:
+                    cli.sendall(bytes((n + i) & 0xFF for i in range(256)))
+                    n += 256
+                    time.sleep(0.001)
+                cli.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(repr(exc))
+
+        def recv():
+            got = 0
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    if data != bytes((got + i) & 0xFF for i in range(len(data))):
+                        errors.append("out of order")
+                        return
+                    got += len(data)
+                    arrivals.append((time.monotonic(), got))
+            except OSError as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=send, daemon=True), threading.Thread(target=recv, daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.0)
+            lab.stop(host_a)
+            lab.move_link(ns["hosta"], "vmport", ns["hostb"], up=False)
+            self.where = "hostb"
+            self._enslave("hostb", "vmport", "brvm")  # brings it up
+            t_up = time.monotonic()
+            mark = len(arrivals)
+            if host_b is None:
+                host_b = self._roam(ns["hostb"], *hargs, "--mac", VM_MAC, log="mig-b")
+            self._wait(lambda: VM_MAC in ((self._status(host_b) or {}).get("macs") or ())
+                       and (self._status(host_b) or {}).get("state") == "ATTACHED", 20)
+            t_att = time.monotonic()
+            self._wait(lambda: len(arrivals) > mark + 1, 30)
+            t_first = next(t for t, _ in arrivals[mark:] if t > t_up)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+            for s in (cli, conn, srv):
+                s.close()
+            for p in (host_b, proxy):
+                if p is not None:
+                    lab.stop(p)
+        times = [t for t, _ in arrivals]
+        gap = max((b - a for a, b in zip(times, times[1:])), default=float("nan"))
+        return {"attach_ms": (t_att - t_up) * 1000, "resume_ms": (t_first - t_up) * 1000, "gap_ms": gap * 1000,
+                "errors": len(errors)}

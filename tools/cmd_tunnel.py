@@ -1,0 +1,236 @@
+"""`roam tunnel`: the layer-2 tunnel home — genkey, proxy, host, status.
+
+    roam tunnel genkey > KEYFILE
+    roam tunnel proxy --listen IP:PORT --bridge BR --key-file KEYFILE [--transport udp|tcp]
+    roam tunnel host --proxy IP:PORT --tap NAME [--bridge BR] [--mac MAC]... --key-file KEYFILE [--transport udp|tcp]
+    roam tunnel status
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+DEFAULT_STATUS_DIR = "/run/roam/tunnel"
+
+_MTU_HELP = ("MTU of the TAP device (default 1500). Each frame costs 32 bytes of tunnel overhead plus "
+             "UDP/IPv4 28 (IPv6 48); outer UDP datagrams above the path MTU are fragmented by the kernel. "
+             "Use 1426 (IPv4 underlay of 1500) on the TAP, the VM and the LAN to avoid fragmentation.")
+
+
+def register(subparsers, help_text: str) -> None:
+    p = subparsers.add_parser(
+        "tunnel", help=help_text,
+        description="The layer-2 tunnel home (the VNET model): a VM's Ethernet frames are carried over UDP "
+        "or TCP, authenticated and encrypted with ChaCha20-Poly1305 under a pre-shared key, from the host "
+        "it runs on to a proxy on its home LAN, so it keeps its home MAC and IP wherever it moves.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  roam tunnel genkey > tunnel.key\n"
+        "  roam tunnel proxy --listen 192.0.2.1:4789 --bridge br-home --key-file tunnel.key\n"
+        "  roam tunnel host --proxy 192.0.2.1:4789 --tap vmtap0 --bridge br-vm "
+        "--mac 02:00:00:00:00:01 --key-file tunnel.key\n"
+        "  roam tunnel status",
+    )
+    sub = p.add_subparsers(dest="tunnel_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    g = sub.add_parser("genkey", help="print a new random pre-shared key (base64) for --key-file",
+                       description="Print a new random 32-byte key, base64, on stdout. Keep the file "
+                       "private (mode 600) and give the same file to the proxy and every host end.")
+    g.set_defaults(func=cmd_genkey)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--key-file", help="pre-shared key file written by `roam tunnel genkey`")
+        q.add_argument("--transport", choices=("udp", "tcp"), default="udp",
+                       help="udp (default) or tcp with length framing, for sites that only let TCP out")
+        q.add_argument("--mtu", type=int, default=1500, help=_MTU_HELP)
+        q.add_argument("--status-dir", default=DEFAULT_STATUS_DIR,
+                       help=f"where the running end publishes its status for `roam tunnel status` "
+                       f"(default {DEFAULT_STATUS_DIR})")
+        q.add_argument("--plaintext", action="store_true",
+                       help="BENCHMARKS ONLY: no encryption, no authentication (prints a warning)")
+        q.add_argument("--offload", action="store_true",
+                       help="carry TCP GSO super-frames (up to ~64 KiB) with their virtio-net header instead of "
+                       "1500-byte frames (TAP with IFF_VNET_HDR and offloads); the proxy and every host end must "
+                       "all use it. Best with --transport tcp: over UDP each super-frame is one IP-fragmented datagram")
+
+    pr = sub.add_parser("proxy", help="run the proxy end on the home LAN",
+                        description="Run the proxy end: make a TAP device, enslave it to the existing "
+                        "home-LAN bridge BR, and carry frames between it and the host ends that attach. "
+                        "Learns MACs, floods broadcast, serves several host ends and VMs, and announces a "
+                        "VM's addresses (gratuitous ARP / unsolicited NA) when it re-attaches.")
+    pr.add_argument("--listen", required=True, metavar="IP:PORT", help="address to listen on")
+    pr.add_argument("--bridge", required=True, metavar="BR", help="existing home-LAN bridge to join")
+    pr.add_argument("--tap", default=None, metavar="NAME", help="name of the TAP to make (default roamp<PORT>)")
+    pr.add_argument("--session-timeout", type=float, default=60.0,
+                    help="close a session after this many seconds without authentic traffic (default 60)")
+    pr.add_argument("--mac-age", type=float, default=300.0, help="MAC table ageing in seconds (default 300)")
+    common(pr)
+    pr.set_defaults(func=cmd_proxy)
+
+    h = sub.add_parser("host", help="run the host end where the VM runs",
+                       description="Run the host end: make TAP NAME (enslaved to BR when given), where the "
+                       "VM's link is attached, and carry its frames to the proxy. Names the VM's MACs "
+                       "(--mac, or learned from its first frames) when attaching, sends keepalives, and "
+                       "re-attaches at once when this host's address changes.")
+    h.add_argument("--proxy", required=True, metavar="IP:PORT", help="the proxy's address")
+    h.add_argument("--tap", required=True, metavar="NAME", help="name of the TAP to make")
+    h.add_argument("--bridge", metavar="BR", help="existing bridge to enslave the TAP to")
+    h.add_argument("--mac", action="append", default=[], metavar="MAC",
+                   help="a VM MAC address this host end serves (repeatable)")
+    h.add_argument("--no-learn", action="store_true", help="do not learn more VM MACs from frames")
+    h.add_argument("--keepalive", type=float, default=5.0, help="keepalive interval in seconds (default 5)")
+    h.add_argument("--dead-after", type=float, default=15.0,
+                   help="re-attach under a new session after this many silent seconds (default 15)")
+    common(h)
+    h.set_defaults(func=cmd_host)
+
+    s = sub.add_parser("status", help="show running tunnel ends: sessions, endpoints, last seen, counters",
+                       description="Show the sessions, endpoints, last-seen times and counters of every "
+                       "tunnel end running with the same --status-dir.")
+    s.add_argument("--status-dir", default=DEFAULT_STATUS_DIR)
+    s.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    s.set_defaults(func=cmd_status)
+
+
+def cmd_genkey(args) -> int:
+    from tunnel.crypto import generate_key_text
+    print(generate_key_text())
+    return 0
+
+
+def _cipher(args):
+    from tunnel.crypto import AeadCipher, KeyFileError, PlainCipher, load_key
+    if args.plaintext:
+        print("roam tunnel: WARNING: --plaintext: frames are neither encrypted nor authenticated. "
+              "For benchmarks only.", file=sys.stderr)
+        return PlainCipher()
+    if not args.key_file:
+        print("roam tunnel: --key-file is required (make one with `roam tunnel genkey > KEYFILE`)", file=sys.stderr)
+        return None
+    try:
+        st = os.stat(args.key_file)
+        if st.st_mode & 0o077:
+            print(f"roam tunnel: warning: {args.key_file} is readable by group/others (chmod 600 it)", file=sys.stderr)
+        key = load_key(args.key_file)
+    except (OSError, KeyFileError) as exc:
+        print(f"roam tunnel: cannot read key file {args.key_file}: {exc}", file=sys.stderr)
+        return None
+    logging.getLogger("roam.tunnel").info("key fingerprint %s", key.fingerprint)
+    return AeadCipher(key)
+
+
+def _run(driver) -> int:
+    old = {sig: signal.signal(sig, driver.request_stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        driver.run()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 0
+
+
+def _max_frame(args) -> int:
+    from tunnel.wire import OFFLOAD_MAX_FRAME
+    return OFFLOAD_MAX_FRAME if args.offload else args.mtu + 14 + 8
+
+
+def cmd_proxy(args) -> int:
+    from tunnel.driver import ProxyDriver, parse_endpoint
+    from tunnel.proxy import ProxyEnd
+    from tunnel.tap import Tap
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    cipher = _cipher(args)
+    if cipher is None:
+        return 2
+    try:
+        listen = parse_endpoint(args.listen)
+    except (ValueError, OSError) as exc:
+        print(f"roam tunnel proxy: --listen: {exc}", file=sys.stderr)
+        return 2
+    engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
+                      max_frame=_max_frame(args), offload=args.offload)
+    try:
+        tap = Tap(args.tap or f"roamp{listen[1]}", args.mtu, args.bridge, offload=args.offload)
+    except OSError as exc:
+        print(f"roam tunnel proxy: cannot make the TAP: {exc}", file=sys.stderr)
+        return 1
+    try:
+        driver = ProxyDriver(engine, tap, listen, args.transport, time.monotonic, args.status_dir)
+    except OSError as exc:
+        tap.close()
+        print(f"roam tunnel proxy: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("roam.tunnel").info("proxy on %s (%s), tap %s in bridge %s", args.listen,
+                                          args.transport, tap.name, args.bridge)
+    return _run(driver)
+
+
+def cmd_host(args) -> int:
+    from tunnel.driver import HostDriver, parse_endpoint
+    from tunnel.host import HostEnd
+    from tunnel.tap import Tap
+    from tunnel.wire import parse_mac
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    cipher = _cipher(args)
+    if cipher is None:
+        return 2
+    try:
+        proxy = parse_endpoint(args.proxy)
+        macs = [parse_mac(m) for m in args.mac]
+    except (ValueError, OSError) as exc:
+        print(f"roam tunnel host: {exc}", file=sys.stderr)
+        return 2
+    engine = HostEnd(cipher, macs, learn_macs=not args.no_learn, keepalive=args.keepalive,
+                     dead_after=args.dead_after, max_frame=_max_frame(args), offload=args.offload)
+    try:
+        tap = Tap(args.tap, args.mtu, args.bridge, offload=args.offload)
+    except OSError as exc:
+        print(f"roam tunnel host: cannot make the TAP: {exc}", file=sys.stderr)
+        return 1
+    try:
+        driver = HostDriver(engine, tap, proxy, args.transport, time.monotonic, args.status_dir)
+    except OSError as exc:
+        tap.close()
+        print(f"roam tunnel host: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("roam.tunnel").info("host end to %s (%s), tap %s", args.proxy, args.transport, tap.name)
+    return _run(driver)
+
+
+def cmd_status(args) -> int:
+    from tunnel.driver import read_status_dir
+    ends = read_status_dir(args.status_dir)
+    if args.json:
+        print(json.dumps(ends, indent=1))
+        return 0
+    if not ends:
+        print(f"no tunnel ends running (status directory {args.status_dir})")
+        return 1
+    for st in ends:
+        head = f"{st.get('role')} pid {st.get('pid')}{'' if st.get('alive') else ' (NOT RUNNING: stale status)'}"
+        where = st.get("listen") or f"proxy {st.get('proxy')} from {st.get('local')}"
+        print(f"{head}  {st.get('transport')} {where}  tap {st.get('tap')} mtu {st.get('tap_mtu')}  "
+              f"{st.get('cipher')}  up {st.get('uptime')}s")
+        if st.get("role") == "host":
+            print(f"  session {st.get('session')} {st.get('state')}  macs {', '.join(st.get('macs') or []) or '-'}  "
+                  f"last heard {st.get('last_heard_ago')}s ago")
+        for s in st.get("sessions", []):
+            print(f"  session {s['session']} {s['state']}  endpoint {s['endpoint']}  last seen {s['last_heard_ago']}s ago"
+                  f"  macs {', '.join(s['named_macs']) or '-'}  {_fmt(s['counters'])}")
+        if st.get("macs") and st.get("role") == "proxy":
+            print("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
+        print(f"  counters: {_fmt(st.get('counters', {}))}")
+        print(f"  drops: {_fmt(st.get('drops', {})) or 'none'}")
+        if st.get("driver"):
+            print(f"  driver: {_fmt(st['driver'])}")
+    return 0
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(d.items()))

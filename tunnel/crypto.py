@@ -1,0 +1,247 @@
+"""Authenticated encryption of tunnel messages, the pre-shared key, and the replay window.
+
+* Cipher: ChaCha20-Poly1305 (RFC 8439, from ``cryptography``) with a 32-byte
+  pre-shared key read from a key file (one line: the key in base64, as
+  ``roam tunnel genkey`` writes it; ``#`` lines are comments).
+* The 16-byte header is the associated data: it travels in clear but any change
+  to it fails authentication.
+* Nonce (12 bytes) = direction (1 byte: 1 from the proxy, 0 from a host end) ||
+  session id (4) || sequence number (7, so sequence numbers stay below 2**56).
+  Each sender counts its sequence numbers up from a random start in [0, 2**48)
+  and never reuses one in a session; a host end takes a fresh random session id
+  for every new attachment.  So a (key, nonce) pair repeats only if two
+  attachments draw the same 32-bit session id *and* overlapping random sequence
+  ranges.
+* Replay protection: :class:`ReplayWindow`, a sliding bitmap in the style of
+  RFC 6479 (a ring of 64-bit blocks, window of (blocks - 1) * 64 sequence numbers).
+  A message is checked against the window before and recorded only *after* it
+  authenticated, so forged messages cannot move the window.
+* Keys never appear in ``repr``/``str``/logs: :class:`Key` shows a fingerprint only.
+* :class:`PlainCipher` carries payloads unencrypted and unauthenticated, for
+  benchmarks only; its messages carry the PLAINTEXT flag, and an encrypting end
+  rejects them (and the reverse).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import struct
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .wire import (
+    HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Flag, Header, WireError, build_header, parse_header,
+)
+
+KEY_LEN = 32
+#: Senders start their sequence numbers below this, at random.
+SEQ_START_MAX = 1 << 48
+
+
+class KeyFileError(ValueError):
+    """The key file does not hold a key (the message never contains key material)."""
+
+
+class Key:
+    """A 32-byte pre-shared key that refuses to show itself."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != KEY_LEN:
+            raise KeyFileError(f"a key is {KEY_LEN} bytes, got {len(secret)}")
+        self._secret = bytes(secret)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash that lets two ends compare keys without revealing them."""
+        return hashlib.sha256(b"roam-tunnel-key-fingerprint" + self._secret).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"Key(fingerprint={self.fingerprint})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and other._secret == self._secret
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __reduce__(self):  # no pickling a key into some log or cache by accident
+        raise TypeError("a Key cannot be pickled")
+
+
+def generate_key_text() -> str:
+    """A new random key in the key file's format (base64 text, no newline)."""
+    return base64.b64encode(os.urandom(KEY_LEN)).decode("ascii")
+
+
+def parse_key_text(text: str) -> Key:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if len(lines) != 1:
+        raise KeyFileError(f"a key file holds one base64 line, found {len(lines)}")
+    try:
+        raw = base64.b64decode(lines[0], validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError("the key line is not base64") from None
+    return Key(raw)
+
+
+def load_key(path: str | os.PathLike) -> Key:
+    with open(path, encoding="ascii", errors="replace") as f:
+        return parse_key_text(f.read(4096))
+
+
+_NONCE = struct.Struct("!BIBHI")  # direction, session, sequence as 8 + 16 + 32 bits
+
+
+def nonce(flags: int, session: int, seq: int) -> bytes:
+    return _NONCE.pack(flags & 0x01, session, (seq >> 48) & 0xFF, (seq >> 32) & 0xFFFF, seq & 0xFFFFFFFF)
+
+
+def nonce_for(h: Header) -> bytes:
+    return nonce(int(h.flags), h.session, h.seq)
+
+
+class Cipher(Protocol):
+    plaintext: bool
+    overhead: int
+
+    def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes: ...
+    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes: ...
+
+
+class AeadCipher:
+    """ChaCha20-Poly1305 under the pre-shared key."""
+
+    plaintext = False
+    overhead = TAG_LEN
+
+    __slots__ = ("_aead", "fingerprint")
+
+    def __init__(self, key: Key) -> None:
+        self._aead = ChaCha20Poly1305(key._secret)
+        self.fingerprint = key.fingerprint
+
+    def __repr__(self) -> str:
+        return f"AeadCipher(chacha20-poly1305, key={self.fingerprint})"
+
+    def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes:
+        return header + self._aead.encrypt(nonce, payload, header)
+
+    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes:
+        if len(body) < TAG_LEN:
+            raise WireError(Drop.TRUNCATED, f"body needs a {TAG_LEN}-byte tag, have {len(body)} bytes")
+        try:
+            return self._aead.decrypt(nonce, body, header)
+        except InvalidTag:
+            raise WireError(Drop.AUTH_FAILED, "tag does not verify") from None
+
+
+class PlainCipher:
+    """No encryption, no authentication: for benchmarks only (the CLI warns)."""
+
+    plaintext = True
+    overhead = 0
+    fingerprint = "plaintext"
+
+    def __repr__(self) -> str:
+        return "PlainCipher(UNAUTHENTICATED, benchmarks only)"
+
+    def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes:
+        return header + bytes(payload)
+
+    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes:
+        return bytes(body)
+
+
+def seal_message(cipher: Cipher, h: Header, payload: bytes) -> bytes:
+    """Header + sealed payload; the header's PLAINTEXT flag follows the cipher."""
+    build_header(h)  # range checks
+    return seal_parts(cipher, int(h.type), int(h.flags), h.session, h.seq, payload)
+
+
+def seal_parts(cipher: Cipher, mtype: int, flags: int, session: int, seq: int, payload: bytes) -> bytes:
+    """:func:`seal_message` for the data path: plain ints, no intermediate values."""
+    if cipher.plaintext:
+        flags |= 0x02
+    if seq > MAX_SEQ:
+        raise WireError(Drop.SEQ_EXHAUSTED, f"sequence {seq} out of range")
+    return cipher.seal(HEADER.pack(VERSION, mtype, flags, 0, session, seq), nonce(flags, session, seq), payload)
+
+
+def open_body(cipher: Cipher, h: Header, buf: bytes | bytearray | memoryview) -> bytes:
+    """Authenticate and decrypt the message whose header ``h`` was parsed from ``buf``."""
+    if h.plaintext != cipher.plaintext:
+        raise WireError(Drop.MODE_MISMATCH, "plaintext message to an encrypting end" if h.plaintext
+                        else "encrypted message to a plaintext end")
+    mv = memoryview(buf)
+    return cipher.open(mv[:HEADER_LEN], nonce(int(h.flags), h.session, h.seq), mv[HEADER_LEN:])
+
+
+def open_message(cipher: Cipher, buf: bytes | bytearray | memoryview, max_len: int) -> tuple[Header, bytes]:
+    """Check, authenticate and decrypt one message; the only failure is :class:`WireError`.
+
+    Replay is not checked here (that needs the session's window): callers look up
+    the session, check its window, call :func:`open_body`, then record the sequence number.
+    """
+    if len(buf) > max_len:
+        raise WireError(Drop.OVERSIZED, f"message of {len(buf)} bytes, at most {max_len}")
+    h = parse_header(buf)
+    return h, open_body(cipher, h, buf)
+
+
+class ReplayWindow:
+    """Sliding anti-replay window over sequence numbers (RFC 6479's bitmap ring).
+
+    ``check(seq)`` says whether ``seq`` may be new; ``update(seq)`` records an
+    *authenticated* one.  The window spans ``(blocks - 1) * 64`` numbers below the
+    highest seen; older numbers are refused.
+    """
+
+    __slots__ = ("blocks", "size", "top", "_bits")
+
+    def __init__(self, blocks: int = 32) -> None:
+        if blocks < 2:
+            raise ValueError("a replay window needs at least two blocks")
+        self.blocks = blocks
+        self.size = (blocks - 1) * 64
+        self.top = -1  # highest sequence number recorded, -1 before the first
+        self._bits = [0] * blocks
+
+    def check(self, seq: int) -> bool:
+        if not 0 <= seq <= MAX_SEQ:
+            return False
+        if seq > self.top:
+            return True
+        if seq + self.size <= self.top:
+            return False
+        return not (self._bits[(seq >> 6) % self.blocks] >> (seq & 63)) & 1
+
+    def update(self, seq: int) -> bool:
+        """Record ``seq``; False (and no change) if it is a replay or too old."""
+        if not self.check(seq):
+            return False
+        if seq > self.top:
+            new_block = seq >> 6
+            if self.top < 0:
+                self._bits = [0] * self.blocks
+            else:
+                cur = self.top >> 6
+                for i in range(1, min(new_block - cur, self.blocks) + 1):
+                    self._bits[(cur + i) % self.blocks] = 0
+            self.top = seq
+        self._bits[(seq >> 6) % self.blocks] |= 1 << (seq & 63)
+        return True
+
+
+def random_seq_start(random_bytes=os.urandom) -> int:
+    return int.from_bytes(random_bytes(6), "big") % SEQ_START_MAX
+
+
+assert HEADER_LEN == 16

@@ -1,0 +1,339 @@
+"""The host end of the tunnel: a VM's frames from the TAP to the proxy and back.
+
+Sans-I/O: the driver feeds it frames read from the TAP (:meth:`HostEnd.send_frame`),
+messages from the proxy (:meth:`HostEnd.receive`) and the time
+(:meth:`HostEnd.expire` at :meth:`HostEnd.next_deadline`), and drains
+:meth:`pop_datagrams` (to the proxy), :meth:`pop_frames` (to the TAP) and
+:meth:`pop_events`.
+
+* On start it draws a random session id and sends ATTACH naming the VM MACs it
+  serves (given, and learned from the source of frames the VM sends; learned ones
+  age out), resending with backoff until ATTACH_ACK.
+* Keepalives every ``keepalive`` seconds; if the proxy stays silent for
+  ``dead_after`` seconds the session is presumed lost (say the proxy restarted):
+  it re-attaches under a fresh session id naming the old one as ``previous``.
+* Roaming: :meth:`roamed` (the driver saw our address change, or reconnected the
+  TCP transport) re-sends ATTACH at once from wherever we now are; the proxy moves
+  the session's endpoint on the first authentic message.  A host end started on
+  another host simply attaches: its ATTACH names the VM's MACs, and the proxy
+  moves them to the new session at once.
+* Only authentic, fresh messages of our current session change anything; the
+  rest are counted in :attr:`drops` by :class:`~tunnel.wire.Drop` reason.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Callable, Iterable
+
+from .crypto import Cipher, ReplayWindow, open_body, random_seq_start, seal_parts
+from .events import EventKind, TunnelEvent
+from .session import SessionEvent as E, SessionState, transition
+from .wire import (
+    DEFAULT_MAX_FRAME, HEADER_LEN, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
+    build_attach, check_empty, check_frame, format_mac, is_multicast, parse_attach_ack, parse_epoch, parse_header,
+)
+
+
+class HostEnd:
+    def __init__(
+        self,
+        cipher: Cipher,
+        macs: Iterable[bytes] = (),
+        *,
+        learn_macs: bool = True,
+        keepalive: float = 5.0,
+        dead_after: float = 15.0,
+        retry: float = 0.1,
+        retry_max: float = 2.0,
+        learned_mac_age: float = 300.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        offload: bool = False,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.cipher = cipher
+        self.fixed_macs: tuple[bytes, ...] = tuple(dict.fromkeys(bytes(m) for m in macs))
+        for m in self.fixed_macs:
+            if len(m) != 6 or is_multicast(m):
+                raise ValueError(f"not a unicast MAC: {m.hex()}")
+        self.learn_macs = learn_macs
+        self.keepalive = keepalive
+        self.dead_after = dead_after
+        self.retry = retry
+        self.retry_max = retry_max
+        self.learned_mac_age = learned_mac_age
+        self.max_frame = max_frame
+        self.offload = offload
+        self.vnet = VNET_HDR_LEN if offload else 0  # DATA payloads start with a virtio-net header
+        self._flag_bits = int(Flag.OFFLOAD) if offload else 0
+        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, 13 + 6 * MAX_MACS)
+        self._random = random_bytes
+
+        self.state = SessionState.IDLE
+        self.session = 0
+        self.previous = 0
+        self.proxy_epoch = 0  # the proxy's current epoch, learned from its EPOCH answer
+        self.learned: dict[bytes, float] = {}  # MAC -> last seen (oldest first)
+        self._seq = 0
+        self._window = ReplayWindow()
+        self._round_first = 0  # sequence number of the first ATTACH of this round
+        self._attach_seq = -1  # ... and of the latest
+        self._retry_delay = retry
+        self._retry_at: float | None = None
+        self._keepalive_at: float | None = None
+        self._dead_at: float | None = None
+        self.last_heard: float | None = None
+        self.last_sent: float | None = None
+        self.attached_at: float | None = None
+
+        self.counters: Counter[str] = Counter()
+        self.drops: Counter[Drop] = Counter()
+        self._out: list[bytes] = []
+        self._frames: list[bytes] = []
+        self._events: list[TunnelEvent] = []
+
+    # -- what the VM has ------------------------------------------------------------------
+
+    @property
+    def macs(self) -> tuple[bytes, ...]:
+        """The MACs an ATTACH names: given ones, then learned ones (newest last)."""
+        learned = [m for m in self.learned if m not in self.fixed_macs]
+        return (self.fixed_macs + tuple(learned))[:MAX_MACS]
+
+    # -- API calls --------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self._step(E.START)
+        self._new_session(now)
+        self._begin_round(now)
+
+    def roamed(self, now: float) -> None:
+        """Our address (or transport connection) changed: re-attach from where we are now."""
+        if self.state in (SessionState.ATTACHING, SessionState.ATTACHED):
+            self._step(E.ROAMED)
+            self.counters["roams"] += 1
+            self._begin_round(now)
+
+    def close(self, now: float) -> None:
+        if self.state in (SessionState.ATTACHING, SessionState.ATTACHED):
+            self._send(MsgType.DETACH, b"", now)
+        if self.state != SessionState.CLOSED:
+            self._step(E.DETACH)
+            self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, self.session, now, detail="closed"))
+        self._retry_at = self._keepalive_at = self._dead_at = None
+
+    def send_frame(self, frame: bytes, now: float) -> bool:
+        """A frame the VM sent (read from the TAP): seal it for the proxy."""
+        try:
+            check_frame(frame, self.max_frame, self.vnet)
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return False
+        v = self.vnet
+        src = bytes(frame[v + 6:v + 12])
+        if self.learn_macs and not is_multicast(src) and src not in self.fixed_macs:
+            known = src in self.learned
+            self.learned.pop(src, None)
+            self.learned[src] = now
+            if not known and self.state in (SessionState.ATTACHING, SessionState.ATTACHED):
+                self.counters["macs_learned"] += 1
+                self._events.append(TunnelEvent(EventKind.MAC_LEARNED, self.session, now, detail=format_mac(src)))
+                self._send_attach(now)  # name it at once
+        if self.state not in (SessionState.ATTACHING, SessionState.ATTACHED):
+            self.drops[Drop.NOT_ATTACHED] += 1
+            return False
+        if not self._send(MsgType.DATA, frame, now):
+            return False
+        self.counters["tx_frames"] += 1
+        self.counters["tx_bytes"] += len(frame) - self.vnet
+        return True
+
+    # -- received messages ------------------------------------------------------------------
+
+    def receive(self, message: bytes, now: float) -> bool:
+        """A message from the proxy; True if it was authentic and fresh."""
+        try:
+            if len(message) > self.max_message:
+                raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
+            h = parse_header(message)
+            if not h.from_proxy:
+                raise WireError(Drop.WRONG_DIRECTION, "a host end's message")
+            if h.offload != self.offload:
+                raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the proxy's")
+            if self.state not in (SessionState.ATTACHING, SessionState.ATTACHED) or h.session != self.session:
+                raise WireError(Drop.UNKNOWN_SESSION, f"session {h.session:08x}")
+            if not self._window.check(h.seq):
+                raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
+            payload = open_body(self.cipher, h, message)
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return False
+        # Authentic from here on.
+        if h.type == MsgType.EPOCH:  # outside the session's counter: no window, no liveness
+            try:
+                self._on_epoch(parse_epoch(payload), now)
+            except WireError as exc:
+                self.drops[exc.reason] += 1
+            return True
+        self._window.update(h.seq)
+        self.counters["rx_messages"] += 1
+        self.last_heard = now
+        self._dead_at = now + self.dead_after
+        try:
+            self._dispatch(h, payload, now)
+        except WireError as exc:  # authentic but malformed: the peer's bug, still counted
+            self.drops[exc.reason] += 1
+        return True
+
+    def _dispatch(self, h: Header, payload: bytes, now: float) -> None:
+        if h.type == MsgType.DATA:
+            check_frame(payload, self.max_frame, self.vnet)
+            self._step(E.PEER_HEARD)
+            self._frames.append(payload)
+            self.counters["rx_frames"] += 1
+            self.counters["rx_bytes"] += len(payload) - self.vnet
+        elif h.type == MsgType.ATTACH_ACK:
+            acked = parse_attach_ack(payload)
+            if self.state == SessionState.ATTACHING and self._round_first <= acked <= self._attach_seq:
+                self._step(E.ATTACH_ACKED)
+                self.attached_at = now
+                self._retry_at = None
+                self._retry_delay = self.retry
+                self._keepalive_at = now + self.keepalive
+                self._events.append(TunnelEvent(EventKind.ATTACHED, self.session, now))
+            else:
+                self._step(E.PEER_HEARD)
+        elif h.type == MsgType.KEEPALIVE_ACK:
+            check_empty(payload, h.type)
+            self._step(E.PEER_HEARD)
+        elif h.type == MsgType.DETACH:
+            # The proxy dropped our session: attach again under a new one.
+            check_empty(payload, h.type)
+            self._lose_session(now, "proxy detached")
+        else:
+            raise WireError(Drop.BAD_TYPE, f"{h.type.name} from the proxy")
+
+    def _on_epoch(self, epoch: int, now: float) -> None:
+        """The proxy answered an ATTACH that named another epoch than its own."""
+        self.counters["epochs_received"] += 1
+        if epoch == self.proxy_epoch:
+            return  # a repeat (or a replay): we already attach with it
+        first = self.proxy_epoch == 0
+        self.proxy_epoch = epoch
+        if first and self.state == SessionState.ATTACHING:
+            self._send_attach(now)  # the usual first round trip: attach again, naming it
+        else:
+            # The proxy restarted under us: it knows nothing of this session, and its new
+            # sequence numbers would look like replays to our window.  Start a new session.
+            self._lose_session(now, "proxy restarted")
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self._retry_at, self._keepalive_at, self._dead_at) if t is not None]
+        if self.learned and self.learned_mac_age > 0:
+            times.append(next(iter(self.learned.values())) + self.learned_mac_age)
+        return min(times) if times else None
+
+    def expire(self, now: float) -> None:
+        while self.learned:
+            mac, seen = next(iter(self.learned.items()))
+            if seen + self.learned_mac_age > now:
+                break
+            del self.learned[mac]
+        if self.state == SessionState.CLOSED or self.state == SessionState.IDLE:
+            return
+        if self._dead_at is not None and now >= self._dead_at:
+            self._lose_session(now, "proxy silent")
+            return
+        if self.state == SessionState.ATTACHING and self._retry_at is not None and now >= self._retry_at:
+            self._step(E.RETRY_TIMER)
+            self.counters["attach_retries"] += 1
+            self._send_attach(now)
+        if self.state == SessionState.ATTACHED and self._keepalive_at is not None and now >= self._keepalive_at:
+            self._step(E.KEEPALIVE_TIMER)
+            self._send(MsgType.KEEPALIVE, b"", now)
+            self.counters["keepalives"] += 1
+            self._keepalive_at = now + self.keepalive
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def pop_datagrams(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def pop_frames(self) -> list[bytes]:
+        out, self._frames = self._frames, []
+        return out
+
+    def pop_events(self) -> list[TunnelEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def status(self, now: float) -> dict:
+        return {
+            "role": "host",
+            "state": self.state.name,
+            "session": f"{self.session:08x}",
+            "previous": f"{self.previous:08x}" if self.previous else None,
+            "proxy_epoch": f"{self.proxy_epoch:016x}" if self.proxy_epoch else None,
+            "macs": [format_mac(m) for m in self.macs],
+            "last_heard_ago": None if self.last_heard is None else round(now - self.last_heard, 3),
+            "counters": dict(self.counters),
+            "drops": {d.name.lower(): n for d, n in self.drops.items()},
+            "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
+            "offload": self.offload,
+        }
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _step(self, event: E) -> None:
+        self.state = transition(self.state, event)
+
+    def _new_session(self, now: float) -> None:
+        old = self.session
+        while True:
+            sid = int.from_bytes(self._random(4), "big")
+            if sid and sid != old:
+                break
+        if old:
+            self.previous = old
+        self.session = sid
+        self._seq = random_seq_start(self._random)
+        self._window = ReplayWindow()
+        self.counters["sessions"] += 1
+
+    def _lose_session(self, now: float, why: str) -> None:
+        old = self.session
+        self._step(E.DEAD_TIMER)
+        self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, old, now, detail=why))
+        self._new_session(now)
+        self._events.append(TunnelEvent(EventKind.NEW_SESSION_ID, self.session, now, detail=f"after {old:08x}: {why}"))
+        self._begin_round(now)
+
+    def _begin_round(self, now: float) -> None:
+        self._retry_delay = self.retry
+        self._keepalive_at = None
+        self._dead_at = now + self.dead_after
+        self._round_first = self._seq
+        self._send_attach(now)
+        self._events.append(TunnelEvent(EventKind.ATTACHING, self.session, now))
+
+    def _send_attach(self, now: float) -> None:
+        seq = self._seq
+        if not self._send(MsgType.ATTACH, build_attach(Attach(self.macs, self.previous, self.proxy_epoch)), now):
+            return
+        self._attach_seq = seq
+        self.counters["attaches"] += 1
+        if self.state == SessionState.ATTACHING:
+            self._retry_at = now + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, self.retry_max)
+
+    def _send(self, mtype: MsgType, payload: bytes, now: float) -> bool:
+        if self._seq > MAX_SEQ:
+            self.drops[Drop.SEQ_EXHAUSTED] += 1
+            return False
+        self._out.append(seal_parts(self.cipher, mtype, self._flag_bits, self.session, self._seq, payload))
+        self._seq += 1
+        self.last_sent = now
+        return True

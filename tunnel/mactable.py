@@ -1,0 +1,68 @@
+"""The proxy's MAC learning table: which port (a session id, or the LAN) a MAC lives behind.
+
+Entries age out ``age`` seconds after they were last refreshed; the table holds at
+most ``capacity`` entries and evicts the least recently refreshed when full.  Time
+is a parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The port id of the home LAN (session ids are never 0).
+LAN = 0
+
+
+@dataclass(slots=True)
+class MacEntry:
+    port: int
+    deadline: float
+
+
+class MacTable:
+    def __init__(self, age: float = 300.0, capacity: int = 4096) -> None:
+        self.age = age
+        self.capacity = capacity
+        self._entries: dict[bytes, MacEntry] = {}  # least recently refreshed first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, mac: bytes) -> bool:
+        return mac in self._entries
+
+    def items(self):
+        return self._entries.items()
+
+    def lookup(self, mac: bytes) -> int | None:
+        e = self._entries.get(mac)
+        return None if e is None else e.port
+
+    def learn(self, mac: bytes, port: int, now: float) -> int | None:
+        """Put ``mac`` behind ``port``; returns the port it was behind before (or None)."""
+        e = self._entries.pop(mac, None)
+        old = None if e is None else e.port
+        if e is None and len(self._entries) >= self.capacity:
+            del self._entries[next(iter(self._entries))]
+        self._entries[mac] = MacEntry(port, now + self.age)
+        return old
+
+    def forget_port(self, port: int) -> list[bytes]:
+        gone = [m for m, e in self._entries.items() if e.port == port]
+        for m in gone:
+            del self._entries[m]
+        return gone
+
+    def next_deadline(self) -> float | None:
+        if not self._entries:
+            return None
+        return next(iter(self._entries.values())).deadline
+
+    def expire(self, now: float) -> list[bytes]:
+        gone = []
+        while self._entries:
+            mac, e = next(iter(self._entries.items()))
+            if e.deadline > now:
+                break
+            del self._entries[mac]
+            gone.append(mac)
+        return gone

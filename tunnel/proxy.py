@@ -1,0 +1,378 @@
+"""The proxy end of the tunnel: the home LAN's side, serving many host ends and VMs.
+
+Sans-I/O: the driver feeds it messages from host ends with the endpoint they came
+from (:meth:`ProxyEnd.receive`; an endpoint is any hashable the driver can send
+to: a UDP ``(ip, port)``, a TCP connection id), frames read from its TAP on the
+home-LAN bridge (:meth:`ProxyEnd.from_lan`) and the time; it returns
+``(endpoint, message)`` pairs (:meth:`pop_datagrams`), frames for the LAN
+(:meth:`pop_frames`) and events.
+
+* Sessions are keyed by session id and created only by an authentic ATTACH.
+  A session's endpoint is updated only by authentic, fresh traffic (roaming).
+* MAC learning (:class:`~tunnel.mactable.MacTable`, with ageing): sources of
+  frames from a session are learned behind it, sources from the LAN behind the
+  LAN; MACs named in an ATTACH move to that session at once (VNET's HANDLE), and
+  LAN frames cannot take them back while the session lives.
+* Broadcast, multicast and unknown unicast from a session go to the LAN and every
+  other session; from the LAN, to every session.
+* On an ATTACH that moves a MAC (new session, or the session's endpoint changed),
+  it announces the VM's addresses on the LAN (gratuitous ARP, unsolicited NA) and
+  to the other sessions, with addresses learned from the VM's own frames.
+* Forged, tampered, replayed, truncated or oversized messages are dropped and
+  counted in :attr:`drops`; nothing unauthenticated changes any state.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+from .announce import announcement, source_address
+from .crypto import Cipher, ReplayWindow, open_body, random_seq_start, seal_parts
+from .events import EventKind, TunnelEvent
+from .mactable import LAN, MacTable
+from .session import SessionEvent as E, SessionState, transition
+from .wire import (
+    DEFAULT_MAX_FRAME, HEADER_LEN, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
+    EPOCH_SEQ_MIN, build_attach_ack, build_epoch, check_empty, check_frame, format_mac, is_multicast, parse_attach,
+    parse_header,
+)
+
+MAX_ADDRESSES_PER_MAC = 8
+
+
+@dataclass(slots=True)
+class ProxySession:
+    id: int
+    endpoint: Hashable
+    created: float
+    last_heard: float
+    window: ReplayWindow
+    send_seq: int
+    state: SessionState = SessionState.IDLE
+    named: tuple[bytes, ...] = ()
+    counters: Counter = field(default_factory=Counter)
+
+
+class ProxyEnd:
+    def __init__(
+        self,
+        cipher: Cipher,
+        *,
+        session_timeout: float = 60.0,
+        mac_age: float = 300.0,
+        mac_capacity: int = 4096,
+        max_sessions: int = 256,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        offload: bool = False,
+        announce: bool = True,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.cipher = cipher
+        self.session_timeout = session_timeout
+        self.max_sessions = max_sessions
+        self.max_frame = max_frame
+        self.offload = offload
+        self.vnet = VNET_HDR_LEN if offload else 0  # DATA payloads start with a virtio-net header
+        self._flag_bits = int(Flag.FROM_PROXY) | (int(Flag.OFFLOAD) if offload else 0)
+        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, 13 + 6 * MAX_MACS)
+        self.announce = announce
+        self._random = random_bytes
+        self.sessions: dict[int, ProxySession] = {}
+        #: Drawn at start; an ATTACH must name it (see MsgType.EPOCH), so ATTACHes captured
+        #: before a restart cannot be replayed after it.
+        self.epoch = 0
+        while not self.epoch:
+            self.epoch = int.from_bytes(random_bytes(8), "big")
+        self.macs = MacTable(mac_age, mac_capacity)
+        self.addresses: dict[bytes, OrderedDict[bytes, None]] = {}
+        self._closed: OrderedDict[int, None] = OrderedDict()  # recently closed ids: refuse their ATTACH replays
+        self.counters: Counter[str] = Counter()
+        self.drops: Counter[Drop] = Counter()
+        self._out: list[tuple[Hashable, bytes]] = []
+        self._frames: list[bytes] = []
+        self._events: list[TunnelEvent] = []
+
+    # -- messages from host ends ------------------------------------------------------------
+
+    def receive(self, message: bytes, endpoint: Hashable, now: float) -> bool:
+        """One message from a host end; True if it was authentic and fresh."""
+        try:
+            if len(message) > self.max_message:
+                raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
+            h = parse_header(message)
+            if h.from_proxy:
+                raise WireError(Drop.WRONG_DIRECTION, "a proxy's message")
+            if h.offload != self.offload:
+                raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the host end's")
+            s = self.sessions.get(h.session)
+            if s is None:
+                if h.type != MsgType.ATTACH:
+                    raise WireError(Drop.UNKNOWN_SESSION, f"session {h.session:08x}")
+                if h.session in self._closed or h.session == 0:
+                    raise WireError(Drop.REPLAYED, f"attach for closed session {h.session:08x}")
+                if len(self.sessions) >= self.max_sessions:
+                    raise WireError(Drop.UNKNOWN_SESSION, "session table full")
+            elif not s.window.check(h.seq):
+                raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
+            payload = open_body(self.cipher, h, message)
+            attach = parse_attach(payload) if h.type == MsgType.ATTACH else None
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return False
+        if attach is not None and attach.epoch != self.epoch:
+            # Authentic, but maybe captured before we started: change nothing, name our epoch.
+            self._send_epoch(h.session, endpoint)
+            return True
+        # Authentic and fresh from here on.
+        new = s is None
+        if new:
+            s = ProxySession(h.session, endpoint, now, now, ReplayWindow(), random_seq_start(self._random))
+            self.sessions[h.session] = s
+            self.counters["sessions_opened"] += 1
+            self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))
+        s.window.update(h.seq)
+        s.last_heard = now
+        s.counters["rx_messages"] += 1
+        moved_endpoint = False
+        if endpoint != s.endpoint:
+            old, s.endpoint = s.endpoint, endpoint
+            moved_endpoint = True
+            self.counters["endpoint_changes"] += 1
+            self._events.append(TunnelEvent(EventKind.ENDPOINT_CHANGED, s.id, now, endpoint, f"from {old}"))
+        try:
+            self._dispatch(s, h, payload, attach, new or moved_endpoint, now)
+        except WireError as exc:  # authentic but malformed: counted, state kept
+            self.drops[exc.reason] += 1
+        return True
+
+    def _dispatch(self, s: ProxySession, h: Header, payload: bytes, attach: Attach | None,
+                  moved: bool, now: float) -> None:
+        if h.type == MsgType.DATA:
+            check_frame(payload, self.max_frame, self.vnet)
+            self._step(s, E.PEER_HEARD)
+            s.counters["rx_frames"] += 1
+            s.counters["rx_bytes"] += len(payload) - self.vnet
+            self._from_session(s, payload, now)
+        elif h.type == MsgType.ATTACH:
+            assert attach is not None
+            self._step(s, E.ATTACH_RECEIVED)
+            self._attach(s, attach, moved, now)
+            self._send(s, MsgType.ATTACH_ACK, build_attach_ack(h.seq))
+        elif h.type == MsgType.KEEPALIVE:
+            check_empty(payload, h.type)
+            self._step(s, E.PEER_HEARD)
+            for mac in s.named:  # named MACs live as long as the session
+                if self.macs.lookup(mac) == s.id:
+                    self.macs.learn(mac, s.id, now)
+            self._send(s, MsgType.KEEPALIVE_ACK, b"")
+        elif h.type == MsgType.DETACH:
+            check_empty(payload, h.type)
+            self._close(s, E.DETACH, now, "detached")
+        else:
+            raise WireError(Drop.BAD_TYPE, f"{h.type.name} from a host end")
+
+    def _attach(self, s: ProxySession, a: Attach, moved: bool, now: float) -> None:
+        self.counters["attaches"] += 1
+        if a.previous and a.previous != s.id and a.previous in self.sessions:
+            self._close(self.sessions[a.previous], E.SUPERSEDED, now, f"superseded by {s.id:08x}")
+        s.named = a.macs
+        for mac in a.macs:
+            old = self.macs.learn(mac, s.id, now)
+            if old != s.id:
+                self._events.append(TunnelEvent(EventKind.MAC_MOVED, s.id, now, s.endpoint,
+                                                f"{format_mac(mac)} from {_port_name(old)}"))
+            if old != s.id or moved:
+                self._announce(s, mac, now)
+
+    def _announce(self, s: ProxySession, mac: bytes, now: float) -> None:
+        if not self.announce:
+            return
+        for addr in self.addresses.get(mac, ()):
+            frame = bytes(self.vnet) + announcement(mac, addr)
+            self._frames.append(frame)
+            for other in self.sessions.values():
+                if other is not s and other.state == SessionState.ATTACHED:
+                    self._send(other, MsgType.DATA, frame)
+            self.counters["announcements"] += 1
+            self._events.append(TunnelEvent(EventKind.ANNOUNCED, s.id, now, s.endpoint,
+                                            f"{format_mac(mac)} {_addr_text(addr)}"))
+
+    # -- frames -----------------------------------------------------------------------------
+
+    def _from_session(self, s: ProxySession, frame: bytes, now: float) -> None:
+        v = self.vnet
+        dst, src = frame[v:v + 6], frame[v + 6:v + 12]
+        if not is_multicast(src):
+            old = self.macs.learn(src, s.id, now)
+            if old is not None and old != s.id:
+                self._events.append(TunnelEvent(EventKind.MAC_MOVED, s.id, now, s.endpoint,
+                                                f"{format_mac(src)} from {_port_name(old)}"))
+            addr = source_address(frame[v:v + 64] if v else frame)
+            if addr is not None:
+                known = self.addresses.setdefault(src, OrderedDict())
+                known.pop(addr, None)
+                known[addr] = None
+                while len(known) > MAX_ADDRESSES_PER_MAC:
+                    known.popitem(last=False)
+        if is_multicast(dst):
+            self._flood(frame, exclude=s.id, lan=True)
+            return
+        port = self.macs.lookup(dst)
+        if port is None:
+            self.counters["unknown_unicast"] += 1
+            self._flood(frame, exclude=s.id, lan=True)
+        elif port == LAN:
+            self._to_lan(frame)
+        elif port == s.id:
+            self.drops[Drop.HAIRPIN] += 1
+        else:
+            self._send(self.sessions[port], MsgType.DATA, frame)
+
+    def from_lan(self, frame: bytes, now: float) -> None:
+        """A frame from the home LAN (read from the proxy's TAP)."""
+        try:
+            check_frame(frame, self.max_frame, self.vnet)
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return
+        self.counters["lan_rx_frames"] += 1
+        v = self.vnet
+        dst, src = frame[v:v + 6], frame[v + 6:v + 12]
+        if not is_multicast(src):
+            port = self.macs.lookup(src)
+            if port not in (None, LAN) and src in self.sessions[port].named:
+                self.counters["lan_conflicts"] += 1  # a VM's named MAC seen on the LAN: keep the VM's
+            else:
+                self.macs.learn(src, LAN, now)
+        if is_multicast(dst):
+            self._flood(frame, exclude=LAN, lan=False)
+            return
+        port = self.macs.lookup(dst)
+        if port is None:
+            self.counters["unknown_unicast"] += 1
+            self._flood(frame, exclude=LAN, lan=False)
+        elif port == LAN:
+            self.drops[Drop.NO_ROUTE] += 1
+        else:
+            self._send(self.sessions[port], MsgType.DATA, frame)
+
+    def _flood(self, frame: bytes, exclude: int, lan: bool) -> None:
+        if lan:
+            self._to_lan(frame)
+        for s in self.sessions.values():
+            if s.id != exclude and s.state == SessionState.ATTACHED:
+                self._send(s, MsgType.DATA, frame)
+
+    def _to_lan(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self.counters["lan_tx_frames"] += 1
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        times = [s.last_heard + self.session_timeout for s in self.sessions.values()]
+        d = self.macs.next_deadline()
+        if d is not None:
+            times.append(d)
+        return min(times) if times else None
+
+    def expire(self, now: float) -> None:
+        for s in [s for s in self.sessions.values() if s.last_heard + self.session_timeout <= now]:
+            self._close(s, E.EXPIRED, now, "host end silent")
+        self.macs.expire(now)
+        live = set(m for m, _ in self.macs.items())
+        for mac in [m for m in self.addresses if m not in live]:
+            del self.addresses[mac]
+
+    def close(self, now: float) -> None:
+        """Shutting down: tell every host end (DETACH), so they re-attach as soon as we are back."""
+        for s in list(self.sessions.values()):
+            self._send(s, MsgType.DETACH, b"")
+            self._close(s, E.DETACH, now, "proxy shutting down")
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def pop_datagrams(self) -> list[tuple[Hashable, bytes]]:
+        out, self._out = self._out, []
+        return out
+
+    def pop_frames(self) -> list[bytes]:
+        out, self._frames = self._frames, []
+        return out
+
+    def pop_events(self) -> list[TunnelEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def status(self, now: float) -> dict:
+        return {
+            "role": "proxy",
+            "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
+            "offload": self.offload,
+            "epoch": f"{self.epoch:016x}",
+            "sessions": [
+                {
+                    "session": f"{s.id:08x}",
+                    "state": s.state.name,
+                    "endpoint": _endpoint_text(s.endpoint),
+                    "last_heard_ago": round(now - s.last_heard, 3),
+                    "age": round(now - s.created, 3),
+                    "named_macs": [format_mac(m) for m in s.named],
+                    "counters": dict(s.counters),
+                }
+                for s in self.sessions.values()
+            ],
+            "macs": {format_mac(m): _port_name(e.port) for m, e in self.macs.items()},
+            "counters": dict(self.counters),
+            "drops": {d.name.lower(): n for d, n in self.drops.items()},
+        }
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _step(self, s: ProxySession, event: E) -> None:
+        s.state = transition(s.state, event)
+
+    def _close(self, s: ProxySession, event: E, now: float, why: str) -> None:
+        self._step(s, event)
+        del self.sessions[s.id]
+        self._closed[s.id] = None
+        while len(self._closed) > 4096:
+            self._closed.popitem(last=False)
+        self.macs.forget_port(s.id)
+        self.counters["sessions_closed"] += 1
+        self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, s.id, now, s.endpoint, why))
+
+    def _send_epoch(self, session: int, endpoint: Hashable) -> None:
+        seq = EPOCH_SEQ_MIN + int.from_bytes(self._random(7), "big") % (MAX_SEQ + 1 - EPOCH_SEQ_MIN)
+        self._out.append((endpoint, seal_parts(self.cipher, MsgType.EPOCH, self._flag_bits, session, seq,
+                                               build_epoch(self.epoch))))
+        self.counters["epochs_sent"] += 1
+
+    def _send(self, s: ProxySession, mtype: MsgType, payload: bytes) -> None:
+        if s.send_seq > MAX_SEQ:
+            self.drops[Drop.SEQ_EXHAUSTED] += 1
+            return
+        self._out.append((s.endpoint, seal_parts(self.cipher, mtype, self._flag_bits, s.id, s.send_seq, payload)))
+        s.send_seq += 1
+        if mtype == MsgType.DATA:
+            s.counters["tx_frames"] += 1
+            s.counters["tx_bytes"] += len(payload) - self.vnet
+
+
+def _port_name(port: int | None) -> str:
+    if port is None:
+        return "nowhere"
+    return "lan" if port == LAN else f"session {port:08x}"
+
+
+def _endpoint_text(ep: Hashable) -> str:
+    if isinstance(ep, tuple) and len(ep) >= 2:
+        return f"{ep[0]}:{ep[1]}"
+    return str(ep)
+
+
+def _addr_text(addr: bytes) -> str:
+    import ipaddress
+    return str(ipaddress.ip_address(addr))
