@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -30,7 +31,9 @@ def _not_built(name: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (start-up time matters:
+    `roam tunnel host` is started on the migration's critical path)."""
     parser = argparse.ArgumentParser(
         prog="roam",
         description="Which of a VM's connections survive a migration — behind a NAT, or "
@@ -40,20 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"tools.cmd_{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"tools.cmd_{name}":
-                raise
+        module_name = f"tools.cmd_{name}"
+        if importlib.util.find_spec(module_name) is None:
             p = sub.add_parser(name, help=f"{help_text} [not built yet]", description=f"{help_text}. Not built yet.")
             p.set_defaults(func=_not_built(name))
-            continue
-        module.register(sub, help_text)
+        elif name == chosen:
+            importlib.import_module(module_name).register(sub, help_text)
+        else:
+            sub.add_parser(name, help=help_text)  # listed only; never parsed, as it is not the chosen one
     return parser
 
 
+def _chosen(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_chosen(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),

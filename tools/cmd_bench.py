@@ -5,6 +5,7 @@ Each target lives in ``tools/bench/<target>.py`` with ``add_arguments(parser)`` 
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 
 TARGETS = {
@@ -28,7 +29,8 @@ def register(sub, help_text: str) -> None:
             t = targets.add_parser(name, help=f"{text} [not built yet]")
             t.set_defaults(func=_not_built(name))
             continue
-        t = targets.add_parser(name, help=text, description=(module.__doc__ or text).strip())
+        t = targets.add_parser(name, help=text, description=(module.__doc__ or text).strip(),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(t)
         t.set_defaults(func=module.run)
 

@@ -1,7 +1,11 @@
 """Frames that tell a LAN where an address now lives: gratuitous ARP and unsolicited NA.
 
-Also the small reader that learns a VM's addresses from the frames it sends
-(ARP sender address, IPv4/IPv6 source), which the proxy announces on re-attach.
+Also the small readers that learn a VM's addresses from the frames it sends
+(ARP sender address, IPv4/IPv6 source), which the proxy announces on re-attach,
+and the home LAN's own neighbour bindings from its ARP and neighbour-discovery
+frames, which the proxy tells a VM that has just moved (its link went down and
+up: Linux then forgets its neighbours, and would wait up to a second, ARP's
+retransmission time, before asking again).
 Plain ``struct`` over bytes; no scapy in the data path.
 """
 from __future__ import annotations
@@ -60,4 +64,33 @@ def source_address(frame: bytes) -> bytes | None:
         if src == b"\x00" * 16 or src[0] == 0xFF:
             return None
         return src
+    return None
+
+
+def neighbour_binding(frame: bytes | memoryview) -> tuple[bytes, bytes] | None:
+    """``(address, mac)`` a LAN host states about itself in an ARP or neighbour-discovery frame
+    (untagged): the ARP sender, the target of a neighbour advertisement, the source of a
+    neighbour solicitation; only when the link-layer address in the frame is its Ethernet
+    source.  None for any other frame."""
+    if len(frame) < 42:
+        return None
+    if frame[12] == 0x08 and frame[13] == 0x06:
+        if frame[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x01" and frame[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x02":
+            return None
+        mac, ip4 = bytes(frame[22:28]), bytes(frame[28:32])
+        if mac != frame[6:12] or mac[0] & 1 or ip4 == b"\x00\x00\x00\x00" or ip4[0] >= 224 or ip4[0] == 127:
+            return None
+        return ip4, mac
+    if frame[12] == 0x86 and frame[13] == 0xDD and len(frame) >= 78 and frame[20] == 58 and frame[21] == 255:
+        icmp_type = frame[54]
+        if icmp_type == 136:
+            addr = bytes(frame[62:78])
+        elif icmp_type == 135:
+            addr = bytes(frame[22:38])
+        else:
+            return None
+        mac = bytes(frame[6:12])
+        if addr == b"\x00" * 16 or addr[0] == 0xFF or mac[0] & 1:
+            return None
+        return addr, mac
     return None

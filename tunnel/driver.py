@@ -157,22 +157,25 @@ class _Driver:
     def run(self) -> None:
         try:
             self.begin(self.clock())
+            clock, select = self.clock, self.sel.select
+            # One pass per wake-up, and as little as possible in it: the handlers move the frames
+            # and flush what they made; timers (the engine's and the driver's own, which
+            # engine_deadline() includes) and the status file only when due.
             while not self.stopping:
-                now = self.clock()
-                d = self.engine_deadline()
-                wake = min(x for x in (d, self._next_status, now + 1.0) if x is not None)
-                for key, mask in self.sel.select(max(0.0, wake - now)):
-                    key.data(mask)
-                now = self.clock()
+                now = clock()
                 d = self.engine_deadline()
                 if d is not None and d <= now:
                     self.engine.expire(now)
-                self.housekeeping(now)
-                self.flush(now)
-                if now >= self._next_status or self._status_dirty:
+                    self.housekeeping(now)
+                    self.flush(now)
+                    d = self.engine_deadline()
+                if self._status_dirty or now >= self._next_status:
                     self._status_dirty = False
                     self.write_status(now)
                     self._next_status = now + STATUS_EVERY
+                wake = self._next_status if d is None or d > self._next_status else d
+                for key, mask in select(min(max(0.0, wake - now), 1.0)):
+                    key.data(mask)
         finally:
             self.shutdown()
 

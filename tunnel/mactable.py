@@ -40,10 +40,14 @@ class MacTable:
     def learn(self, mac: bytes, port: int, now: float) -> int | None:
         """Put ``mac`` behind ``port``; returns the port it was behind before (or None)."""
         e = self._entries.pop(mac, None)
-        old = None if e is None else e.port
-        if e is None and len(self._entries) >= self.capacity:
-            del self._entries[next(iter(self._entries))]
-        self._entries[mac] = MacEntry(port, now + self.age)
+        if e is None:
+            if len(self._entries) >= self.capacity:
+                del self._entries[next(iter(self._entries))]
+            self._entries[mac] = MacEntry(port, now + self.age)
+            return None
+        old = e.port  # refreshed once per frame: reuse the entry rather than make a new one
+        e.port, e.deadline = port, now + self.age
+        self._entries[mac] = e
         return old
 
     def forget_port(self, port: int) -> list[bytes]:

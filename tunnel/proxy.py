@@ -18,6 +18,13 @@ home-LAN bridge (:meth:`ProxyEnd.from_lan`) and the time; it returns
 * On an ATTACH that moves a MAC (new session, or the session's endpoint changed),
   it announces the VM's addresses on the LAN (gratuitous ARP, unsolicited NA) and
   to the other sessions, with addresses learned from the VM's own frames.
+* The other way round, when a MAC moves to a session from elsewhere (the VM
+  migrated), it tells that session the home LAN's neighbours (the latest
+  :data:`NEIGHBOURS_TOLD` address/MAC bindings the LAN's hosts stated in their own
+  ARP and neighbour-discovery frames), as gratuitous ARP / unsolicited NA.  A
+  Linux VM whose link went down and up has forgotten its neighbours (and only
+  asks again after ARP's one-second retransmission time, its TCP segments
+  queued behind the question); an announcement it receives answers at once.
 * Forged, tampered, replayed, truncated or oversized messages are dropped and
   counted in :attr:`drops`; nothing unauthenticated changes any state.
 """
@@ -28,18 +35,21 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from .announce import announcement, source_address
-from .crypto import Cipher, ReplayWindow, open_body, random_seq_start, seal_parts
+from .announce import announcement, neighbour_binding, source_address
+from .crypto import Cipher, ReplayWindow, nonce, open_body, random_seq_start, seal_parts
 from .events import EventKind, TunnelEvent
 from .mactable import LAN, MacTable
 from .session import SessionEvent as E, SessionState, transition
 from .wire import (
-    DEFAULT_MAX_FRAME, HEADER_LEN, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
+    DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, VERSION, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
     EPOCH_SEQ_MIN, build_attach_ack, build_epoch, check_empty, check_frame, format_mac, is_multicast, parse_attach,
     parse_header,
 )
 
 MAX_ADDRESSES_PER_MAC = 8
+#: LAN neighbour bindings kept (latest first out), and told to a VM that moved.
+MAX_LAN_NEIGHBOURS = 256
+NEIGHBOURS_TOLD = 16
 
 
 @dataclass(slots=True)
@@ -76,6 +86,8 @@ class ProxyEnd:
         self.offload = offload
         self.vnet = VNET_HDR_LEN if offload else 0  # DATA payloads start with a virtio-net header
         self._flag_bits = int(Flag.FROM_PROXY) | (int(Flag.OFFLOAD) if offload else 0)
+        #: The exact flags of a DATA message from a host end (the fast path's key).
+        self._rx_data_flags = (int(Flag.OFFLOAD) if offload else 0) | (int(Flag.PLAINTEXT) if cipher.plaintext else 0)
         self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, 13 + 6 * MAX_MACS)
         self.announce = announce
         self._random = random_bytes
@@ -87,6 +99,8 @@ class ProxyEnd:
             self.epoch = int.from_bytes(random_bytes(8), "big")
         self.macs = MacTable(mac_age, mac_capacity)
         self.addresses: dict[bytes, OrderedDict[bytes, None]] = {}
+        #: address -> MAC, as LAN hosts stated them about themselves (ARP, NS/NA); latest last.
+        self.lan_neighbours: OrderedDict[bytes, bytes] = OrderedDict()
         self._closed: OrderedDict[int, None] = OrderedDict()  # recently closed ids: refuse their ATTACH replays
         self.counters: Counter[str] = Counter()
         self.drops: Counter[Drop] = Counter()
@@ -98,6 +112,16 @@ class ProxyEnd:
 
     def receive(self, message: bytes, endpoint: Hashable, now: float) -> bool:
         """One message from a host end; True if it was authentic and fresh."""
+        n = len(message)
+        if HEADER_LEN <= n <= self.max_message:
+            # The data path: a DATA message of a live session, from its known endpoint, with exactly
+            # the flags expected passes the same checks as below in fewer steps; anything else
+            # (roaming included) takes the long way.
+            version, mtype, flags, reserved, sid, seq = HEADER.unpack_from(message, 0)
+            if mtype == 1 and flags == self._rx_data_flags and version == VERSION and not reserved and seq <= MAX_SEQ:
+                s = self.sessions.get(sid)
+                if s is not None and s.endpoint == endpoint and s.window.check(seq):
+                    return self._receive_data(s, message, flags, seq, now)
         try:
             if len(message) > self.max_message:
                 raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
@@ -147,6 +171,27 @@ class ProxyEnd:
             self.drops[exc.reason] += 1
         return True
 
+    def _receive_data(self, s: ProxySession, message: bytes, flags: int, seq: int, now: float) -> bool:
+        mv = memoryview(message)
+        try:
+            payload = self.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
+        except WireError as exc:
+            self.drops[exc.reason] += 1
+            return False
+        s.window.update(seq)
+        s.last_heard = now
+        c = s.counters
+        c["rx_messages"] += 1
+        try:
+            check_frame(payload, self.max_frame, self.vnet)
+            self._step(s, E.PEER_HEARD)
+            c["rx_frames"] += 1
+            c["rx_bytes"] += len(payload) - self.vnet
+            self._from_session(s, payload, now)
+        except WireError as exc:  # authentic but malformed: counted, state kept
+            self.drops[exc.reason] += 1
+        return True
+
     def _dispatch(self, s: ProxySession, h: Header, payload: bytes, attach: Attach | None,
                   moved: bool, now: float) -> None:
         if h.type == MsgType.DATA:
@@ -178,13 +223,17 @@ class ProxyEnd:
         if a.previous and a.previous != s.id and a.previous in self.sessions:
             self._close(self.sessions[a.previous], E.SUPERSEDED, now, f"superseded by {s.id:08x}")
         s.named = a.macs
+        arrived = False
         for mac in a.macs:
             old = self.macs.learn(mac, s.id, now)
             if old != s.id:
+                arrived = True
                 self._events.append(TunnelEvent(EventKind.MAC_MOVED, s.id, now, s.endpoint,
                                                 f"{format_mac(mac)} from {_port_name(old)}"))
             if old != s.id or moved:
                 self._announce(s, mac, now)
+        if arrived:
+            self._tell_neighbours(s, now)
 
     def _announce(self, s: ProxySession, mac: bytes, now: float) -> None:
         if not self.announce:
@@ -199,6 +248,23 @@ class ProxyEnd:
             self._events.append(TunnelEvent(EventKind.ANNOUNCED, s.id, now, s.endpoint,
                                             f"{format_mac(mac)} {_addr_text(addr)}"))
 
+    def _tell_neighbours(self, s: ProxySession, now: float) -> None:
+        """A VM just arrived behind ``s``: announce the LAN's latest neighbours to it (only to it)."""
+        if not self.announce or not self.lan_neighbours:
+            return
+        told = 0
+        for addr, mac in reversed(self.lan_neighbours.items()):
+            if told >= NEIGHBOURS_TOLD:
+                break
+            if self.macs.lookup(mac) != LAN:
+                continue  # not (or no longer) known on the LAN
+            self._send(s, MsgType.DATA, bytes(self.vnet) + announcement(mac, addr))
+            told += 1
+        if told:
+            self.counters["neighbours_told"] += told
+            self._events.append(TunnelEvent(EventKind.ANNOUNCED, s.id, now, s.endpoint,
+                                            f"{told} LAN neighbour(s) to the session"))
+
     # -- frames -----------------------------------------------------------------------------
 
     def _from_session(self, s: ProxySession, frame: bytes, now: float) -> None:
@@ -211,11 +277,14 @@ class ProxyEnd:
                                                 f"{format_mac(src)} from {_port_name(old)}"))
             addr = source_address(frame[v:v + 64] if v else frame)
             if addr is not None:
-                known = self.addresses.setdefault(src, OrderedDict())
-                known.pop(addr, None)
-                known[addr] = None
-                while len(known) > MAX_ADDRESSES_PER_MAC:
-                    known.popitem(last=False)
+                known = self.addresses.get(src)
+                if known is None:
+                    known = self.addresses[src] = OrderedDict()
+                if not known or next(reversed(known)) != addr:  # most frames: the latest address again
+                    known.pop(addr, None)
+                    known[addr] = None
+                    while len(known) > MAX_ADDRESSES_PER_MAC:
+                        known.popitem(last=False)
         if is_multicast(dst):
             self._flood(frame, exclude=s.id, lan=True)
             return
@@ -246,6 +315,15 @@ class ProxyEnd:
                 self.counters["lan_conflicts"] += 1  # a VM's named MAC seen on the LAN: keep the VM's
             else:
                 self.macs.learn(src, LAN, now)
+                et = frame[v + 12]
+                if et == 0x08 or et == 0x86:  # maybe ARP or neighbour discovery: a binding to remember
+                    b = neighbour_binding(frame[v:v + 78] if v else frame)
+                    if b is not None:
+                        known = self.lan_neighbours
+                        known.pop(b[0], None)
+                        known[b[0]] = b[1]
+                        while len(known) > MAX_LAN_NEIGHBOURS:
+                            known.popitem(last=False)
         if is_multicast(dst):
             self._flood(frame, exclude=LAN, lan=False)
             return
@@ -285,6 +363,8 @@ class ProxyEnd:
         live = set(m for m, _ in self.macs.items())
         for mac in [m for m in self.addresses if m not in live]:
             del self.addresses[mac]
+        for addr in [a for a, m in self.lan_neighbours.items() if m not in live]:
+            del self.lan_neighbours[addr]
 
     def close(self, now: float) -> None:
         """Shutting down: tell every host end (DETACH), so they re-attach as soon as we are back."""

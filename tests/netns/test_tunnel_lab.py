@@ -451,9 +451,50 @@ def test_offload_mode_carries_gso_frames_over_tcp(lab, tmp_path):
         assert stream.errors == [], stream.errors
         st = t.status(host_a)
         assert st["offload"] is True and not st["drops"], st
+        # A bulk transfer: the VM's TCP hands its veth 40-odd-segment GSO frames; they must cross the
+        # bridge into the TAP whole (a TAP limit that made the kernel cut them up went unnoticed once).
+        before = st["counters"]
+        sent = _bulk(lab, ns["vm"], ns["peer"], 4_000_000)
+        assert sent == 4_000_000
+        after = wait_for(lambda: _counters_past(t.status(host_a), before, "tx_bytes", sent), 20,
+                         "the host end's status to show the bulk transfer")
+        frames = after["tx_frames"] - before["tx_frames"]
+        assert (after["tx_bytes"] - before["tx_bytes"]) / frames > 8 * 1514, (before, after)
     except BaseException:
         print(t.dump_logs())
         raise
+
+
+def _counters_past(st: dict | None, before: dict, key: str, amount: int) -> dict | None:
+    c = (st or {}).get("counters") or {}
+    return c if c.get(key, 0) - before.get(key, 0) >= amount else None
+
+
+def _bulk(lab, src_ns: str, dst_ns: str, size: int) -> int:
+    """Send ``size`` bytes from ``src_ns`` to the home peer in one stream; returns what the peer received."""
+    srv = lab.socket(dst_ns)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((PEER_IP, STREAM_PORT + 1))
+    srv.listen(1)
+    srv.settimeout(20)
+    got = [0]
+
+    def drain():
+        conn, _ = srv.accept()
+        conn.settimeout(20)
+        with conn:
+            while data := conn.recv(1 << 16):
+                got[0] += len(data)
+
+    th = threading.Thread(target=drain, daemon=True)
+    th.start()
+    with lab.socket(src_ns) as cli:
+        cli.settimeout(20)
+        cli.connect((PEER_IP, STREAM_PORT + 1))
+        cli.sendall(bytes(size))
+    th.join(timeout=30)
+    srv.close()
+    return got[0]
 
 
 def test_proxy_restart_host_reattaches_and_stream_survives(lab, tmp_path):

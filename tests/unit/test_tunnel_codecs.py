@@ -120,3 +120,31 @@ def test_stream_decoder_bad_length_after_good_messages():
     assert e.value.reason == Drop.BAD_LENGTH
     with pytest.raises(WireError):
         StreamDecoder(max_len=100).feed(b"\x00\x65" + b"x" * 101)
+
+
+def test_neighbour_binding_reads_what_a_lan_host_states_about_itself():
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, IPv6
+    from scapy.layers.l2 import ARP, Ether
+
+    from tunnel.announce import neighbour_binding
+
+    mac = "02:00:00:00:aa:aa"
+    raw_mac = bytes.fromhex("02000000aaaa")
+    reply = bytes(Ether(src=mac, dst="02:00:00:00:00:50") / ARP(op=2, hwsrc=mac, psrc="198.18.0.10", pdst="198.18.0.50"))
+    assert neighbour_binding(reply) == (bytes([198, 18, 0, 10]), raw_mac)
+    request = bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=mac, psrc="198.18.0.10"))
+    assert neighbour_binding(request) == (bytes([198, 18, 0, 10]), raw_mac)
+    na = bytes(Ether(src=mac) / IPv6(src="fe80::1", dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt="2001:db8::10")
+               / ICMPv6NDOptDstLLAddr(lladdr=mac))
+    assert neighbour_binding(na) == (bytes.fromhex("20010db8000000000000000000000010"), raw_mac)
+    ns = bytes(Ether(src=mac) / IPv6(src="2001:db8::10", dst="ff02::1:ff00:50", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::50"))
+    assert neighbour_binding(ns) == (bytes.fromhex("20010db8000000000000000000000010"), raw_mac)
+    # Not about the sender itself, or no neighbour frame at all: nothing learned.
+    proxied = bytes(Ether(src=mac) / ARP(op=1, hwsrc="02:00:00:00:00:01", psrc="198.18.0.10"))
+    probe = bytes(Ether(src=mac) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", pdst="198.18.0.10"))
+    dad = bytes(Ether(src=mac) / IPv6(src="::", dst="ff02::1:ff00:10", hlim=255) / ICMPv6ND_NS(tgt="2001:db8::10"))
+    routed_hlim = bytes(Ether(src=mac) / IPv6(src="fe80::1", dst="ff02::1", hlim=64) / ICMPv6ND_NA(tgt="2001:db8::10"))
+    for f in (proxied, probe, dad, routed_hlim, reply[:41], b"", bytes(100)):
+        assert neighbour_binding(f) is None
+    for n in range(len(reply)):  # every cut: an answer or None, never an exception
+        assert neighbour_binding(reply[:n]) in (None, (bytes([198, 18, 0, 10]), raw_mac))

@@ -225,6 +225,33 @@ def test_migration_to_another_host_moves_mac_at_once_and_announces_ipv6():
     assert net.tap["a"] == [net.lan[0]]  # other sessions hear the announcement too, not the frame
 
 
+def test_a_vm_that_moved_is_told_its_lan_neighbours_and_only_it():
+    """After a move the VM may have forgotten its neighbours (link down and up): the proxy tells the
+    new session the bindings LAN hosts stated in their own ARP frames; a roam of the same host does not."""
+    net, a = attached_pair()
+    peer_ip = bytes([198, 18, 0, 10])
+    arp_reply = bytes(Ether(src="02:00:00:00:aa:aa", dst="02:00:00:00:00:01")
+                      / ARP(op=2, hwsrc="02:00:00:00:aa:aa", psrc="198.18.0.10", pdst="198.18.0.50"))
+    net.proxy.from_lan(arp_reply, net.now)
+    net.transfer()
+    assert net.tap["a"] == [arp_reply] and net.proxy.lan_neighbours == {peer_ip: PEER}
+    net.endpoint["a"] = EP_A2  # roaming: the VM stayed where it was, nothing to tell it
+    a.roamed(net.now)
+    net.transfer()
+    assert net.tap["a"] == [arp_reply]
+    b = net.add_host("b", EP_B, [VM1])  # the VM now runs on host B
+    b.start(net.now)
+    net.transfer()
+    told = [Ether(f) for f in net.tap["b"]]
+    assert len(told) == 1 and told[0][ARP].psrc == told[0][ARP].pdst == "198.18.0.10"
+    assert told[0][ARP].hwsrc == told[0].src == "02:00:00:00:aa:aa"
+    assert net.tap["a"] == [arp_reply] and net.proxy.counters["neighbours_told"] == 1
+    assert all(Ether(f).src != "02:00:00:00:aa:aa" for f in net.lan)  # nothing said on the LAN for the peer
+    net.now += 301.0  # the peer's MAC ages out of the table: its binding goes with it
+    net.proxy.expire(net.now)
+    assert net.proxy.lan_neighbours == {}
+
+
 def test_lan_frames_cannot_take_a_named_mac():
     net, a = attached_pair()
     net.proxy.from_lan(frame(BCAST, VM1), net.now)

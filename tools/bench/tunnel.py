@@ -1,4 +1,4 @@
-"""roam tunnel vs kernel VXLAN vs direct, in one namespace lab; and a migration's interruption.
+"""roam tunnel vs OpenVPN vs kernel VXLAN vs direct, in one namespace lab; and a migration's interruption.
 
 One run builds a lab (home LAN bridge with a peer, an internet namespace, two remote
 hosts, a VM namespace), then measures between the VM and the home peer, one way of
@@ -8,25 +8,38 @@ attaching after another:
 * vxlan:        kernel VXLAN from host A to the home site (the limit for L2 over UDP);
 * roam-udp:     `roam tunnel` over UDP, ChaCha20-Poly1305;
 * roam-tcp:     `roam tunnel` over TCP, ChaCha20-Poly1305;
-* roam-plain:   `roam tunnel` over UDP, --plaintext (no crypto: the cost of Python alone);
-* roam-*-offload: `roam tunnel --offload`: TCP GSO super-frames carried whole (IFF_VNET_HDR);
+* roam-plain:   `roam tunnel` over UDP, --plaintext (no crypto: the cost of Python and the kernel alone);
+* roam-*-offload: the same with `--offload`: the TAPs carry IFF_VNET_HDR and TCP GSO super-frames
+                (up to ~64 KiB, the VM's own TSO output), sealed and sent whole;
 * openvpn-aes:  OpenVPN 2.6 in tap mode, UDP, static key, AES-256-CBC + HMAC-SHA256 (static-key mode
                 has no AEAD ciphers; ChaCha20-Poly1305 needs its TLS mode), if `openvpn` is installed;
 * openvpn-none: the same with --cipher none --auth none.
 
 Throughput is iperf3 TCP (VM -> peer), RTT is a UDP echo (median and 99th
-percentile of N round trips).  Then the migration: a TCP stream from the VM runs
-while the VM's link moves from host A to host B, with the host end on B started after
-the move (it names the VM's MAC) or already running (it learns the MAC from the VM's
-first frame); the table gives milliseconds from the link coming up on B to host end
-B serving the VM's MAC and to the first new byte of the stream delivered at the peer,
-and the longest gap in delivery.  The stream's own TCP retransmission timer (which
-backs off while the VM has no path) decides much of the latter.  Printed only; never
-asserted anywhere.
+percentile of N round trips), and "tunnel CPU" the user+system CPU seconds the
+tunnel's own processes (both ends) spent per GB delivered, read from /proc: on a
+shared machine that figure moves much less with the load than throughput does.
+With ``--repeat N`` the paths are measured round robin N times and medians
+reported.  Every figure stands next to a reference measured in the same run
+(direct, openvpn-aes), and a last table states which of the issue's targets are met.
+
+Then the migration: a TCP stream from the VM runs while the VM's link moves from
+host A to host B (host end A stopped, link moved, brought up on B), with the host end
+on B started after the link is up ("cold": it names the VM's MAC) or already running
+("warm": it learns the MAC from the VM's first frame); the table gives milliseconds
+from the link coming up on B to host end B serving the VM's MAC and to the first new
+byte of the stream delivered at the peer, the longest gap in delivery, and how long
+the stream had been silent when the link came up.  Two things in the VM decide the
+rest: its TCP retransmission timer (backing off while it has no path), and its
+neighbour cache, which Linux empties when the link goes down (``arp_evict_nocarrier``)
+and refills only at ARP's one-second retransmission time, its segments queued behind
+the question; the proxy answers that by telling a VM that arrived behind a new session
+its LAN neighbours.  Printed only; never asserted anywhere.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -44,13 +57,31 @@ VM_MAC = "02:00:00:00:00:50"
 VM_IP, PEER_IP, PROXY_IP, PORT = "198.18.0.50", "198.18.0.10", "192.0.2.1", 4789
 
 
+PATHS = ("direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-udp-offload", "roam-tcp-offload",
+         "roam-plain-offload", "openvpn-aes", "openvpn-none")
+#: Targets (issue 3): each a roam path against a reference measured in the same run.
+THROUGHPUT_TARGETS = (
+    # (roam path, reference path, factor it must reach)
+    ("roam-udp", "openvpn-aes", 1.0),
+    ("roam-tcp", "openvpn-aes", 1.0),
+    ("roam-udp-offload", "openvpn-aes", 1.0),
+    ("roam-tcp-offload", "openvpn-aes", 1.0),
+    ("roam-plain", "openvpn-none", 2.0),
+    ("roam-plain-offload", "openvpn-none", 2.0),
+)
+ADDED_RTT_TARGET_MS = 0.2
+INTERRUPTION_TARGET_MS = 100.0
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per iperf3 run (default 4)")
     parser.add_argument("--pings", type=int, default=200, help="UDP echo round trips per path (default 200)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every path this many times, round robin, and report medians (default 1); "
+                        "on a shared machine 3 or more evens out load that comes and goes")
     parser.add_argument("--only", action="append", default=[],
-                        help="measure only these paths (direct, vxlan, roam-udp, roam-tcp, roam-plain, roam-tcp-offload, "
-                        "roam-udp-offload, openvpn); "
-                        "repeatable")
+                        help="measure only these paths (" + ", ".join(PATHS) + "; 'openvpn' means both OpenVPN "
+                        "paths); repeatable")
     parser.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
 
 
@@ -61,43 +92,114 @@ def run(args) -> int:
     if why:
         print(f"roam bench tunnel: cannot build the lab: {why}", file=sys.stderr)
         return 2
-    wanted = set(args.only) or {"direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-tcp-offload",
-                                "roam-udp-offload", "openvpn"}
-    rows = []
+    wanted = set(args.only) or set(PATHS)
+    if "openvpn" in wanted:
+        wanted |= {"openvpn-aes", "openvpn-none"}
+    if not shutil.which("openvpn") and wanted & {"openvpn-aes", "openvpn-none"}:
+        print("openvpn: not installed (apt install openvpn): skipped", file=sys.stderr)
+        wanted -= {"openvpn-aes", "openvpn-none"}
+    order = [p for p in PATHS if p in wanted]
+    runs: dict[str, list[tuple[float, float, float, float | None]]] = {p: [] for p in order}
+    migrations: dict[str, list[dict]] = {"cold": [], "warm": []}
     tmp = Path(tempfile.mkdtemp(prefix="roam-bench-tunnel-"))
     try:
         with Lab("roambench") as lab:
             b = _Bench(lab, tmp, args)
-            for name in ("direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-tcp-offload",
-                         "roam-udp-offload"):
-                if name in wanted:
-                    rows.append(b.measure(name))
-            if "openvpn" in wanted:
-                if shutil.which("openvpn"):
-                    for name in ("openvpn-aes", "openvpn-none"):
-                        rows.append(b.measure(name))
-                else:
-                    print("openvpn: not installed (apt install openvpn): skipped", file=sys.stderr)
-            migration = None if args.no_migration else [b.migration(prestart=False), b.migration(prestart=True)]
+            for _ in range(max(1, args.repeat)):
+                for name in order:
+                    runs[name].append(b.measure(name))
+                if not args.no_migration:
+                    migrations["cold"].append(b.migration(prestart=False))
+                    migrations["warm"].append(b.migration(prestart=True))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ref = next((r for r in rows if r[0] == "direct"), rows[0] if rows else None)
-    table = []
-    for name, mbps, med, p99 in rows:
-        table.append([name, mbps, f"{mbps / ref[1]:.3f}" if ref and ref[1] else "-", f"{med * 1000:.3f}",
-                      f"{p99 * 1000:.3f}", f"{(med - ref[2]) * 1000:+.3f}" if ref else "-"])
-    print(render(["path (VM -> home peer)", "iperf3 Mbit/s", "x " + (ref[0] if ref else "-"), "RTT median ms",
-                  "RTT p99 ms", "added RTT ms"], table))
-    if migration:
-        print()
-        print(render(["migration A -> B, stream VM -> peer (udp)", "host end started after the move",
-                      "host end already running on B"],
-                     [[what, *(m[key] for m in migration)] for what, key in (
-                         ("link up on B -> host end B attached (ms)", "attach_ms"),
-                         ("link up on B -> first new stream byte at the peer (ms)", "resume_ms"),
-                         ("longest gap in delivery at the peer (ms, includes stopping A)", "gap_ms"),
-                         ("stream errors / resets / bytes out of order", "errors"))]))
+    rows = {name: tuple(_median(v[i] for v in vs) for i in range(4)) for name, vs in runs.items() if vs}
+    print(report(rows, migrations if not args.no_migration else None, max(1, args.repeat)))
     return 0
+
+
+def _median(values) -> float | None:
+    vs = [v for v in values if v is not None and v == v]
+    return statistics.median(vs) if vs else None
+
+
+def report(rows: dict[str, tuple], migrations: dict[str, list[dict]] | None, repeat: int) -> str:
+    """The tables: every figure next to a reference measured in the same run, and the targets."""
+    out = []
+    direct = rows.get("direct")
+    ovpn = rows.get("openvpn-aes")
+    table = []
+    for name, (mbps, med, p99, cpu) in rows.items():
+        table.append([
+            name, mbps,
+            f"{mbps / direct[0]:.3f}" if direct and direct[0] else "-",
+            f"{mbps / ovpn[0]:.2f}" if ovpn and ovpn[0] else "-",
+            f"{med * 1000:.3f}", f"{p99 * 1000:.3f}",
+            f"{(med - direct[1]) * 1000:+.3f}" if direct else "-",
+            "-" if cpu is None else f"{cpu:.2f}",
+            f"{cpu / ovpn[3]:.2f}" if cpu is not None and ovpn and ovpn[3] else "-",
+        ])
+    out.append(render(["path (VM -> home peer)", "iperf3 Mbit/s", "x direct", "x openvpn-aes", "RTT median ms",
+                       "RTT p99 ms", "added RTT ms", "tunnel CPU s/GB", "CPU x openvpn-aes"], table))
+    out.append(f"(medians of {repeat} round-robin run(s); 'added RTT' = RTT median minus the direct path's; "
+               "'tunnel CPU' = user+system CPU seconds of the tunnel's own processes, both ends, per GB received)")
+    targets = []
+    for path, ref, factor in THROUGHPUT_TARGETS:
+        if path in rows and ref in rows and rows[ref][0]:
+            ratio = rows[path][0] / rows[ref][0]
+            targets.append([f"throughput {path} >= {factor:g} x {ref}", f"{ratio:.2f} x", _met(ratio >= factor)])
+    if direct:
+        for path in ("roam-udp", "roam-udp-offload"):
+            if path in rows:
+                added = (rows[path][1] - direct[1]) * 1000
+                targets.append([f"added RTT {path} < {ADDED_RTT_TARGET_MS} ms (vs direct)", f"{added:.3f} ms",
+                                _met(added < ADDED_RTT_TARGET_MS)])
+        if ovpn:
+            added = (ovpn[1] - direct[1]) * 1000
+            targets.append(["  (for comparison: added RTT openvpn-aes)", f"{added:.3f} ms", ""])
+    if migrations:
+        for key, what in (("cold", "host end B started after the link is up"),
+                          ("warm", "host end B already running, learns the MAC")):
+            ms = [m["resume_ms"] for m in migrations[key]]
+            if ms:
+                worst = max(ms)
+                targets.append([f"interruption < {INTERRUPTION_TARGET_MS:g} ms ({what})",
+                                f"{_median(ms):.0f} ms" + (f" (worst {worst:.0f})" if len(ms) > 1 else ""),
+                                _met(worst < INTERRUPTION_TARGET_MS)])
+    if migrations and any(migrations.values()):
+        out.append("")
+        cols = [k for k in ("cold", "warm") if migrations[k]]
+        head = {"cold": "host end B started after the link is up", "warm": "host end B already running (learns MAC)"}
+        mrows = []
+        for what, key in (("link up on B -> host end B attached (ms)", "attach_ms"),
+                          ("link up on B -> first new stream byte at the peer (ms)", "resume_ms"),
+                          ("longest gap in delivery at the peer (ms, includes stopping A)", "gap_ms"),
+                          ("stream silent before link up on B (ms: stop A, move the link)", "silent_ms"),
+                          ("stream errors / resets / bytes out of order", "errors")):
+            mrows.append([what, *(_median(m[key] for m in migrations[c]) for c in cols)])
+        out.append(render(["migration A -> B, stream VM -> peer (udp, medians)", *(head[c] for c in cols)], mrows))
+    if targets:
+        out.append("")
+        out.append(render(["target (issue 3)", "measured (same run)", "met?"], targets))
+    return "\n".join(out)
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """user + system CPU seconds of these processes so far (None if any is gone)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 class _Bench:
@@ -204,7 +306,7 @@ class _Bench:
             self._move_vm("hosta", "brvm")
             extra = ["--transport", "tcp"] if name.startswith("roam-tcp") else []
             extra += ["--offload"] if name.endswith("-offload") else []
-            extra += ["--plaintext"] if name == "roam-plain" else ["--key-file", str(self.key)]
+            extra += ["--plaintext"] if name.startswith("roam-plain") else ["--key-file", str(self.key)]
             proxy = self._roam(ns["home"], "proxy", "--listen", f"{PROXY_IP}:{PORT}", "--bridge", "br0", *extra, log=f"{name}-proxy")
             self._wait(lambda: self._status(proxy), 20)
             host = self._roam(ns["hosta"], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
@@ -214,7 +316,11 @@ class _Bench:
         try:
             self._wait(lambda: lab.ping(ns["vm"], PEER_IP, count=1, timeout=0.5) == 1, 20)
             rtts = self._rtts(self.args.pings)
-            mbps = self._iperf(self.args.duration)
+            pids = [p.pid for p in procs]
+            cpu0 = _cpu_seconds(pids) if pids else None
+            mbps, nbytes = self._iperf(self.args.duration)
+            cpu1 = _cpu_seconds(pids) if pids else None
+            cpu = (cpu1 - cpu0) / (nbytes / 1e9) if cpu0 is not None and cpu1 is not None and nbytes else None
         finally:
             for p in procs:
                 lab.stop(p)
@@ -223,8 +329,9 @@ class _Bench:
         rtts.sort()
         med = statistics.median(rtts) if rtts else float("nan")
         p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] if rtts else float("nan")
-        print(f"  {name}: {mbps:.0f} Mbit/s, RTT median {med * 1e6:.0f} us", file=sys.stderr)
-        return name, mbps, med, p99
+        print(f"  {name}: {mbps:.0f} Mbit/s, RTT median {med * 1e6:.0f} us"
+              + (f", tunnel CPU {cpu:.2f} s/GB" if cpu is not None else ""), file=sys.stderr)
+        return mbps, med, p99, cpu
 
     def _openvpn(self, cipher: str, auth: str) -> list[subprocess.Popen]:
         key = self.tmp / "openvpn.key"
@@ -258,7 +365,7 @@ class _Bench:
                 out.append(time.perf_counter() - t0)
         return out
 
-    def _iperf(self, duration: float) -> float:
+    def _iperf(self, duration: float) -> tuple[float, int]:
         srv = self.lab.popen(self.ns["peer"], ["iperf3", "-s", "-1", "-B", PEER_IP, "-p", "5201"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -266,10 +373,11 @@ class _Bench:
                 cp = self.lab.run(self.ns["vm"], ["iperf3", "-c", PEER_IP, "-p", "5201", "-t", str(duration), "-J"],
                                   timeout=duration + 30, check=False)
                 try:
-                    return json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+                    got = json.loads(cp.stdout)["end"]["sum_received"]
+                    return got["bits_per_second"] / 1e6, got["bytes"]
                 except (ValueError, KeyError):
                     time.sleep(0.1)  # server not listening yet (iperf3 reports it as an error)
-            return float("nan")
+            return float("nan"), 0
         finally:
             self.lab.stop(srv)
 
@@ -291,6 +399,9 @@ class _Bench:
             host_b = self._roam(ns["hostb"], *hargs, log="mig-b")
             self._wait(lambda: (self._status(host_b) or {}).get("state") == "ATTACHED", 20)
         self._wait(lambda: (self._status(host_a) or {}).get("state") == "ATTACHED", 20)
+        # The VM resolves the peer through this proxy, as any VM does after boot or when its entry
+        # goes stale; the proxy learns LAN neighbours only from ARP/ND frames it carries.
+        lab.run(ns["vm"], ["ip", "neigh", "flush", "dev", "eth0"], check=False)
         srv = lab.socket(ns["peer"])
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind((PEER_IP, 5002))
@@ -340,6 +451,7 @@ class _Bench:
             self._enslave("hostb", "vmport", "brvm")  # brings it up
             t_up = time.monotonic()
             mark = len(arrivals)
+            silent_ms = (t_up - max((t for t, _ in arrivals[:mark]), default=t_up)) * 1000
             if host_b is None:
                 host_b = self._roam(ns["hostb"], *hargs, "--mac", VM_MAC, log="mig-b")
             self._wait(lambda: VM_MAC in ((self._status(host_b) or {}).get("macs") or ())
@@ -359,5 +471,8 @@ class _Bench:
                     lab.stop(p)
         times = [t for t, _ in arrivals]
         gap = max((b - a for a, b in zip(times, times[1:])), default=float("nan"))
-        return {"attach_ms": (t_att - t_up) * 1000, "resume_ms": (t_first - t_up) * 1000, "gap_ms": gap * 1000,
-                "errors": len(errors)}
+        m = {"attach_ms": (t_att - t_up) * 1000, "resume_ms": (t_first - t_up) * 1000, "gap_ms": gap * 1000,
+             "silent_ms": silent_ms, "errors": len(errors)}
+        print(f"  migration ({'warm' if prestart else 'cold'}): resumed {m['resume_ms']:.0f} ms after link up "
+              f"(stream silent {silent_ms:.0f} ms before it)", file=sys.stderr)
+        return m
