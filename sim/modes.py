@@ -1,0 +1,488 @@
+"""The attachment modes: how a VM's packets get from its virtual NIC to the world.
+
+Each mode is a thin driver: it moves real bytes between the VM's stack, the host,
+the engines (``nat/``, ``tunnel/``) and the network, and re-wires itself when the
+VM moves (``detach`` on the old host, ``attach`` on the new one).  No mode knows
+or says whether a connection survives: the endpoints find out from the packets.
+
+* bridged   -- the VM is a machine on the host's LAN, with an address from that
+               site's DHCP (re-leased or kept on a move, as the scenario says).
+* host-only -- the VM sits on a network only its host reaches: nothing routes out.
+* nat       -- the VM sits behind its host's NAT engine (``nat/``); a move lands it
+               behind another host's NAT, which starts from nothing.
+* nat+state -- as nat, but the old NAT's state is carried to the new host's engine
+               (it still has a new external address).
+* tunnel    -- the VM's frames go through a tunnel host end (``tunnel/``) on its
+               host to the proxy on its home LAN; a move starts a host end on the
+               new host, which re-attaches from there.
+"""
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Callable
+
+from conntrack import ParseError, Proto, parse_ip
+
+from . import wire
+from .world import Clock, Loss, Network, Site
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+    from .stack import Stack
+
+
+class EngineUnavailable(RuntimeError):
+    """A mode whose engine (``nat/`` or ``tunnel/``) cannot be used: no verdict, an error."""
+
+
+class Host:
+    """A hypervisor host on a site; packets to its address go through its handlers in turn."""
+
+    def __init__(self, name: str, site: Site, address: bytes, net: Network, stack: "Stack") -> None:
+        self.name = name
+        self.site = site
+        self.address = address
+        self.net = net
+        self.stack = stack  # the host's own TCP/UDP (answers RST for what nothing else takes)
+        self.handlers: list[Callable[[bytes, int], bool]] = []
+        stack.addresses.add(address)
+        stack.out = self.send
+        site.holders[address] = self.receive
+        site.reserved.add(address)
+
+    def send(self, data: bytes, tag: int) -> None:
+        self.net.send(data, tag, self.site)
+
+    def receive(self, data: bytes, tag: int) -> None:
+        for h in self.handlers:
+            if h(data, tag):
+                return
+        self.stack.receive(data, tag)
+
+
+class EngineTimer:
+    """Calls ``expire(now)`` at the engine's ``next_deadline()``, then ``after()``."""
+
+    __slots__ = ("clock", "engine", "after", "at", "gen", "stopped")
+
+    def __init__(self, clock: Clock, engine, after: Callable[[], None]) -> None:
+        self.clock, self.engine, self.after = clock, engine, after
+        self.at: float | None = None
+        self.gen = 0
+        self.stopped = False
+
+    def update(self) -> None:
+        if self.stopped:
+            return
+        d = self.engine.next_deadline()
+        if d is None:
+            return
+        d = max(d, self.clock.now + 1e-6)
+        if self.at is None or d < self.at:
+            self.at = d
+            self.gen += 1
+            self.clock.at(d, EngineTimer._fire, self, self.gen)
+
+    @staticmethod
+    def _fire(t: "EngineTimer", gen: int) -> None:
+        if gen != t.gen or t.stopped:
+            return
+        t.at = None
+        t.engine.expire(t.clock.now)
+        t.after()
+        t.update()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.gen += 1
+
+
+class Mode:
+    """The common shape of an attachment mode."""
+
+    name = ""
+
+    def __init__(self, sc: "Scenario", clock: Clock, net: Network, vm: "Stack", hosts: dict[str, Host],
+                 sites: dict[str, Site], rng: random.Random) -> None:
+        self.sc, self.clock, self.net, self.vm, self.hosts, self.sites, self.rng = sc, clock, net, vm, hosts, sites, rng
+        self.host: Host | None = None  # None while the VM is in transit
+        self.last_host: Host = hosts[sc.vm.host]  # where a peer's lookup still points during a move
+        self.mac = wire.mac(sc.vm.mac)
+        self.engine_errors: list[str] = []  # exceptions an engine raised on a packet (its bugs)
+        vm.out = self.from_vm
+
+    def attach(self, host: Host) -> None:
+        self.host = host
+        self.last_host = host
+
+    def detach(self) -> None:
+        self.host = None
+
+    def from_vm(self, data: bytes, tag: int) -> None:  # the VM sent an IP packet
+        raise NotImplementedError
+
+    def vm_address(self) -> bytes:
+        """The address the VM's sockets bind to now."""
+        raise NotImplementedError
+
+    def published(self, proto: int, port: int) -> tuple[bytes, int]:
+        """What a peer dialling in to the VM's ``port`` looks up (DNS, configuration) right now."""
+        return self.vm_address(), port
+
+    def to_vm(self, data: bytes, tag: int) -> None:
+        self.vm.receive(data, tag)
+
+
+class Bridged(Mode):
+    name = "bridged"
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.address: bytes | None = None
+        self.site: Site | None = None
+
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        site = host.site
+        if self.address is None or self.sc.vm.bridged == "re-lease":
+            new = site.lease(self.mac)  # DHCP: the same address again on a LAN that knows the VM
+            self.vm.addresses.discard(self.address)
+            self.address = new
+        self.vm.addresses.add(self.address)
+        self.site = site
+        site.holders[self.address] = self.to_vm  # the VM answers ARP on its new LAN
+
+    def detach(self) -> None:
+        if self.site is not None and self.site.holders.get(self.address) == self.to_vm:
+            del self.site.holders[self.address]
+        super().detach()
+
+    def from_vm(self, data: bytes, tag: int) -> None:
+        if self.host is None:
+            self.net.lose(tag, Loss.VM_DOWN)
+            return
+        self.net.send(data, tag, self.site)
+
+    def vm_address(self) -> bytes:
+        return self.address
+
+
+class HostOnly(Mode):
+    name = "host-only"
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.address = wire.addr(self.sc.vm.host_only_address)
+        self.vm.addresses.add(self.address)
+
+    def from_vm(self, data: bytes, tag: int) -> None:
+        # A host-only network reaches the host and nothing else: no route out.
+        self.net.lose(tag, Loss.HOST_ONLY)
+
+    def vm_address(self) -> bytes:
+        return self.address
+
+
+# ------------------------------------------------------------------- tunnel
+TUNNEL_PORT = 4789  # the proxy's UDP port in the simulation
+HOST_END_PORT = 47000
+
+
+class Tunnel(Mode):
+    """The VM keeps its home address; its frames ride the real ``tunnel`` engines."""
+
+    name = "tunnel"
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        try:
+            import tunnel as tun
+            self.tun = tun
+            key = tun.Key(bytes(self.rng.getrandbits(8) for _ in range(32)))
+            self.cipher = tun.AeadCipher(key)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the engine is not usable
+            raise EngineUnavailable(f"tunnel engine not available: {type(exc).__name__}: {exc}") from exc
+        sc = self.sc
+        home = sc.home
+        if home is None or sc.vm.home_address is None:
+            raise EngineUnavailable("mode 'tunnel' needs a [[site]] with 'proxy' (the home LAN) and "
+                                    "[vm] home_address")
+        self.home = self.sites[home.name]
+        self.address = wire.addr(sc.vm.home_address)
+        self.vm.addresses.add(self.address)
+        self.proxy_addr = wire.addr(home.proxy)
+        self.gw_mac = bytes.fromhex("020000fffe01")
+        self._rand = random.Random(self.rng.getrandbits(64))
+        self.proxy = tun.ProxyEnd(self.cipher, random_bytes=self._randbytes)
+        self.proxy_timer = EngineTimer(self.clock, self.proxy, lambda: self._flush_proxy(-1))
+        self.home.holders[self.proxy_addr] = self._proxy_receive
+        self.home.holders[self.address] = self._lan_to_proxy  # the VM's MAC lives behind the proxy's bridge port
+        self.home.reserved.update({self.proxy_addr, self.address})
+        self.end = None
+        self.end_timer: EngineTimer | None = None
+        self.ident = 0
+
+    def _randbytes(self, n: int) -> bytes:
+        return self._rand.getrandbits(8 * n).to_bytes(n, "big")
+
+    # -- the host end ---------------------------------------------------------------
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        end = self.tun.HostEnd(self.cipher, [self.mac], keepalive=self.sc.tunnel_keepalive,
+                               dead_after=3 * self.sc.tunnel_keepalive, random_bytes=self._randbytes)
+        self.end = end
+        self.end_timer = EngineTimer(self.clock, end, lambda: self._flush_end(-1))
+        handler = self._host_receive
+        self._handler = handler
+        host.handlers.append(handler)
+        end.start(self.clock.now)
+        self._flush_end(-1)
+
+    def detach(self) -> None:
+        if self.end is not None:
+            self.end.close(self.clock.now)
+            self._flush_end(-1)
+            self.end_timer.stop()
+            self.host.handlers.remove(self._handler)
+        self.end = None
+        super().detach()
+
+    def from_vm(self, data: bytes, tag: int) -> None:
+        if self.end is None:
+            self.net.lose(tag, Loss.VM_DOWN)
+            return
+        if not self.end.send_frame(wire.ether(self.gw_mac, self.mac, data), self.clock.now):
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        self._flush_end(tag)
+
+    def _flush_end(self, tag: int) -> None:
+        end, host = self.end, self.host
+        if end is None:
+            return
+        for msg in end.pop_datagrams():
+            self.ident += 1
+            host.send(wire.udp(host.address, self.proxy_addr, HOST_END_PORT, TUNNEL_PORT, ident=self.ident,
+                               payload=msg), tag)
+        for frame in end.pop_frames():
+            if frame[12:14] == b"\x08\x00" and frame[0:6] == self.mac:
+                self.to_vm(frame[14:], tag)
+        end.pop_events()
+        self.end_timer.update()
+
+    def _host_receive(self, data: bytes, tag: int) -> bool:
+        if len(data) < 28 or data[9] != Proto.UDP or data[22:24] != HOST_END_PORT.to_bytes(2, "big"):
+            return False
+        try:
+            pkt = parse_ip(data)
+        except ParseError:
+            self.net.lose(tag, Loss.PARSE)
+            return True
+        if pkt.src != self.proxy_addr or self.end is None:
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+            return True
+        if not self.end.receive(bytes(data[pkt.l4 + 8:pkt.end]), self.clock.now):
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        self._flush_end(tag)
+        return True
+
+    # -- the proxy at home --------------------------------------------------------------
+    def _proxy_receive(self, data: bytes, tag: int) -> None:
+        try:
+            pkt = parse_ip(data)
+        except ParseError:
+            self.net.lose(tag, Loss.PARSE)
+            return
+        if pkt.proto != Proto.UDP or pkt.dport != TUNNEL_PORT:
+            self.net.lose(tag, Loss.NO_SOCKET)
+            return
+        if not self.proxy.receive(bytes(data[pkt.l4 + 8:pkt.end]), (pkt.src, pkt.sport), self.clock.now):
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        self._flush_proxy(tag)
+
+    def _lan_to_proxy(self, data: bytes, tag: int) -> None:
+        before = sum(self.proxy.drops.values())
+        self.proxy.from_lan(wire.ether(self.mac, self.gw_mac, data), self.clock.now)
+        if sum(self.proxy.drops.values()) != before:
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        self._flush_proxy(tag)
+
+    def _flush_proxy(self, tag: int) -> None:
+        proxy = self.proxy
+        for (addr, port), msg in proxy.pop_datagrams():
+            self.ident += 1
+            self.net.send(wire.udp(self.proxy_addr, addr, TUNNEL_PORT, port, ident=self.ident, payload=msg), tag,
+                          self.home)
+        for frame in proxy.pop_frames():  # to the home LAN: its gateway routes IPv4 on
+            if frame[12:14] == b"\x08\x00" and frame[0:6] == self.gw_mac:
+                self.net.send(frame[14:], tag, self.home)
+        proxy.pop_events()
+        self.proxy_timer.update()
+
+    def vm_address(self) -> bytes:
+        return self.address
+
+
+# ------------------------------------------------------------------- nat
+class Nat(Mode):
+    """The VM behind its host's real NAT engine (``nat.NatEngine``), one engine per host.
+
+    The VM has the same address behind every host (one NAT network configuration
+    everywhere, as with VMware's vmnet8); each host's engine has that host's address
+    as its external address and the scenario's ``[[forward]]`` mappings configured
+    for it.  An engine keeps its state when the VM leaves (a NAT daemon does not know
+    the VM went): what it still translates towards the VM is lost on the host.
+    """
+
+    name = "nat"
+    carry_state = False
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        try:
+            import nat as natmod
+            self.natmod = natmod
+            self.Side, self.Action, self.NReason = natmod.Side, natmod.Action, natmod.Reason
+        except Exception as exc:  # noqa: BLE001 - any failure here means the engine is not usable
+            raise EngineUnavailable(f"nat engine not available: {type(exc).__name__}: {exc}") from exc
+        vm = self.sc.vm
+        self.address = wire.addr(vm.nat_address)
+        self.vm.addresses.add(self.address)
+        self.engines: dict[str, object] = {}
+        self.timers: dict[str, EngineTimer] = {}
+        self.here: Host | None = None  # where the VM's NIC is plugged in now (None in transit)
+        self.snapshot: dict | None = None
+        self.snapshot_from: bytes | None = None
+
+    def engine(self, host: Host):
+        e = self.engines.get(host.name)
+        if e is None:
+            import ipaddress
+            nm = self.natmod
+            vm = self.sc.vm
+            fwds = tuple(nm.PortForward(f.protocol, f.external_port, vm.nat_address, f.port)
+                         for f in self.sc.forwards if f.hosts is None or host.name in f.hosts)
+            net = str(ipaddress.IPv4Network(f"{vm.nat_address}/24", strict=False))
+            cfg = nm.NatConfig(internal=(net,), external_ip=wire.text(host.address), forwards=fwds)
+            try:
+                e = nm.NatEngine(cfg, seed=self.rng.getrandbits(32))
+            except Exception as exc:  # noqa: BLE001
+                raise EngineUnavailable(f"nat engine not available: {type(exc).__name__}: {exc}") from exc
+            self.engines[host.name] = e
+            self.timers[host.name] = EngineTimer(self.clock, e, lambda: None)
+            host.handlers.append(lambda data, tag, h=host: self._inbound(h, data, tag))
+        return e
+
+    def attach(self, host: Host) -> None:
+        super().attach(host)
+        eng = self.engine(host)
+        if self.carry_state and self.snapshot is not None:
+            snap = self.snapshot
+            if self.snapshot_from != host.address:
+                snap = rebind_snapshot(snap, self.snapshot_from, host.address)
+            eng.restore(snap, self.clock.now)
+            self.timers[host.name].update()
+        self.snapshot = None
+        self.here = host
+
+    def detach(self) -> None:
+        host = self.here
+        if host is not None and self.carry_state:
+            self.snapshot = self.engines[host.name].snapshot(self.clock.now)
+            self.snapshot_from = host.address
+        self.here = None
+        super().detach()
+
+    def from_vm(self, data: bytes, tag: int) -> None:
+        host = self.here
+        if host is None:
+            self.net.lose(tag, Loss.VM_DOWN)
+            return
+        v = self._process(host, data, self.Side.INTERNAL)
+        if v is None:
+            self.net.lose(tag, Loss.ENGINE_ERROR)
+            return
+        if v.action != self.Action.ACCEPT:
+            self.net.lose(tag, Loss.NAT_DROP)
+            return
+        if v.data[16:20] == self.address:  # hairpinned back to the VM
+            self.to_vm(v.data, tag)
+        else:
+            host.send(v.data, tag)
+
+    def _inbound(self, host: Host, data: bytes, tag: int) -> bool:
+        v = self._process(host, data, self.Side.EXTERNAL)
+        if v is None:
+            self.net.lose(tag, Loss.ENGINE_ERROR)
+            return True
+        if v.action != self.Action.ACCEPT:
+            self.net.lose(tag, Loss.NO_MAPPING if v.reason == self.NReason.NO_MAPPING else Loss.NAT_DROP)
+            return True
+        if self.here is not host:
+            self.net.lose(tag, Loss.VM_ABSENT)  # translated for a VM that is not here (any more)
+            return True
+        if v.data[16:20] == self.address:
+            self.to_vm(v.data, tag)
+        else:
+            host.send(v.data, tag)
+        return True
+
+    def _process(self, host: Host, data: bytes, side):
+        """The engine's verdict; None if the engine raised (its bug: counted, reported, never hidden)."""
+        try:
+            v = self.engines[host.name].process(data, side, self.clock.now)
+        except Exception as exc:  # noqa: BLE001 - the engine promises never to raise on input
+            self.engine_errors.append(f"{type(exc).__name__}: {exc}")
+            v = None
+        self.timers[host.name].update()
+        return v
+
+    def vm_address(self) -> bytes:
+        return self.address
+
+    def published(self, proto: int, port: int) -> tuple[bytes, int]:
+        host = self.last_host
+        for f in self.sc.forwards:
+            if f.protocol == proto and f.port == port and (f.hosts is None or host.name in f.hosts):
+                return host.address, f.external_port
+        return host.address, port
+
+
+class NatState(Nat):
+    """nat, with the old engine's snapshot restored into the new host's engine."""
+
+    name = "nat+state"
+    carry_state = True
+
+
+def rebind_snapshot(snap: dict, old: bytes, new: bytes) -> dict:
+    """The snapshot as if taken on external address ``new``.
+
+    ``NatEngine.restore`` refuses a snapshot from another external address; carrying
+    the state to a new host (which always has another address) means re-binding its
+    mappings and flows to that address, ports unchanged.  This does only that: every
+    occurrence of the old external address in the snapshot's keys and rewrite tuples
+    becomes the new one.  (What sim/ would like from nat/: ``restore(snap, now,
+    rebind=True)``.)
+    """
+    from conntrack.flow import FlowTuple
+
+    old_t, new_t = wire.text(old), wire.text(new)
+
+    def key(hexkey: str) -> str:
+        t = FlowTuple.from_key(bytes.fromhex(hexkey))
+        t = FlowTuple(t.proto, new if t.src == old else t.src, new if t.dst == old else t.dst, t.sport, t.dport)
+        return t.key().hex()
+
+    flows = []
+    for f in snap.get("flows", []):
+        f = dict(f)
+        f["original"], f["reply"] = key(f["original"]), key(f["reply"])
+        f["fwd"] = [new_t if x == old_t else x for x in f["fwd"]]
+        f["rev"] = [new_t if x == old_t else x for x in f["rev"]]
+        f["attached"] = [[i, new_t if ip == old_t else ip, p] for i, ip, p in f["attached"]]
+        flows.append(f)
+    return {**snap, "external_ip": new_t, "flows": flows}
+
+
+MODE_CLASSES: dict[str, type[Mode]] = {"bridged": Bridged, "host-only": HostOnly, "nat": Nat, "nat+state": NatState,
+                                       "tunnel": Tunnel}

@@ -1,0 +1,405 @@
+"""A small TCP/UDP endpoint model: the judge of whether a connection survives.
+
+Each simulated machine (VM, peer, host) has a :class:`Stack`.  TCP sockets do a
+three-way handshake, send request/response data stop-and-wait with retransmission
+and exponential back-off, answer segments of unknown connections with RST, and
+give up when a segment stays unacknowledged longer than the timeout.  UDP sockets
+do application-level request/response.  Everything a stack sends is a real IPv4
+packet (``sim.wire``) and everything it reads is parsed by ``conntrack.parse_ip``.
+
+The socket states are one IntEnum and one transition table, here.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING, Callable
+
+from conntrack import ParseError, Proto, parse_ip
+
+from . import wire
+from .world import Clock, Loss
+
+if TYPE_CHECKING:
+    from .flow import Flow
+
+SYN, ACK, RST, PSH = int(wire.SYN), int(wire.ACK), int(wire.RST), int(wire.PSH)
+_M32 = 0xFFFFFFFF
+RTO_INITIAL = 1.0  # RFC 6298
+RTO_MIN = 0.2  # Linux
+RTO_MAX = 60.0
+
+
+class SockState(IntEnum):
+    SYN_SENT = 1
+    SYN_RCVD = 2
+    ESTABLISHED = 3
+    RESET = 4  # killed by an acceptable RST
+    TIMED_OUT = 5  # gave up retransmitting
+
+
+class SockEvent(IntEnum):
+    SYNACK_OK = 1  # SYN-ACK acknowledging our SYN
+    ACK_OK = 2  # ACK completing the handshake (or data with it)
+    RST_OK = 3  # an acceptable RST
+    GIVE_UP = 4  # retransmission timeout exceeded
+
+
+_S, _E = SockState, SockEvent
+#: TRANSITIONS[state][event] -> next state; anything missing is a bug in the model.
+TRANSITIONS: dict[SockState, dict[SockEvent, SockState]] = {
+    _S.SYN_SENT: {_E.SYNACK_OK: _S.ESTABLISHED, _E.RST_OK: _S.RESET, _E.GIVE_UP: _S.TIMED_OUT},
+    _S.SYN_RCVD: {_E.ACK_OK: _S.ESTABLISHED, _E.RST_OK: _S.RESET, _E.GIVE_UP: _S.TIMED_OUT},
+    _S.ESTABLISHED: {_E.RST_OK: _S.RESET, _E.GIVE_UP: _S.TIMED_OUT},
+    _S.RESET: {},
+    _S.TIMED_OUT: {},
+}
+_LIVE = (_S.SYN_SENT, _S.SYN_RCVD, _S.ESTABLISHED)
+
+
+def _after(a: int, b: int) -> bool:
+    """Sequence number ``a`` is after ``b`` (modulo 2**32)."""
+    return 0 < ((a - b) & _M32) < 0x80000000
+
+
+class TcpSock:
+    __slots__ = ("stack", "local", "lport", "remote", "rport", "state", "snd_una", "snd_nxt", "rcv_nxt",
+                 "out_seq", "out_len", "out_flags", "out_first", "out_sent", "retransmitted", "queue",
+                 "rto", "srtt", "gen", "flow", "client", "timeout")
+
+    def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes, rport: int,
+                 flow: "Flow | None", client: bool, timeout: float, iss: int) -> None:
+        self.stack = stack
+        self.local, self.lport, self.remote, self.rport = local, lport, remote, rport
+        self.state = _S.SYN_SENT if client else _S.SYN_RCVD
+        self.snd_una = self.snd_nxt = iss
+        self.rcv_nxt = 0
+        self.out_seq = self.out_len = self.out_flags = 0
+        self.out_first = self.out_sent = -1.0  # -1: nothing outstanding
+        self.retransmitted = False
+        self.queue: list[int] = []  # payload lengths waiting to be sent
+        self.rto = RTO_INITIAL
+        self.srtt = 0.0
+        self.gen = 0  # retransmission timer generation: an older timer is stale
+        self.flow = flow
+        self.client = client
+        self.timeout = timeout
+
+    @property
+    def alive(self) -> bool:
+        return self.state in _LIVE
+
+    @property
+    def tag(self) -> int:
+        return self.flow.tag if self.flow is not None else -1
+
+    def _move(self, event: SockEvent) -> None:
+        self.state = TRANSITIONS[self.state][event]
+
+    # -------------------------------------------------------------- sending
+    def _emit(self, seq: int, ack: int, flags: int, length: int) -> None:
+        st = self.stack
+        st.ident += 1
+        st.output(wire.tcp(self.local, self.remote, self.lport, self.rport, seq, ack, flags, length, st.ident),
+                  self.tag, self.local)
+
+    def _send_new(self, flags: int, length: int) -> None:
+        """Put one segment in flight (stop-and-wait: only when nothing is outstanding)."""
+        now = self.stack.clock.now
+        self.out_seq, self.out_len, self.out_flags = self.snd_nxt, length, flags
+        self.snd_nxt = (self.snd_nxt + length + (1 if flags & SYN else 0)) & _M32
+        self.out_first = self.out_sent = now
+        self.retransmitted = False
+        self._emit(self.out_seq, self.rcv_nxt, flags, length)
+        self._arm()
+
+    def _arm(self) -> None:
+        self.gen += 1
+        clock = self.stack.clock
+        # like Linux's user timeout: the last wait is cut short so giving up is on time
+        delay = min(self.rto, max(self.out_first + self.timeout - clock.now, 0.0))
+        clock.after(delay, self._on_timer, self, self.gen)
+
+    @staticmethod
+    def _on_timer(sock: "TcpSock", gen: int) -> None:
+        if gen != sock.gen or sock.out_first < 0 or not sock.alive:
+            return
+        now = sock.stack.clock.now
+        if now >= sock.out_first + sock.timeout - 1e-9:
+            sock._die(_E.GIVE_UP)
+            return
+        sock.rto = min(sock.rto * 2, RTO_MAX)
+        sock._retransmit(now)
+
+    def _retransmit(self, now: float) -> None:
+        self.retransmitted = True
+        self.out_sent = now
+        self._emit(self.out_seq, self.rcv_nxt, self.out_flags, self.out_len)
+        self._arm()
+
+    def kick(self) -> None:
+        """Resume after a pause: a retransmission whose timer ran out meanwhile goes now."""
+        now = self.stack.clock.now
+        if self.alive and self.out_first >= 0 and now - self.out_sent >= self.rto:
+            if now >= self.out_first + self.timeout - 1e-9:
+                self._die(_E.GIVE_UP)
+            else:
+                self._retransmit(now)
+
+    def send(self, length: int) -> None:
+        """Queue ``length`` bytes of application data."""
+        if not self.alive:
+            return
+        if self.state == _S.ESTABLISHED and self.out_first < 0:
+            self._send_new(ACK | PSH, length)
+        else:
+            self.queue.append(length)
+
+    def connect(self) -> None:
+        self._send_new(SYN, 0)
+
+    def _die(self, event: SockEvent) -> None:
+        self._move(event)
+        self.gen += 1
+        self.out_first = -1.0
+        self.stack.forget(self)
+        if self.flow is not None:
+            self.flow.on_broken(self.stack.clock.now, self.state, self.client)
+
+    # -------------------------------------------------------------- receiving
+    def segment(self, pkt, now: float) -> None:
+        flags = pkt.tcp_flags
+        if flags & RST:
+            ok = (pkt.ack == self.snd_nxt) if self.state == _S.SYN_SENT else (pkt.seq == self.rcv_nxt)
+            if ok:
+                self._die(_E.RST_OK)
+            return
+        state = self.state
+        if state == _S.SYN_SENT:
+            if flags & SYN and flags & ACK and pkt.ack == self.snd_nxt:
+                self.rcv_nxt = (pkt.seq + 1) & _M32
+                self._acked(pkt.ack, now)
+                self._move(_E.SYNACK_OK)
+                self._emit(self.snd_nxt, self.rcv_nxt, ACK, 0)
+                if self.flow is not None:
+                    self.flow.on_established(now, self)
+                self._next()
+            return
+        if flags & SYN:  # a retransmitted SYN or SYN-ACK: our answer was lost
+            if state == _S.SYN_RCVD and not flags & ACK:
+                self._emit(self.out_seq, self.rcv_nxt, SYN | ACK, 0)
+            elif flags & ACK:
+                self._emit(self.snd_nxt, self.rcv_nxt, ACK, 0)
+            return
+        if not flags & ACK:
+            return
+        if state == _S.SYN_RCVD:
+            if pkt.ack != self.snd_nxt:
+                return
+            self._acked(pkt.ack, now)
+            self._move(_E.ACK_OK)
+            if self.flow is not None:
+                self.flow.on_established(now, self)
+        elif _after(pkt.ack, self.snd_una) and not _after(pkt.ack, self.snd_nxt):
+            self._acked(pkt.ack, now)
+        n = pkt.payload_len
+        if n:
+            if pkt.seq == self.rcv_nxt:
+                self.rcv_nxt = (self.rcv_nxt + n) & _M32
+                if self.flow is not None:
+                    self.flow.on_data(now, self, n)
+                elif not self.client:
+                    self.send(n)  # a server without a scenario connection echoes
+                if self.out_first < 0 and not self.queue:
+                    self._emit(self.snd_nxt, self.rcv_nxt, ACK, 0)
+            else:  # a duplicate: acknowledge again
+                self._emit(self.snd_nxt, self.rcv_nxt, ACK, 0)
+        self._next()
+
+    def _acked(self, ack: int, now: float) -> None:
+        self.snd_una = ack
+        if self.out_first >= 0 and ack == self.snd_nxt:
+            if not self.retransmitted:  # Karn: sample only segments sent once
+                sample = now - self.out_sent
+                self.srtt = sample if self.srtt == 0 else 0.875 * self.srtt + 0.125 * sample
+            self.rto = max(RTO_MIN, 3 * self.srtt) if self.srtt else RTO_INITIAL
+            self.out_first = -1.0
+            self.gen += 1
+
+    def _next(self) -> None:
+        if self.out_first < 0 and self.queue and self.state == _S.ESTABLISHED:
+            self._send_new(ACK | PSH, self.queue.pop(0))
+
+
+class UdpSock:
+    """A UDP socket.  A server answers every request it accepts; a client talks to one server.
+
+    A client's datagrams start with ``H`` (hello) until its first answer, then ``D``.  A
+    *session* server (an application that keys its state on the client's address and
+    port) accepts a source it does not know only with a hello.
+    """
+
+    __slots__ = ("stack", "local", "lport", "remote", "rport", "flow", "client", "session", "known", "sent")
+
+    def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes | None, rport: int,
+                 flow: "Flow | None", client: bool, session: bool = False) -> None:
+        self.stack = stack
+        self.local, self.lport, self.remote, self.rport = local, lport, remote, rport
+        self.flow = flow
+        self.client = client
+        self.session = session
+        self.known: set[tuple[bytes, int]] = set()
+        self.sent = 0  # client: 1 once answered
+
+    def send(self, length: int, dst: bytes | None = None, dport: int = 0, tag: int = -1,
+             src: bytes | None = None) -> None:
+        st = self.stack
+        st.ident += 1
+        if self.client:
+            tag = self.flow.tag if self.flow is not None else -1
+            mark = b"D" if self.sent else b"H"  # hello until the first answer (a lost hello is re-sent)
+            payload = mark + wire.zeros(max(0, length - 1))
+        else:
+            payload = wire.zeros(length)
+        local = src or self.local
+        st.output(wire.udp(local, dst or self.remote, self.lport, dport or self.rport, ident=st.ident,
+                           payload=payload), tag, local)
+
+    def datagram(self, pkt, data: bytes, tag: int, now: float) -> None:
+        if self.client:
+            if pkt.src != self.remote or pkt.sport != self.rport:
+                self.stack.lose(tag, Loss.NO_SOCKET)
+                return
+            self.sent = 1
+            if self.flow is not None:
+                self.flow.on_data(now, self, pkt.payload_len)
+            return
+        if self.session:
+            source = (pkt.src, pkt.sport)
+            if source not in self.known:
+                hello = pkt.payload_len > 0 and data[pkt.l4 + 8] == 0x48  # "H"
+                if not hello:  # mid-session datagram from a source the application never met
+                    self.stack.lose(tag, Loss.NO_SOCKET)
+                    return
+                self.known.add(source)
+        flow = self.stack.flow_of(tag)
+        self.send(flow.response if flow is not None else pkt.payload_len, pkt.src, pkt.sport, tag, pkt.dst)
+
+
+class Stack:
+    """One machine's sockets.  ``output(bytes, tag, src)`` is where its packets go."""
+
+    __slots__ = ("name", "clock", "addresses", "out", "tcp", "udp", "listeners", "ident", "lose_fn",
+                 "observe", "paused", "flow_of")
+
+    def __init__(self, name: str, clock: Clock, lose: Callable[[int, Loss], None]) -> None:
+        self.name = name
+        self.clock = clock
+        self.addresses: set[bytes] = set()
+        self.out: Callable[[bytes, int], None] | None = None
+        self.tcp: dict[tuple, TcpSock] = {}
+        self.udp: dict[int, UdpSock] = {}
+        self.listeners: dict[int, float] = {}  # listening TCP port -> its sockets' timeout
+        self.ident = 0
+        self.lose_fn = lose
+        #: bookkeeping only: which scenario connection a packet's tag names (for the report)
+        self.flow_of: Callable[[int], "Flow | None"] = lambda tag: None
+        self.observe = False  # a remote peer notes the source its connections arrive from
+        self.paused = False
+
+    def lose(self, tag: int, why: Loss) -> None:
+        self.lose_fn(tag, why)
+
+    def output(self, data: bytes, tag: int, src: bytes) -> None:
+        if self.paused:
+            self.lose(tag, Loss.VM_DOWN)
+        elif src not in self.addresses:
+            self.lose(tag, Loss.ADDRESS_GONE)
+        elif self.out is None:
+            self.lose(tag, Loss.NO_ROUTE)
+        else:
+            self.out(data, tag)
+
+    def forget(self, sock: TcpSock) -> None:
+        self.tcp.pop((sock.local, sock.lport, sock.remote, sock.rport), None)
+
+    # -------------------------------------------------------------- opening
+    def tcp_connect(self, local: bytes, lport: int, remote: bytes, rport: int, flow: "Flow", timeout: float,
+                    iss: int) -> TcpSock:
+        s = TcpSock(self, local, lport, remote, rport, flow, True, timeout, iss)
+        self.tcp[(local, lport, remote, rport)] = s
+        s.connect()
+        return s
+
+    def tcp_listen(self, port: int, timeout: float) -> None:
+        self.listeners[port] = timeout
+
+    def udp_open(self, local: bytes, lport: int, remote: bytes | None, rport: int, flow: "Flow | None",
+                 client: bool, session: bool = False) -> UdpSock:
+        s = UdpSock(self, local, lport, remote, rport, flow, client, session)
+        self.udp[lport] = s
+        return s
+
+    def resume(self) -> None:
+        self.paused = False
+        for s in list(self.tcp.values()):
+            s.kick()
+
+    # -------------------------------------------------------------- input
+    def receive(self, data: bytes, tag: int) -> None:
+        if self.paused:
+            self.lose(tag, Loss.VM_DOWN)
+            return
+        try:
+            pkt = parse_ip(data)
+        except ParseError:
+            self.lose(tag, Loss.PARSE)
+            return
+        if pkt.dst not in self.addresses:
+            self.lose(tag, Loss.NO_HOLDER)
+            return
+        now = self.clock.now
+        if pkt.proto == Proto.TCP:
+            key = (pkt.dst, pkt.dport, pkt.src, pkt.sport)
+            s = self.tcp.get(key)
+            if s is not None:
+                if self.observe and s.flow is not None:
+                    s.flow.on_peer_saw(now, pkt.src, pkt.sport)
+                s.segment(pkt, now)
+                return
+            flags = pkt.tcp_flags
+            if flags & SYN and not flags & ACK and pkt.dport in self.listeners:
+                flow = self.flow_of(tag)
+                s = TcpSock(self, pkt.dst, pkt.dport, pkt.src, pkt.sport, flow, False, self.listeners[pkt.dport],
+                            (0x10000000 + 7919 * len(self.tcp) + pkt.sport) & _M32)
+                s.rcv_nxt = (pkt.seq + 1) & _M32
+                self.tcp[key] = s
+                if self.observe and flow is not None:
+                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+                s._send_new(SYN | ACK, 0)
+                return
+            if self.observe:  # the peer saw it, even if it knows no connection for it
+                flow = self.flow_of(tag)
+                if flow is not None:
+                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+            if not flags & RST:  # RFC 793: a segment for no connection gets a RST
+                self.ident += 1
+                if flags & ACK:
+                    rst = wire.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, pkt.ack, 0, RST, 0, self.ident)
+                else:
+                    seg_len = pkt.payload_len + (1 if flags & SYN else 0)
+                    rst = wire.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, 0, pkt.seq + seg_len, RST | ACK, 0,
+                                   self.ident)
+                self.output(rst, tag, pkt.dst)
+            return
+        if pkt.proto == Proto.UDP:
+            s = self.udp.get(pkt.dport)
+            if s is None:
+                self.lose(tag, Loss.NO_SOCKET)
+                return
+            if self.observe:
+                flow = self.flow_of(tag)
+                if flow is not None:
+                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+            s.datagram(pkt, data, tag, now)
+            return
+        self.lose(tag, Loss.NO_SOCKET)

@@ -1,0 +1,97 @@
+"""The migration properties, each proved by running the simulator over generated scenarios.
+
+The scenarios come from ``sim.strategies`` (no link loss unless said).  Nothing here
+looks at a mode's name to decide anything: the simulator's endpoints decide, and
+these tests check their verdicts against what the packets went through.
+"""
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+
+from sim import Verdict, run_mode
+from sim.strategies import scenarios
+
+#: ROAM_SIM_EXAMPLES=500 for a longer hunt; the default keeps the file well under a minute
+EXAMPLES = int(os.environ.get("ROAM_SIM_EXAMPLES", "25"))
+FAST = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _site_of(sc, host: str) -> str:
+    return sc.host(host).site
+
+
+@FAST
+@given(scenarios(modes=("tunnel",)))
+def test_tunnel_every_connection_survives_moves_shorter_than_the_timeout(sc):
+    """Downtimes are under a third of the peers' timeout: TCP's exponential back-off
+    needs that margin for a retransmission to fall after the VM is back and before
+    the give-up (tests/unit/test_sim_stack.py shows a downtime just under the timeout
+    breaking a connection, as in real TCP)."""
+    run = run_mode(sc, "tunnel")
+    assert run.error is None, run.error
+    for c in sc.connections:
+        r = run.results[c.id]
+        assert r.established, (c, r)
+        assert r.verdict == Verdict.SURVIVED, (c, r)
+        # the peer only ever saw the VM's home address
+        assert {a for _, a, _ in r.peer_saw} == {sc.vm.home_address}, r.peer_saw
+
+
+@FAST
+@given(scenarios(modes=("nat", "nat+state"), protocols=("tcp",), directions=("outbound",)))
+def test_nat_outbound_tcp_survives_exactly_when_the_peer_sees_the_same_address_and_port(sc):
+    for mode in ("nat", "nat+state"):
+        run = run_mode(sc, mode)
+        assert run.error is None, run.error
+        for c in sc.connections:
+            r = run.results[c.id]
+            assert r.established, (mode, c, r)
+            same = len({(a, p) for _, a, p in r.peer_saw}) == 1
+            assert (r.verdict == Verdict.SURVIVED) == same, (mode, c, r)
+
+
+@FAST
+@given(scenarios(modes=("nat", "nat+state"), directions=("inbound",)))
+def test_nat_no_inbound_connection_is_established_without_an_explicit_mapping(sc):
+    host_by_addr = {h.address: h.name for h in sc.hosts}
+    for mode in ("nat", "nat+state"):
+        run = run_mode(sc, mode)
+        assert run.error is None, run.error
+        for c in sc.connections:
+            r = run.results[c.id]
+            if not r.established:
+                continue
+            # where the peer reached the VM: a host's address and a port a mapping there forwards to c.port
+            _, addr, port = r.peer_saw[0]
+            host = host_by_addr[addr]
+            assert any(f.protocol == c.protocol and f.port == c.port and f.external_port == port
+                       and (f.hosts is None or host in f.hosts) for f in sc.forwards), (mode, c, r, sc.forwards)
+
+
+@FAST
+@given(scenarios(modes=("bridged",), no_return=True, bridged=("re-lease",)))
+def test_bridged_survives_exactly_when_the_moves_stay_on_the_same_lan(sc):
+    run = run_mode(sc, "bridged")
+    assert run.error is None, run.error
+    for c in sc.connections:
+        r = run.results[c.id]
+        where = sc.vm.host
+        left_lan = False
+        for m in sc.migrations:
+            if m.at + m.downtime >= c.start and _site_of(sc, m.to) != _site_of(sc, where):
+                left_lan = True
+            where = m.to
+        assert (r.verdict == Verdict.SURVIVED) == (not left_lan), (c, r, sc.migrations)
+
+
+@settings(max_examples=max(EXAMPLES // 2, 5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(modes=("host-only",), loss=True))
+def test_host_only_no_outside_connection_is_ever_established(sc):
+    run = run_mode(sc, "host-only")
+    assert run.error is None, run.error
+    for c in sc.connections:
+        r = run.results[c.id]
+        assert not r.established and r.verdict == Verdict.BROKEN, (c, r)
+        assert r.peer_saw == () or c.direction == "inbound" and r.peer_saw == ()

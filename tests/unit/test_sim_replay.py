@@ -1,0 +1,190 @@
+"""`roam replay` end to end, and verdicts that come from packets, not from mode names."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sim import Verdict, parse_scenario, replay, run_mode
+from sim.results import MODES
+from tools.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASIC = os.path.join(ROOT, "examples", "scenarios", "basic.toml")
+
+BASE = """\
+[scenario]
+duration = 20.0
+tcp_timeout = 10.0
+udp_timeout = 10.0
+
+[[site]]
+name = "home"
+prefix = "192.0.2.0/24"
+proxy = "192.0.2.2"
+
+[[site]]
+name = "a"
+prefix = "203.0.113.0/25"
+
+[[site]]
+name = "b"
+prefix = "203.0.113.128/25"
+
+[[host]]
+name = "a1"
+site = "a"
+address = "203.0.113.10"
+
+[[host]]
+name = "a2"
+site = "a"
+address = "203.0.113.11"
+
+[[host]]
+name = "b1"
+site = "b"
+address = "203.0.113.140"
+
+[vm]
+host = "a1"
+home_address = "192.0.2.50"
+
+[[peer]]
+name = "web"
+address = "198.51.100.10"
+
+[[connection]]
+id = "t"
+peer = "web"
+port = 443
+start = 1.0
+"""
+
+
+def _move(to: str, at: float = 5.0, down_ms: float = 500) -> str:
+    return f'\n[[migration]]\nat = {at}\nto = "{to}"\ndowntime_ms = {down_ms}\n'
+
+
+def _verdict(text: str, mode: str):
+    run = run_mode(parse_scenario(text, "t.toml"), mode)
+    assert run.error is None, run.error
+    return run.results["t"]
+
+
+def test_table_has_a_row_per_connection_and_a_column_per_mode(capsys):
+    assert main(["replay", BASIC, "-q"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("connection"))
+    assert header.split()[4:] == list(MODES)
+    for cid in ("https", "dns", "quic-session", "ssh-in"):
+        assert any(line.startswith(cid + " ") for line in out.splitlines())
+
+
+def test_json_has_the_documented_shape(capsys):
+    assert main(["replay", BASIC, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["connections"]) == 4
+    for c in data["connections"]:
+        assert {"id", "protocol", "direction", "modes"} <= set(c)
+        assert set(c["modes"]) == set(MODES)
+        for m in c["modes"].values():
+            assert m["verdict"] in ("survived", "broken")
+            assert m["reason"] in (None, "reset by peer", "unreachable", "no inbound mapping", "timed out")
+            assert (m["reason"] is None) == (m["verdict"] == "survived")
+            assert (m["interruption_ms"] is None) == (m["verdict"] == "broken")
+
+
+def test_basic_scenario_outcomes(capsys):
+    rep = replay(parse_scenario(open(BASIC).read(), BASIC))
+    by = {r.mode: r.results for r in rep.runs}
+    assert all(r.verdict == Verdict.SURVIVED for r in by["tunnel"].values())
+    assert not any(r.established for r in by["host-only"].values())
+    assert all(r.verdict == Verdict.BROKEN for r in by["bridged"].values())  # the move leaves the LAN
+    assert by["nat"]["https"].reason.text == "reset by peer"  # the peer sees a new source and resets
+    assert by["nat"]["dns"].verdict == Verdict.SURVIVED  # a stateless UDP server answers any source
+
+
+def test_plot_writes_a_self_contained_html_timeline(tmp_path, capsys):
+    out = tmp_path / "t.html"
+    assert main(["replay", BASIC, "--plot", str(out), "-q"]) == 0
+    text = out.read_text()
+    assert text.startswith("<!doctype html>") and text.count("<svg") == len(MODES)
+    assert "<script" not in text and "src=" not in text and "<link" not in text  # nothing fetched
+    assert "move to dc-1" in text
+    import re
+    import xml.etree.ElementTree as ET
+
+    for svg in re.findall(r"<svg.*?</svg>", text, re.S):
+        root = ET.fromstring(svg)  # well-formed, and draws something per connection
+        assert len(root.findall(".//{http://www.w3.org/2000/svg}rect")) >= 1
+
+
+def test_bad_scenario_exits_1_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace('peer = "web"', 'peer = "nobody"'))
+    assert main(["replay", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:{BASE.splitlines().index('peer = ' + chr(34) + 'web' + chr(34)) + 1}:" in err
+    assert "peer 'nobody' is not a [[peer]]" in err
+
+
+def test_netns_backend_has_no_pcap_option(capsys):
+    assert main(["replay", BASIC, "--backend", "netns", "--pcap", "/nonexistent/x"]) == 2
+    assert "--pcap works with --backend sim only" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------- verdicts come from packets
+def test_nat_survives_a_move_that_keeps_the_external_address():
+    assert _verdict(BASE + _move("a1"), "nat").verdict == Verdict.SURVIVED  # restart in place
+    assert _verdict(BASE + _move("a2"), "nat").reason.text == "reset by peer"  # same LAN, new address
+
+
+def test_bridged_survives_a_move_on_the_same_lan_only():
+    assert _verdict(BASE + _move("a2"), "bridged").verdict == Verdict.SURVIVED
+    assert _verdict(BASE + _move("b1"), "bridged").reason.text == "unreachable"
+    keep = BASE.replace('home_address = "192.0.2.50"', 'home_address = "192.0.2.50"\nbridged = "keep"')
+    assert _verdict(keep + _move("b1"), "bridged").verdict == Verdict.BROKEN
+
+
+def test_tunnel_breaks_when_its_packets_cannot_get_home():
+    cut = BASE.replace('proxy = "192.0.2.2"', 'proxy = "192.0.2.2"\nloss = 1.0')
+    r = _verdict(cut, "tunnel")
+    assert not r.established and r.reason.text == "timed out"
+
+
+def test_tcp_back_off_can_outlast_a_downtime_shorter_than_the_timeout():
+    # 9 s down, 10 s timeout: the retransmissions fall at +0.2, 0.6, 1.4, 3, 6.2 s (all in the
+    # downtime), the next would be +12.6 s, after the give-up at +10 s -- as in real TCP.
+    assert _verdict(BASE + _move("b1", down_ms=9000), "tunnel").reason.text == "timed out"
+    assert _verdict(BASE + _move("b1", down_ms=2000), "tunnel").verdict == Verdict.SURVIVED
+
+
+def test_inbound_needs_a_mapping_on_the_host_it_reaches():
+    inbound = BASE.replace('id = "t"', 'id = "t"\ndirection = "inbound"').replace("port = 443", "port = 22")
+    assert _verdict(inbound, "nat").reason.text == "no inbound mapping"
+    fwd = inbound + '\n[[forward]]\nport = 22\nexternal_port = 2222\n'
+    r = _verdict(fwd, "nat")
+    assert r.verdict == Verdict.SURVIVED and r.peer_saw[0][1:] == ("203.0.113.10", 2222)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_seed_same_report(mode):
+    lossy = BASE.replace('name = "web"', 'name = "web"\nloss = 0.05') + _move("b1")
+    a = run_mode(parse_scenario(lossy, "t.toml"), mode)
+    b = run_mode(parse_scenario(lossy, "t.toml"), mode)
+    assert a.results == b.results and a.packets == b.packets
+
+
+def test_pcap_option_writes_the_simulated_packets(tmp_path, capsys):
+    from conntrack.pcap import read_pcap, record_packet
+
+    prefix = str(tmp_path / "sim")
+    assert main(["replay", BASIC, "-q", "--modes", "nat,tunnel", "--pcap", prefix]) == 0
+    for mode in ("nat", "tunnel"):
+        with open(f"{prefix}-{mode}.pcap", "rb") as f:
+            pkts = [record_packet(r) for r in read_pcap(f)]
+        assert len(pkts) > 100
+        assert all(p.family == 4 for p in pkts)
+    assert "packets of mode nat written" in capsys.readouterr().err
