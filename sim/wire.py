@@ -11,6 +11,7 @@ import ipaddress
 import struct
 
 from conntrack import Proto, TcpFlag
+from conntrack.checksum import internet_checksum as checksum
 
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
@@ -27,16 +28,6 @@ _ZEROS = bytes(MSS)
 def zeros(n: int) -> bytes:
     """``n`` zero bytes of payload (at most :data:`MSS`)."""
     return _ZEROS[:n]
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def addr(text: str) -> bytes:

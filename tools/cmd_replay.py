@@ -101,11 +101,12 @@ def run(args: argparse.Namespace) -> int:
     tty = sys.stderr.isatty()
     bar = _Bar(modes, not args.quiet and tty, None if args.quiet else tty)
     captures: dict[str, list] = {}
-    taps = None
-    if args.pcap:
-        def taps(mode: str):
-            records = captures.setdefault(mode, [])
-            return lambda now, data: records.append((now, bytes(data)))
+
+    def tap_for(mode: str):
+        records = captures.setdefault(mode, [])
+        return lambda now, data: records.append((now, bytes(data)))
+
+    taps = tap_for if args.pcap else None
     try:
         if run_netns is not None:
             rep = run_netns(sc, modes, bar, parallel=args.parallel)

@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 
 from pyroute2 import IPRoute, netns
 
+from conntrack.checksum import internet_checksum
+
 NETNS_DIR = "/run/netns"
 _ROLE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 # <prefix>-<role>-p<pid>x<4 hex>; the role may itself contain '-'-free words only.
@@ -140,15 +142,6 @@ def cleanup_stale(prefix: str = "roam", min_age: float = 60.0) -> list[str]:
             continue
         removed.append(name)
     return removed
-
-
-def _inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _split_cidr(cidr: str) -> tuple[str, int, int]:
@@ -344,7 +337,7 @@ class Lab:
             for seq in range(1, count + 1):
                 payload = b"roam-lab-ping" + seq.to_bytes(2, "big")
                 hdr = struct.pack("!BBHHH", req_type, 0, 0, ident, seq)
-                csum = 0 if v6 else _inet_checksum(hdr + payload)  # kernel fills ICMPv6's
+                csum = 0 if v6 else internet_checksum(hdr + payload)  # kernel fills ICMPv6's
                 s.sendto(struct.pack("!BBHHH", req_type, 0, csum, ident, seq) + payload, (dst, 0))
                 deadline = time.monotonic() + timeout
                 while True:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import struct
 
+from conntrack.checksum import internet_checksum
+
 BROADCAST = b"\xff" * 6
 ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
 ALL_NODES_V6 = bytes.fromhex("ff020000000000000000000000000001")
@@ -25,20 +27,11 @@ def gratuitous_arp(mac: bytes, ip4: bytes) -> bytes:
     return _ETH.pack(BROADCAST, mac, 0x0806) + arp
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def unsolicited_na(mac: bytes, ip6: bytes) -> bytes:
     """An unsolicited neighbour advertisement (RFC 4861 7.2.6) to all nodes, Override set."""
     icmp = struct.pack("!BBHI16sBB6s", 136, 0, 0, 0x20000000, ip6, 2, 1, mac)
     pseudo = ip6 + ALL_NODES_V6 + struct.pack("!I3xB", len(icmp), 58)
-    csum = _checksum(pseudo + icmp)
+    csum = internet_checksum(pseudo + icmp)
     icmp = icmp[:2] + struct.pack("!H", csum) + icmp[4:]
     ip = struct.pack("!IHBB16s16s", 0x60000000, len(icmp), 58, 255, ip6, ALL_NODES_V6)
     return _ETH.pack(ALL_NODES_MAC, mac, 0x86DD) + ip + icmp

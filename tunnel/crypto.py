@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .wire import (
-    HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Flag, Header, WireError, build_header, parse_header,
+    HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Header, WireError, build_header, parse_header,
 )
 
 KEY_LEN = 32
