@@ -113,6 +113,24 @@ def list_lab_namespaces(prefix: str | None = None) -> list[str]:
     return out
 
 
+def remove_namespace(name: str, prefix: str) -> str | None:
+    """Stop what runs inside one of our namespaces and delete it; an error sentence or None.
+
+    A name that does not follow our naming with this prefix is refused, never touched.
+    """
+    m = _NAME.match(name)
+    if not m or m["prefix"] != prefix:
+        return f"{name}: not a {prefix} lab namespace (refusing to touch it)"
+    if name not in list_lab_namespaces(prefix):
+        return None
+    _kill_pids(_ns_pids(name), wait=2.0)
+    try:
+        netns.remove(name)
+    except OSError as exc:
+        return f"{name}: {exc}"
+    return None
+
+
 def cleanup_stale(prefix: str = "roam", min_age: float = 60.0) -> list[str]:
     """Remove namespaces left behind by killed runs; returns the names removed.
 
@@ -410,6 +428,25 @@ class Lab:
         return p.returncode
 
     # -- teardown --------------------------------------------------------------
+    def detach(self) -> list[str]:
+        """Let the namespaces outlive this process (`roam lab up`); returns their names.
+
+        Closes the netlink sockets and forgets the processes; nothing is removed, at
+        exit or later: ``remove_namespace`` ends them.
+        """
+        names = list(self.namespaces)
+        for ipr in self._ipr.values():
+            try:
+                ipr.close()
+            except Exception:  # a socket that will not close is harmless here
+                pass
+        self._ipr.clear()
+        self._procs.clear()
+        self.namespaces.clear()
+        self._closed = True
+        _live_labs.discard(self)
+        return names
+
     def close(self) -> None:
         """Stop processes, close sockets, delete namespaces. Safe to call twice."""
         if self._closed:

@@ -286,45 +286,23 @@ LAB_PREFIX = "roamlab"  # `roam lab` namespaces: never touched by the tests' cle
 
 
 def keep(lab: Lab) -> None:
-    """Let ``lab``'s namespaces outlive this process (``roam lab up``); ``remove_namespaces`` ends them.
-
-    netlab has no public detach: this takes the lab off the list its atexit hook
-    closes and closes its netlink sockets, leaving namespaces and links in place.
-    """
-    from . import netlab
-
-    netlab._live_labs.discard(lab)
-    for ipr in lab._ipr.values():
-        try:
-            ipr.close()
-        except Exception:  # noqa: BLE001 - a socket that will not close is harmless here
-            pass
-    lab._ipr.clear()
-    lab._closed = True
+    """Let ``lab``'s namespaces outlive this process (``roam lab up``); ``remove_namespaces`` ends them."""
+    lab.detach()
 
 
 def remove_namespaces(names: list[str], prefix: str = LAB_PREFIX) -> tuple[list[str], list[str]]:
-    """Stop what runs inside and delete each namespace named like ``<prefix>-<role>-p<pid>x<hex>``.
+    """Stop what runs inside and delete each of our namespaces; returns (removed, errors).
 
     Names that do not follow our naming are refused (returned as errors), never touched.
-    Returns (removed, errors).
     """
-    from pyroute2 import netns
-
     from . import netlab
 
     removed, errors = [], []
     for name in names:
-        m = netlab._NAME.match(name)
-        if not m or m["prefix"] != prefix:
-            errors.append(f"{name}: not a {prefix} lab namespace (refusing to touch it)")
-            continue
-        if name not in netlab.list_lab_namespaces(prefix):
-            continue
-        netlab._kill_pids(netlab._ns_pids(name), wait=2.0)
-        try:
-            netns.remove(name)
+        present = name in netlab.list_lab_namespaces(prefix)
+        error = netlab.remove_namespace(name, prefix)
+        if error:
+            errors.append(error)
+        elif present:
             removed.append(name)
-        except OSError as exc:
-            errors.append(f"{name}: {exc}")
     return removed, errors
