@@ -66,19 +66,38 @@ class FlowTuple:
         return str(ipaddress.ip_address(self.dst))
 
 
+_PORTED = frozenset({6, 17, 136, 132, 33})  # as packet._PORT_PROTOS, plain ints
+_PACK4, _PACK6 = _K4.pack, _K6.pack
+_UNPACK4, _UNPACK6 = _K4.unpack, _K6.unpack
+_K4_SIZE = _K4.size
+
+
 def packet_key(pkt: Packet) -> bytes | None:
     """The key of the tuple this packet travels on, or None if it cannot be tracked alone."""
-    k = _K4 if pkt.family == 4 else _K6
-    if pkt.has_ports:
-        return k.pack(pkt.proto, pkt.src, pkt.dst, pkt.sport, pkt.dport)
-    if pkt.is_icmp:
-        if pkt.is_icmp_query:
-            return k.pack(pkt.proto, pkt.src, pkt.dst, pkt.sport, pkt.icmp_type)
+    family, proto, src, dst, _, l4, _, sport, dport, _, _, _, _, icmp_type = pkt[:14]
+    pack = _PACK4 if family == 4 else _PACK6
+    if l4 < 0:
         return None
-    if pkt.l4 < 0:
+    if proto in _PORTED:
+        return pack(proto, src, dst, sport, dport)
+    if proto == (1 if family == 4 else 58):
+        queries = ICMP4_QUERIES if family == 4 else ICMP6_QUERIES
+        if icmp_type in queries or icmp_type in queries.values():
+            return pack(proto, src, dst, sport, icmp_type)
         return None
-    return k.pack(pkt.proto, pkt.src, pkt.dst, _PORTLESS, _PORTLESS)
+    return pack(proto, src, dst, _PORTLESS, _PORTLESS)
 
 
 def reverse_key(key: bytes) -> bytes:
-    return FlowTuple.from_key(key).reversed().key()
+    """The key of the answer's tuple (as ``FlowTuple.reversed``), without building tuples."""
+    if len(key) == _K4_SIZE:
+        proto, src, dst, sport, dport = _UNPACK4(key)
+        pack = _PACK4
+    else:
+        proto, src, dst, sport, dport = _UNPACK6(key)
+        pack = _PACK6
+    if proto == 1:
+        return pack(proto, dst, src, sport, _ICMP4_PAIR.get(dport, dport))
+    if proto == 58:
+        return pack(proto, dst, src, sport, _ICMP6_PAIR.get(dport, dport))
+    return pack(proto, dst, src, dport, sport)

@@ -4,12 +4,18 @@
 TAP device or an Ethernet capture delivers.  Both return frozen values holding the
 header fields the tracker needs and the *absolute offsets* of each layer, so the NAT
 can rewrite the same buffer in place.  Their only failure is :class:`ParseError`.
+
+``Packet`` and ``Fragment`` are immutable ``NamedTuple`` values rather than frozen
+dataclasses: one is built per packet, and a frozen dataclass with eighteen fields costs
+about ten times as much to build (one ``object.__setattr__`` per field).  Hot paths
+build them with ``tuple.__new__`` and every field given (``_new``).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .errors import ParseError, Reason
 
@@ -59,20 +65,25 @@ ICMP6_QUERIES = {128: 129, 139: 140}
 ICMP4_ERRORS = frozenset({3, 4, 5, 11, 12})
 ICMP6_ERRORS = frozenset({1, 2, 3, 4})
 
-#: Protocols whose first four L4 bytes are source and destination ports.
-_PORT_PROTOS = frozenset({Proto.TCP, Proto.UDP, Proto.UDPLITE, Proto.SCTP, Proto.DCCP})
+#: Protocols whose first four L4 bytes are source and destination ports (plain ints: hashing
+#: an IntEnum member costs more than hashing an int).
+_PORT_PROTOS = frozenset({6, 17, 136, 132, 33})
 #: IPv6 extension headers whose length is (hdrlen + 1) * 8.
-_EXT_GENERIC = frozenset({Proto.HOPOPT, Proto.ROUTING, Proto.DSTOPTS, 135, 139, 140})
+_EXT_GENERIC = frozenset({0, 43, 60, 135, 139, 140})
+_TCP, _UDP, _UDPLITE, _ICMP, _ICMPV6, _AH, _FRAG = 6, 17, 136, 1, 58, 51, 44
 _MAX_EXT_HEADERS = 16
 _MAX_VLAN_TAGS = 4
 
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
 _I = struct.Struct("!I")
+_HHH = struct.Struct("!HHH")
+_HHII = struct.Struct("!HHII")
+_IPV4 = struct.Struct("!xxHxxHxB")  # total length, flags/fragment offset, protocol
+_new = tuple.__new__
 
 
-@dataclass(frozen=True, slots=True)
-class Fragment:
+class Fragment(NamedTuple):
     """An IP fragment: tracked by (src, dst, proto, ident) until its head is known."""
 
     ident: int
@@ -84,9 +95,8 @@ class Fragment:
         return self.offset == 0
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One IP packet's headers; offsets index the buffer it was parsed from."""
+class Packet(NamedTuple):
+    """One IP packet's headers; offsets index the buffer it was parsed from (immutable)."""
 
     family: int  # 4 or 6
     proto: int  # upper-layer protocol (after any IPv6 extension headers)
@@ -117,7 +127,7 @@ class Packet:
 
     @property
     def is_icmp(self) -> bool:
-        return self.proto == (Proto.ICMP if self.family == 4 else Proto.ICMPV6)
+        return self.proto == (1 if self.family == 4 else 58)
 
     @property
     def is_icmp_error(self) -> bool:
@@ -171,7 +181,28 @@ def parse_frame(buf: bytes | bytearray | memoryview) -> Frame:
 
 def parse_ip(buf: bytes | bytearray | memoryview, offset: int = 0) -> Packet:
     """Parse an IPv4 or IPv6 packet starting at ``offset``."""
-    return _parse_ip(buf, offset, len(buf), quoted=False)
+    # The common packet read inline (whole option-less IPv4, TCP or UDP, well-formed); all
+    # else, errors included, goes the general way, which gives this case the same answer.
+    n = len(buf)
+    if n - offset >= 28 and buf[offset] == 0x45:
+        total, frag, proto = _IPV4.unpack_from(buf, offset)
+        end = offset + total
+        if not frag & 0x3FFF and 28 <= total and end <= n:
+            l4 = offset + 20
+            if proto == _TCP:
+                if total >= 40:
+                    doff = (buf[l4 + 12] >> 4) * 4
+                    if 20 <= doff <= total - 20:
+                        sport, dport, seq, ack = _HHII.unpack_from(buf, l4)
+                        return _new(Packet, (4, 6, bytes(buf[offset + 12:l4 - 4]), bytes(buf[l4 - 4:l4]), offset, l4,
+                                             end, sport, dport, buf[l4 + 13] & 0x3F, seq, ack, total - 20 - doff,
+                                             -1, -1, None, None, False))
+            elif proto == _UDP:
+                sport, dport, ulen = _HHH.unpack_from(buf, l4)
+                if 8 <= ulen <= total - 20:
+                    return _new(Packet, (4, 17, bytes(buf[offset + 12:l4 - 4]), bytes(buf[l4 - 4:l4]), offset, l4, end,
+                                         sport, dport, 0, 0, 0, ulen - 8, -1, -1, None, None, False))
+    return _parse_ip(buf, offset, n, False)
 
 
 def _parse_ip(buf, off: int, limit: int, quoted: bool) -> Packet:
@@ -193,7 +224,7 @@ def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
         raise ParseError(Reason.BAD_IHL, f"IHL {ihl // 4} below 5")
     if off + ihl > limit:
         raise ParseError(Reason.TRUNCATED, f"IPv4 header of {ihl} bytes cut short")
-    total, ident, frag = struct.unpack_from("!HHH", buf, off + 2)
+    total, ident, frag = _HHH.unpack_from(buf, off + 2)
     if total < ihl:
         raise ParseError(Reason.BAD_TOTAL_LENGTH, f"total length {total} below header length {ihl}")
     end = off + total
@@ -207,7 +238,7 @@ def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
     dst = bytes(buf[off + 16 : off + 20])
     fragment = None
     if frag & 0x3FFF:
-        fragment = Fragment(ident, (frag & 0x1FFF) * 8, bool(frag & 0x2000))
+        fragment = _new(Fragment, (ident, (frag & 0x1FFF) * 8, bool(frag & 0x2000)))
     return _parse_l4(buf, 4, proto, src, dst, off, off + ihl, end, fragment, quoted, truncated)
 
 
@@ -227,21 +258,21 @@ def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
     pos = off + 40
     fragment = None
     for _ in range(_MAX_EXT_HEADERS):
-        if nh in _EXT_GENERIC or nh == Proto.AH:
+        if nh in _EXT_GENERIC or nh == _AH:
             if end - pos < 8:
                 raise ParseError(Reason.BAD_EXTENSION_HEADER, f"extension header {nh} at {pos} cut short")
-            size = (buf[pos + 1] + 2) * 4 if nh == Proto.AH else (buf[pos + 1] + 1) * 8
+            size = (buf[pos + 1] + 2) * 4 if nh == _AH else (buf[pos + 1] + 1) * 8
             if pos + size > end:
                 raise ParseError(Reason.BAD_EXTENSION_HEADER, f"extension header {nh} of {size} bytes overruns the packet")
             nh, pos = buf[pos], pos + size
-        elif nh == Proto.FRAGMENT:
+        elif nh == _FRAG:
             if end - pos < 8:
                 raise ParseError(Reason.BAD_EXTENSION_HEADER, f"fragment header at {pos} cut short")
             (fo,) = _H.unpack_from(buf, pos + 2)
             (ident,) = _I.unpack_from(buf, pos + 4)
             if fragment is not None:
                 raise ParseError(Reason.BAD_FRAGMENT, "two fragment headers")
-            fragment = Fragment(ident, fo & 0xFFF8, bool(fo & 1))
+            fragment = _new(Fragment, (ident, fo & 0xFFF8, bool(fo & 1)))
             if not fragment.more and fragment.offset == 0:
                 fragment = None  # an atomic fragment (RFC 6946) is a whole packet
             nh, pos = buf[pos], pos + 8
@@ -253,11 +284,15 @@ def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
 
 
 def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, truncated) -> Packet:
+    # Packets are built with every field given, in order (see Packet):
+    # family proto src dst l3 l4 end sport dport tcp_flags seq ack payload_len icmp_type icmp_code
+    # fragment inner truncated
     if fragment is not None and fragment.offset != 0:
-        return Packet(family, proto, src, dst, l3, -1, end, fragment=fragment, truncated=truncated)
+        return _new(Packet, (family, proto, src, dst, l3, -1, end, 0, 0, 0, 0, 0, 0, -1, -1, fragment, None,
+                             truncated))
     avail = end - l4
     cut = Reason.BAD_FRAGMENT if fragment is not None else Reason.TRUNCATED
-    if proto == Proto.TCP:
+    if proto == _TCP:
         if quoted:
             if avail < 8:
                 raise ParseError(Reason.TRUNCATED, "quoted TCP header needs 8 bytes")
@@ -265,30 +300,30 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
             (seq,) = _I.unpack_from(buf, l4 + 4)
             ack = _I.unpack_from(buf, l4 + 8)[0] if avail >= 12 else 0
             flags = buf[l4 + 13] & 0x3F if avail >= 14 else 0
-            return Packet(family, proto, src, dst, l3, l4, end, sport, dport, flags, seq, ack,
-                          fragment=fragment, truncated=truncated)
+            return _new(Packet, (family, proto, src, dst, l3, l4, end, sport, dport, flags, seq, ack, 0, -1, -1,
+                                 fragment, None, truncated))
         if avail < 20:
             raise ParseError(cut, f"TCP header needs 20 bytes, have {avail}")
         doff = (buf[l4 + 12] >> 4) * 4
         if doff < 20 or doff > avail:
             raise ParseError(Reason.BAD_TCP_OFFSET, f"data offset {doff} with {avail} bytes present")
-        sport, dport, seq, ack = struct.unpack_from("!HHII", buf, l4)
-        return Packet(family, proto, src, dst, l3, l4, end, sport, dport, buf[l4 + 13] & 0x3F, seq, ack,
-                      avail - doff, fragment=fragment, truncated=truncated)
+        sport, dport, seq, ack = _HHII.unpack_from(buf, l4)
+        return _new(Packet, (family, proto, src, dst, l3, l4, end, sport, dport, buf[l4 + 13] & 0x3F, seq, ack,
+                             avail - doff, -1, -1, fragment, None, truncated))
     if proto in _PORT_PROTOS:  # UDP, UDP-Lite, SCTP, DCCP: ports first
-        need = 8 if proto in (Proto.UDP, Proto.UDPLITE) and not quoted else 4
+        need = 8 if (proto == _UDP or proto == _UDPLITE) and not quoted else 4
         if avail < need:
             raise ParseError(cut, f"protocol {proto} header needs {need} bytes, have {avail}")
         sport, dport = _HH.unpack_from(buf, l4)
         payload = 0
-        if proto == Proto.UDP and not quoted:
+        if proto == _UDP and not quoted:
             (ulen,) = _H.unpack_from(buf, l4 + 4)
             if fragment is None and (ulen < 8 or ulen > avail):
                 raise ParseError(Reason.BAD_UDP_LENGTH, f"UDP length {ulen} with {avail} bytes present")
             payload = ulen - 8 if ulen >= 8 else 0
-        return Packet(family, proto, src, dst, l3, l4, end, sport, dport, payload_len=payload,
-                      fragment=fragment, truncated=truncated)
-    icmp = Proto.ICMP if family == 4 else Proto.ICMPV6
+        return _new(Packet, (family, proto, src, dst, l3, l4, end, sport, dport, 0, 0, 0, payload, -1, -1,
+                             fragment, None, truncated))
+    icmp = _ICMP if family == 4 else _ICMPV6
     if proto == icmp:
         if avail < 8:
             raise ParseError(Reason.BAD_ICMP if not quoted else Reason.TRUNCATED, f"ICMP header needs 8 bytes, have {avail}")
@@ -298,19 +333,20 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
         errors = ICMP4_ERRORS if family == 4 else ICMP6_ERRORS
         if itype in errors:
             if quoted:  # an error about an error is never generated (RFC 1122 3.2.2)
-                return Packet(family, proto, src, dst, l3, l4, end, icmp_type=itype, icmp_code=code,
-                              fragment=fragment, truncated=truncated)
+                return _new(Packet, (family, proto, src, dst, l3, l4, end, 0, 0, 0, 0, 0, 0, itype, code,
+                                     fragment, None, truncated))
             if fragment is not None:
                 raise ParseError(Reason.BAD_ICMP, "fragmented ICMP error")
             try:
-                inner = _parse_ip(buf, l4 + 8, end, quoted=True)
+                inner = _parse_ip(buf, l4 + 8, end, True)
             except ParseError as exc:
                 raise ParseError(Reason.BAD_ICMP, f"quoted packet: {exc}") from None
             if inner.family != family:
                 raise ParseError(Reason.BAD_ICMP, f"ICMPv{family} error quotes an IPv{inner.family} packet")
             ident = 0
-        return Packet(family, proto, src, dst, l3, l4, end, ident, 0, payload_len=avail - 8,
-                      icmp_type=itype, icmp_code=code, fragment=fragment, inner=inner, truncated=truncated)
-    if proto in (Proto.ICMP, Proto.ICMPV6):
+        return _new(Packet, (family, proto, src, dst, l3, l4, end, ident, 0, 0, 0, 0, avail - 8, itype, code,
+                             fragment, inner, truncated))
+    if proto == _ICMP or proto == _ICMPV6:
         raise ParseError(Reason.UNSUPPORTED_PROTOCOL, f"ICMP protocol {proto} inside IPv{family}")
-    return Packet(family, proto, src, dst, l3, l4, end, payload_len=avail, fragment=fragment, truncated=truncated)
+    return _new(Packet, (family, proto, src, dst, l3, l4, end, 0, 0, 0, 0, 0, avail, -1, -1, fragment, None,
+                         truncated))

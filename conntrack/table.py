@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from .events import ConnEvent, CtState, EventKind, Tracked, Why
-from .flow import FlowTuple, packet_key, reverse_key
-from .packet import ICMP4_QUERIES, ICMP6_QUERIES, Packet, Proto
-from .tcp_states import REOPEN_STATES, Direction, Segment, TcpState, classify, next_state
+from .flow import _PACK4, _PACK6, FlowTuple, packet_key, reverse_key
+from .packet import ICMP4_QUERIES, ICMP6_QUERIES, Packet
+from .tcp_states import NEXT, REOPEN_STATES, STATE_OF, Direction, TcpState
 from .timeouts import Timeouts
 
 SEEN_REPLY = 1
@@ -26,36 +26,72 @@ DEAD = 4
 
 _EARLY_DROP_SCAN = 64  # entries looked at for an unassured victim when full (Linux: 8 per bucket)
 _ORIG, _REPLY = Direction.ORIGINAL, Direction.REPLY
+_DIRS = (_ORIG, _REPLY)
 _NEW, _EST, _REL, _INV, _UNT = (CtState.NEW, CtState.ESTABLISHED, CtState.RELATED,
                                 CtState.INVALID, CtState.UNTRACKED)
+# Conn keeps its TCP state in the low byte of one int and its status bits above it
+# (one slot fewer per entry); these are the status bits in that int.
+_SEEN, _ASSURED, _DEAD = SEEN_REPLY << 8, ASSURED << 8, DEAD << 8
+_STATE_MASK = 0xFF
+_TCP, _UDP, _UDPLITE, _ICMP, _ICMPV6 = 6, 17, 136, 1, 58
+_SYN_SENT, _SYN_RECV, _ESTABLISHED, _TIME_WAIT, _CLOSE = 1, 2, 3, 7, 8
+_IGNORE, _INVALID = int(TcpState.IGNORE), int(TcpState.INVALID)
 
 
 class Conn:
-    """One tracked connection (mutable: the table owns it)."""
+    """One tracked connection (mutable: the table owns it).
 
-    __slots__ = ("original", "reply", "proto", "state", "status", "deadline", "orig_packets", "orig_bytes", "reply_packets", "reply_bytes", "extra")
+    ``proto`` is read from the original key's first byte and ``state``/``status`` share
+    one int (``_ss``): fewer slots, less memory per entry. All three read and write as
+    plain attributes.
+    """
+
+    __slots__ = ("original", "reply", "_ss", "deadline", "orig_packets", "orig_bytes", "reply_packets",
+                 "reply_bytes", "extra")
 
     def __init__(self, original: bytes, reply: bytes, proto: int, state: int, now: float) -> None:
+        # ``proto`` is original[0] (the key starts with it); kept in the signature for callers
         self.original = original
         self.reply = reply
-        self.proto = proto
-        self.state = state  # TcpState for TCP, 0 otherwise
-        self.status = 0
+        self._ss = int(state)  # TcpState for TCP, 0 otherwise; status bits << 8
         self.deadline = now
         self.orig_packets = self.orig_bytes = self.reply_packets = self.reply_bytes = 0
         self.extra = None  # owned by the user (the NAT keeps its mapping here)
 
     @property
+    def proto(self) -> int:
+        return self.original[0]
+
+    @property
+    def state(self) -> int:
+        """TcpState for TCP, 0 otherwise."""
+        s = self._ss & _STATE_MASK
+        return STATE_OF[s] if self.original[0] == _TCP else s
+
+    @state.setter
+    def state(self, value: int) -> None:
+        self._ss = (self._ss & ~_STATE_MASK) | int(value)
+
+    @property
+    def status(self) -> int:
+        """SEEN_REPLY | ASSURED | DEAD bits."""
+        return self._ss >> 8
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._ss = (self._ss & _STATE_MASK) | (int(value) << 8)
+
+    @property
     def assured(self) -> bool:
-        return bool(self.status & ASSURED)
+        return bool(self._ss & _ASSURED)
 
     @property
     def seen_reply(self) -> bool:
-        return bool(self.status & SEEN_REPLY)
+        return bool(self._ss & _SEEN)
 
     @property
     def tcp_state(self) -> TcpState | None:
-        return TcpState(self.state) if self.proto == Proto.TCP else None
+        return STATE_OF[self._ss & _STATE_MASK] if self.original[0] == _TCP else None
 
     def tuples(self) -> tuple[FlowTuple, FlowTuple]:
         return FlowTuple.from_key(self.original), FlowTuple.from_key(self.reply)
@@ -98,6 +134,16 @@ class ConnTable:
         self.counters = {"searched": 0, "new": 0, "invalid": 0, "dropped_full": 0,
                          "early_drops": 0, "expired": 0}
 
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, t: Timeouts) -> None:
+        self._timeouts = t
+        # TCP timeout by state value, looked up per packet (Timeouts.tcp goes by the name)
+        self._tcp_timeout = tuple(t.tcp(s) if s != TcpState.NONE else t.syn_sent for s in STATE_OF)
+
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
         return self._count
@@ -107,10 +153,35 @@ class ConnTable:
 
     def get(self, t: FlowTuple, now: float | None = None) -> Conn | None:
         """The live entry holding tuple ``t`` in either direction."""
-        c = self._by_key.get(t.key())
+        return self.lookup(t.key(), now)
+
+    def lookup(self, key: bytes, now: float | None = None) -> Conn | None:
+        """The entry holding the packed tuple ``key`` (``FlowTuple.key()``, ``packet_key``) in
+        either direction; with ``now``, None for an entry whose timeout has passed (it stays
+        until ``expire`` or the next ``track`` on it destroys it)."""
+        c = self._by_key.get(key)
         if c is not None and now is not None and c.deadline <= now:
             return None
         return c
+
+    def adopt(self, c: Conn) -> None:
+        """Insert a ready-made connection (e.g. one restored from a snapshot), no event.
+
+        Raises ValueError if either of its tuples is taken or the table is full."""
+        if c.original in self._by_key or c.reply in self._by_key:
+            raise ValueError("a tuple of this connection is already tracked")
+        if self._count >= self.capacity:
+            raise ValueError("table full")
+        c._ss &= ~_DEAD
+        self._by_key[c.original] = c
+        self._by_key[c.reply] = c
+        self._count += 1
+        self._file(c)
+
+    @property
+    def has_events(self) -> bool:
+        """Whether ``pop_events`` has anything (cheaper than popping an empty list)."""
+        return bool(self._events)
 
     def stats(self) -> Stats:
         return Stats(self._count, self.capacity, **self.counters)
@@ -121,9 +192,10 @@ class ConnTable:
 
     def next_deadline(self) -> float | None:
         """When ``expire`` next has work (may be early, never late; ``expire`` at it makes progress)."""
-        if not self._slots:
+        slots = self._slots
+        if not slots:
             return None
-        slot = self._slots[0]
+        slot = slots[0]
         return self._slot_min.get(slot, float(slot))
 
     def timeout_left(self, c: Conn, now: float) -> float:
@@ -132,31 +204,106 @@ class ConnTable:
     # ------------------------------------------------------------------ input
     def track(self, pkt: Packet, now: float, reply: FlowTuple | None = None) -> Tracked:
         """Account one packet; ``reply`` sets a new entry's reply tuple (NAT)."""
-        self.counters["searched"] += 1
-        if pkt.l4 < 0:
+        family, proto, src, dst, l3, l4, end, sport, dport, flags = pkt[:10]
+        if l4 < 0:
+            self.counters["searched"] += 1
             return self._track_fragment(pkt, now)
         if pkt.inner is not None:
+            self.counters["searched"] += 1
             return self._track_related(pkt, now)
-        key = packet_key(pkt)
+        if proto == _TCP or proto == _UDP:  # packet_key's common case, inline
+            key = (_PACK4 if family == 4 else _PACK6)(proto, src, dst, sport, dport)
+        else:
+            key = packet_key(pkt)
         if key is None:
+            self.counters["searched"] += 1
             return Tracked(_UNT, why=Why.NOT_TRACKABLE)
         c = self._by_key.get(key)
         if c is not None and c.deadline <= now:
             self._destroy(c, now, Why.TIMEOUT)
             c = None
         if c is None:
+            self.counters["searched"] += 1
             return self._new(pkt, key, now, reply)
-        direction = _ORIG if key == c.original else _REPLY
-        if pkt.proto == Proto.TCP:
-            res = self._tcp(c, pkt, direction, now)
-            if res is not None:
-                return res
-        else:
-            self._refresh_other(c, direction, now)
-        self._account(c, pkt, direction)
+        direction = 0 if key == c.original else 1
+        if self.track_conn(c, direction, flags, end - l3, now):
+            if pkt.fragment is not None:
+                self._note_head(pkt, c, direction, now)
+            return Tracked(_EST if c._ss & _SEEN else _NEW, _DIRS[direction], c)
+        self.counters["searched"] += 1
+        res = self._tcp(c, pkt, _DIRS[direction], now)  # only TCP declines track_conn
+        if res is not None:
+            return res
+        self._account(c, pkt.end - pkt.l3, direction)
         if pkt.fragment is not None:
             self._note_head(pkt, c, direction, now)
-        return Tracked(_EST if c.status & SEEN_REPLY else _NEW, direction, c)
+        return Tracked(_EST if c._ss & _SEEN else _NEW, _DIRS[direction], c)
+
+    def track_conn(self, c: Conn, direction: int, tcp_flags: int, nbytes: int, now: float) -> bool:
+        """The common case of ``track`` for a packet of a known, live entry (from ``lookup``):
+        ``direction`` 0 on its original tuple, 1 on its reply tuple; ``nbytes`` the IP length.
+
+        Returns True when the packet was accounted exactly as ``track`` would (its ctstate is
+        ESTABLISHED if ``c.seen_reply`` else NEW). Returns False, having changed nothing, for
+        a TCP segment that needs ``track`` itself (invalid, ignored, a reopening SYN, an RST
+        before any reply); the caller then calls ``track``.
+        """
+        ss = c._ss
+        proto = c.original[0]
+        if proto == _TCP:
+            old = ss & _STATE_MASK
+            new = NEXT[direction][tcp_flags & 0x3F][old]
+            if (new >= _IGNORE or (new == _SYN_SENT and (old == _TIME_WAIT or old == _CLOSE))
+                    or (tcp_flags & 4 and not ss & _SEEN)):
+                return False
+            changed = new != old
+            if not ss & _ASSURED and ss & _SEEN and (old == _SYN_RECV or old == _ESTABLISHED) and new == _ESTABLISHED:
+                ss |= _ASSURED
+                changed = True
+            if direction:
+                ss |= _SEEN
+            c._ss = (ss & ~_STATE_MASK) | new
+            deadline = now + self._tcp_timeout[new]
+            if changed:
+                self._set_deadline(c, deadline)
+                self._emit(EventKind.UPDATE, c, now)
+            elif deadline < c.deadline:
+                self._set_deadline(c, deadline)
+            else:
+                c.deadline = deadline
+        else:
+            t = self._timeouts
+            if proto == _UDP or proto == _UDPLITE:
+                if direction and not ss & _SEEN:
+                    ss |= _SEEN
+                    c._ss = ss
+                if ss & _SEEN:
+                    if not ss & _ASSURED:  # the first reply assures a UDP flow
+                        c._ss = ss | _ASSURED
+                        self._emit(EventKind.UPDATE, c, now)
+                    deadline = now + t.udp_stream
+                else:
+                    deadline = now + t.udp
+            else:
+                if direction and not ss & _SEEN:
+                    if proto == _ICMP or proto == _ICMPV6:
+                        c._ss = ss | _SEEN
+                    else:
+                        c._ss = ss | _SEEN | _ASSURED
+                        self._emit(EventKind.UPDATE, c, now)
+                deadline = now + (t.icmp if proto == _ICMP or proto == _ICMPV6 else t.generic)
+            if deadline < c.deadline:
+                self._set_deadline(c, deadline)
+            else:
+                c.deadline = deadline
+        if direction:
+            c.reply_packets += 1
+            c.reply_bytes += nbytes
+        else:
+            c.orig_packets += 1
+            c.orig_bytes += nbytes
+        self.counters["searched"] += 1
+        return True
 
     def expire(self, now: float) -> int:
         """Destroy every entry whose timeout has passed; returns how many."""
@@ -167,7 +314,7 @@ class ConnTable:
             slot = heapq.heappop(slots)
             self._slot_min.pop(slot, None)
             for c in wheel.pop(slot, ()):
-                if c.status & DEAD:
+                if c._ss & _DEAD:
                     continue
                 if c.deadline <= now:
                     self._destroy(c, now, Why.TIMEOUT)
@@ -183,7 +330,7 @@ class ConnTable:
         return n
 
     def remove(self, c: Conn, now: float, why: Why = Why.REMOVED) -> None:
-        if not c.status & DEAD:
+        if not c._ss & _DEAD:
             self._destroy(c, now, why)
 
     def flush(self, now: float) -> None:
@@ -194,12 +341,12 @@ class ConnTable:
     def _new(self, pkt: Packet, key: bytes, now: float, reply: FlowTuple | None) -> Tracked:
         proto = pkt.proto
         state = 0
-        if proto == Proto.TCP:
-            state = next_state(_ORIG, classify(pkt.tcp_flags), TcpState.NONE)
-            if state >= TcpState.IGNORE:
+        if proto == _TCP:
+            state = NEXT[0][pkt.tcp_flags & 0x3F][0]
+            if state >= _IGNORE:
                 self.counters["invalid"] += 1
                 return Tracked(_INV, why=Why.TCP_INVALID)
-        elif pkt.is_icmp:
+        elif proto == (_ICMP if pkt.family == 4 else _ICMPV6):
             # a reply type cannot open an entry (Linux: "not a valid new type")
             if pkt.icmp_type not in (ICMP4_QUERIES if pkt.family == 4 else ICMP6_QUERIES):
                 self.counters["invalid"] += 1
@@ -208,88 +355,75 @@ class ConnTable:
             self.counters["dropped_full"] += 1
             return Tracked(_INV, why=Why.TABLE_FULL)
         rkey = reply.key() if reply is not None else reverse_key(key)
-        holder = self._by_key.get(rkey)
-        if holder is not None and holder.deadline <= now:  # held by a timed-out entry: reap it
-            self._destroy(holder, now, Why.TIMEOUT)
-        if rkey in self._by_key:  # reply tuple taken (a NAT clash): not ours to resolve
-            self.counters["invalid"] += 1
-            return Tracked(_INV, why=Why.TABLE_FULL)
+        by_key = self._by_key
+        holder = by_key.get(rkey)
+        if holder is not None:
+            if holder.deadline <= now:  # held by a timed-out entry: reap it
+                self._destroy(holder, now, Why.TIMEOUT)
+            if rkey in by_key:  # reply tuple taken (a NAT clash): not ours to resolve
+                self.counters["invalid"] += 1
+                return Tracked(_INV, why=Why.TABLE_FULL)
         c = Conn(key, rkey, proto, state, now)
-        self._by_key[key] = c
-        self._by_key[rkey] = c
+        by_key[key] = c
+        by_key[rkey] = c
         self._count += 1
         self.counters["new"] += 1
         c.deadline = now + self._timeout_for(c)
         self._file(c)
-        self._account(c, pkt, _ORIG)
+        self._account(c, pkt.end - pkt.l3, 0)
         if pkt.fragment is not None:
-            self._note_head(pkt, c, _ORIG, now)
-        self._emit(EventKind.NEW, c, now)
+            self._note_head(pkt, c, 0, now)
+        if self.emit_events:
+            self._emit(EventKind.NEW, c, now)
         return Tracked(_NEW, _ORIG, c)
 
     def _timeout_for(self, c: Conn) -> float:
-        t = self.timeouts
-        if c.proto == Proto.TCP:
-            return t.tcp(TcpState(c.state))
-        if c.proto in (Proto.UDP, Proto.UDPLITE):
-            return t.udp_stream if c.status & ASSURED else t.udp
-        if c.proto in (Proto.ICMP, Proto.ICMPV6):
+        t = self._timeouts
+        proto = c.original[0]
+        if proto == _TCP:
+            return self._tcp_timeout[c._ss & _STATE_MASK]
+        if proto == _UDP or proto == _UDPLITE:
+            return t.udp_stream if c._ss & _ASSURED else t.udp
+        if proto == _ICMP or proto == _ICMPV6:
             return t.icmp
         return t.generic
 
     def _tcp(self, c: Conn, pkt: Packet, direction: Direction, now: float) -> Tracked | None:
-        seg = classify(pkt.tcp_flags)
-        old = TcpState(c.state)
-        new = next_state(direction, seg, old)
-        if new == TcpState.SYN_SENT and old in REOPEN_STATES:
+        """The whole TCP step (``track_conn`` does the common cases and declines the rest)."""
+        flags = pkt.tcp_flags & 0x3F
+        old = c._ss & _STATE_MASK
+        new = NEXT[direction][flags][old]
+        if new == _SYN_SENT and old in REOPEN_STATES:
             self._destroy(c, now, Why.REOPEN)
             if direction is _REPLY:  # the server opens the new connection: roles switch (Linux)
                 return self._new(pkt, c.reply, now, None)
             return self._new(pkt, c.original, now, None if c.reply == reverse_key(c.original)
                              else FlowTuple.from_key(c.reply))
-        if new == TcpState.INVALID:
+        if new == _INVALID:
             self.counters["invalid"] += 1
             return Tracked(_INV, direction, c, Why.TCP_INVALID)
-        if new == TcpState.IGNORE:
-            self._account(c, pkt, direction)
+        if new == _IGNORE:
+            self._account(c, pkt.end - pkt.l3, direction)
             if direction is _REPLY:  # still a reply: Linux sets SEEN_REPLY for accepted packets
-                c.status |= SEEN_REPLY
-            return Tracked(_EST if c.status & SEEN_REPLY else _NEW, direction, c)
-        if seg is Segment.RST and not c.status & SEEN_REPLY:
-            self._account(c, pkt, direction)
-            c.state = new  # CLOSE, as the kernel's DESTROY event reports it
+                c._ss |= _SEEN
+            return Tracked(_EST if c._ss & _SEEN else _NEW, direction, c)
+        if flags & 4 and not c._ss & _SEEN:  # RST before any reply
+            self._account(c, pkt.end - pkt.l3, direction)
+            c._ss = (c._ss & ~_STATE_MASK) | new  # CLOSE, as the kernel's DESTROY event reports it
             self._destroy(c, now, Why.RESET)
             return Tracked(_EST if direction is _REPLY else _NEW, direction, c)
         changed = new != old
-        if (not c.status & ASSURED and c.status & SEEN_REPLY
-                and old in (TcpState.SYN_RECV, TcpState.ESTABLISHED) and new == TcpState.ESTABLISHED):
-            c.status |= ASSURED
+        ss = c._ss
+        if not ss & _ASSURED and ss & _SEEN and old in (_SYN_RECV, _ESTABLISHED) and new == _ESTABLISHED:
+            ss |= _ASSURED
             changed = True
-        if direction is _REPLY and not c.status & SEEN_REPLY:
-            c.status |= SEEN_REPLY
-        c.state = new
-        self._set_deadline(c, now + self.timeouts.tcp(new))
+        if direction is _REPLY:
+            ss |= _SEEN
+        c._ss = (ss & ~_STATE_MASK) | new
+        self._set_deadline(c, now + self._tcp_timeout[new])
         if changed:
             self._emit(EventKind.UPDATE, c, now)
         return None
-
-    def _refresh_other(self, c: Conn, direction: Direction, now: float) -> None:
-        t = self.timeouts
-        if direction is _REPLY and not c.status & SEEN_REPLY:
-            c.status |= SEEN_REPLY
-            if c.proto not in (Proto.UDP, Proto.UDPLITE, Proto.ICMP, Proto.ICMPV6):
-                c.status |= ASSURED
-                self._emit(EventKind.UPDATE, c, now)
-        if c.proto in (Proto.UDP, Proto.UDPLITE):
-            if c.status & SEEN_REPLY:
-                if not c.status & ASSURED:
-                    c.status |= ASSURED
-                    self._emit(EventKind.UPDATE, c, now)
-                self._set_deadline(c, now + t.udp_stream)
-            else:
-                self._set_deadline(c, now + t.udp)
-        else:
-            self._set_deadline(c, now + self._timeout_for(c))
 
     def _track_related(self, pkt: Packet, now: float) -> Tracked:
         inner = pkt.inner
@@ -304,26 +438,26 @@ class ConnTable:
 
     def _track_fragment(self, pkt: Packet, now: float) -> Tracked:
         head = self._frags.get((pkt.src, pkt.dst, pkt.proto, pkt.fragment.ident))
-        if head is None or head[0].status & DEAD or head[2] <= now or head[0].deadline <= now:
+        if head is None or head[0]._ss & _DEAD or head[2] <= now or head[0].deadline <= now:
             return Tracked(_UNT, why=Why.FRAGMENT_WITHOUT_HEAD)
         c, direction, _ = head
-        self._account(c, pkt, Direction(direction))
-        return Tracked(_EST if c.status & SEEN_REPLY else _NEW, Direction(direction), c)
+        self._account(c, pkt.end - pkt.l3, direction)
+        return Tracked(_EST if c._ss & _SEEN else _NEW, _DIRS[direction], c)
 
-    def _note_head(self, pkt: Packet, c: Conn, direction: Direction, now: float) -> None:
+    def _note_head(self, pkt: Packet, c: Conn, direction: int, now: float) -> None:
         if len(self._frags) >= self.fragment_capacity:
             del self._frags[next(iter(self._frags))]
         self._frags[(pkt.src, pkt.dst, pkt.proto, pkt.fragment.ident)] = (
-            c, int(direction), now + self.timeouts.fragment)
+            c, int(direction), now + self._timeouts.fragment)
 
     @staticmethod
-    def _account(c: Conn, pkt: Packet, direction: int) -> None:
+    def _account(c: Conn, nbytes: int, direction: int) -> None:
         if direction:
             c.reply_packets += 1
-            c.reply_bytes += pkt.end - pkt.l3
+            c.reply_bytes += nbytes
         else:
             c.orig_packets += 1
-            c.orig_bytes += pkt.end - pkt.l3
+            c.orig_bytes += nbytes
 
     def _set_deadline(self, c: Conn, deadline: float) -> None:
         shorter = deadline < c.deadline
@@ -347,14 +481,14 @@ class ConnTable:
         for i, (k, c) in enumerate(self._by_key.items()):
             if i >= _EARLY_DROP_SCAN * 2:
                 break
-            if not c.status & ASSURED:
+            if not c._ss & _ASSURED:
                 self._destroy(c, now, Why.EARLY_DROP)
                 self.counters["early_drops"] += 1
                 return True
         return False
 
     def _destroy(self, c: Conn, now: float, why: Why) -> None:
-        c.status |= DEAD
+        c._ss |= _DEAD
         self._by_key.pop(c.original, None)
         self._by_key.pop(c.reply, None)
         self._count -= 1
@@ -363,4 +497,4 @@ class ConnTable:
     def _emit(self, kind: EventKind, c: Conn, now: float, why: Why | None = None) -> None:
         if self.emit_events:
             o, r = c.tuples()
-            self._events.append(ConnEvent(kind, o, r, c.tcp_state, bool(c.status & ASSURED), now, why, c))
+            self._events.append(ConnEvent(kind, o, r, c.tcp_state, bool(c._ss & _ASSURED), now, why, c))

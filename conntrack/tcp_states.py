@@ -42,7 +42,7 @@ class Segment(IntEnum):
     NONE = 5
 
 
-def classify(flags: int) -> Segment:
+def _classify(flags: int) -> Segment:
     if flags & TcpFlag.RST:
         return Segment.RST
     if flags & TcpFlag.SYN:
@@ -52,6 +52,14 @@ def classify(flags: int) -> Segment:
     if flags & TcpFlag.ACK:
         return Segment.ACK
     return Segment.NONE
+
+
+_SEGMENT_OF = tuple(_classify(f) for f in range(64))  # the six flag bits a Packet keeps
+
+
+def classify(flags: int) -> Segment:
+    """What the segment is, from its flags (precedence: RST, SYN/SYN-ACK, FIN, ACK)."""
+    return _SEGMENT_OF[flags & 0x3F]
 
 
 _S = TcpState
@@ -92,6 +100,16 @@ TRANSITIONS: dict[Direction, dict[Segment, dict[TcpState, TcpState]]] = {
 #: the same tuple (RFC 1122 reopening): the old entry is destroyed first, as Linux does.
 #: In the reply direction (SYN in TIME_WAIT) the server has switched roles.
 REOPEN_STATES = frozenset({TcpState.TIME_WAIT, TcpState.CLOSE})
+
+
+#: The same table, flattened for the per-packet path (derived from TRANSITIONS, never edited):
+#: ``NEXT[direction][flags & 0x3F][state]`` is ``int(TRANSITIONS[direction][classify(flags)][state])``.
+#: Plain ints: indexing tuples with ints avoids hashing enum members per packet.
+NEXT: tuple[tuple[tuple[int, ...], ...], ...] = tuple(
+    tuple(tuple(int(TRANSITIONS[d][_SEGMENT_OF[f]][s]) for s in _COLUMNS) for f in range(64))
+    for d in (Direction.ORIGINAL, Direction.REPLY))
+#: TcpState members by value, for turning a stored int back into the enum cheaply.
+STATE_OF: tuple[TcpState, ...] = _COLUMNS
 
 
 def next_state(direction: Direction, segment: Segment, state: TcpState) -> TcpState:

@@ -16,8 +16,8 @@ import ipaddress
 import logging
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from conntrack.errors import ParseError
 from conntrack.events import CtState, EventKind, Why
@@ -26,7 +26,6 @@ from conntrack.packet import Packet, Proto, parse_ip
 from conntrack.table import Conn, ConnTable
 from conntrack.timeouts import Timeouts
 
-from .checksum import adjust
 from .config import NatConfig, PortForward
 from .fastpath import parse_common
 from .mapping import MapEntry, Mapping
@@ -91,8 +90,9 @@ class Reason(IntEnum):
     HOST_PORT_CLASH = 25  # the host's own flow uses a port a mapping holds
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """What to do with a packet (immutable; a NamedTuple, as one is built per packet)."""
+
     action: Action
     data: bytes | None  # the packet to send on (None when dropped)
     reason: Reason
@@ -118,47 +118,73 @@ class Binding:
 
 
 def _prep(key: bytes, t: tuple, proto: int) -> tuple:
-    """(new src+dst bytes, new ports/id bytes, ip old/new sums, l4 old/new sums) for one direction."""
+    """One direction's rewrite, precomputed: (new src+dst bytes, new ports/id bytes, IP checksum
+    delta, L4 checksum delta); a delta d turns checksum c into ~fold(~c + d) (RFC 1624 eqn 3,
+    see ``checksum.adjust``: d = new_sum - old_sum + 0x1FFFE0, always positive)."""
     old_src, old_dst = key[1:5], key[5:9]
     osport, odport = struct.unpack_from("!HH", key, 9)
     src, dst, sport, dport = t
     a_old = _w2(old_src) + _w2(old_dst)
     a_new = _w2(src) + _w2(dst)
+    ip_delta = a_new - a_old + _ADJ
     if proto == Proto.ICMP:
-        return (src + dst, struct.pack("!H", sport), a_old, a_new, osport, sport)
-    return (src + dst, struct.pack("!HH", sport, dport), a_old, a_new, a_old + osport + odport,
-            a_new + sport + dport)
+        return (src + dst, struct.pack("!H", sport), ip_delta, sport - osport + _ADJ)
+    return (src + dst, struct.pack("!HH", sport, dport), ip_delta,
+            a_new + sport + dport - a_old - osport - odport + _ADJ)
 
 
 def _w2(b: bytes) -> int:
     return (b[0] << 8 | b[1]) + (b[2] << 8 | b[3])
 
 
-_HS = struct.Struct("!H")
+_ADJ = 0x1FFFE0  # 32 * 0xFFFF: the complemented old words, padded (see checksum.adjust)
 
 
 def _apply(buf: bytearray, proto: int, l4: int, x: tuple) -> None:
-    """Rewrite a whole IPv4 packet at offset 0 with precomputed values (the hot path)."""
-    addrs, ports, a_old, a_new, l_old, l_new = x
+    """Rewrite a whole IPv4 packet at offset 0 with precomputed values (``process`` inlines
+    the same for option-less TCP and UDP).
+
+    The same arithmetic as ``checksum.adjust`` with the sums folded in ahead: two folds
+    suffice, as ~c + delta < 2**23."""
+    addrs, ports, ip_delta, l4_delta = x
     buf[12:20] = addrs
-    _HS.pack_into(buf, 10, adjust(_HS.unpack_from(buf, 10)[0], a_old, a_new))
+    s = (~(buf[10] << 8 | buf[11]) & 0xFFFF) + ip_delta
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    buf[10] = s >> 8
+    buf[11] = s & 0xFF
     if proto == 6:
         buf[l4:l4 + 4] = ports
-        _HS.pack_into(buf, l4 + 16, adjust(_HS.unpack_from(buf, l4 + 16)[0], l_old, l_new))
+        o = l4 + 16
     elif proto == 17:
         buf[l4:l4 + 4] = ports
-        c = _HS.unpack_from(buf, l4 + 6)[0]
-        if c:
-            _HS.pack_into(buf, l4 + 6, adjust(c, l_old, l_new) or 0xFFFF)
+        o = l4 + 6
+        if not (buf[o] or buf[o + 1]):
+            return  # no UDP checksum (RFC 768): stays zero
     else:
         buf[l4 + 4:l4 + 6] = ports
-        _HS.pack_into(buf, l4 + 2, adjust(_HS.unpack_from(buf, l4 + 2)[0], l_old, l_new))
+        o = l4 + 2
+    s = (~(buf[o] << 8 | buf[o + 1]) & 0xFFFF) + l4_delta
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ~((s & 0xFFFF) + (s >> 16)) & 0xFFFF
+    if proto == 17 and not s:
+        s = 0xFFFF  # a computed zero is sent as all ones
+    buf[o] = s >> 8
+    buf[o + 1] = s & 0xFF
 
 
 _PORTED = (Proto.TCP, Proto.UDP)
+_DROP_COUNTER = {r: "dropped_" + r.name.lower() for r in Reason}
 _DROP_WHY = {Why.TABLE_FULL: Reason.TABLE_FULL, Why.TCP_INVALID: Reason.INVALID,
              Why.ICMP_UNMATCHED_REPLY: Reason.INVALID, Why.FRAGMENT_WITHOUT_HEAD: Reason.FRAGMENT_WITHOUT_HEAD}
 _IP4 = struct.Struct("!I")
+_IPH = struct.Struct("!xxHxxHxB")  # total length, flags/fragment offset, protocol
+_new = tuple.__new__
+_UDP_SUMS = struct.Struct("!H14xH")  # from offset 10: IP checksum, UDP checksum (IHL 5)
+_TCP_SUMS = struct.Struct("!H24xH")  # from offset 10: IP checksum, TCP checksum (IHL 5)
+_HEAD = struct.Struct("!H8s4s")  # at offset 10: IP checksum, addresses, ports
+_HS = struct.Struct("!H")
+_ACCEPT, _HAIRPINNED, _TRANSLATED = Action.ACCEPT, Reason.HAIRPINNED, Reason.TRANSLATED
 
 
 def nat_timeouts(cfg: NatConfig) -> Timeouts:
@@ -231,6 +257,56 @@ class NatEngine:
     # ------------------------------------------------------------------ the packet path
     def process(self, data: bytes | bytearray, side: Side, now: float, stage: Stage = Stage.FULL) -> Verdict:
         """Translate one IP packet that arrived from ``side``. Never raises on bad input."""
+        # The common packet first, without building a Packet: a whole option-less IPv4 TCP or
+        # UDP packet of a live, known flow (the checks are parse_ip's, so anything it would
+        # refuse or read differently goes the general way below, as does every other case).
+        if not stage and len(data) >= 28 and data[0] == 0x45 and self.external_ip is not None:
+            total, frag, proto = _IPH.unpack_from(data, 0)
+            if not frag & 0x3FFF and 28 <= total <= len(data):
+                flags = -1
+                if proto == 17:
+                    ulen = data[24] << 8 | data[25]
+                    if 8 <= ulen <= total - 20:
+                        flags = 0
+                elif proto == 6 and total >= 40 and 20 <= (data[32] >> 4) * 4 <= total - 20:
+                    flags = data[33] & 0x3F
+                if flags >= 0:
+                    table = self.table
+                    deadline = table.next_deadline()
+                    if deadline is not None and deadline <= now:
+                        self.expire(now)
+                    if type(data) is bytes:
+                        key = data[9:10] + data[12:24]  # = packet_key(): proto, addresses, ports
+                    else:
+                        key = bytes(data[9:10]) + bytes(data[12:24])
+                    c = table.lookup(key, now)
+                    if c is not None:
+                        b = c.extra
+                        d = 0 if key == c.original else 1
+                        if b is not None and table.track_conn(c, d, flags, total, now):
+                            if table.has_events:
+                                self._drain()
+                            if bool(b.internal >> d & 1) != (side == 0):
+                                return self._drop(Reason.WRONG_SIDE)
+                            # the rewrite, as _apply does it, with both checksums read in one call and
+                            # the header written in one more (two folds suffice: ~c + delta < 2**23)
+                            addrs, ports, ip_delta, l4_delta = b.rx if d else b.fx
+                            ipc, l4c = (_UDP_SUMS if proto == 17 else _TCP_SUMS).unpack_from(data, 10)
+                            x = (~ipc & 0xFFFF) + ip_delta
+                            x = (x & 0xFFFF) + (x >> 16)
+                            ipc = ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF
+                            if l4c or proto == 6:  # a zero UDP checksum is none (RFC 768): stays zero
+                                x = (~l4c & 0xFFFF) + l4_delta
+                                x = (x & 0xFFFF) + (x >> 16)
+                                l4c = ~((x & 0xFFFF) + (x >> 16)) & 0xFFFF or (0 if proto == 6 else 0xFFFF)
+                            buf = bytearray(data) if total == len(data) else bytearray(data[:total])
+                            _HEAD.pack_into(buf, 10, ipc, addrs, ports)
+                            _HS.pack_into(buf, 26 if proto == 17 else 36, l4c)
+                            if side == 0:
+                                self.counters["translated_out"] += 1
+                            else:
+                                self.counters["translated_in"] += 1
+                            return _new(Verdict, (_ACCEPT, bytes(buf), _HAIRPINNED if b.internal == 3 else _TRANSLATED))
         pkt = parse_common(data)
         if pkt is None:
             try:
@@ -258,7 +334,7 @@ class NatEngine:
         if proto not in _PORTED and not (proto == Proto.ICMP and pkt.is_icmp_query):
             return self._drop(Reason.UNSUPPORTED_PROTOCOL)
         key = packet_key(pkt)
-        c = self.table._by_key.get(key)  # one lookup; the tracker checks it again in track()
+        c = self.table.lookup(key)  # one lookup; the tracker checks it again in track()
         if c is not None and c.deadline <= now:
             self.table.remove(c, now, Why.TIMEOUT)
             self._drain()
@@ -272,7 +348,7 @@ class NatEngine:
             self._drain()
             return self._drop(_DROP_WHY.get(tr.why, Reason.INVALID))
         b: Binding = tr.conn.extra  # taken before _drain: an RST may have just ended the flow
-        if self.table._events:
+        if self.table.has_events:
             self._drain()
         d = tr.direction
         if bool(b.internal >> d & 1) != (side == Side.INTERNAL):
@@ -481,7 +557,7 @@ class NatEngine:
         if ik is None or len(ik) != 13:
             return self._drop(Reason.ICMP_NO_FLOW)
         rk = reverse_key(ik)
-        c: Conn | None = self.table._by_key.get(rk)
+        c: Conn | None = self.table.lookup(rk)
         if c is None or c.deadline <= now or c.extra is None:
             return self._drop(Reason.ICMP_NO_FLOW)
         b: Binding = c.extra
@@ -505,12 +581,12 @@ class NatEngine:
 
     # ------------------------------------------------------------------ verdicts
     def _drop(self, reason: Reason) -> Verdict:
-        self.counters["dropped_" + reason.name.lower()] += 1
-        return Verdict(Action.DROP, None, reason)
+        self.counters[_DROP_COUNTER[reason]] += 1
+        return _new(Verdict, (Action.DROP, None, reason))
 
     def _accept(self, buf: bytearray, reason: Reason, side: Side) -> Verdict:
         self.counters["translated_out" if side == Side.INTERNAL else "translated_in"] += 1
-        return Verdict(Action.ACCEPT, bytes(buf), reason)
+        return _new(Verdict, (_ACCEPT, bytes(buf), reason))
 
     # ------------------------------------------------------------------ control
     def set_external_address(self, ip: str | None, now: float) -> int:
@@ -664,14 +740,15 @@ class NatEngine:
         for f in snap["flows"]:
             att = [(entries[i], _packed(ip), int(p)) for i, ip, p in f["attached"]]
             okey, rkey = bytes.fromhex(f["original"]), bytes.fromhex(f["reply"])
-            if any(e is None for e, _, _ in att) or okey in t._by_key or rkey in t._by_key or len(t) >= t.capacity:
+            if (any(e is None for e, _, _ in att) or t.lookup(okey) is not None or t.lookup(rkey) is not None
+                    or len(t) >= t.capacity):
                 continue
             c = Conn(okey, rkey, int(f["proto"]), int(f["state"]), now)
             c.status = int(f["status"])
             c.deadline = now + max(0.0, float(f["ttl"]))
             c.extra = Binding(_untup(f["fwd"]), _untup(f["rev"]), int(f["internal"]), att)
             c.extra.prepare(c)
-            _adopt(t, c)
+            t.adopt(c)
             for e, rip, rport in att:
                 e.attach(rip, rport)
             n += 1
@@ -696,14 +773,6 @@ def _rebound(snap: dict, old: bytes, new: bytes) -> dict:
     flows = [dict(f, original=key(f["original"]), reply=key(f["reply"]), fwd=tup(f["fwd"]), rev=tup(f["rev"]))
              for f in snap["flows"]]
     return dict(snap, external_ip=_ip(new), flows=flows)
-
-
-def _adopt(t: ConnTable, c: Conn) -> None:
-    """Put a restored connection into the tracker (ConnTable has no public insert; see report)."""
-    t._by_key[c.original] = c
-    t._by_key[c.reply] = c
-    t._count += 1
-    t._file(c)
 
 
 def _ip(b: bytes) -> str:

@@ -13,6 +13,7 @@ from conntrack.packet import Packet
 _IP = struct.Struct("!xxHxxHxB")  # total length, flags/fragment, protocol
 _TCP = struct.Struct("!HHIIBB")
 _UDP = struct.Struct("!HHH")
+_new = tuple.__new__  # Packet is a NamedTuple: every field given, in order
 
 
 def parse_common(data) -> Packet | None:
@@ -30,11 +31,12 @@ def parse_common(data) -> Packet | None:
         doff = (off >> 4) * 4
         if doff < 20 or doff > avail:
             return None
-        return Packet(4, 6, bytes(data[12:16]), bytes(data[16:20]), 0, 20, total, sport, dport, flags & 0x3F, seq, ack,
-                      avail - doff)
+        return _new(Packet, (4, 6, bytes(data[12:16]), bytes(data[16:20]), 0, 20, total, sport, dport, flags & 0x3F,
+                             seq, ack, avail - doff, -1, -1, None, None, False))
     if proto == 17:
         sport, dport, ulen = _UDP.unpack_from(data, 20)
         if ulen < 8 or ulen > total - 20:
             return None
-        return Packet(4, 17, bytes(data[12:16]), bytes(data[16:20]), 0, 20, total, sport, dport, payload_len=ulen - 8)
+        return _new(Packet, (4, 17, bytes(data[12:16]), bytes(data[16:20]), 0, 20, total, sport, dport, 0, 0, 0,
+                             ulen - 8, -1, -1, None, None, False))
     return None

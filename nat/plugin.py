@@ -15,6 +15,11 @@ replaces rules of a dead owner and refuses to run beside a live one.
 
 The clock comes from the caller (``clock``), as DESIGN.md wants nothing below tools/
 to read it.
+
+Packets are handled in a thread of their own, blocked in the binding's C receive loop
+(one recv syscall a packet, no select round per wake-up); the main thread waits for
+address events, signals and the housekeeping timer.  One lock serialises the two around
+the engine.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import re
 import select
 import signal
 import socket
+import struct
+import threading
 
 from .config import ConfigError, NatConfig, load
 from .engine import Action, NatEngine, Reason, Side, Stage
@@ -37,6 +44,10 @@ log = logging.getLogger("roam.nat")
 HOOK_PREROUTING = 0
 HOOK_POSTROUTING = 4
 _HOUSEKEEPING = 1.0  # seconds between expiry/status/snapshot rounds
+_RECV_TIMEOUT = 0.2  # seconds the idle packet thread waits in recv before looking for a stop
+_ACCEPT, _NOT_OURS = Action.ACCEPT, Reason.NOT_OURS
+_INTERNAL, _EXTERNAL = Side.INTERNAL, Side.EXTERNAL
+_FULL, _HAIRPIN_DST, _HAIRPIN_SRC = Stage.FULL, Stage.HAIRPIN_DST, Stage.HAIRPIN_SRC
 
 
 class PluginError(RuntimeError):
@@ -225,28 +236,40 @@ class Plugin:
             raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
         self.cfg = cfg.with_(internal=nets)
         self.engine = NatEngine(self.cfg, iface_address(external))
+        self._process = self.engine.process
         self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning)
         self.ext_index = 0
         self._stop = False
         self._reload = False
         self._snap_mark = None
         self.bugs = 0
+        # The packet thread and the main loop (addresses, signals, housekeeping) share the
+        # engine: each packet and each control step holds this lock.
+        self._lock = threading.Lock()
+        self._stop_packets = False
+        self._packet_error: OSError | None = None
 
     # -- packets -----------------------------------------------------------------
     def _on_packet(self, p) -> None:
+        # per packet (in the packet thread): no enum attribute lookups; one copy each way
+        with self._lock:
+            self._verdict(p)
+
+    def _verdict(self, p) -> None:
         try:
             if p.hook == HOOK_PREROUTING:
                 if p.indev == self.ext_index:
-                    v = self.engine.process(p.get_payload(), Side.EXTERNAL, self.clock())
+                    v = self._process(p.get_payload(), _EXTERNAL, self.clock(), _FULL)
                 else:
-                    v = self.engine.process(p.get_payload(), Side.INTERNAL, self.clock(), Stage.HAIRPIN_DST)
+                    v = self._process(p.get_payload(), _INTERNAL, self.clock(), _HAIRPIN_DST)
             elif p.outdev == self.ext_index:
-                v = self.engine.process(p.get_payload(), Side.INTERNAL, self.clock())
+                v = self._process(p.get_payload(), _INTERNAL, self.clock(), _FULL)
             else:
-                v = self.engine.process(p.get_payload(), Side.INTERNAL, self.clock(), Stage.HAIRPIN_SRC)
-            if v.action == Action.ACCEPT:
-                if v.reason != Reason.NOT_OURS:
-                    p.set_payload(v.data)
+                v = self._process(p.get_payload(), _INTERNAL, self.clock(), _HAIRPIN_SRC)
+            action, data, reason = v
+            if action is _ACCEPT:
+                if reason is not _NOT_OURS:
+                    p.set_payload(data)
                 p.accept()
             else:
                 p.drop()
@@ -323,11 +346,17 @@ class Plugin:
         rsig.setblocking(False)
         wsig.setblocking(False)
         old_handlers = {}
+        packets = None
+        nfsock = None
         try:
             ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK)
             self._refresh_address()
             self.rules.install(self.engine.status()["external_ip"])
+            # The packet thread blocks in the binding's own recv loop (one syscall a packet, no
+            # select round per wake-up); the receive timeout lets it see a stop when idle.
             nfsock = socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+            nfsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack("ll", 0, int(_RECV_TIMEOUT * 1e6)))
             signal.set_wakeup_fd(wsig.fileno())
             for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
                             (signal.SIGHUP, self._sig_reload)):
@@ -336,23 +365,22 @@ class Plugin:
             log.info("roam nat running: queue %d, external %s (%s), internal %s", self.queue, self.external,
                         self.engine.status()["external_ip"], ", ".join(self.cfg.internal))
             self._write_status()
+            packets = threading.Thread(target=self._packet_loop, args=(nfq, wsig), name="roam-nat-packets",
+                                       daemon=True)
+            packets.start()
             next_house = self.clock() + _HOUSEKEEPING
             while not self._stop:
                 timeout = max(0.0, next_house - self.clock())
                 try:
-                    ready, _, _ = select.select([nfsock, ipr, rsig], [], [], timeout)
+                    ready, _, _ = select.select([ipr, rsig], [], [], timeout)
                 except InterruptedError:
                     continue
-                if nfsock in ready:
-                    try:
-                        nfq.run(block=False)
-                    except OSError as exc:
-                        if exc.errno != errno.ENOBUFS:
-                            raise
-                        self.engine.counters["queue_overruns"] += 1
+                if self._packet_error is not None:
+                    raise self._packet_error
                 if ipr in ready:
                     ipr.get()  # any address or link event: look again
-                    self._refresh_address()
+                    with self._lock:
+                        self._refresh_address()
                 if rsig in ready:
                     try:
                         rsig.recv(64)
@@ -360,13 +388,15 @@ class Plugin:
                         pass
                 if self._reload:
                     self._reload = False
-                    self._do_reload()
+                    with self._lock:
+                        self._do_reload()
                 now = self.clock()
                 if now >= next_house:
                     next_house = now + _HOUSEKEEPING
-                    self.engine.expire(now)
-                    self._write_snapshot()
-                    self._write_status()
+                    with self._lock:
+                        self.engine.expire(now)
+                        self._write_snapshot()
+                        self._write_status()
             log.info("roam nat stopping")
             return 0
         finally:
@@ -378,10 +408,17 @@ class Plugin:
                 removed = self.rules.remove()
             except Exception as exc:  # still unbind and save
                 log.error("removing rules failed: %s", exc)
+            self._stop_packets = True
+            if packets is not None:
+                packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
+                if packets.is_alive():
+                    log.error("packet thread did not stop")
             try:
                 nfq.unbind()
             except Exception:
                 pass
+            if nfsock is not None:
+                nfsock.close()
             ipr.close()
             rsig.close()
             wsig.close()
@@ -391,6 +428,24 @@ class Plugin:
             except OSError as exc:
                 log.error("final snapshot/status not written: %s", exc)
             log.info("removed %d rules", removed)
+
+    def _packet_loop(self, nfq, wsig: socket.socket) -> None:
+        """The packet thread: the binding's blocking recv loop until told to stop."""
+        while not self._stop_packets:
+            try:
+                nfq.run(block=True)  # returns when the receive timeout passes with nothing queued
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    with self._lock:
+                        self.engine.counters["queue_overruns"] += 1
+                    continue
+                self._packet_error = exc
+                self._stop = True
+                try:
+                    wsig.send(b"x")  # wake the main loop, which raises it
+                except OSError:
+                    pass
+                return
 
     def _sig_stop(self, signum, frame) -> None:
         self._stop = True

@@ -82,10 +82,43 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
     t_copy = time.perf_counter() - t0
     ok = eng.counters["translated_out"] + eng.counters["translated_in"]
     assert ok >= packets, "bench workload was not translated"
+    t_tcp = _bench_engine_tcp(flows, packets, seed)
     ref = packets / t_parse
     return [["conntrack.parse_ip alone (reference)", ref, 1.0],
             ["bytearray copy alone", packets / t_copy, packets / t_copy / ref],
-            ["NatEngine.process (established UDP, both ways)", packets / t_engine, packets / t_engine / ref]]
+            ["NatEngine.process (established UDP, both ways)", packets / t_engine, packets / t_engine / ref],
+            ["NatEngine.process (established TCP, data out, ACK in)", packets / t_tcp, packets / t_tcp / ref]]
+
+
+def _bench_engine_tcp(flows: int, packets: int, seed: int) -> float:
+    """Seconds to translate `packets` segments of established TCP flows (100-byte data out, ACKs in)."""
+    from nat import NatEngine, parse_toml
+    from nat.engine import Action, Side
+
+    from .conntrack import _ipv4_tcp
+
+    rng = random.Random(seed)
+    eng = NatEngine(parse_toml('internal = ["198.18.0.0/16"]'), "203.0.113.1", seed=seed)
+    ext = bytes([203, 0, 113, 1])
+    outs, ins = [], []
+    for i in range(flows):
+        vm = bytes([198, 18, i >> 8 & 0xFF, i & 0xFF or 1])
+        peer = bytes([192, 0, 2, rng.randrange(1, 255)])
+        sport = 10000 + i
+        v = eng.process(_ipv4_tcp(vm, peer, sport, 80, 0x02, 1, 0, b""), Side.INTERNAL, 0.0)
+        eport = struct.unpack_from("!H", v.data, 20)[0]
+        eng.process(_ipv4_tcp(peer, ext, 80, eport, 0x12, 1, 2, b""), Side.EXTERNAL, 0.0)
+        eng.process(_ipv4_tcp(vm, peer, sport, 80, 0x10, 2, 2, b""), Side.INTERNAL, 0.0)
+        outs.append(_ipv4_tcp(vm, peer, sport, 80, 0x18, 2, 2, b"x" * 100))
+        ins.append(_ipv4_tcp(peer, ext, 80, eport, 0x10, 2, 102, b""))
+    work = [(outs[i % flows], Side.INTERNAL) if i & 1 else (ins[i % flows], Side.EXTERNAL) for i in range(packets)]
+    proc = eng.process
+    t0 = time.perf_counter()
+    for data, side in work:
+        proc(data, side, 1.0)
+    t = time.perf_counter() - t0
+    assert proc(outs[0], Side.INTERNAL, 1.0).action == Action.ACCEPT, "TCP bench workload was not translated"
+    return t
 
 
 # ----------------------------------------------------------------------------- lab
