@@ -30,6 +30,7 @@ class Why(IntEnum):
     ICMP_UNMATCHED_REPLY = 3  # echo reply with no request
     FRAGMENT_WITHOUT_HEAD = 4  # non-first fragment before its first
     TABLE_FULL = 5  # full, and no unassured entry to drop
+    TUPLE_TAKEN = 7  # the reply tuple asked for belongs to another entry (a NAT clash)
     NOT_TRACKABLE = 6  # e.g. ICMPv6 neighbour discovery
     TIMEOUT = 10
     RESET = 11  # RST before any reply: killed at once, as Linux does

@@ -362,7 +362,7 @@ class ConnTable:
                 self._destroy(holder, now, Why.TIMEOUT)
             if rkey in by_key:  # reply tuple taken (a NAT clash): not ours to resolve
                 self.counters["invalid"] += 1
-                return Tracked(_INV, why=Why.TABLE_FULL)
+                return Tracked(_INV, why=Why.TUPLE_TAKEN)
         c = Conn(key, rkey, proto, state, now)
         by_key[key] = c
         by_key[rkey] = c

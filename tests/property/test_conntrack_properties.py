@@ -283,3 +283,27 @@ def test_tiny_tables_under_pressure(pkts, capacity):
     for i, b in enumerate(pkts):
         table.track(parse_ip(b), float(i))
         assert len(table) <= capacity and len(table._by_key) <= 2 * capacity
+
+
+def _general(buf: bytes):
+    """The general parser, without parse_ip's inline common case."""
+    from conntrack.packet import _parse_ip
+
+    try:
+        return _parse_ip(buf, 0, len(buf), False)
+    except ParseError as exc:
+        return exc.reason
+
+
+def _inline(buf: bytes):
+    try:
+        return parse_ip(buf)
+    except ParseError as exc:
+        return exc.reason
+
+
+@FUZZ
+@given(st.one_of(ipv4_packets(), mutated(ipv4_packets()), st.binary(min_size=20, max_size=80).map(lambda b: b"\x45" + b)))
+def test_inline_parse_agrees_with_the_general_parser(buf):
+    """parse_ip reads option-less IPv4 TCP/UDP inline for speed: same answer as the general path."""
+    assert _inline(buf) == _general(buf)

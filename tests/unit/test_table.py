@@ -309,7 +309,7 @@ def test_explicit_reply_tuple_for_nat():
     assert table.get(nat_reply).extra == {"mapping": 61000}
     # another flow wanting the same reply tuple is refused, not merged
     clash = table.track(udp(1001), 3.0, reply=nat_reply)
-    assert clash.ctstate is CtState.INVALID and clash.conn is None and len(table) == 1
+    assert (clash.ctstate, clash.why, clash.conn, len(table)) == (CtState.INVALID, Why.TUPLE_TAKEN, None, 1)
 
 
 def test_remove_and_flush():
