@@ -1,7 +1,10 @@
 """One scenario connection while a mode runs: the application on top of the sockets.
 
 The client side sends a request every ``interval`` seconds once the previous one
-was answered; the server side answers each request.  The flow only *observes*
+was answered; the server side answers each request.  A client keeps going past
+the scenario's ``duration`` until it has had an answer after the last migration's
+downtime ended (``settle``), or gives up: a connection "survives" only when packets
+showed it working after the last move, never because nothing was tried.  The flow only *observes*
 what the sockets report (established, data, reset, gave up) and what the peer saw;
 it never decides an outcome itself.
 """
@@ -23,10 +26,12 @@ if TYPE_CHECKING:
 class Flow:
     __slots__ = ("tag", "spec", "clock", "request", "response", "interval", "end", "timeout", "sock",
                  "established_at", "broken_at", "broken_state", "broken_client", "last_progress", "mark",
-                 "interruption", "runs", "slack", "peer_saw", "awaiting", "waiting_since", "udp")
+                 "interruption", "runs", "slack", "peer_saw", "awaiting", "waiting_since", "udp", "settle")
 
-    def __init__(self, tag: int, spec: "ConnSpec", clock: Clock, end: float, timeout: float) -> None:
+    def __init__(self, tag: int, spec: "ConnSpec", clock: Clock, end: float, timeout: float,
+                 settle: float | None = None) -> None:
         self.tag = tag
+        self.settle = settle  # when the last migration's downtime ends (None: no migration)
         self.spec = spec
         self.clock = clock
         self.request = spec.request
@@ -104,7 +109,7 @@ class Flow:
             if flow.waiting_since is not None and now - flow.waiting_since >= flow.timeout:
                 flow.on_broken(now, SockState.TIMED_OUT, True)
                 return
-            if now >= flow.end and flow.waiting_since is None:
+            if now >= flow.end and flow.waiting_since is None and flow.proven():
                 return
             if flow.waiting_since is None:
                 flow.waiting_since = now
@@ -112,18 +117,27 @@ class Flow:
         else:
             if not sock.alive:
                 return
-            if now >= flow.end:
+            if now >= flow.end and not flow.awaiting and flow.proven():
                 return
             if sock.state == SockState.ESTABLISHED and not flow.awaiting:
                 flow.awaiting = True
                 sock.send(flow.request)
         flow.clock.after(flow.interval, Flow.tick, flow)
 
+    def proven(self) -> bool:
+        """Has an answer come back since the last migration's downtime ended?"""
+        return self.settle is None or (self.last_progress is not None and self.last_progress > self.settle)
+
     # ------------------------------------------------------------ the verdict
     def result(self, losses: dict[int, Loss]) -> ConnResult:
-        """Survived or broken, from what the endpoints saw; the reason from where packets died."""
+        """Survived or broken, from what the endpoints saw; the reason from where packets died.
+
+        Survived: established, never broken, and answered after the last move (``proven``).
+        A client keeps asking until it is answered or gives up, so an unproven connection
+        that did not break is one the run ended on (a horizon too short): broken, timed out.
+        """
         reason = None
-        if self.broken_at is None and self.established_at is not None:
+        if self.broken_at is None and self.established_at is not None and self.proven():
             verdict = Verdict.SURVIVED
         else:
             verdict = Verdict.BROKEN

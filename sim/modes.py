@@ -174,10 +174,15 @@ class HostOnly(Mode):
         super().__init__(*a)
         self.address = wire.addr(self.sc.vm.host_only_address)
         self.vm.addresses.add(self.address)
+        ip = int.from_bytes(self.address, "big")
+        self.lan = (ip & 0xFFFFFF00, 0xFFFFFF00)  # the host-only /24: the VM's only route (no gateway)
 
     def from_vm(self, data: bytes, tag: int) -> None:
-        # A host-only network reaches the host and nothing else: no route out.
-        self.net.lose(tag, Loss.HOST_ONLY)
+        # The VM's own stack routes: its /24 (where only the host's side is) and nothing else.  A packet
+        # for anywhere else has no route, like any stack without one; on the /24 nobody but the host is.
+        net, mask = self.lan
+        dst = int.from_bytes(data[16:20], "big")
+        self.net.lose(tag, Loss.NO_HOLDER if dst & mask == net else Loss.NO_ROUTE)
 
     def vm_address(self) -> bytes:
         return self.address
@@ -351,7 +356,6 @@ class Nat(Mode):
         self.timers: dict[str, EngineTimer] = {}
         self.here: Host | None = None  # where the VM's NIC is plugged in now (None in transit)
         self.snapshot: dict | None = None
-        self.snapshot_from: bytes | None = None
 
     def engine(self, host: Host):
         e = self.engines.get(host.name)
@@ -376,10 +380,9 @@ class Nat(Mode):
         super().attach(host)
         eng = self.engine(host)
         if self.carry_state and self.snapshot is not None:
-            snap = self.snapshot
-            if self.snapshot_from != host.address:
-                snap = rebind_snapshot(snap, self.snapshot_from, host.address)
-            eng.restore(snap, self.clock.now)
+            # another host has another external address: the engine moves the mappings and flows
+            # to its own address, ports unchanged (peers still see the new address)
+            eng.restore(self.snapshot, self.clock.now, rebind=True)
             self.timers[host.name].update()
         self.snapshot = None
         self.here = host
@@ -388,7 +391,6 @@ class Nat(Mode):
         host = self.here
         if host is not None and self.carry_state:
             self.snapshot = self.engines[host.name].snapshot(self.clock.now)
-            self.snapshot_from = host.address
         self.here = None
         super().detach()
 
@@ -452,36 +454,6 @@ class NatState(Nat):
 
     name = "nat+state"
     carry_state = True
-
-
-def rebind_snapshot(snap: dict, old: bytes, new: bytes) -> dict:
-    """The snapshot as if taken on external address ``new``.
-
-    ``NatEngine.restore`` refuses a snapshot from another external address; carrying
-    the state to a new host (which always has another address) means re-binding its
-    mappings and flows to that address, ports unchanged.  This does only that: every
-    occurrence of the old external address in the snapshot's keys and rewrite tuples
-    becomes the new one.  (What sim/ would like from nat/: ``restore(snap, now,
-    rebind=True)``.)
-    """
-    from conntrack.flow import FlowTuple
-
-    old_t, new_t = wire.text(old), wire.text(new)
-
-    def key(hexkey: str) -> str:
-        t = FlowTuple.from_key(bytes.fromhex(hexkey))
-        t = FlowTuple(t.proto, new if t.src == old else t.src, new if t.dst == old else t.dst, t.sport, t.dport)
-        return t.key().hex()
-
-    flows = []
-    for f in snap.get("flows", []):
-        f = dict(f)
-        f["original"], f["reply"] = key(f["original"]), key(f["reply"])
-        f["fwd"] = [new_t if x == old_t else x for x in f["fwd"]]
-        f["rev"] = [new_t if x == old_t else x for x in f["rev"]]
-        f["attached"] = [[i, new_t if ip == old_t else ip, p] for i, ip, p in f["attached"]]
-        flows.append(f)
-    return {**snap, "external_ip": new_t, "flows": flows}
 
 
 MODE_CLASSES: dict[str, type[Mode]] = {"bridged": Bridged, "host-only": HostOnly, "nat": Nat, "nat+state": NatState,

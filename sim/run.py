@@ -54,8 +54,9 @@ class World:
             raise EngineUnavailable(f"mode {mode!r}: engine not available in this build")
         self.mode: Mode = cls(sc, clock, net, self.vm, self.hosts, self.sites, self.rng)
         self.flows: list[Flow] = []
+        self.settle = max((m.at + m.downtime for m in sc.migrations), default=None)
         for tag, c in enumerate(sc.connections):
-            self.flows.append(Flow(tag, c, clock, sc.duration, sc.timeout_of(c)))
+            self.flows.append(Flow(tag, c, clock, sc.duration, sc.timeout_of(c), self.settle))
         flows = self.flows
         lookup = lambda tag: flows[tag] if 0 <= tag < len(flows) else None  # noqa: E731
         for st in [self.vm, *self.peers.values(), *(h.stack for h in self.hosts.values())]:
@@ -114,7 +115,8 @@ class World:
         for m in sc.migrations:
             clock.at(m.at, World._migrate, self, m)
         longest = max([sc.tcp_timeout, sc.udp_timeout] + [f.timeout for f in self.flows])
-        end = sc.duration + longest + RTO_MAX + 5.0
+        # clients go on past the duration until answered after the last move (or they give up)
+        end = max(sc.duration, self.settle or 0.0) + longest + RTO_MAX + 5.0
         clock.run(end, (lambda now: progress(now / end)) if progress else None)
         results = {f.spec.id: f.result(self.net.losses) for f in self.flows}
         errs = self.mode.engine_errors

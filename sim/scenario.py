@@ -234,6 +234,13 @@ _KNOWN = {
 _ARRAYS = {"site", "host", "peer", "forward", "connection", "migration", "capture"}
 
 
+#: The ranges a lab may configure (documentation and benchmarking ranges): the VM's own networks
+#: (NAT and host-only) must lie in them.  Sites and peers may be anything in the simulator (a
+#: capture brings real addresses); the netns backend checks those before it builds a lab.
+LAB_RANGES = tuple(ipaddress.IPv4Network(n) for n in
+                   ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "198.18.0.0/15"))
+
+
 class _Builder:
     def __init__(self, data: dict, lines: LineMap, path: str) -> None:
         self.data = data
@@ -255,6 +262,17 @@ class _Builder:
             names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                      list: "an array", (int, float): "a number"}
             raise self.err(f"'{key}' must be {names.get(kind, kind)}, not {type(v).__name__} {v!r}", table, i, key)
+        return v
+
+    def strings(self, d: dict, table: str, i: int, key: str, default: Any = ...) -> Any:
+        """An array of strings (each item checked: a table or a number in it is the file's error, not ours)."""
+        v = self.get(d, table, i, key, list, default)
+        if v is default and default is not ...:
+            return v
+        for x in v:
+            if not isinstance(x, str):
+                raise self.err(f"'{key}' must be an array of strings; it holds {type(x).__name__} {x!r}",
+                               table, i, key)
         return v
 
     def number(self, d, table, i, key, default=..., minimum=0.0, maximum=None, strict=False) -> float:
@@ -329,7 +347,7 @@ class _Builder:
         name = self.get(sc, "scenario", 0, "name", str, os.path.splitext(os.path.basename(self.path))[0])
         duration = self.number(sc, "scenario", 0, "duration", 60.0, 0.0, 86400.0, strict=True)
         seed = self.get(sc, "scenario", 0, "seed", int, 1)
-        modes = self.get(sc, "scenario", 0, "modes", list, list(MODES))
+        modes = self.strings(sc, "scenario", 0, "modes", list(MODES))
         for m in modes:
             if m not in MODES:
                 raise self.err(f"unknown mode {m!r}; modes: {', '.join(MODES)}", "scenario", 0, "modes")
@@ -439,10 +457,26 @@ class _Builder:
         bridged = self.get(d, "vm", 0, "bridged", str, "re-lease")
         if bridged not in ("keep", "re-lease"):
             raise self.err(f"'bridged' must be \"keep\" or \"re-lease\", got {bridged!r}", "vm", 0, "bridged")
+        nat_address = self.address(d, "vm", 0, "nat_address", "198.18.0.10")
+        nat_gateway = self.address(d, "vm", 0, "nat_gateway", "198.18.0.1")
+        host_only = self.address(d, "vm", 0, "host_only_address", "198.18.1.10")
+        # the VM's own networks (not a site's): the lab configures them as written, so they must be
+        # in the documentation/benchmark ranges, and each /24 must be a usable network
+        for key, a in (("nat_address", nat_address), ("nat_gateway", nat_gateway),
+                       ("host_only_address", host_only)):
+            ip = ipaddress.IPv4Address(a)
+            if not any(ip in n for n in LAB_RANGES):
+                raise self.err(f"'{key}' {a} is outside the ranges a lab may use ({', '.join(map(str, LAB_RANGES))})",
+                               "vm", 0, key)
+            if int(ip) & 0xFF in (0, 255):
+                raise self.err(f"'{key}' {a} is the network or broadcast address of its /24", "vm", 0, key)
+        if nat_address == nat_gateway:
+            raise self.err(f"'nat_gateway' {nat_gateway} is the VM's nat_address", "vm", 0, "nat_gateway")
+        if ipaddress.IPv4Address(nat_gateway) not in ipaddress.IPv4Network(f"{nat_address}/24", strict=False):
+            raise self.err(f"'nat_gateway' {nat_gateway} is not on the VM's NAT network "
+                           f"{ipaddress.IPv4Network(f'{nat_address}/24', strict=False)}", "vm", 0, "nat_gateway")
         return VmSpec(name, mac.lower(), host, self.address(d, "vm", 0, "home_address", None),
-                      self.address(d, "vm", 0, "nat_address", "198.18.0.10"),
-                      self.address(d, "vm", 0, "nat_gateway", "198.18.0.1"),
-                      self.address(d, "vm", 0, "host_only_address", "198.18.1.10"), bridged)
+                      nat_address, nat_gateway, host_only, bridged)
 
     def forwards(self, hosts: list[HostSpec]):
         out = []
@@ -453,7 +487,7 @@ class _Builder:
                 raise self.err(f"'protocol' must be \"tcp\" or \"udp\", got {proto!r}", "forward", i, "protocol")
             port = self.port(d, "forward", i, "port")
             ext = self.port(d, "forward", i, "external_port", port)
-            hs = self.get(d, "forward", i, "hosts", list, None)
+            hs = self.strings(d, "forward", i, "hosts", None)
             if hs is not None:
                 for h in hs:
                     if h not in names:

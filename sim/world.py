@@ -26,7 +26,7 @@ Receiver = Callable[[bytes, int], None]
 class Loss(IntEnum):
     """Where and why a packet was lost."""
 
-    NO_ROUTE = 1  # no site's prefix covers the destination
+    NO_ROUTE = 1  # no route to the destination (no site's prefix covers it; a VM's stack without a gateway)
     NO_HOLDER = 2  # routed to a LAN where nobody holds the address (any more)
     ADDRESS_GONE = 3  # the sender's source address is no longer configured
     NO_MAPPING = 4  # a NAT had no mapping for an inbound packet
@@ -34,7 +34,6 @@ class Loss(IntEnum):
     VM_DOWN = 6  # the VM was paused for its migration
     LINK = 7  # random loss on a link
     TUNNEL_DROP = 8  # a tunnel end dropped it
-    HOST_ONLY = 9  # a host-only network has no route out
     NO_SOCKET = 10  # no socket or application took it
     PARSE = 11  # bytes that do not parse as a packet
     VM_ABSENT = 12  # translated for a VM that is no longer on this host
@@ -45,7 +44,7 @@ class Loss(IntEnum):
 #: or the sender's own stack would say so (ICMP unreachable, no route, address gone).  A packet a
 #: NAT translated for a VM that has left its host is not among them: the ICMP error that host
 #: could send quotes the translated packet, which the peer cannot match (the lab agrees).
-UNREACHABLE_LOSSES = frozenset({Loss.NO_ROUTE, Loss.NO_HOLDER, Loss.ADDRESS_GONE, Loss.HOST_ONLY})
+UNREACHABLE_LOSSES = frozenset({Loss.NO_ROUTE, Loss.NO_HOLDER, Loss.ADDRESS_GONE})
 
 
 class Clock:

@@ -17,7 +17,8 @@ def register(sub, help_text: str) -> None:
         "replay", help=help_text,
         description="Play a migration scenario (TOML: sites, hosts, the VM, its connections, its moves) under "
         "each attachment mode -- bridged, host-only, nat, nat+state, tunnel -- and print one row per connection "
-        "and one column per mode: survived (with the longest stall across the moves, in ms) or broken, with the "
+        "and one column per mode: survived (answered after the last move; with the longest stall across the "
+        "moves, in ms) or broken, with the "
         "reason its endpoints saw (reset by peer, unreachable, no inbound mapping, timed out). The simulator moves "
         "real packets through roam's own conntrack, NAT and tunnel engines; TCP endpoints decide survival. "
         "examples/scenarios/example.toml documents every field of a scenario.",

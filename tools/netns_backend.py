@@ -19,9 +19,11 @@ the downtime its host end is moved (``Topology.move_vm``) to the new host and
 plugged in as the mode requires.
 
 The verdict and reason of each connection come only from those logs: survived
-when it was established and no endpoint saw it break; reset by peer when an
-endpoint was reset; unreachable when an endpoint got an unreachable error or lost
-its own address; timed out otherwise.  The mode's name only chooses how the VM
+when it was established, no endpoint saw it break, and its client was answered
+after the last migration's downtime ended (clients go on past the scenario's
+duration until they are, or give up); reset by peer when an endpoint was reset
+(ECONNRESET, ECONNREFUSED); unreachable when an endpoint got an unreachable error
+or lost its own address; timed out otherwise.  The mode's name only chooses how the VM
 is plugged in, never an outcome.
 
 Modes (how the VM is plugged in; :class:`_Driver` and its subclasses):
@@ -73,8 +75,13 @@ SETTLE = 0.2  # seconds between every endpoint being up and time zero
 READY_TIMEOUT = 30.0  # seconds the endpoints may take to start
 GRACE = 2.0  # seconds after the last possible give-up before the driver stops waiting
 
-RESET_ERRORS = {"ECONNRESET", "ECONNREFUSED", "EPIPE", "EOF"}
-UNREACHABLE_ERRORS = {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL", "EINVAL", "ENONET"}
+#: What a reset by the peer looks like to a socket: an RST on a connection (ECONNRESET) or in answer to a
+#: SYN / an ICMP port unreachable on a connected UDP socket (ECONNREFUSED).  Not an orderly close (EOF) nor
+#: EPIPE (a write after the connection ended, for whatever reason: the RST itself is reported as ECONNRESET).
+RESET_ERRORS = {"ECONNRESET", "ECONNREFUSED"}
+#: Errors that say the destination or the sender's own address cannot be reached.  EINVAL is not among them:
+#: it means "unreachable" only together with the socket's address having gone (``address_gone``).
+UNREACHABLE_ERRORS = {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL", "ENONET"}
 
 
 def _errname(e: int | str) -> str:
@@ -187,7 +194,7 @@ def _tcp_dead(sock) -> bool:
 
 
 def _drain_errqueue(sock) -> None:
-    """Empty the socket's error queue (IP_RECVERR), bounded; the error itself was already read."""
+    """Empty the socket's error queue (IP_RECVERR), bounded; call it only after recv() reported the error."""
     for _ in range(64):
         try:
             sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
@@ -195,10 +202,17 @@ def _drain_errqueue(sock) -> None:
             break
 
 
+def _proven(answered: float | None, settle: float | None) -> bool:
+    """Answered since the last migration's downtime ended?  (A client goes on past the end until then.)"""
+    return settle is None or (answered is not None and answered > settle)
+
+
 class _TcpClient:
     def __init__(self, ep: _Endpoint, c: dict) -> None:
         self.ep, self.idx = ep, c["idx"]
         self.interval, self.timeout, self.end = c["interval"], c["timeout"], c["end"]
+        self.settle = c.get("settle")  # the last migration's arrival: be answered after it before stopping
+        self.answered: float | None = None
         self.request = max(c["request"], _REQ.size)
         self.response = c["response"]
         self.state = "connecting"
@@ -240,6 +254,7 @@ class _TcpClient:
                 self.broken(err)
                 return
             self.state = "up"
+            self.answered = self.ep.now()
             self.local = sock.getsockname()[0]
             peer = sock.getpeername()
             self.ep.sel.modify(sock, selectors.EVENT_READ, self.io)
@@ -264,13 +279,14 @@ class _TcpClient:
         if self.awaiting and self.got >= self.response:
             self.got -= self.response
             self.awaiting = False
+            self.answered = self.ep.now()
             self.ep.emit(ev="answer", idx=self.idx, side="client")
 
     def tick(self) -> None:
         if self.state == "broken":
             return
         now = self.ep.now()
-        if now >= self.end:
+        if now >= self.end and _proven(self.answered, self.settle):
             if self.state == "up" and not self.awaiting:
                 self.done = True
                 self.ep.emit(ev="done", idx=self.idx, side="client")
@@ -373,6 +389,8 @@ class _UdpClient:
     def __init__(self, ep: _Endpoint, c: dict) -> None:
         self.ep, self.idx = ep, c["idx"]
         self.interval, self.timeout, self.end = c["interval"], c["timeout"], c["end"]
+        self.settle = c.get("settle")
+        self.answered: float | None = None
         self.request = max(c["request"], _DGRAM.size)
         self.response = c["response"]
         self.sent = 0
@@ -398,17 +416,21 @@ class _UdpClient:
         self.ep.emit(ev="error", idx=self.idx, side="client", err=_errname(err))
 
     def io(self, sock, mask) -> None:
-        _drain_errqueue(sock)
+        # recv first: it reports the pending ICMP error (EHOSTUNREACH...) once; draining the error queue
+        # first could clear that error unseen.  Then drain what is left, as the TCP path does.
         try:
             data = sock.recv(65536)
         except BlockingIOError:
+            _drain_errqueue(sock)
             return
         except OSError as exc:
             self.error(exc.errno)
+            _drain_errqueue(sock)
             return
         if self.state != "up":
             return
         self.waiting_since = None
+        self.answered = self.ep.now()
         if not self.established:
             self.established = True
             self.local = sock.getsockname()[0]
@@ -426,7 +448,7 @@ class _UdpClient:
             self.ep.emit(ev="broken", idx=self.idx, side="client", err="ETIMEDOUT", why="no answer",
                          address_gone=gone)
             return
-        if now >= self.end and self.waiting_since is None:
+        if now >= self.end and self.waiting_since is None and _proven(self.answered, self.settle):
             self.ep.emit(ev="done", idx=self.idx, side="client")
             return
         if self.waiting_since is None:
@@ -574,11 +596,10 @@ class _HostOnly(_Driver):
     NET = 24
 
     def attach(self, host: str, first: bool) -> None:
+        from .topology import host_only_side
+
         vm = self.sc.vm
-        net = ipaddress.IPv4Network(f"{vm.host_only_address}/{self.NET}", strict=False)
-        host_side = str(net.network_address + 1)
-        if host_side == vm.host_only_address:
-            host_side = str(net.network_address + 2)
+        host_side = host_only_side(vm.host_only_address, self.NET)
         self.topo.lab.sysctl(self.topo.host_ns(host), "net.ipv4.ip_forward", "0")
         self.topo.plug_routed(f"{host_side}/{self.NET}")
         if first:
@@ -608,14 +629,18 @@ class _Nat(_Driver):
         super().__init__(sc, topo)
         if shutil.which("roam") is None:
             raise ModeUnavailable("the `roam` command is not on PATH (needed to run `roam nat` in the lab)")
-        self.dir = tempfile.mkdtemp(prefix="roam-netns-nat-")
         self.procs: dict[str, object] = {}
         self.last_host: str | None = None
         self.warnings: list[str] = []
-        for h in topo.hosts:  # all at once: each takes a second or so to come up
-            self._start(h, wait=False)
-        for h in topo.hosts:
-            self._wait(h)
+        self.dir = tempfile.mkdtemp(prefix="roam-netns-nat-")
+        try:
+            for h in topo.hosts:  # all at once: each takes a second or so to come up
+                self._start(h, wait=False)
+            for h in topo.hosts:
+                self._wait(h)
+        except BaseException:
+            self.close()  # the caller gets no driver to close: stop what started, remove the dir
+            raise
 
     def _paths(self, host: str) -> tuple[str, str, str]:
         d = os.path.join(self.dir, host)
@@ -686,13 +711,14 @@ class _Nat(_Driver):
         ``roam nat`` snapshots its state to its state dir every second (and on exit); the
         latest snapshot of the old host's NAT -- taken while the VM was still there, at
         most a second before it left -- is moved to the new host's external address
-        (ports unchanged: ``sim.modes.rebind_snapshot``, as the simulator does; ``roam
-        nat`` has no option for it), and the new host's ``roam nat`` is restarted on it.
+        (ports unchanged) by the NAT engine itself, ``restore(snap, now, rebind=True)``
+        as the simulator does, in an engine configured as the new host's ``roam nat``
+        (which restores its state dir without rebinding), and the new host's ``roam
+        nat`` is restarted on the result.
         The old host's NAT keeps running with what it had, as in the simulator.
         Returns the seconds it took.
         """
         from nat import snapshot as natsnap
-        from sim.modes import rebind_snapshot
 
         t = time.monotonic()
         if old == new:
@@ -702,11 +728,22 @@ class _Nat(_Driver):
             self.warnings.append(f"nat+state: {old}'s roam nat had written no snapshot yet; nothing carried")
             return time.monotonic() - t
         self._stop(new)
-        old_ip = ipaddress.IPv4Address(self.topo.hosts[old].address).packed
-        new_ip = ipaddress.IPv4Address(self.topo.hosts[new].address).packed
-        natsnap.save(self._paths(new)[2], rebind_snapshot(snap, old_ip, new_ip))
+        natsnap.save(self._paths(new)[2], self._rebound(snap, new))
         self._start(new)
         return time.monotonic() - t
+
+    def _rebound(self, snap: dict, host: str) -> dict:
+        """``snap`` moved to ``host``'s external address by the engine (``restore(rebind=True)``)."""
+        import nat as natmod
+
+        vm = self.sc.vm
+        fwds = tuple(natmod.PortForward(f.protocol, f.external_port, vm.nat_address, f.port)
+                     for f in self.sc.forwards if f.hosts is None or host in f.hosts)
+        net = str(ipaddress.IPv4Network(f"{vm.nat_address}/24", strict=False))
+        eng = natmod.NatEngine(natmod.NatConfig(internal=(net,), external_ip=self.topo.hosts[host].address,
+                                                forwards=fwds))
+        eng.restore(snap, 0.0, rebind=True)  # times are relative: restored and taken at the same instant
+        return eng.snapshot(0.0)
 
     def vm_address(self) -> str | None:
         return self.sc.vm.nat_address
@@ -762,19 +799,24 @@ class _Tunnel(_Driver):
             raise ModeUnavailable("the `roam` command is not on PATH (needed to run `roam tunnel`)")
         if topo.home is None or sc.home is None or not sc.vm.home_address:
             raise ModeUnavailable("the scenario has no home site with a proxy, or no home_address for the VM")
-        self.dir = tempfile.mkdtemp(prefix="roam-netns-tunnel-")
-        self.key = os.path.join(self.dir, "tunnel.key")
-        fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(subprocess.run(["roam", "tunnel", "genkey"], capture_output=True, text=True, check=True,
-                                   timeout=30).stdout)
         self.home = topo.sites[sc.home.name]
         self.proxy_at = f"{self.home.proxy}:{self.PORT}"
         self.logs: dict[str, str] = {}
         self.procs: dict[str, object] = {}
         self.warnings: list[str] = []
-        self.proxy = self._popen("proxy", topo.home, ["proxy", "--listen", self.proxy_at, "--bridge", "br0"])
+        self.proxy = None
         self.here: str | None = None
+        self.dir = tempfile.mkdtemp(prefix="roam-netns-tunnel-")
+        try:
+            self.key = os.path.join(self.dir, "tunnel.key")
+            fd = os.open(self.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(subprocess.run(["roam", "tunnel", "genkey"], capture_output=True, text=True, check=True,
+                                       timeout=30).stdout)
+            self.proxy = self._popen("proxy", topo.home, ["proxy", "--listen", self.proxy_at, "--bridge", "br0"])
+        except BaseException:
+            self.close()  # the caller gets no driver to close: the dir holds the key
+            raise
 
     def _popen(self, role: str, ns: str, argv: list[str]):
         import subprocess
@@ -794,7 +836,7 @@ class _Tunnel(_Driver):
                 text = f.read()
             if "attached session" in text:
                 return
-            if p.poll() is not None or self.proxy.poll() is not None:
+            if p.poll() is not None or self.proxy is None or self.proxy.poll() is not None:
                 raise ModeUnavailable(f"`roam tunnel` exited: {text[-400:]}")
             if time.monotonic() > deadline:
                 raise ModeUnavailable(f"`roam tunnel host` on {host} did not attach within {self.READY:.0f} s")
@@ -833,7 +875,8 @@ class _Tunnel(_Driver):
         import shutil
 
         for p in [*self.procs.values(), self.proxy]:
-            self.topo.lab.stop(p, wait=5.0)
+            if p is not None:
+                self.topo.lab.stop(p, wait=5.0)
         self.procs.clear()
         if self.logdir:
             os.makedirs(self.logdir, exist_ok=True)
@@ -893,8 +936,13 @@ class _Proc:
         return new
 
 
-def _verdicts(sc, modename: str, events: list[dict], migration_starts: list[float]):
-    """ConnResults from what the endpoints logged (and nothing else)."""
+def _verdicts(sc, events: list[dict], migration_starts: list[float]):
+    """ConnResults from what the endpoints logged (and nothing else).
+
+    Survived: the client established it, no endpoint saw it break, and the client was
+    answered after the last migration's downtime ended (clients keep asking until then,
+    so one that was not is one the run's horizon cut short: broken, timed out).
+    """
     from sim.results import ConnResult, Reason, Verdict
 
     results = {}
@@ -908,7 +956,9 @@ def _verdicts(sc, modename: str, events: list[dict], migration_starts: list[floa
         errors = {e["err"] for e in mine if e["ev"] in ("broken", "error")}
         gone = any(e.get("address_gone") for e in breaks)
         first = breaks[0] if breaks else None
-        if established_at is not None and first is None:
+        settle = _settle(sc)
+        proven = settle is None or any(t > settle for t in progress)
+        if established_at is not None and first is None and proven:
             verdict, reason = Verdict.SURVIVED, None
         else:
             verdict = Verdict.BROKEN
@@ -991,6 +1041,8 @@ def run_mode_netns(sc, mode: str, progress: Callable[[float], None] | None = Non
                 drv.close()
     except (LabError, OSError, ModeUnavailable) as exc:
         return ModeRun(mode, {}, f"the lab failed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any failure is this mode's error, never the other modes' end
+        return ModeRun(mode, {}, f"the netns backend failed: {type(exc).__name__}: {exc}")
 
 
 def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
@@ -1000,7 +1052,8 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
     lab = topo.lab
     drv.attach(sc.vm.host, first=True)
     longest = max([sc.tcp_timeout, sc.udp_timeout] + [sc.timeout_of(c) for c in sc.connections])
-    horizon = sc.duration + longest + GRACE
+    # clients go on past the duration until answered after the last move (or they give up)
+    horizon = max(sc.duration, _settle(sc) or 0.0) + longest + GRACE
     provisional = time.monotonic()
     procs = {"vm": _Proc(lab, topo.vm, "vm", provisional, horizon + 60, logdir)}
     for p in sc.peers:
@@ -1099,7 +1152,7 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
         with open(os.path.join(logdir, "events.jsonl"), "w") as f:
             for e in sorted(events, key=lambda e: e["t"]):
                 f.write(json.dumps(e) + "\n")
-    results = _verdicts(sc, mode, [e for e in events if e["t"] < stop_at], starts)
+    results = _verdicts(sc, [e for e in events if e["t"] < stop_at], starts)
     warnings += getattr(drv, "warnings", [])
     return ModeRun(mode, results, None, _router_packets(topo), len(events), {}, time.monotonic() - wall0,
                    tuple(warnings))
@@ -1121,13 +1174,18 @@ def _router_packets(topo) -> int:
     return total
 
 
+def _settle(sc) -> float | None:
+    """When the last migration's downtime ends (None without migrations)."""
+    return max((m.at + m.downtime for m in sc.migrations), default=None)
+
+
 def _start(sc, drv: _Driver, procs: dict, idx: int) -> None:
     from conntrack import Proto
 
     c = sc.connections[idx]
     timeout = sc.timeout_of(c)
     common = dict(idx=idx, interval=c.interval, request=c.request, response=c.response, timeout=timeout,
-                  end=sc.duration)
+                  end=sc.duration, settle=_settle(sc))
     op = "tcp_connect" if c.protocol == Proto.TCP else "udp_connect"
     if c.direction == "outbound":
         procs["vm"].send(op=op, dst=sc.peer(c.peer).address, port=c.port, src="", sport=VM_EPHEMERAL + idx % 20000,
@@ -1145,7 +1203,7 @@ def run_netns(sc, modes: tuple[str, ...] | None = None, progress=None, *, parall
     ``parallel``: run the modes at once, each in its own lab (wall time of the
     slowest instead of the sum).  ``logdir``: keep each endpoint's stderr there.
     """
-    from sim.results import ConnInfo, Report
+    from sim.results import ConnInfo, ModeRun, Report
 
     modes = tuple(modes or sc.modes)
     runs: dict[str, object] = {}
@@ -1166,8 +1224,11 @@ def run_netns(sc, modes: tuple[str, ...] | None = None, progress=None, *, parall
             progress(modes[i], overall - i)
 
     def one(mode: str) -> None:
-        runs[mode] = run_mode_netns(sc, mode, lambda frac: report(mode, frac),
-                                    os.path.join(logdir, mode) if logdir else None)
+        try:
+            runs[mode] = run_mode_netns(sc, mode, lambda frac: report(mode, frac),
+                                        os.path.join(logdir, mode) if logdir else None)
+        except Exception as exc:  # noqa: BLE001 - in a thread: a mode's failure is its error, not a KeyError later
+            runs[mode] = ModeRun(mode, {}, f"the netns backend failed: {type(exc).__name__}: {exc}")
         report(mode, 1.0)
 
     if parallel:

@@ -40,8 +40,9 @@ def table(rep: Report) -> str:
             n = sum(1 for x in r.results.values() if x.verdict == Verdict.SURVIVED)
             what = "simulated" if rep.backend == "sim" else "seen"
             lines.append(f"{r.mode}: {n}/{len(r.results)} survived ({r.packets} packets {what})")
-    lines.append("survived, N ms = the longest stall across the moves (last answer before a move to the first "
-                 "after it).")
+    lines.append("survived = established, never broken, and answered after the last move (clients go on past "
+                 "the duration until then); N ms = the longest stall across the moves (last answer before a move "
+                 "to the first after it).")
     notes = [f"{r.mode}: {r.error}" for r in rep.runs if r.error] + [w for r in rep.runs for w in r.warnings]
     if notes:
         lines.append("")

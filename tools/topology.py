@@ -174,6 +174,22 @@ def _allowed(addr: ipaddress.IPv4Address | ipaddress.IPv4Network, what: str) -> 
                             f"203.0.113.0/24, 198.18.0.0/15)")
 
 
+def host_only_side(vm_address: str, prefixlen: int = 24) -> str:
+    """The host's address on a VM's host-only network: the network's first address (second if the VM has it)."""
+    net = ipaddress.IPv4Network(f"{vm_address}/{prefixlen}", strict=False)
+    side = net.network_address + 1
+    return str(side + 1 if str(side) == vm_address else side)
+
+
+def vm_addresses(vm) -> list[tuple[str, str]]:
+    """(what, address) for every address the lab may configure for ``vm`` (a VmSpec) in any mode."""
+    out = [("VM home_address", vm.home_address), ("VM nat_address", vm.nat_address),
+           ("VM nat_gateway", vm.nat_gateway), ("VM host_only_address", vm.host_only_address)]
+    if vm.host_only_address:
+        out.append(("the host side of the VM's host-only network", host_only_side(vm.host_only_address)))
+    return [(w, a) for w, a in out if a]
+
+
 def build(lab: Lab, sites, hosts, peers, vm=None, vm_host: str | None = None,
           home_peer: str | None = None) -> Topology:
     """Build the lab from scenario-style specs (``sim.scenario`` SiteSpec/HostSpec/PeerSpec/VmSpec).
@@ -194,6 +210,11 @@ def build(lab: Lab, sites, hosts, peers, vm=None, vm_host: str | None = None,
         nets.append(net)
     for p in peers:
         _allowed(ipaddress.IPv4Address(p.address), f"peer {p.name!r} address")
+    if vm is not None:
+        for what, a in vm_addresses(vm):
+            _allowed(ipaddress.IPv4Address(a), what)
+    if home_peer:
+        _allowed(ipaddress.IPv4Address(home_peer), "home peer address")
 
     inet = lab.ns("inet")
     for key, value in INET_SYSCTL.items():

@@ -80,6 +80,13 @@ def test_layout_outside_the_documentation_ranges_is_refused():
             build(lab, sites, hosts, [PeerSpec("dns", "8.8.8.8")], vm)
         with pytest.raises(TopologyError, match="outside the lab's ranges"):
             build(lab, [SiteSpec("x", "10.0.0.0/24")], [], [], None)
+        # every address the lab would configure for the VM, in any mode, is checked too
+        import dataclasses
+
+        for key, bad in (("nat_address", "10.0.0.10"), ("nat_gateway", "172.16.0.1"),
+                         ("host_only_address", "192.168.1.10"), ("home_address", "100.64.0.5")):
+            with pytest.raises(TopologyError, match=f"VM {key} {bad} is outside the lab's ranges"):
+                build(lab, sites, hosts, peers, dataclasses.replace(vm, **{key: bad}))
         assert lab.namespaces == []  # refused before anything was made
     finally:
         lab.close()

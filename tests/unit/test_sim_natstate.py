@@ -4,7 +4,6 @@ from __future__ import annotations
 import nat
 from conntrack import parse_ip
 from sim import wire
-from sim.modes import rebind_snapshot
 
 VM, PEER = wire.addr("198.18.0.10"), wire.addr("198.51.100.10")
 OLD, NEW = "203.0.113.10", "203.0.113.140"
@@ -25,7 +24,7 @@ def test_rebound_state_keeps_the_port_and_takes_the_new_address():
 
     assert _engine(NEW).restore(snap, 2.5) == 0  # the engine alone refuses another address's state
     new = _engine(NEW)
-    assert new.restore(rebind_snapshot(snap, wire.addr(OLD), wire.addr(NEW)), 2.5) == 1
+    assert new.restore(snap, 2.5, rebind=True) == 1  # what sim's nat+state does on a move
     v = new.process(wire.tcp(VM, PEER, 40000, 443, 2, 10, wire.ACK | wire.PSH, 50), nat.Side.INTERNAL, 3.0)
     moved = parse_ip(v.data)
     assert (moved.src, moved.sport) == (wire.addr(NEW), out.sport)  # what the peer sees: new address, same port

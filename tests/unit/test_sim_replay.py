@@ -148,6 +148,49 @@ def test_bridged_survives_a_move_on_the_same_lan_only():
     assert _verdict(keep + _move("b1"), "bridged").verdict == Verdict.BROKEN
 
 
+def test_a_move_at_the_very_end_is_exercised_not_assumed():
+    # the move ends at 20.0 s, the scenario's duration: the clients keep going until they are
+    # answered after it (or give up), so the verdict comes from packets sent after the move
+    late_away = _verdict(BASE + _move("b1", at=19.5), "bridged")
+    assert late_away.established and late_away.verdict == Verdict.BROKEN
+    assert late_away.reason.text == "unreachable"
+    late_near = _verdict(BASE + _move("a2", at=19.5), "bridged")
+    assert late_near.verdict == Verdict.SURVIVED
+    assert late_near.runs[-1][1] > 20.0  # answered after the VM was back
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_survivor_was_answered_after_the_last_move(mode):
+    sc = parse_scenario(open(BASIC).read(), BASIC)
+    settle = max(m.at + m.downtime for m in sc.migrations)
+    run = run_mode(sc, mode)
+    for r in run.results.values():
+        if r.verdict == Verdict.SURVIVED:
+            assert r.runs and r.runs[-1][1] > settle, r
+
+
+def test_host_only_losses_are_the_vms_own_missing_route():
+    from sim.world import Loss
+
+    assert "HOST_ONLY" not in Loss.__members__  # no loss reason belongs to one mode
+    run = run_mode(parse_scenario(BASE, "t.toml"), "host-only")
+    r = run.results["t"]
+    assert not r.established and r.reason.text == "unreachable"
+    assert run.drops.get("no_route", 0) > 0 and set(run.drops) == {"no_route"}
+
+
+def test_sample_covers_both_verdicts():
+    """The netns cross-validation sample is not degenerate: the simulator finds survivors and breakages in it."""
+    from tests.netns.test_replay_netns import SCENARIOS
+
+    verdicts = set()
+    for name, text in SCENARIOS.items():
+        sc = parse_scenario(text, f"<{name}>")
+        for run in replay(sc, sc.modes).runs:
+            verdicts |= {r.verdict for r in run.results.values()}
+    assert verdicts == {Verdict.SURVIVED, Verdict.BROKEN}
+
+
 def test_tunnel_breaks_when_its_packets_cannot_get_home():
     cut = BASE.replace('proxy = "192.0.2.2"', 'proxy = "192.0.2.2"\nloss = 1.0')
     r = _verdict(cut, "tunnel")

@@ -155,3 +155,30 @@ def test_damaged_capture_names_the_capture_line(tmp_path):
     with pytest.raises(ScenarioError) as e:
         load_scenario(str(tmp_path / "s.toml"))
     assert "not a pcap file" in e.value.message and e.value.line == _line_of(text, 'file = "bad.pcap"')
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("nat_address", "10.0.0.10", "'nat_address' 10.0.0.10 is outside the ranges a lab may use"),
+    ("nat_gateway", "192.168.0.1", "'nat_gateway' 192.168.0.1 is outside the ranges"),
+    ("host_only_address", "172.16.5.10", "'host_only_address' 172.16.5.10 is outside the ranges"),
+    ("host_only_address", "198.18.1.255", "broadcast address of its /24"),
+    ("nat_gateway", "198.18.7.1", "not on the VM's NAT network 198.18.0.0/24"),
+    ("nat_gateway", "198.18.0.10", "is the VM's nat_address"),
+])
+def test_vm_addresses_must_be_in_the_lab_ranges(key, value, words):
+    text = GOOD.replace('host = "h1"\n', f'host = "h1"\n{key} = "{value}"\n', 1)
+    err = _error(text)
+    assert words in err.message
+    assert err.line == _line_of(text, f"{key} = ")
+
+
+@pytest.mark.parametrize("table,item", [("forward", "hosts = [{a = 1}]"), ("forward", "hosts = [1]"),
+                                        ("scenario", "modes = [{a = 1}]")])
+def test_array_items_of_the_wrong_type_are_scenario_errors(table, item):
+    if table == "forward":
+        text = GOOD + f"\n[[forward]]\nport = 22\n{item}\n"
+    else:
+        text = GOOD.replace('modes = ["bridged", "nat"]', item)
+    err = _error(text)  # a ScenarioError, not a TypeError from deep inside
+    assert "must be an array of strings" in err.message
+    assert err.line == _line_of(text, item)
