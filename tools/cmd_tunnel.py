@@ -70,6 +70,12 @@ def register(subparsers, help_text: str) -> None:
     pr.add_argument("--session-timeout", type=float, default=60.0,
                     help="close a session after this many seconds without authentic traffic (default 60)")
     pr.add_argument("--mac-age", type=float, default=300.0, help="MAC table ageing in seconds (default 300)")
+    pr.add_argument("--max-tcp-connections", type=int, default=512, metavar="N",
+                    help="--transport tcp: connections held at once; beyond it the oldest one not yet "
+                    "authenticated is closed, or the new one refused (default 512)")
+    pr.add_argument("--tcp-auth-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="--transport tcp: close a connection that sent no authentic message within this "
+                    "many seconds (default 10)")
     common(pr)
     pr.set_defaults(func=cmd_proxy)
 
@@ -161,7 +167,12 @@ def cmd_proxy(args) -> int:
         print(f"roam tunnel proxy: cannot make the TAP: {exc}", file=sys.stderr)
         return 1
     try:
-        driver = ProxyDriver(engine, tap, listen, args.transport, time.monotonic, args.status_dir)
+        driver = ProxyDriver(engine, tap, listen, args.transport, time.monotonic, args.status_dir,
+                             max_tcp_conns=args.max_tcp_connections, tcp_auth_timeout=args.tcp_auth_timeout)
+    except ValueError as exc:
+        tap.close()
+        print(f"roam tunnel proxy: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         tap.close()
         print(f"roam tunnel proxy: cannot listen on {args.listen}: {exc}", file=sys.stderr)

@@ -17,6 +17,18 @@ path MTU instead of refusing them.  Give ``--mtu 1426`` (IPv4 underlay of 1500;
 Over TCP the stream carries any frame size (2 bytes of length each).  Frames
 above the TAP MTU (+ 14 header + 8 for two VLAN tags) are counted as OVERSIZED
 and dropped, never truncated: reads use a 64 KiB buffer.
+
+Hostile networks.  Errors the network hands back (ICMP errors surfacing as
+ECONNREFUSED, ENETUNREACH while an address changes, resets, EMFILE on accept) are
+counted in the driver's counters and logged (at most once per
+:data:`LOG_EVERY` seconds per kind), never raised out of :meth:`_Driver.run`.
+The TCP proxy holds at most ``max_tcp_conns`` connections (a new one beyond that
+evicts the oldest connection that has not yet sent an authentic message, or is
+refused when all are authenticated), closes a connection that has sent nothing
+authentic within ``tcp_auth_timeout`` seconds of opening (or, once
+authenticated, within ``tcp_idle_timeout`` of its last authentic message), and
+stops accepting for :data:`ACCEPT_PAUSE` seconds when accept() runs out of
+descriptors or memory.
 """
 from __future__ import annotations
 
@@ -47,6 +59,14 @@ TCP_BACKLOG_MAX = 4 << 20
 BATCH = 64  # reads per readiness event: bounded, so one busy source cannot starve the rest
 STATUS_EVERY = 1.0
 ADDRESS_CHECK_EVERY = 0.25
+LOG_EVERY = 5.0  # a recurring network error is logged at most this often per kind (always counted)
+#: TCP proxy defaults: connections held at once, and seconds a connection may stay without
+#: an authentic message (before its first one; the idle bound after it defaults to the
+#: engine's session timeout).
+MAX_TCP_CONNS = 512
+TCP_AUTH_TIMEOUT = 10.0
+ACCEPT_PAUSE = 0.25  # accept() out of descriptors/memory: stop accepting this long
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -83,13 +103,16 @@ def _udp_socket(family: int) -> socket.socket:
 class _TcpConn:
     """One TCP connection carrying length-framed messages."""
 
-    def __init__(self, sock: socket.socket, endpoint: Hashable, max_len: int) -> None:
+    def __init__(self, sock: socket.socket, endpoint: Hashable, max_len: int, opened: float = 0.0) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.decoder = StreamDecoder(max_len)
         self.out = bytearray()
         self.connected = True
         self.writing = False  # registered for EVENT_WRITE
+        self.opened = opened
+        self.last_authentic: float | None = None  # time of its latest authentic message (proxy side)
+        self.closed = False
 
     def queue(self, message: bytes, counters: Counter) -> None:
         """Send now if nothing waits, else append (bounded); OSError means the connection broke."""
@@ -136,6 +159,16 @@ class _Driver:
         self._status_dirty = False  # an event happened: publish the status at once
         self.started = clock()
         self.extra_status: dict = {}
+        self._log_next: dict[str, float] = {}
+
+    def note(self, key: str, now: float, fmt: str, *args) -> None:
+        """Count ``key``; log it (with the running count) at most once per LOG_EVERY seconds."""
+        self.counters[key] += 1
+        if now >= self._log_next.get(key, 0.0):
+            self._log_next[key] = now + LOG_EVERY
+            log.info("%s: " + fmt + " [%s: %d so far]", self.role, *args, key, self.counters[key])
+        else:
+            log.debug("%s: " + fmt, self.role, *args)
 
     # signal-safe: sets a flag and wakes the selector
     def request_stop(self, *_args) -> None:
@@ -203,9 +236,12 @@ class _Driver:
         if not self.status_path:
             return
         tmp = self.status_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.status(now), f, indent=1, default=str)
-        os.replace(tmp, self.status_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.status(now), f, indent=1, default=str)
+            os.replace(tmp, self.status_path)
+        except OSError as exc:  # EMFILE under a flood, a full disk: the status waits, the tunnel goes on
+            self.note("status_write_errors", now, "cannot write the status file: %s", exc)
 
     def shutdown(self) -> None:
         self.close_sockets()
@@ -262,7 +298,11 @@ class HostDriver(_Driver):
     def _on_tap(self, _mask: int) -> None:
         now = self.clock()
         for _ in range(BATCH):
-            frame = self.tap.read()
+            try:
+                frame = self.tap.read()
+            except OSError as exc:
+                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
+                break
             if frame is None:
                 break
             self.engine.send_frame(frame, now)
@@ -277,9 +317,9 @@ class HostDriver(_Driver):
                 data, addr = self.udp.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # ICMP errors surface here (ECONNREFUSED...): counted, not fatal
-                self.counters["udp_rx_errors"] += 1
-                break
+            except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...): counted, not fatal
+                self.note("udp_rx_errors", now, "udp receive: %s", exc)
+                continue
             if addr[0] != self.proxy[0] and not _same_ip(addr[0], self.proxy[0]):
                 self.counters["rx_not_from_proxy"] += 1
                 continue
@@ -289,10 +329,17 @@ class HostDriver(_Driver):
     # -- TCP ---------------------------------------------------------------------------------
 
     def _connect(self, now: float) -> None:
-        s = socket.socket(self.family, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = s.connect_ex(self.proxy)
+        try:
+            s = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE, ENOBUFS...: try again later
+            self._schedule_reconnect(now, f"no socket: {exc}")
+            return
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = s.connect_ex(self.proxy)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
         if err not in (0, errno.EINPROGRESS):
             s.close()
             self._schedule_reconnect(now, os.strerror(err))
@@ -321,7 +368,10 @@ class HostDriver(_Driver):
         if c is None:
             return
         if not c.connected:
-            err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
             if err:
                 self._schedule_reconnect(now, os.strerror(err))
                 return
@@ -384,8 +434,12 @@ class HostDriver(_Driver):
                 self.local = None
 
     def _local_source(self) -> str | None:
-        """The source address the kernel would use toward the proxy (no packet sent)."""
-        s = socket.socket(self.family, socket.SOCK_DGRAM)
+        """The source address the kernel would use toward the proxy (no packet sent); None when
+        there is none now (ENETUNREACH while an address changes) or no socket to ask with."""
+        try:
+            s = socket.socket(self.family, socket.SOCK_DGRAM)
+        except OSError:
+            return None
         try:
             s.connect(self.proxy)
             return s.getsockname()[0]
@@ -401,8 +455,8 @@ class HostDriver(_Driver):
                     self.udp.sendto(m, self.proxy)
                 except (BlockingIOError, InterruptedError):
                     self.counters["udp_tx_dropped"] += 1
-                except OSError:
-                    self.counters["udp_tx_errors"] += 1
+                except OSError as exc:  # ENETUNREACH while the address changes, ECONNREFUSED after an ICMP error
+                    self.note("udp_tx_errors", now, "udp send to the proxy: %s", exc)
             elif self.conn is not None and self.conn.connected:
                 try:
                     self.conn.queue(m, self.counters)
@@ -453,15 +507,27 @@ class ProxyDriver(_Driver):
     role = "proxy"
 
     def __init__(self, engine: ProxyEnd, tap: Tap, listen: tuple[str, int], transport: str,
-                 clock: Callable[[], float], status_dir: str | None = None) -> None:
+                 clock: Callable[[], float], status_dir: str | None = None, *,
+                 max_tcp_conns: int = MAX_TCP_CONNS, tcp_auth_timeout: float = TCP_AUTH_TIMEOUT,
+                 tcp_idle_timeout: float | None = None) -> None:
+        if max_tcp_conns < 1 or tcp_auth_timeout <= 0 or (tcp_idle_timeout is not None and tcp_idle_timeout <= 0):
+            raise ValueError("max_tcp_conns must be >= 1 and the TCP timeouts > 0")
         super().__init__(tap, clock, status_dir)
         self.engine = engine
         self.transport = transport
+        self.max_tcp_conns = max_tcp_conns
+        self.tcp_auth_timeout = tcp_auth_timeout
+        self.tcp_idle_timeout = tcp_idle_timeout if tcp_idle_timeout is not None else max(
+            engine.session_timeout, tcp_auth_timeout)
+        #: How often the TCP connections are checked against their timeouts.
+        self._sweep_every = min(1.0, tcp_auth_timeout / 4, self.tcp_idle_timeout / 4)
+        self._next_sweep: float | None = None
+        self._accept_resume: float | None = None  # accept() paused (out of descriptors) until then
         self.extra_status = {"listen": f"{listen[0]}:{listen[1]}", "transport": transport}
         fam = _family(listen[0])
         self.udp: socket.socket | None = None
         self.listener: socket.socket | None = None
-        self.conns: dict[Hashable, _TcpConn] = {}
+        self.conns: dict[Hashable, _TcpConn] = {}  # in accept order: the oldest first
         if transport == "udp":
             self.udp = _udp_socket(fam)
             self.udp.bind(listen)
@@ -475,12 +541,31 @@ class ProxyDriver(_Driver):
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
 
     def engine_deadline(self) -> float | None:
-        return self.engine.next_deadline()
+        times = [t for t in (self.engine.next_deadline(), self._next_sweep, self._accept_resume) if t is not None]
+        return min(times) if times else None
+
+    def housekeeping(self, now: float) -> None:
+        if self._accept_resume is not None and now >= self._accept_resume:
+            self._accept_resume = None
+            self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        if self._next_sweep is not None and now >= self._next_sweep:
+            for c in list(self.conns.values()):
+                if c.last_authentic is None:
+                    if now - c.opened >= self.tcp_auth_timeout:
+                        self._drop_conn(c, "tcp_auth_timeouts", now, "nothing authentic within %.1fs",
+                                        self.tcp_auth_timeout)
+                elif now - c.last_authentic >= self.tcp_idle_timeout:
+                    self._drop_conn(c, "tcp_idle_timeouts", now, "nothing authentic for %.1fs", self.tcp_idle_timeout)
+            self._next_sweep = now + self._sweep_every if self.conns else None
 
     def _on_tap(self, _mask: int) -> None:
         now = self.clock()
         for _ in range(BATCH):
-            frame = self.tap.read()
+            try:
+                frame = self.tap.read()
+            except OSError as exc:
+                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
+                break
             if frame is None:
                 break
             self.engine.from_lan(frame, now)
@@ -493,29 +578,72 @@ class ProxyDriver(_Driver):
                 data, addr = self.udp.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:
-                self.counters["udp_rx_errors"] += 1
-                break
+            except OSError as exc:  # a pending ICMP error (ECONNREFUSED...): counted, the next read goes on
+                self.note("udp_rx_errors", now, "udp receive: %s", exc)
+                continue
             self.engine.receive(data, addr[:2], now)
         self.flush(now)
 
+    # -- TCP: accept, read, limits -----------------------------------------------------------
+
     def _on_accept(self, _mask: int) -> None:
+        now = self.clock()
         for _ in range(BATCH):
             try:
                 s, addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            s.setblocking(False)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                    # Out of descriptors or memory: the listener would stay readable and spin the loop.
+                    # Pause accepting; the timeouts free descriptors meanwhile.
+                    self.note("tcp_accept_errors", now, "accept: %s; pausing accepts for %.2fs", exc, ACCEPT_PAUSE)
+                    self.sel.unregister(self.listener)
+                    self._accept_resume = now + ACCEPT_PAUSE
+                    return
+                # ECONNABORTED, EPROTO, network errors of the pending connection: it is gone, go on.
+                self.note("tcp_accept_errors", now, "accept: %s", exc)
+                continue
             ep = ("tcp", addr[0], addr[1])
-            c = _TcpConn(s, ep, self.engine.max_message)
+            if len(self.conns) >= self.max_tcp_conns and not self._make_room(now):
+                self.note("tcp_over_limit", now, "refused %s: %d connections, all authenticated",
+                          _endpoint_text(ep), len(self.conns))
+                s.close()
+                continue
+            c = _TcpConn(s, ep, self.engine.max_message, opened=now)
+            try:
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sel.register(s, selectors.EVENT_READ, lambda mask, c=c: self._on_conn(c, mask))
+            except OSError as exc:  # reset before we got to it, or no room in epoll
+                self.note("tcp_errors", now, "tcp connection %s: %s", _endpoint_text(ep), exc)
+                s.close()
+                continue
+            old = self.conns.pop(ep, None)
+            if old is not None:  # the same address and port again: the old socket is dead
+                self._drop_conn(old, "tcp_errors", now, "replaced by a new connection from the same port")
             self.conns[ep] = c
             self.counters["tcp_accepted"] += 1
-            self.sel.register(s, selectors.EVENT_READ, lambda mask, c=c: self._on_conn(c, mask))
+            if self._next_sweep is None:
+                self._next_sweep = now + self._sweep_every
 
-    def _drop_conn(self, c: _TcpConn, why: str) -> None:
-        log.info("proxy: tcp connection %s closed (%s)", c.endpoint, why)
-        self.conns.pop(c.endpoint, None)
+    def _make_room(self, now: float) -> bool:
+        """At the limit: close the oldest connection that never sent an authentic message."""
+        for c in self.conns.values():
+            if c.last_authentic is None:
+                self._drop_conn(c, "tcp_evicted", now, "evicted (unauthenticated) at the limit of %d connections",
+                                self.max_tcp_conns)
+                return True
+        return False
+
+    def _drop_conn(self, c: _TcpConn, key: str, now: float, fmt: str, *args) -> None:
+        """Close one peer's connection, counted under ``key``; never the proxy."""
+        if c.closed:
+            return
+        c.closed = True
+        self.note(key, now, "tcp connection %s closed: " + fmt, _endpoint_text(c.endpoint), *args)
+        if self.conns.get(c.endpoint) is c:
+            del self.conns[c.endpoint]
         try:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
@@ -523,12 +651,14 @@ class ProxyDriver(_Driver):
         c.sock.close()
 
     def _on_conn(self, c: _TcpConn, mask: int) -> None:
+        if c.closed:  # dropped earlier in the same round of events
+            return
         now = self.clock()
         if mask & selectors.EVENT_WRITE:
             try:
                 c.flush()
             except OSError as exc:
-                self._drop_conn(c, str(exc))
+                self._drop_conn(c, "tcp_errors", now, "%s", exc)
                 return
         if mask & selectors.EVENT_READ:
             try:
@@ -536,18 +666,19 @@ class ProxyDriver(_Driver):
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError as exc:
-                self._drop_conn(c, str(exc))
+                self._drop_conn(c, "tcp_errors", now, "%s", exc)
                 return
             if data == b"":
-                self._drop_conn(c, "closed by host")
+                self._drop_conn(c, "tcp_closed_by_peer", now, "closed by the host end")
                 return
             if data:
                 try:
                     for m in c.decoder.feed(data):
-                        self.engine.receive(m, c.endpoint, now)
+                        if self.engine.receive(m, c.endpoint, now):
+                            c.last_authentic = now
                 except WireError as exc:
                     self.engine.drops[exc.reason] += 1
-                    self._drop_conn(c, str(exc))
+                    self._drop_conn(c, "tcp_bad_framing", now, "%s", exc)
                     return
         self.flush(now)
 
@@ -558,8 +689,8 @@ class ProxyDriver(_Driver):
                     self.udp.sendto(m, ep)
                 except (BlockingIOError, InterruptedError):
                     self.counters["udp_tx_dropped"] += 1
-                except OSError:
-                    self.counters["udp_tx_errors"] += 1
+                except OSError as exc:  # ENETUNREACH, EHOSTUNREACH, ECONNREFUSED after an ICMP error...
+                    self.note("udp_tx_errors", now, "udp send to %s: %s", _endpoint_text(ep), exc)
                 continue
             c = self.conns.get(ep)
             if c is None:
@@ -568,7 +699,7 @@ class ProxyDriver(_Driver):
             try:
                 c.queue(m, self.counters)
             except OSError as exc:
-                self._drop_conn(c, str(exc))
+                self._drop_conn(c, "tcp_errors", now, "%s", exc)
                 continue
         for c in list(self.conns.values()):
             if c.writing != bool(c.out):
@@ -580,6 +711,19 @@ class ProxyDriver(_Driver):
                 self.counters["tap_tx_dropped"] += 1
         self.log_events(self.engine.pop_events())
 
+    def status(self, now: float) -> dict:
+        st = super().status(now)
+        if self.listener is not None:
+            st["tcp"] = {
+                "connections": len(self.conns),
+                "unauthenticated": sum(1 for c in self.conns.values() if c.last_authentic is None),
+                "max_connections": self.max_tcp_conns,
+                "auth_timeout": self.tcp_auth_timeout,
+                "idle_timeout": self.tcp_idle_timeout,
+                "accepting": self._accept_resume is None,
+            }
+        return st
+
     def shutdown(self) -> None:
         now = self.clock()
         try:
@@ -587,9 +731,9 @@ class ProxyDriver(_Driver):
             self.flush(now)
             for c in self.conns.values():
                 if c.out:
-                    c.sock.setblocking(True)
-                    c.sock.settimeout(0.2)
                     try:
+                        c.sock.setblocking(True)
+                        c.sock.settimeout(0.2)
                         c.sock.sendall(bytes(c.out))
                     except OSError:
                         pass
@@ -604,6 +748,14 @@ class ProxyDriver(_Driver):
         for c in list(self.conns.values()):
             c.sock.close()
         self.conns.clear()
+
+
+def _endpoint_text(ep: Hashable) -> str:
+    if isinstance(ep, tuple) and len(ep) == 3 and ep[0] == "tcp":
+        return f"tcp {ep[1]}:{ep[2]}"
+    if isinstance(ep, tuple) and len(ep) >= 2:
+        return f"{ep[0]}:{ep[1]}"
+    return str(ep)
 
 
 def read_status_dir(status_dir: str) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ import time
 
 import pytest
 
-from conntrack.pcap import read_pcap, record_packet
+from conntrack.errors import Reason
+from conntrack.pcap import CaptureError, read_pcap, record_packet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXT, PEER, VM = "203.0.113.1", "203.0.113.2", "198.18.0.2"
@@ -36,6 +38,47 @@ def _wait(pred, seconds: float, what: str):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def _start_tcpdump(lab, ns, args, timeout=10.0):
+    """tcpdump -U in ``ns``, returned once it says "listening on" on stderr (its filter is attached then)."""
+    p = lab.popen(ns, ["tcpdump", "-n", "-U", "--immediate-mode", *args],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = b""
+    end = time.monotonic() + timeout
+    while b"listening on" not in err:
+        left = end - time.monotonic()
+        if left <= 0 or p.poll() is not None:
+            lab.stop(p)
+            raise AssertionError(f"tcpdump did not start listening (exit {p.returncode}): {err.decode(errors='replace')}")
+        if select.select([p.stderr], [], [], min(left, 0.5))[0]:
+            chunk = os.read(p.stderr.fileno(), 4096)
+            if not chunk:  # stderr closed: tcpdump is exiting
+                p.wait(timeout=5)
+            err += chunk
+    return p
+
+
+def _stop_tcpdump(lab, p):
+    """SIGINT: tcpdump writes out what it holds and closes the file; anything but a clean exit fails."""
+    rc = lab.stop(p, wait=10, sig=signal.SIGINT)
+    assert rc == 0, f"tcpdump did not stop cleanly (exit {rc})"
+
+
+def _captured_records(path):
+    """Records in a capture tcpdump -U is still writing: none until its header is there, and
+    a last record cut short (being written now) is not there yet."""
+    if not os.path.exists(path) or os.path.getsize(path) < 24:
+        return []
+    out = []
+    with open(path, "rb") as f:
+        try:
+            for rec in read_pcap(f):
+                out.append(rec)
+        except CaptureError as exc:
+            if exc.reason != Reason.BAD_CAPTURE_RECORD:
+                raise
+    return out
 
 
 class Site:
@@ -90,6 +133,12 @@ class Site:
         st = self.status()
         return st["engine"]["counters"].get(name, 0) if st else 0
 
+    def queued_out(self):
+        """Packets the NAT's outbound rules (mangle POSTROUTING -o ext0 -j NFQUEUE) have matched."""
+        out = self.lab.run(self.host, ["iptables-legacy", "-t", "mangle", "-L", "POSTROUTING", "-v", "-x", "-n"]).stdout
+        return sum(int(l.split()[0]) for l in out.splitlines()
+                   if "NFQUEUE" in l and len(l.split()) > 6 and l.split()[6] == "ext0")
+
     def rules(self):
         return self.lab.run(self.host, ["iptables-legacy-save"]).stdout
 
@@ -120,9 +169,7 @@ def _capture_addresses(path):
 def test_outbound_tcp_udp_ping_nothing_internal_leaves(site):
     lab = site.lab
     pcap = os.path.join(site.dir, "ext.pcap")
-    dump = lab.popen(site.inet, ["tcpdump", "-n", "-U", "-i", "inet0", "-w", pcap], stderr=subprocess.PIPE)
-    _wait(lambda: os.path.exists(pcap), 10, "tcpdump to start")
-    time.sleep(0.3)  # tcpdump has opened the file before it has attached its filter; give it a moment
+    dump = _start_tcpdump(lab, site.inet, ["-i", "inet0", "-w", pcap])
     site.start()
     rules = site.rules()
     assert "-A PREROUTING -i ext0 -m comment --comment \"roam-nat q3 pid" in rules
@@ -181,10 +228,18 @@ def test_outbound_tcp_udp_ping_nothing_internal_leaves(site):
     lab.stop(site.proc, sig=signal.SIGKILL)
     assert "roam-nat q3" in site.rules()
     assert lab.ping(site.vm, PEER, count=1, timeout=1.0) == 0
+    queued = site.queued_out()
     uc.sendto(b"leak?", (PEER, 5300))
     c.sendall(b"leak?")
-    time.sleep(0.5)
-    lab.stop(dump)
+    # Both attempts reached the NAT's (dead) queue: the rule's packet counter moved ...
+    _wait(lambda: site.queued_out() >= queued + 2, 10, "the leak attempts to reach the NFQUEUE rule")
+    # ... and whatever got past it is on the wire before a marker the peer sends afterwards:
+    # once the marker is in the file, tcpdump has written everything before it; then stop cleanly.
+    with site.sock(site.inet, socket.SOCK_DGRAM) as marker:
+        marker.sendto(b"marker", (EXT, 9999))
+    _wait(lambda: any(record_packet(r) is not None and record_packet(r).dport == 9999
+                      for r in _captured_records(pcap)), 10, "the marker in the capture")
+    _stop_tcpdump(lab, dump)
     addrs = _capture_addresses(pcap)
     assert ipaddress.ip_address(EXT) in addrs
     assert not [a for a in addrs if a in INTERNAL], addrs
