@@ -25,6 +25,7 @@ import ipaddress
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import struct
@@ -406,6 +407,31 @@ class Lab:
         p = subprocess.Popen(self._argv(ns, argv), **kw)
         self._procs.append(p)
         return p
+
+    def tcpdump(self, ns: str, args: list[str], timeout: float = 10.0) -> subprocess.Popen:
+        """tcpdump -U in ``ns``, returned once it says "listening on" (its filter is attached by then)."""
+        p = self.popen(ns, ["tcpdump", "-n", "-U", "--immediate-mode", *args],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = b""
+        end = time.monotonic() + timeout
+        while b"listening on" not in err:
+            left = end - time.monotonic()
+            if left <= 0 or p.poll() is not None:
+                self.stop(p)
+                raise LabError(f"tcpdump did not start listening (exit {p.returncode}): "
+                               f"{err.decode(errors='replace')}")
+            if select.select([p.stderr], [], [], min(left, 0.5))[0]:
+                chunk = os.read(p.stderr.fileno(), 4096)
+                if not chunk:  # stderr closed: tcpdump is exiting
+                    p.wait(timeout=5)
+                err += chunk
+        return p
+
+    def stop_tcpdump(self, p: subprocess.Popen) -> None:
+        """SIGINT: tcpdump writes out what it holds and closes the file; anything but a clean exit fails."""
+        rc = self.stop(p, wait=10, sig=signal.SIGINT)
+        if rc != 0:
+            raise LabError(f"tcpdump did not stop cleanly (exit {rc})")
 
     def stop(self, p: subprocess.Popen, wait: float = 3.0, sig: int = signal.SIGTERM) -> int | None:
         """Signal ``p``'s group, wait up to ``wait`` s, then SIGKILL; returns its exit code."""

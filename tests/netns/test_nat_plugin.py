@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -38,31 +37,6 @@ def _wait(pred, seconds: float, what: str):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-def _start_tcpdump(lab, ns, args, timeout=10.0):
-    """tcpdump -U in ``ns``, returned once it says "listening on" on stderr (its filter is attached then)."""
-    p = lab.popen(ns, ["tcpdump", "-n", "-U", "--immediate-mode", *args],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = b""
-    end = time.monotonic() + timeout
-    while b"listening on" not in err:
-        left = end - time.monotonic()
-        if left <= 0 or p.poll() is not None:
-            lab.stop(p)
-            raise AssertionError(f"tcpdump did not start listening (exit {p.returncode}): {err.decode(errors='replace')}")
-        if select.select([p.stderr], [], [], min(left, 0.5))[0]:
-            chunk = os.read(p.stderr.fileno(), 4096)
-            if not chunk:  # stderr closed: tcpdump is exiting
-                p.wait(timeout=5)
-            err += chunk
-    return p
-
-
-def _stop_tcpdump(lab, p):
-    """SIGINT: tcpdump writes out what it holds and closes the file; anything but a clean exit fails."""
-    rc = lab.stop(p, wait=10, sig=signal.SIGINT)
-    assert rc == 0, f"tcpdump did not stop cleanly (exit {rc})"
 
 
 def _captured_records(path):
@@ -169,7 +143,7 @@ def _capture_addresses(path):
 def test_outbound_tcp_udp_ping_nothing_internal_leaves(site):
     lab = site.lab
     pcap = os.path.join(site.dir, "ext.pcap")
-    dump = _start_tcpdump(lab, site.inet, ["-i", "inet0", "-w", pcap])
+    dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap])
     site.start()
     rules = site.rules()
     assert "-A PREROUTING -i ext0 -m comment --comment \"roam-nat q3 pid" in rules
@@ -239,7 +213,7 @@ def test_outbound_tcp_udp_ping_nothing_internal_leaves(site):
         marker.sendto(b"marker", (EXT, 9999))
     _wait(lambda: any(record_packet(r) is not None and record_packet(r).dport == 9999
                       for r in _captured_records(pcap)), 10, "the marker in the capture")
-    _stop_tcpdump(lab, dump)
+    lab.stop_tcpdump(dump)
     addrs = _capture_addresses(pcap)
     assert ipaddress.ip_address(EXT) in addrs
     assert not [a for a in addrs if a in INTERNAL], addrs

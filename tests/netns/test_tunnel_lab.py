@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
@@ -307,12 +305,12 @@ def test_forged_and_replayed_frames_are_rejected_and_change_nothing(lab, tmp_pat
         host_a = t.start_host("hosta")
         wait_for(lambda: t.attached(host_a), 20, "host end A to attach")
         cap = tmp_path / "tunnel.pcap"
-        dump = start_tcpdump(lab, ns["inet"], ["-i", "ia", "-w", str(cap), "udp", "port", str(PORT)])
+        dump = lab.tcpdump(ns["inet"], ["-i", "ia", "-w", str(cap), "udp", "port", str(PORT)])
         assert lab.ping(ns["vm"], PEER_IP, count=4) == 4
         # -U writes each packet as it comes: wait (bounded) until the four requests are in the file,
         # then stop tcpdump cleanly (SIGINT: it flushes and closes the file) and read it whole.
         wait_for(lambda: len(_captured(cap, rdpcap, IP, UDP)) >= 4, 10, "captured tunnel messages")
-        stop_tcpdump(lab, dump)
+        lab.stop_tcpdump(dump)
         captured = _captured(cap, rdpcap, IP, UDP, complete=True)
         assert len(captured) >= 4  # the echo requests, at least
 
@@ -361,31 +359,6 @@ def test_forged_and_replayed_frames_are_rejected_and_change_nothing(lab, tmp_pat
     except BaseException:
         print(t.dump_logs())
         raise
-
-
-def start_tcpdump(lab, ns: str, args: list[str], timeout: float = 10.0) -> subprocess.Popen:
-    """tcpdump -U in ``ns``, returned once it says "listening on" (its filter is attached by then)."""
-    p = lab.popen(ns, ["tcpdump", "-n", "-U", "--immediate-mode", *args],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = b""
-    end = time.monotonic() + timeout
-    while b"listening on" not in err:
-        left = end - time.monotonic()
-        if left <= 0 or p.poll() is not None:
-            lab.stop(p)
-            raise AssertionError(f"tcpdump did not start listening (exit {p.returncode}): {err.decode(errors='replace')}")
-        if select.select([p.stderr], [], [], min(left, 0.5))[0]:
-            chunk = os.read(p.stderr.fileno(), 4096)
-            if not chunk:  # stderr closed: tcpdump is exiting
-                p.wait(timeout=5)
-            err += chunk
-    return p
-
-
-def stop_tcpdump(lab, p: subprocess.Popen) -> None:
-    """SIGINT: tcpdump writes out what it holds and closes the file; anything but a clean exit fails."""
-    rc = lab.stop(p, wait=10, sig=signal.SIGINT)
-    assert rc == 0, f"tcpdump did not stop cleanly (exit {rc})"
 
 
 def _captured(cap: Path, rdpcap, IP, UDP, complete: bool = False) -> list[bytes]:

@@ -80,7 +80,7 @@ def _bare(packets: list[bytes]) -> float:
     seen: dict[bytes, int] = {}
     t0 = time.perf_counter()
     for raw in packets:
-        p = parse_ip(raw)
+        parse_ip(raw)
         k = raw[9:10] + raw[12:20] + raw[20:24]
         seen[k] = seen.get(k, 0) + 1
     return time.perf_counter() - t0

@@ -149,7 +149,11 @@ def bench_lab(seconds: float) -> list[list]:
     if why:
         print(f"roam bench nat: lab part skipped: {why}", file=sys.stderr)
         return []
-    d = tempfile.mkdtemp(prefix="roam-bench-nat-")
+    with tempfile.TemporaryDirectory(prefix="roam-bench-nat-") as d:
+        return _bench_lab(Lab, d, seconds)
+
+
+def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
     conf = os.path.join(d, "nat.conf")
     with open(conf, "w") as f:
         f.write("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n")
