@@ -62,6 +62,9 @@ def register(sub, help_text: str) -> None:
     p.add_argument("--state-dir", default=None,
                    help="where the status file and the snapshot live (default /run/roam, per namespace)")
     p.add_argument("--no-restore", action="store_true", help="ignore a snapshot left by an earlier run")
+    p.add_argument("--gso", action="store_true",
+                   help="receive GSO super-packets (up to 64 KiB, NFQA_CFG_F_GSO) through roam's own NFQUEUE "
+                        "client instead of NetfilterQueue: fewer, larger packets for bulk TCP")
     p.set_defaults(func=_run)
     subs = p.add_subparsers(dest="nat_command", metavar="{translate,status}")
     t = subs.add_parser("translate", help="run the NAT engine offline over a capture",
@@ -260,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
     status_path, snap_path = state_paths(args.state_dir, args.queue)
     try:
         plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
-                        clock=time.monotonic, wall=time.time, restore=not args.no_restore)
+                        clock=time.monotonic, wall=time.time, restore=not args.no_restore, gso=args.gso)
         return plugin.run()
     except PluginError as exc:
         return _err(str(exc))

@@ -196,6 +196,17 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
             time.sleep(0.1)
         results["roam nat"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
         lab.stop(nat)
+        # 4. roam nat --gso: our own NFQUEUE client, GSO super-packets (NFQA_CFG_F_GSO)
+        gd = os.path.join(d, "gso")
+        os.makedirs(gd)
+        nat = lab.popen(host, [sys.executable, "-m", "tools.cli", "nat", "--config", conf, "--external", "ext0",
+                               "--queue", "9", "--state-dir", gd, "--no-restore", "--gso"], cwd=ROOT,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(os.path.join(gd, "nat-q9.status.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        results["roam nat --gso"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
+        lab.stop(nat)
         lab.stop(srv)
         ref_t, ref_u = results["kernel MASQUERADE"]
         for name, (t, u) in results.items():
@@ -203,6 +214,9 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
         bt, bu = results["bare NFQUEUE accept loop"]
         rt, ru = results["roam nat"]
         rows.append(["roam nat / bare loop", "", rt / bt if bt else float("nan"), "", ru / bu if bu else float("nan")])
+        gt, gu = results["roam nat --gso"]
+        rows.append(["roam nat --gso / bare loop", "", gt / bt if bt else float("nan"), "",
+                     gu / bu if bu else float("nan")])
     return rows
 
 
