@@ -257,6 +257,9 @@ class NatEngine:
     # ------------------------------------------------------------------ the packet path
     def process(self, data: bytes | bytearray, side: Side, now: float, stage: Stage = Stage.FULL) -> Verdict:
         """Translate one IP packet that arrived from ``side``. Never raises on bad input."""
+        deadline = self.table.next_deadline()
+        if deadline is not None and deadline <= now:  # a flow's end frees its port before we map
+            self.expire(now)
         # The common packet first, without building a Packet: a whole option-less IPv4 TCP or
         # UDP packet of a live, known flow (the checks are parse_ip's, so anything it would
         # refuse or read differently goes the general way below, as does every other case).
@@ -272,9 +275,6 @@ class NatEngine:
                     flags = data[33] & 0x3F
                 if flags >= 0:
                     table = self.table
-                    deadline = table.next_deadline()
-                    if deadline is not None and deadline <= now:
-                        self.expire(now)
                     if type(data) is bytes:
                         key = data[9:10] + data[12:24]  # = packet_key(): proto, addresses, ports
                     else:
@@ -318,9 +318,6 @@ class NatEngine:
             return self._drop(Reason.NOT_IPV4)
         if self.external_ip is None:
             return self._drop(Reason.NO_EXTERNAL_ADDRESS)
-        deadline = self.table.next_deadline()
-        if deadline is not None and deadline <= now:
-            self.expire(now)
         buf = bytearray(data[:pkt.end]) if pkt.end < len(data) else bytearray(data)
         if stage != Stage.FULL:
             hp = self._hairpin_stage(buf, pkt, stage)

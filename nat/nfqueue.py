@@ -17,6 +17,8 @@ import errno
 import socket
 import struct
 
+from conntrack.checksum import internet_checksum
+
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -83,16 +85,6 @@ def parse_attrs(buf, start: int, end: int) -> dict:
     return out
 
 
-def _fast_checksum(data: bytes) -> int:
-    """The Internet checksum of ``data`` in one big-integer step: 2**16 = 1 (mod 0xFFFF), so
-    the value of the byte string mod 0xFFFF is its one's complement word sum (0 read as
-    0xFFFF: a sum that includes the non-zero pseudo-header is never +0)."""
-    if len(data) & 1:
-        data += b"\0"
-    s = int.from_bytes(data, "big") % 0xFFFF or 0xFFFF
-    return ~s & 0xFFFF
-
-
 def fill_l4_checksum(buf: bytearray) -> None:
     """Write a complete TCP/UDP checksum into the IPv4 packet in ``buf`` (computed over it as it is)."""
     if len(buf) < 20 or buf[0] >> 4 != 4:
@@ -112,7 +104,7 @@ def fill_l4_checksum(buf: bytearray) -> None:
     if at + 2 > total:
         return
     buf[at:at + 2] = b"\0\0"
-    c = _fast_checksum(bytes(buf[12:20]) + struct.pack("!BBH", 0, proto, l4len) + bytes(buf[ihl:total]))
+    c = internet_checksum(bytes(buf[12:20]) + struct.pack("!BBH", 0, proto, l4len) + bytes(buf[ihl:total]))
     if proto == 17 and c == 0:
         c = 0xFFFF
     struct.pack_into("!H", buf, at, c)

@@ -327,3 +327,47 @@ def remove_namespaces(names: list[str], prefix: str = LAB_PREFIX) -> tuple[list[
         elif present:
             removed.append(name)
     return removed, errors
+
+
+# ------------------------------------------------------------------ the tunnel's lab
+TUNNEL_VM_MAC = "02:00:00:00:00:50"
+TUNNEL_VM_IP, TUNNEL_PEER_IP, TUNNEL_PROXY_IP = "198.18.0.50", "198.18.0.10", "192.0.2.1"
+
+
+def tunnel_lab(lab: Lab) -> dict[str, str]:
+    """The tunnel's lab (its netns tests and `roam bench tunnel`): role -> namespace.
+
+    home: the home LAN bridge br0 with the peer (198.18.0.10) on it and the proxy's
+    public address 192.0.2.1; inet routes to two remote hosts, hosta (198.51.100.1) and
+    hostb (203.0.113.1), each with a VM bridge brvm; the VM (198.18.0.50, its home
+    address) has its link ``vmport`` on host A's brvm.
+    """
+    ns = {r: lab.ns(r) for r in ("home", "peer", "inet", "hosta", "hostb", "vm")}
+    for h in ("hosta", "hostb"):  # the hosts' own bridges stay silent on the VM's LAN (no IPv6 chatter)
+        lab.sysctl(ns[h], "net.ipv6.conf.default.disable_ipv6", "1")
+        lab.sysctl(ns[h], "net.ipv6.conf.all.disable_ipv6", "1")
+    lab.veth(ns["peer"], "p0", ns["home"], "hp")
+    lab.bridge(ns["home"], "br0", ports=["hp"])
+    lab.addr(ns["peer"], "p0", f"{TUNNEL_PEER_IP}/24")
+    lab.veth(ns["home"], "hi", ns["inet"], "ih")
+    lab.veth(ns["hosta"], "ai", ns["inet"], "ia")
+    lab.veth(ns["hostb"], "bi", ns["inet"], "ib")
+    for n, i, a in (("home", "hi", TUNNEL_PROXY_IP), ("hosta", "ai", "198.51.100.1"), ("hostb", "bi", "203.0.113.1")):
+        lab.addr(ns[n], i, f"{a}/24")
+        lab.route(ns[n], "default", a.rsplit(".", 1)[0] + ".254")
+    for i, a in (("ih", "192.0.2.254"), ("ia", "198.51.100.254"), ("ib", "203.0.113.254")):
+        lab.addr(ns["inet"], i, f"{a}/24")
+    lab.sysctl(ns["inet"], "net.ipv4.ip_forward", "1")
+    for h in ("hosta", "hostb"):
+        lab.bridge(ns[h], "brvm")
+    lab.veth(ns["vm"], "eth0", ns["hosta"], "vmport")
+    lab.ipr(ns["vm"]).link("set", index=lab.index(ns["vm"], "eth0"), address=TUNNEL_VM_MAC)
+    lab.addr(ns["vm"], "eth0", f"{TUNNEL_VM_IP}/24")
+    enslave(lab, ns["hosta"], "vmport", "brvm")
+    return ns
+
+
+def enslave(lab: Lab, ns: str, ifname: str, bridge: str) -> None:
+    """Put ``ifname`` on ``bridge`` in ``ns`` and bring it up."""
+    lab.ipr(ns).link("set", index=lab.index(ns, ifname), master=lab.index(ns, bridge))
+    lab.up(ns, ifname)

@@ -184,6 +184,23 @@ class _Driver:
         except OSError:
             pass
 
+    def _on_tap(self, _mask: int) -> None:
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                frame = self.tap.read()
+            except OSError as exc:
+                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
+                break
+            if frame is None:
+                break
+            self.tap_frame(frame, now)
+        self.flush(now)
+
+    def tap_frame(self, frame: bytes, now: float) -> None:
+        """A frame the TAP gave us: the end's engine takes it."""
+        raise NotImplementedError
+
     def engine_deadline(self) -> float | None:
         raise NotImplementedError
 
@@ -293,20 +310,8 @@ class HostDriver(_Driver):
         else:
             self._connect(now)
 
-    # -- TAP ---------------------------------------------------------------------------------
-
-    def _on_tap(self, _mask: int) -> None:
-        now = self.clock()
-        for _ in range(BATCH):
-            try:
-                frame = self.tap.read()
-            except OSError as exc:
-                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
-                break
-            if frame is None:
-                break
-            self.engine.send_frame(frame, now)
-        self.flush(now)
+    def tap_frame(self, frame: bytes, now: float) -> None:
+        self.engine.send_frame(frame, now)
 
     # -- UDP ---------------------------------------------------------------------------------
 
@@ -558,18 +563,8 @@ class ProxyDriver(_Driver):
                     self._drop_conn(c, "tcp_idle_timeouts", now, "nothing authentic for %.1fs", self.tcp_idle_timeout)
             self._next_sweep = now + self._sweep_every if self.conns else None
 
-    def _on_tap(self, _mask: int) -> None:
-        now = self.clock()
-        for _ in range(BATCH):
-            try:
-                frame = self.tap.read()
-            except OSError as exc:
-                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
-                break
-            if frame is None:
-                break
-            self.engine.from_lan(frame, now)
-        self.flush(now)
+    def tap_frame(self, frame: bytes, now: float) -> None:
+        self.engine.from_lan(frame, now)
 
     def _on_udp(self, _mask: int) -> None:
         now = self.clock()

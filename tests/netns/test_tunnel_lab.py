@@ -25,12 +25,14 @@ from pathlib import Path
 import pytest
 
 from tunnel import AeadCipher, HostEnd
+from tools.topology import (
+    TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
+)
 from tunnel.crypto import Key
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_MAC = "02:00:00:00:00:50"
-VM_IP, PEER_IP = "198.18.0.50", "198.18.0.10"
-PROXY_IP, PORT = "192.0.2.1", 4789
+VM_MAC, VM_IP, PEER_IP, PROXY_IP = TUNNEL_VM_MAC, TUNNEL_VM_IP, TUNNEL_PEER_IP, TUNNEL_PROXY_IP
+PORT = 4789
 STREAM_PORT, ECHO_PORT = 5001, 2222
 BEYOND = "192.0.2.254"  # the internet namespace, reached through the home LAN's router
 
@@ -52,33 +54,12 @@ class TunnelLab:
         self.lab, self.tmp, self.transport = lab, tmp, transport
         self.status_dir = tmp / "status"
         self.logs: list[Path] = []
-        ns = self.ns = {r: lab.ns(r) for r in ("home", "peer", "inet", "hosta", "hostb", "vm")}
-        for h in ("hosta", "hostb"):  # the hosts' own bridges stay silent on the VM's LAN (no IPv6 chatter)
-            lab.sysctl(ns[h], "net.ipv6.conf.default.disable_ipv6", "1")
-            lab.sysctl(ns[h], "net.ipv6.conf.all.disable_ipv6", "1")
-        lab.veth(ns["peer"], "p0", ns["home"], "hp")
-        lab.bridge(ns["home"], "br0", ports=["hp"])
-        lab.addr(ns["peer"], "p0", f"{PEER_IP}/24")
-        lab.veth(ns["home"], "hi", ns["inet"], "ih")
-        lab.veth(ns["hosta"], "ai", ns["inet"], "ia")
-        lab.veth(ns["hostb"], "bi", ns["inet"], "ib")
-        for n, i, a in (("home", "hi", "192.0.2.1"), ("hosta", "ai", "198.51.100.1"), ("hostb", "bi", "203.0.113.1")):
-            lab.addr(ns[n], i, f"{a}/24")
-            lab.route(ns[n], "default", a.rsplit(".", 1)[0] + ".254")
-        for i, a in (("ih", "192.0.2.254"), ("ia", "198.51.100.254"), ("ib", "203.0.113.254")):
-            lab.addr(ns["inet"], i, f"{a}/24")
-        lab.sysctl(ns["inet"], "net.ipv4.ip_forward", "1")
+        ns = self.ns = tunnel_lab(lab)
         # The home LAN's router (198.18.0.1 on br0) leads "beyond", to the internet namespace.
         lab.addr(ns["home"], "br0", "198.18.0.1/24")
         lab.sysctl(ns["home"], "net.ipv4.ip_forward", "1")
         lab.route(ns["inet"], "198.18.0.0/24", "192.0.2.1")
-        for h in ("hosta", "hostb"):
-            lab.bridge(ns[h], "brvm")
-        lab.veth(ns["vm"], "eth0", ns["hosta"], "vmport")
-        lab.ipr(ns["vm"]).link("set", index=lab.index(ns["vm"], "eth0"), address=VM_MAC)
-        lab.addr(ns["vm"], "eth0", f"{VM_IP}/24")
         lab.route(ns["vm"], "default", "198.18.0.1")
-        self.enslave("hosta", "vmport")
         key = subprocess.run([sys.executable, "-m", "tools.cli", "tunnel", "genkey"], cwd=ROOT,
                              capture_output=True, text=True, timeout=30, check=True).stdout
         self.key = tmp / "tunnel.key"
@@ -86,9 +67,7 @@ class TunnelLab:
         self.key.chmod(0o600)
 
     def enslave(self, host: str, ifname: str) -> None:
-        ipr = self.lab.ipr(self.ns[host])
-        ipr.link("set", index=self.lab.index(self.ns[host], ifname), master=self.lab.index(self.ns[host], "brvm"))
-        self.lab.up(self.ns[host], ifname)
+        enslave(self.lab, self.ns[host], ifname, "brvm")
 
     def roam(self, ns: str, *args: str, log: str) -> subprocess.Popen:
         path = self.tmp / f"{log}.log"

@@ -13,6 +13,7 @@ import sys
 import time
 
 from conntrack import ConnTable, parse_ip
+from conntrack.checksum import internet_checksum
 from conntrack.pcap import read_pcap, record_packet, write_pcap
 
 from .table import render
@@ -25,19 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _ipv4_tcp(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int, payload: bytes) -> bytes:
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
     return ip + tcp
 
 

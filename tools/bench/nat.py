@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from conntrack.checksum import internet_checksum
+
 from .table import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,21 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- engine alone
-def _csum(b: bytes) -> int:
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _udp(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
     ln = 8 + len(payload)
     pseudo = src + dst + struct.pack("!BBH", 0, 17, ln)
     u = struct.pack("!HHHH", sport, dport, ln, 0) + payload
-    c = _csum(pseudo + u + (b"\0" if len(u) % 2 else b"")) or 0xFFFF
+    c = internet_checksum(pseudo + u + (b"\0" if len(u) % 2 else b"")) or 0xFFFF
     u = u[:6] + struct.pack("!H", c) + u[8:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ln, 0, 0x4000, 64, 17, 0, src, dst)
-    return ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:] + u
+    return ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:] + u
 
 
 def bench_engine(flows: int, packets: int, seed: int) -> list[list]:

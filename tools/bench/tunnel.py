@@ -51,10 +51,13 @@ import time
 from pathlib import Path
 
 from tools.bench.table import render
+from tools.topology import (
+    TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_MAC = "02:00:00:00:00:50"
-VM_IP, PEER_IP, PROXY_IP, PORT = "198.18.0.50", "198.18.0.10", "192.0.2.1", 4789
+VM_MAC, VM_IP, PEER_IP, PROXY_IP = TUNNEL_VM_MAC, TUNNEL_VM_IP, TUNNEL_PEER_IP, TUNNEL_PROXY_IP
+PORT = 4789
 
 
 PATHS = ("direct", "vxlan", "roam-udp", "roam-tcp", "roam-plain", "roam-udp-offload", "roam-tcp-offload",
@@ -205,29 +208,8 @@ def _cpu_seconds(pids: list[int]) -> float | None:
 class _Bench:
     def __init__(self, lab, tmp: Path, args) -> None:
         self.lab, self.tmp, self.args = lab, tmp, args
-        ns = self.ns = {r: lab.ns(r) for r in ("home", "peer", "inet", "hosta", "hostb", "vm")}
-        for h in ("hosta", "hostb"):
-            lab.sysctl(ns[h], "net.ipv6.conf.default.disable_ipv6", "1")
-            lab.sysctl(ns[h], "net.ipv6.conf.all.disable_ipv6", "1")
-        lab.veth(ns["peer"], "p0", ns["home"], "hp")
-        lab.bridge(ns["home"], "br0", ports=["hp"])
-        lab.addr(ns["peer"], "p0", f"{PEER_IP}/24")
-        lab.veth(ns["home"], "hi", ns["inet"], "ih")
-        lab.veth(ns["hosta"], "ai", ns["inet"], "ia")
-        lab.veth(ns["hostb"], "bi", ns["inet"], "ib")
-        for n, i, a in (("home", "hi", "192.0.2.1"), ("hosta", "ai", "198.51.100.1"), ("hostb", "bi", "203.0.113.1")):
-            lab.addr(ns[n], i, f"{a}/24")
-            lab.route(ns[n], "default", a.rsplit(".", 1)[0] + ".254")
-        for i, a in (("ih", "192.0.2.254"), ("ia", "198.51.100.254"), ("ib", "203.0.113.254")):
-            lab.addr(ns["inet"], i, f"{a}/24")
-        lab.sysctl(ns["inet"], "net.ipv4.ip_forward", "1")
-        for h in ("hosta", "hostb"):
-            lab.bridge(ns[h], "brvm")
-        lab.veth(ns["vm"], "eth0", ns["hosta"], "vmport")
-        lab.ipr(ns["vm"]).link("set", index=lab.index(ns["vm"], "eth0"), address=VM_MAC)
-        lab.addr(ns["vm"], "eth0", f"{VM_IP}/24")
+        ns = self.ns = tunnel_lab(lab)
         self.where = "hosta"
-        self._enslave("hosta", "vmport", "brvm")
         self.key = tmp / "tunnel.key"
         from tunnel.crypto import generate_key_text
         self.key.write_text(generate_key_text() + "\n")
@@ -250,9 +232,7 @@ class _Bench:
                 return
 
     def _enslave(self, host: str, ifname: str, bridge: str) -> None:
-        ipr = self.lab.ipr(self.ns[host])
-        ipr.link("set", index=self.lab.index(self.ns[host], ifname), master=self.lab.index(self.ns[host], bridge))
-        self.lab.up(self.ns[host], ifname)
+        enslave(self.lab, self.ns[host], ifname, bridge)
 
     def _move_vm(self, to_ns: str, bridge: str) -> None:
         cur = self.where
