@@ -2,7 +2,7 @@
 
 The tracker every other roam engine stands on.  Sans-I/O: time is always passed in.
 """
-from .errors import ParseError, Reason
+from .errors import LocalProtocolError, Malformed, ParseError, ProtocolError
 from .events import ConnEvent, CtState, EventKind, Tracked, Why
 from .flow import FlowTuple, packet_key
 from .packet import Frame, Fragment, Packet, Proto, TcpFlag, parse_frame, parse_ip
@@ -12,6 +12,6 @@ from .timeouts import Timeouts
 
 __all__ = [
     "Conn", "ConnEvent", "ConnTable", "CtState", "Direction", "EventKind", "FlowTuple", "Fragment",
-    "Frame", "Packet", "ParseError", "Proto", "Reason", "TcpFlag", "TcpState", "Timeouts", "Tracked",
+    "Frame", "Packet", "LocalProtocolError", "Malformed", "ParseError", "Proto", "ProtocolError", "TcpFlag", "TcpState", "Timeouts", "Tracked",
     "Why", "packet_key", "parse_frame", "parse_ip",
 ]

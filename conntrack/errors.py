@@ -1,14 +1,22 @@
-"""The one parse error, with a machine-readable reason.
+"""The one error family of every codec in roam, split as h11 splits it.
 
-Malformed input is data, not a crash: every codec in roam fails only with
-:class:`ParseError`, whose ``reason`` a driver can count and log.
+Malformed input is data, not a crash: a codec fails only with a :class:`ProtocolError`
+carrying a machine-readable ``reason``.  Whose fault it is decides what a driver does:
+
+* :class:`ParseError` (the peer's fault: bytes we cannot read or must not accept) becomes
+  a counted drop with its reason;
+* :class:`LocalProtocolError` (ours: a caller asked a codec for something impossible,
+  e.g. to build a frame larger than the format allows) is a bug, logged as one.
+
+Each component keeps its own reason enum (``Malformed`` here, the tunnel's ``Drop``);
+the types are shared so that one ``except ParseError`` covers every codec.
 """
 from __future__ import annotations
 
 from enum import IntEnum
 
 
-class Reason(IntEnum):
+class Malformed(IntEnum):
     """Why a packet, frame or capture record was rejected."""
 
     TRUNCATED = 1
@@ -28,10 +36,19 @@ class Reason(IntEnum):
     UNSUPPORTED_LINKTYPE = 15
 
 
-class ParseError(ValueError):
-    """Bytes that are not a packet we can read; the peer's fault, not ours."""
+class ProtocolError(ValueError):
+    """Root of the family: a reason code (any component's ``IntEnum``) and a detail."""
 
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    def __init__(self, reason: IntEnum, detail: str = "") -> None:
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{reason.name.lower()}: {detail}" if detail else reason.name.lower())
+        name = reason.name.lower()
+        super().__init__(f"{name}: {detail}" if detail else name)
+
+
+class ParseError(ProtocolError):
+    """The peer's fault: input we cannot read or must not accept (h11's RemoteProtocolError)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """Our fault: the caller asked for something the format cannot express."""

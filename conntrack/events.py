@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from .answer import Action
 from .flow import FlowTuple
 from .tcp_states import Direction, TcpState
 
@@ -39,14 +40,35 @@ class Why(IntEnum):
     REMOVED = 14  # removed by the user (flush, NAT address loss)
 
 
+# The tracker refuses a packet only when it cannot make room for its entry (Linux drops
+# it too: "nf_conntrack: table full, dropping packet"); INVALID and UNTRACKED packets go
+# on, for a firewall rule to judge, as in Linux.
+_REFUSED = frozenset({Why.TABLE_FULL, Why.TUPLE_TAKEN})
+
+
 @dataclass(frozen=True, slots=True)
 class Tracked:
-    """The verdict on one packet."""
+    """The tracker's answer to one packet, in the engines' one shape (see
+    :mod:`conntrack.answer`): ``action``, ``reason``, ``data`` (always None: the tracker
+    never rewrites), ``sends`` (always empty) and the ``events`` the packet caused; plus
+    what only a tracker knows: the ctstate, the direction and the entry."""
 
     ctstate: CtState
     direction: Direction = Direction.ORIGINAL
     conn: "Conn | None" = field(default=None, compare=False)
     why: Why | None = None
+    events: tuple["ConnEvent", ...] = ()
+
+    data = None
+    sends = ()
+
+    @property
+    def action(self) -> Action:
+        return Action.DROP if self.why in _REFUSED else Action.ACCEPT
+
+    @property
+    def reason(self) -> "Why | CtState":
+        return self.ctstate if self.why is None else self.why
 
 
 class EventKind(IntEnum):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-from .errors import ParseError, Reason
+from .errors import ParseError, Malformed
 
 
 class Proto(IntEnum):
@@ -157,25 +157,25 @@ def parse_frame(buf: bytes | bytearray | memoryview) -> Frame:
     """Parse an Ethernet II frame, its 802.1Q/802.1ad tags and, if IP, its packet."""
     n = len(buf)
     if n < 14:
-        raise ParseError(Reason.TRUNCATED, f"ethernet header needs 14 bytes, have {n}")
+        raise ParseError(Malformed.TRUNCATED, f"ethernet header needs 14 bytes, have {n}")
     (ethertype,) = _H.unpack_from(buf, 12)
     off = 14
     vlans: list[int] = []
     while ethertype in (EtherType.VLAN, EtherType.QINQ, EtherType.QINQ_OLD):
         if len(vlans) == _MAX_VLAN_TAGS:
-            raise ParseError(Reason.BAD_VLAN, f"more than {_MAX_VLAN_TAGS} VLAN tags")
+            raise ParseError(Malformed.BAD_VLAN, f"more than {_MAX_VLAN_TAGS} VLAN tags")
         if n < off + 4:
-            raise ParseError(Reason.TRUNCATED, f"VLAN tag at {off} cut short")
+            raise ParseError(Malformed.TRUNCATED, f"VLAN tag at {off} cut short")
         tci, ethertype = _HH.unpack_from(buf, off)
         vlans.append(tci & 0x0FFF)
         off += 4
     if ethertype < 0x0600:
-        raise ParseError(Reason.BAD_ETHERTYPE, f"802.3 length field {ethertype:#06x}, not Ethernet II")
+        raise ParseError(Malformed.BAD_ETHERTYPE, f"802.3 length field {ethertype:#06x}, not Ethernet II")
     packet = None
     if ethertype == EtherType.IPV4 or ethertype == EtherType.IPV6:
         packet = parse_ip(buf, off)
         if packet.family != (4 if ethertype == EtherType.IPV4 else 6):
-            raise ParseError(Reason.BAD_IP_VERSION, f"IPv{packet.family} under ethertype {ethertype:#06x}")
+            raise ParseError(Malformed.BAD_IP_VERSION, f"IPv{packet.family} under ethertype {ethertype:#06x}")
     return Frame(bytes(buf[0:6]), bytes(buf[6:12]), ethertype, tuple(vlans), off, packet)
 
 
@@ -207,31 +207,31 @@ def parse_ip(buf: bytes | bytearray | memoryview, offset: int = 0) -> Packet:
 
 def _parse_ip(buf, off: int, limit: int, quoted: bool) -> Packet:
     if limit - off < 1:
-        raise ParseError(Reason.TRUNCATED, "empty IP packet")
+        raise ParseError(Malformed.TRUNCATED, "empty IP packet")
     version = buf[off] >> 4
     if version == 4:
         return _parse_ipv4(buf, off, limit, quoted)
     if version == 6:
         return _parse_ipv6(buf, off, limit, quoted)
-    raise ParseError(Reason.BAD_IP_VERSION, f"version {version}")
+    raise ParseError(Malformed.BAD_IP_VERSION, f"version {version}")
 
 
 def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
     if limit - off < 20:
-        raise ParseError(Reason.TRUNCATED, f"IPv4 header needs 20 bytes, have {limit - off}")
+        raise ParseError(Malformed.TRUNCATED, f"IPv4 header needs 20 bytes, have {limit - off}")
     ihl = (buf[off] & 0x0F) * 4
     if ihl < 20:
-        raise ParseError(Reason.BAD_IHL, f"IHL {ihl // 4} below 5")
+        raise ParseError(Malformed.BAD_IHL, f"IHL {ihl // 4} below 5")
     if off + ihl > limit:
-        raise ParseError(Reason.TRUNCATED, f"IPv4 header of {ihl} bytes cut short")
+        raise ParseError(Malformed.TRUNCATED, f"IPv4 header of {ihl} bytes cut short")
     total, ident, frag = _HHH.unpack_from(buf, off + 2)
     if total < ihl:
-        raise ParseError(Reason.BAD_TOTAL_LENGTH, f"total length {total} below header length {ihl}")
+        raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"total length {total} below header length {ihl}")
     end = off + total
     truncated = False
     if end > limit:
         if not quoted:
-            raise ParseError(Reason.BAD_TOTAL_LENGTH, f"total length {total} exceeds the {limit - off} bytes present")
+            raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"total length {total} exceeds the {limit - off} bytes present")
         end, truncated = limit, True
     proto = buf[off + 9]
     src = bytes(buf[off + 12 : off + 16])
@@ -244,13 +244,13 @@ def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
 
 def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
     if limit - off < 40:
-        raise ParseError(Reason.TRUNCATED, f"IPv6 header needs 40 bytes, have {limit - off}")
+        raise ParseError(Malformed.TRUNCATED, f"IPv6 header needs 40 bytes, have {limit - off}")
     (plen,) = _H.unpack_from(buf, off + 4)
     end = off + 40 + plen
     truncated = False
     if end > limit:
         if not quoted:
-            raise ParseError(Reason.BAD_TOTAL_LENGTH, f"payload length {plen} exceeds the {limit - off - 40} bytes present")
+            raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"payload length {plen} exceeds the {limit - off - 40} bytes present")
         end, truncated = limit, True
     nh = buf[off + 6]
     src = bytes(buf[off + 8 : off + 24])
@@ -260,18 +260,18 @@ def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
     for _ in range(_MAX_EXT_HEADERS):
         if nh in _EXT_GENERIC or nh == _AH:
             if end - pos < 8:
-                raise ParseError(Reason.BAD_EXTENSION_HEADER, f"extension header {nh} at {pos} cut short")
+                raise ParseError(Malformed.BAD_EXTENSION_HEADER, f"extension header {nh} at {pos} cut short")
             size = (buf[pos + 1] + 2) * 4 if nh == _AH else (buf[pos + 1] + 1) * 8
             if pos + size > end:
-                raise ParseError(Reason.BAD_EXTENSION_HEADER, f"extension header {nh} of {size} bytes overruns the packet")
+                raise ParseError(Malformed.BAD_EXTENSION_HEADER, f"extension header {nh} of {size} bytes overruns the packet")
             nh, pos = buf[pos], pos + size
         elif nh == _FRAG:
             if end - pos < 8:
-                raise ParseError(Reason.BAD_EXTENSION_HEADER, f"fragment header at {pos} cut short")
+                raise ParseError(Malformed.BAD_EXTENSION_HEADER, f"fragment header at {pos} cut short")
             (fo,) = _H.unpack_from(buf, pos + 2)
             (ident,) = _I.unpack_from(buf, pos + 4)
             if fragment is not None:
-                raise ParseError(Reason.BAD_FRAGMENT, "two fragment headers")
+                raise ParseError(Malformed.BAD_FRAGMENT, "two fragment headers")
             fragment = _new(Fragment, (ident, fo & 0xFFF8, bool(fo & 1)))
             if not fragment.more and fragment.offset == 0:
                 fragment = None  # an atomic fragment (RFC 6946) is a whole packet
@@ -279,7 +279,7 @@ def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
         else:
             break
     else:
-        raise ParseError(Reason.BAD_EXTENSION_HEADER, f"more than {_MAX_EXT_HEADERS} extension headers")
+        raise ParseError(Malformed.BAD_EXTENSION_HEADER, f"more than {_MAX_EXT_HEADERS} extension headers")
     return _parse_l4(buf, 6, nh, src, dst, off, pos, end, fragment, quoted, truncated)
 
 
@@ -291,11 +291,11 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
         return _new(Packet, (family, proto, src, dst, l3, -1, end, 0, 0, 0, 0, 0, 0, -1, -1, fragment, None,
                              truncated))
     avail = end - l4
-    cut = Reason.BAD_FRAGMENT if fragment is not None else Reason.TRUNCATED
+    cut = Malformed.BAD_FRAGMENT if fragment is not None else Malformed.TRUNCATED
     if proto == _TCP:
         if quoted:
             if avail < 8:
-                raise ParseError(Reason.TRUNCATED, "quoted TCP header needs 8 bytes")
+                raise ParseError(Malformed.TRUNCATED, "quoted TCP header needs 8 bytes")
             sport, dport = _HH.unpack_from(buf, l4)
             (seq,) = _I.unpack_from(buf, l4 + 4)
             ack = _I.unpack_from(buf, l4 + 8)[0] if avail >= 12 else 0
@@ -306,7 +306,7 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
             raise ParseError(cut, f"TCP header needs 20 bytes, have {avail}")
         doff = (buf[l4 + 12] >> 4) * 4
         if doff < 20 or doff > avail:
-            raise ParseError(Reason.BAD_TCP_OFFSET, f"data offset {doff} with {avail} bytes present")
+            raise ParseError(Malformed.BAD_TCP_OFFSET, f"data offset {doff} with {avail} bytes present")
         sport, dport, seq, ack = _HHII.unpack_from(buf, l4)
         return _new(Packet, (family, proto, src, dst, l3, l4, end, sport, dport, buf[l4 + 13] & 0x3F, seq, ack,
                              avail - doff, -1, -1, fragment, None, truncated))
@@ -319,14 +319,14 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
         if proto == _UDP and not quoted:
             (ulen,) = _H.unpack_from(buf, l4 + 4)
             if fragment is None and (ulen < 8 or ulen > avail):
-                raise ParseError(Reason.BAD_UDP_LENGTH, f"UDP length {ulen} with {avail} bytes present")
+                raise ParseError(Malformed.BAD_UDP_LENGTH, f"UDP length {ulen} with {avail} bytes present")
             payload = ulen - 8 if ulen >= 8 else 0
         return _new(Packet, (family, proto, src, dst, l3, l4, end, sport, dport, 0, 0, 0, payload, -1, -1,
                              fragment, None, truncated))
     icmp = _ICMP if family == 4 else _ICMPV6
     if proto == icmp:
         if avail < 8:
-            raise ParseError(Reason.BAD_ICMP if not quoted else Reason.TRUNCATED, f"ICMP header needs 8 bytes, have {avail}")
+            raise ParseError(Malformed.BAD_ICMP if not quoted else Malformed.TRUNCATED, f"ICMP header needs 8 bytes, have {avail}")
         itype, code = buf[l4], buf[l4 + 1]
         (ident,) = _H.unpack_from(buf, l4 + 4)
         inner = None
@@ -336,17 +336,17 @@ def _parse_l4(buf, family, proto, src, dst, l3, l4, end, fragment, quoted, trunc
                 return _new(Packet, (family, proto, src, dst, l3, l4, end, 0, 0, 0, 0, 0, 0, itype, code,
                                      fragment, None, truncated))
             if fragment is not None:
-                raise ParseError(Reason.BAD_ICMP, "fragmented ICMP error")
+                raise ParseError(Malformed.BAD_ICMP, "fragmented ICMP error")
             try:
                 inner = _parse_ip(buf, l4 + 8, end, True)
             except ParseError as exc:
-                raise ParseError(Reason.BAD_ICMP, f"quoted packet: {exc}") from None
+                raise ParseError(Malformed.BAD_ICMP, f"quoted packet: {exc}") from None
             if inner.family != family:
-                raise ParseError(Reason.BAD_ICMP, f"ICMPv{family} error quotes an IPv{inner.family} packet")
+                raise ParseError(Malformed.BAD_ICMP, f"ICMPv{family} error quotes an IPv{inner.family} packet")
             ident = 0
         return _new(Packet, (family, proto, src, dst, l3, l4, end, ident, 0, 0, 0, 0, avail - 8, itype, code,
                              fragment, inner, truncated))
     if proto == _ICMP or proto == _ICMPV6:
-        raise ParseError(Reason.UNSUPPORTED_PROTOCOL, f"ICMP protocol {proto} inside IPv{family}")
+        raise ParseError(Malformed.UNSUPPORTED_PROTOCOL, f"ICMP protocol {proto} inside IPv{family}")
     return _new(Packet, (family, proto, src, dst, l3, l4, end, 0, 0, 0, 0, 0, avail, -1, -1, fragment, None,
                          truncated))

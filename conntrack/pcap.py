@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import BinaryIO, Iterator
 
-from .errors import ParseError, Reason
+from .errors import ParseError, Malformed
 from .packet import Packet, parse_frame, parse_ip
 
 
@@ -37,7 +37,7 @@ MAX_SNAPLEN = 262144
 class CaptureError(ParseError):
     """A damaged capture; names the record (1-based) and its byte offset."""
 
-    def __init__(self, reason: Reason, detail: str, record: int = 0, offset: int = 0) -> None:
+    def __init__(self, reason: Malformed, detail: str, record: int = 0, offset: int = 0) -> None:
         self.record = record
         self.offset = offset
         where = f"record {record} at byte {offset}: " if record else ""
@@ -56,12 +56,12 @@ class Record:
 def read_pcap(f: BinaryIO) -> Iterator[Record]:
     head = f.read(24)
     if len(head) < 24:
-        raise CaptureError(Reason.BAD_CAPTURE_HEADER, f"file header needs 24 bytes, have {len(head)}")
+        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, f"file header needs 24 bytes, have {len(head)}")
     if head[:4] == b"\x0a\x0d\x0d\x0a":
-        raise CaptureError(Reason.BAD_CAPTURE_HEADER, "pcapng is not supported; convert with "
+        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, "pcapng is not supported; convert with "
                            "`tcpdump -r in.pcapng -w out.pcap` or capture with `tcpdump -w` (pcap)")
     if head[:4] not in _MAGIC:
-        raise CaptureError(Reason.BAD_CAPTURE_HEADER, f"not a pcap file (magic {head[:4].hex()})")
+        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, f"not a pcap file (magic {head[:4].hex()})")
     order, scale = _MAGIC[head[:4]]
     _, _, _, _, _, linktype = struct.unpack(order + "HHiIII", head[4:])
     linktype &= 0x0FFFFFFF
@@ -73,15 +73,15 @@ def read_pcap(f: BinaryIO) -> Iterator[Record]:
             return
         number += 1
         if len(hdr) < 16:
-            raise CaptureError(Reason.BAD_CAPTURE_RECORD, f"record header cut short ({len(hdr)} of 16 bytes)",
+            raise CaptureError(Malformed.BAD_CAPTURE_RECORD, f"record header cut short ({len(hdr)} of 16 bytes)",
                                number, offset)
         sec, frac, incl, orig = rec.unpack(hdr)
         if incl > MAX_SNAPLEN:
-            raise CaptureError(Reason.BAD_CAPTURE_RECORD, f"record length {incl} exceeds {MAX_SNAPLEN}",
+            raise CaptureError(Malformed.BAD_CAPTURE_RECORD, f"record length {incl} exceeds {MAX_SNAPLEN}",
                                number, offset)
         data = f.read(incl)
         if len(data) < incl:
-            raise CaptureError(Reason.BAD_CAPTURE_RECORD, f"record data cut short ({len(data)} of {incl} bytes)",
+            raise CaptureError(Malformed.BAD_CAPTURE_RECORD, f"record data cut short ({len(data)} of {incl} bytes)",
                                number, offset)
         yield Record(number, sec + frac * scale, linktype, data, orig)
         offset += 16 + incl
@@ -112,7 +112,7 @@ def ip_offset(linktype: int, data: bytes) -> int | None:
         return 16 if len(data) >= 16 and data[14:16] in (b"\x08\x00", b"\x86\xdd") else None
     if linktype == LinkType.LINUX_SLL2:
         return 20 if len(data) >= 20 and data[0:2] in (b"\x08\x00", b"\x86\xdd") else None
-    raise CaptureError(Reason.UNSUPPORTED_LINKTYPE, f"link type {linktype}")
+    raise CaptureError(Malformed.UNSUPPORTED_LINKTYPE, f"link type {linktype}")
 
 
 def record_packet(rec: Record) -> Packet | None:

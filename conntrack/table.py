@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as _replace
 from typing import Iterator
 
 from .events import ConnEvent, CtState, EventKind, Tracked, Why
@@ -203,7 +203,18 @@ class ConnTable:
 
     # ------------------------------------------------------------------ input
     def track(self, pkt: Packet, now: float, reply: FlowTuple | None = None) -> Tracked:
-        """Account one packet; ``reply`` sets a new entry's reply tuple (NAT)."""
+        """Account one packet; ``reply`` sets a new entry's reply tuple (NAT).
+
+        The answer carries the events the packet caused; they also stay in the journal
+        that ``pop_events`` drains (with the expiries, which no packet causes)."""
+        events = self._events
+        mark = len(events)
+        tr = self._track(pkt, now, reply)
+        if len(events) > mark and self._events is events:
+            return _replace(tr, events=tuple(events[mark:]))
+        return tr
+
+    def _track(self, pkt: Packet, now: float, reply: FlowTuple | None) -> Tracked:
         family, proto, src, dst, l3, l4, end, sport, dport, flags = pkt[:10]
         if l4 < 0:
             self.counters["searched"] += 1

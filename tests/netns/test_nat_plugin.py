@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conntrack.errors import Reason
+from conntrack.errors import Malformed
 from conntrack.pcap import CaptureError, read_pcap, record_packet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +50,7 @@ def _captured_records(path):
             for rec in read_pcap(f):
                 out.append(rec)
         except CaptureError as exc:
-            if exc.reason != Reason.BAD_CAPTURE_RECORD:
+            if exc.reason != Malformed.BAD_CAPTURE_RECORD:
                 raise
     return out
 

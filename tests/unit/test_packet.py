@@ -11,7 +11,7 @@ from scapy.all import (
     IPv6ExtHdrHopByHop, IPv6ExtHdrRouting, fragment, raw,
 )
 
-from conntrack import Fragment, ParseError, Proto, Reason, TcpFlag, parse_frame, parse_ip
+from conntrack import Fragment, ParseError, Proto, Malformed, TcpFlag, parse_frame, parse_ip
 from tests.property.strategies import ah_header, link_ext_chain, quote
 
 A4, B4, R4 = "192.0.2.1", "198.51.100.2", "203.0.113.254"
@@ -93,7 +93,7 @@ def test_tiny_first_tcp_fragment_is_rejected_as_bad_fragment():
     b = raw(IP(src=A4, dst=B4, proto=6, flags="MF") / raw(TCP(sport=1, dport=2))[:8])
     with pytest.raises(ParseError) as e:
         parse_ip(b)
-    assert e.value.reason is Reason.BAD_FRAGMENT
+    assert e.value.reason is Malformed.BAD_FRAGMENT
 
 
 def test_df_flag_alone_is_not_a_fragment():
@@ -148,7 +148,7 @@ def test_ipv6_two_fragment_headers():
     b = raw(IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(id=1, m=1) / IPv6ExtHdrFragment(id=2, m=1) / UDP())
     with pytest.raises(ParseError) as e:
         parse_ip(b)
-    assert e.value.reason is Reason.BAD_FRAGMENT
+    assert e.value.reason is Malformed.BAD_FRAGMENT
 
 
 def test_ipv6_extension_header_longer_than_packet():
@@ -156,7 +156,7 @@ def test_ipv6_extension_header_longer_than_packet():
     b[41] = 9  # hdr ext len: 80 bytes, packet has 16 after the fixed header
     with pytest.raises(ParseError) as e:
         parse_ip(bytes(b))
-    assert e.value.reason is Reason.BAD_EXTENSION_HEADER
+    assert e.value.reason is Malformed.BAD_EXTENSION_HEADER
     assert str(e.value) == "bad_extension_header: extension header 60 of 80 bytes overruns the packet"
 
 
@@ -166,7 +166,7 @@ def test_ipv6_endless_extension_chain():
         pkt = pkt / IPv6ExtHdrDestOpt()
     with pytest.raises(ParseError) as e:
         parse_ip(raw(pkt / UDP()))
-    assert e.value.reason is Reason.BAD_EXTENSION_HEADER
+    assert e.value.reason is Malformed.BAD_EXTENSION_HEADER
 
 
 def test_ipv6_no_next_header():
@@ -216,7 +216,7 @@ def test_icmpv6_errors_quote_packets():
 def test_icmp_error_quoting_garbage_is_bad_icmp():
     with pytest.raises(ParseError) as e:
         parse_ip(raw(IP(src=R4, dst=A4) / ICMP(type=3, code=1) / b"\x45\x00\x00"))
-    assert e.value.reason is Reason.BAD_ICMP
+    assert e.value.reason is Malformed.BAD_ICMP
     assert str(e.value).startswith("bad_icmp: quoted packet: truncated")
 
 
@@ -224,7 +224,7 @@ def test_icmpv4_error_quoting_ipv6_is_bad_icmp():
     offending = raw(IPv6(src=A6, dst=B6) / UDP())
     with pytest.raises(ParseError) as e:
         parse_ip(raw(IP(src=R4, dst=A4) / ICMP(type=3, code=1) / offending))
-    assert e.value.reason is Reason.BAD_ICMP
+    assert e.value.reason is Malformed.BAD_ICMP
 
 
 def test_error_quoting_an_error_has_no_inner_of_its_own():
@@ -270,7 +270,7 @@ def test_8023_length_field_is_not_ethernet_ii():
     b = raw(Ether(dst="01:80:c2:00:00:00", type=0x0026) / bytes(46))
     with pytest.raises(ParseError) as e:
         parse_frame(b)
-    assert e.value.reason is Reason.BAD_ETHERTYPE
+    assert e.value.reason is Malformed.BAD_ETHERTYPE
 
 
 def test_too_many_vlan_tags():
@@ -278,14 +278,14 @@ def test_too_many_vlan_tags():
             / Dot1Q(type=0x0800) / IP() / UDP())
     with pytest.raises(ParseError) as e:
         parse_frame(b)
-    assert e.value.reason is Reason.BAD_VLAN
+    assert e.value.reason is Malformed.BAD_VLAN
 
 
 def test_ethertype_and_ip_version_disagree():
     b = raw(Ether(type=0x86DD)) + raw(IP(src=A4, dst=B4) / UDP())
     with pytest.raises(ParseError) as e:
         parse_frame(b)
-    assert e.value.reason is Reason.BAD_IP_VERSION
+    assert e.value.reason is Malformed.BAD_IP_VERSION
 
 
 def test_ethernet_padding_is_not_part_of_the_packet():
@@ -330,23 +330,23 @@ def test_memoryview_and_bytearray_give_the_same_packet():
 
 
 # ------------------------------------------------------------------ truncation at every offset
-def _ip_cut_reason(b: bytes, n: int, base: int = 0) -> tuple[Reason, str]:
+def _ip_cut_reason(b: bytes, n: int, base: int = 0) -> tuple[Malformed, str]:
     """The reason (and message start) parse_ip must give for ``b`` cut to ``n`` bytes."""
     have = n - base
     if have <= 0:
-        return Reason.TRUNCATED, "truncated: empty IP packet"
+        return Malformed.TRUNCATED, "truncated: empty IP packet"
     if b[base] >> 4 == 4:
         ihl = (b[base] & 0x0F) * 4
         if have < 20:
-            return Reason.TRUNCATED, f"truncated: IPv4 header needs 20 bytes, have {have}"
+            return Malformed.TRUNCATED, f"truncated: IPv4 header needs 20 bytes, have {have}"
         if have < ihl:
-            return Reason.TRUNCATED, f"truncated: IPv4 header of {ihl} bytes cut short"
+            return Malformed.TRUNCATED, f"truncated: IPv4 header of {ihl} bytes cut short"
         total = struct.unpack_from("!H", b, base + 2)[0]
-        return Reason.BAD_TOTAL_LENGTH, f"bad_total_length: total length {total} exceeds the {have} bytes present"
+        return Malformed.BAD_TOTAL_LENGTH, f"bad_total_length: total length {total} exceeds the {have} bytes present"
     if have < 40:
-        return Reason.TRUNCATED, f"truncated: IPv6 header needs 40 bytes, have {have}"
+        return Malformed.TRUNCATED, f"truncated: IPv6 header needs 40 bytes, have {have}"
     plen = struct.unpack_from("!H", b, base + 4)[0]
-    return Reason.BAD_TOTAL_LENGTH, f"bad_total_length: payload length {plen} exceeds the {have - 40} bytes present"
+    return Malformed.BAD_TOTAL_LENGTH, f"bad_total_length: payload length {plen} exceeds the {have - 40} bytes present"
 
 
 @pytest.mark.parametrize("name", SAMPLES)
@@ -374,10 +374,10 @@ def test_truncated_frame_every_offset(name):
         with pytest.raises(ParseError) as e:
             parse_frame(b[:n])
         if n < 14:
-            expected = (Reason.TRUNCATED, f"truncated: ethernet header needs 14 bytes, have {n}")
+            expected = (Malformed.TRUNCATED, f"truncated: ethernet header needs 14 bytes, have {n}")
         elif n < l3:
             tag = 14 + (n - 14) // 4 * 4
-            expected = (Reason.TRUNCATED, f"truncated: VLAN tag at {tag} cut short")
+            expected = (Malformed.TRUNCATED, f"truncated: VLAN tag at {tag} cut short")
         else:
             expected = _ip_cut_reason(b, n, l3)
         assert (e.value.reason, str(e.value)) == expected, f"cut at {n}"
@@ -401,25 +401,25 @@ def test_consistent_short_packets_give_the_layer_reason():
     frag = SAMPLES["ipv6-frag-udp"]
     cases = [
         # (sample, cuts from, cuts up to (exclusive), reason for every cut in between)
-        (raw(IP(src=A4, dst=B4, options=[IPOption_NOP()] * 4) / TCP(sport=1, dport=2)), 24, 44, Reason.TRUNCATED),
-        (raw(IPv6(src=A6, dst=B6) / TCP(sport=1, dport=2)), 40, 60, Reason.TRUNCATED),
-        (raw(IP(src=A4, dst=B4) / UDP(sport=1, dport=2)), 20, 28, Reason.TRUNCATED),
-        (raw(IP(src=A4, dst=B4) / ICMP(id=1)), 20, 28, Reason.BAD_ICMP),
-        (raw(IPv6(src=A6, dst=B6) / ICMPv6EchoRequest(id=1)), 40, 48, Reason.BAD_ICMP),
+        (raw(IP(src=A4, dst=B4, options=[IPOption_NOP()] * 4) / TCP(sport=1, dport=2)), 24, 44, Malformed.TRUNCATED),
+        (raw(IPv6(src=A6, dst=B6) / TCP(sport=1, dport=2)), 40, 60, Malformed.TRUNCATED),
+        (raw(IP(src=A4, dst=B4) / UDP(sport=1, dport=2)), 20, 28, Malformed.TRUNCATED),
+        (raw(IP(src=A4, dst=B4) / ICMP(id=1)), 20, 28, Malformed.BAD_ICMP),
+        (raw(IPv6(src=A6, dst=B6) / ICMPv6EchoRequest(id=1)), 40, 48, Malformed.BAD_ICMP),
         # an ICMP error up to the quoted ports (the quote needs no more: RFC 792 quotes 8 bytes)
-        (SAMPLES["ipv4-icmp-error"], 20, 20 + 8 + 20 + 4, Reason.BAD_ICMP),
-        (SAMPLES["ipv6-icmp-error"], 40, 40 + 8 + 40 + 8, Reason.BAD_ICMP),
-        (ext, 40, 40 + 8 + 24, Reason.BAD_EXTENSION_HEADER),
-        (ext, 40 + 8 + 24, len(ext), Reason.TRUNCATED),
-        (frag, 40, 48, Reason.BAD_EXTENSION_HEADER),
-        (frag, 48, 56, Reason.BAD_FRAGMENT),  # a first fragment too short for its UDP header
+        (SAMPLES["ipv4-icmp-error"], 20, 20 + 8 + 20 + 4, Malformed.BAD_ICMP),
+        (SAMPLES["ipv6-icmp-error"], 40, 40 + 8 + 40 + 8, Malformed.BAD_ICMP),
+        (ext, 40, 40 + 8 + 24, Malformed.BAD_EXTENSION_HEADER),
+        (ext, 40 + 8 + 24, len(ext), Malformed.TRUNCATED),
+        (frag, 40, 48, Malformed.BAD_EXTENSION_HEADER),
+        (frag, 48, 56, Malformed.BAD_FRAGMENT),  # a first fragment too short for its UDP header
     ]
     for b, lo, hi, reason in cases:
         for n in range(lo, hi):
             with pytest.raises(ParseError) as e:
                 parse_ip(_with_length(b, n))
             assert e.value.reason is reason, f"{b.hex()} cut at {n}: {e.value}"
-        if reason is not Reason.BAD_EXTENSION_HEADER:  # (after the chain comes the next layer)
+        if reason is not Malformed.BAD_EXTENSION_HEADER:  # (after the chain comes the next layer)
             parse_ip(_with_length(b, hi))  # one byte more and the header is whole
 
 
@@ -439,13 +439,13 @@ def test_tcp_data_offset_beyond_packet():
     b[32] = 0x40  # below the minimum
     with pytest.raises(ParseError) as e:
         parse_ip(bytes(b))
-    assert e.value.reason is Reason.BAD_TCP_OFFSET
+    assert e.value.reason is Malformed.BAD_TCP_OFFSET
 
 
 @pytest.mark.parametrize("mutate,reason", [
-    (lambda b: b.__setitem__(0, 0x75), Reason.BAD_IP_VERSION),
-    (lambda b: b.__setitem__(0, 0x44), Reason.BAD_IHL),
-    (lambda b: struct.pack_into("!H", b, 2, 19), Reason.BAD_TOTAL_LENGTH),
+    (lambda b: b.__setitem__(0, 0x75), Malformed.BAD_IP_VERSION),
+    (lambda b: b.__setitem__(0, 0x44), Malformed.BAD_IHL),
+    (lambda b: struct.pack_into("!H", b, 2, 19), Malformed.BAD_TOTAL_LENGTH),
 ])
 def test_bad_ipv4_header_fields(mutate, reason):
     b = bytearray(tcp4())
@@ -459,15 +459,15 @@ def test_icmpv6_inside_ipv4_is_unsupported():
     b = raw(IP(src=A4, dst=B4, proto=58) / bytes(8))
     with pytest.raises(ParseError) as e:
         parse_ip(b)
-    assert e.value.reason is Reason.UNSUPPORTED_PROTOCOL
+    assert e.value.reason is Malformed.UNSUPPORTED_PROTOCOL
 
 
 def test_parse_error_is_a_value_error_with_reason():
     with pytest.raises(ValueError):
         parse_ip(b"")
-    err = ParseError(Reason.BAD_ICMP, "why")
-    assert err.reason is Reason.BAD_ICMP and err.detail == "why" and str(err) == "bad_icmp: why"
-    assert str(ParseError(Reason.TRUNCATED)) == "truncated"
+    err = ParseError(Malformed.BAD_ICMP, "why")
+    assert err.reason is Malformed.BAD_ICMP and err.detail == "why" and str(err) == "bad_icmp: why"
+    assert str(ParseError(Malformed.TRUNCATED)) == "truncated"
 
 
 def test_generic_protocol_has_no_ports_but_a_payload():

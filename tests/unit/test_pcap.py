@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from scapy.all import IP, TCP, UDP, Ether, IPv6, raw, rdpcap, wrpcap
 
-from conntrack import ParseError, Reason
+from conntrack import ParseError, Malformed
 from conntrack.pcap import CaptureError, LinkType, read_pcap, record_packet, write_pcap
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
@@ -108,7 +108,7 @@ def test_reader_whole_byte_by_byte_and_with_trailing_data():
 def test_truncated_file_header(cut):
     with pytest.raises(CaptureError) as e:
         list(read_pcap(io.BytesIO(written()[:cut])))
-    assert e.value.reason is Reason.BAD_CAPTURE_HEADER and e.value.record == 0
+    assert e.value.reason is Malformed.BAD_CAPTURE_HEADER and e.value.record == 0
     assert str(e.value) == f"bad_capture_header: file header needs 24 bytes, have {cut}"
 
 
@@ -133,7 +133,7 @@ def test_truncated_record_names_the_record_at_every_cut():
         with pytest.raises(CaptureError) as e:
             list(read_pcap(io.BytesIO(data[:cut])))
         err = e.value
-        assert (err.reason, err.record, err.offset) == (Reason.BAD_CAPTURE_RECORD, number, starts[number - 1])
+        assert (err.reason, err.record, err.offset) == (Malformed.BAD_CAPTURE_RECORD, number, starts[number - 1])
         assert str(err).startswith(f"bad_capture_record: record {number} at byte {starts[number - 1]}: ")
         inside = cut - starts[number - 1]
         if inside < 16:
@@ -148,7 +148,7 @@ def test_absurd_record_length():
     struct.pack_into("<I", data, 24 + 8, 10_000_000)
     with pytest.raises(CaptureError) as e:
         list(read_pcap(io.BytesIO(bytes(data))))
-    assert (e.value.record, e.value.reason) == (1, Reason.BAD_CAPTURE_RECORD) and "exceeds" in str(e.value)
+    assert (e.value.record, e.value.reason) == (1, Malformed.BAD_CAPTURE_RECORD) and "exceeds" in str(e.value)
 
 
 def test_capture_error_is_the_one_parse_error():
@@ -178,7 +178,7 @@ def test_non_ip_cooked_record_is_none_and_unknown_link_type_is_an_error():
     (rec,) = read_pcap(io.BytesIO(written([(1.0, PKTS[0])], 147)))  # USER0
     with pytest.raises(CaptureError) as e:
         record_packet(rec)
-    assert e.value.reason is Reason.UNSUPPORTED_LINKTYPE
+    assert e.value.reason is Malformed.UNSUPPORTED_LINKTYPE
 
 
 def test_scapy_written_raw_ip_capture(tmp_path):
