@@ -147,9 +147,9 @@ def _max_frame(args) -> int:
 
 
 def cmd_proxy(args) -> int:
-    from tunnel.driver import ProxyDriver, parse_endpoint
+    from tunnel.io import ProxyDriver, parse_endpoint
+    from tunnel.io.tap import Tap
     from tunnel.proxy import ProxyEnd
-    from tunnel.tap import Tap
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     cipher = _cipher(args)
     if cipher is None:
@@ -183,9 +183,9 @@ def cmd_proxy(args) -> int:
 
 
 def cmd_host(args) -> int:
-    from tunnel.driver import HostDriver, parse_endpoint
     from tunnel.host import HostEnd
-    from tunnel.tap import Tap
+    from tunnel.io import HostDriver, parse_endpoint
+    from tunnel.io.tap import Tap
     from tunnel.wire import parse_mac
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     cipher = _cipher(args)
@@ -215,7 +215,6 @@ def cmd_host(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from tunnel.driver import read_status_dir
     ends = read_status_dir(args.status_dir)
     if args.json:
         print(json.dumps(ends, indent=1))
@@ -241,6 +240,35 @@ def cmd_status(args) -> int:
         if st.get("driver"):
             print(f"  driver: {_fmt(st['driver'])}")
     return 0
+
+
+def read_status_dir(status_dir: str) -> list[dict]:
+    """Status snapshots of the ends running with this status directory (stale ones marked)."""
+    out = []
+    try:
+        names = sorted(os.listdir(status_dir))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(status_dir, name)) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            continue
+        pid = st.get("pid")
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            alive = False
+        except (PermissionError, TypeError, ValueError):
+            pass
+        st["alive"] = alive
+        st["file"] = name
+        out.append(st)
+    return out
 
 
 def _fmt(d: dict) -> str:

@@ -33,6 +33,8 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from conntrack.errors import LocalProtocolError
+
 from .wire import (
     HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Header, WireError, build_header, parse_header,
 )
@@ -170,8 +172,8 @@ def seal_parts(cipher: Cipher, mtype: int, flags: int, session: int, seq: int, p
     """:func:`seal_message` for the data path: plain ints, no intermediate values."""
     if cipher.plaintext:
         flags |= 0x02
-    if seq > MAX_SEQ:
-        raise WireError(Drop.SEQ_EXHAUSTED, f"sequence {seq} out of range")
+    if seq > MAX_SEQ:  # callers check their counter first: reaching this is our bug
+        raise LocalProtocolError(Drop.SEQ_EXHAUSTED, f"sequence {seq} out of range")
     return cipher.seal(HEADER.pack(VERSION, mtype, flags, 0, session, seq), nonce(flags, session, seq), payload)
 
 

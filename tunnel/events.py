@@ -1,9 +1,25 @@
-"""What the tunnel ends tell their drivers: frozen events, drained with ``pop_events()``."""
+"""What the tunnel ends tell their drivers: frozen events, and the causes of answers that drop nothing.
+
+Every call on an end returns a :class:`conntrack.answer.Answer`.  A DROP's reason
+is a :class:`~tunnel.wire.Drop`; an ACCEPT's or CONSUME's is a :class:`Cause`.
+Events ride in the answer of the input (or timer, or call) that caused them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Hashable
+
+
+class Cause(IntEnum):
+    """Why an answer drops nothing (the reason of ACCEPT and CONSUME answers)."""
+
+    DATA = 1  # ACCEPT: a frame carried on (sealed for the proxy, opened for the TAP or the LAN, forwarded)
+    CONTROL = 2  # CONSUME: a control message for the end itself (ATTACH, its ACK, KEEPALIVE, EPOCH, DETACH)
+    TIMER = 3  # CONSUME: expire(now)
+    START = 4  # CONSUME: start(now)
+    ROAMED = 5  # CONSUME: roamed(now)
+    CLOSE = 6  # CONSUME: close(now)
 
 
 class EventKind(IntEnum):

@@ -3,11 +3,14 @@
 The decoder takes the byte stream split at any points and returns whole
 messages; a zero or too large length is :class:`~tunnel.wire.WireError`
 (BAD_LENGTH), after which the stream cannot be resynchronised and the driver
-closes the connection.
+closes the connection.  Framing a message the prefix cannot express is our bug:
+:class:`~conntrack.errors.LocalProtocolError`.
 """
 from __future__ import annotations
 
 import struct
+
+from conntrack.errors import LocalProtocolError
 
 from .wire import Drop, WireError
 
@@ -17,7 +20,7 @@ MAX_MESSAGE = 0xFFFF
 
 def encode(message: bytes) -> bytes:
     if not 0 < len(message) <= MAX_MESSAGE:
-        raise WireError(Drop.BAD_LENGTH, f"message of {len(message)} bytes cannot be framed")
+        raise LocalProtocolError(Drop.BAD_LENGTH, f"message of {len(message)} bytes cannot be framed")
     return LENGTH.pack(len(message)) + message
 
 

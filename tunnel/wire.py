@@ -39,14 +39,18 @@ Payloads by type (after decryption):
 * ``ATTACH_ACK``: ``u64`` sequence number of the ATTACH it answers.
 * ``KEEPALIVE``, ``KEEPALIVE_ACK``, ``DETACH``: empty.
 
-Codecs come in ``parse_*`` / ``build_*`` pairs; their only failure is
-:class:`WireError` with a :class:`Drop` reason.
+Codecs come in ``parse_*`` / ``build_*`` pairs.  Parsing fails only with
+:class:`WireError` (a :class:`~conntrack.errors.ParseError`: the peer's fault, a
+counted drop) with a :class:`Drop` reason; building something the format cannot
+express is our own misuse: :class:`~conntrack.errors.LocalProtocolError`.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+
+from conntrack.errors import LocalProtocolError, ParseError
 
 VERSION = 1
 HEADER = struct.Struct("!BBBBIQ")
@@ -107,15 +111,13 @@ class Drop(IntEnum):
     NOT_ATTACHED = 14  # frame to send while no session can carry it
     HAIRPIN = 15  # proxy: destination lives behind the session it came from
     NO_ROUTE = 16  # proxy: destination is on the LAN, frame came from the LAN
+    NO_SESSION = 17  # proxy: a LAN frame to flood, and no session to take it
 
 
-class WireError(ValueError):
-    """Bytes that are not a valid tunnel message; ``reason`` says why."""
+class WireError(ParseError):
+    """Bytes that are not a valid tunnel message (the peer's fault); ``reason``, a :class:`Drop`, says why."""
 
-    def __init__(self, reason: Drop, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason.name.lower()}: {detail}" if detail else reason.name.lower())
+    reason: Drop
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,7 @@ class Header:
 
 def build_header(h: Header) -> bytes:
     if not 0 <= h.seq <= MAX_SEQ:
-        raise WireError(Drop.SEQ_EXHAUSTED, f"sequence {h.seq} out of range")
+        raise LocalProtocolError(Drop.SEQ_EXHAUSTED, f"sequence {h.seq} out of range")
     return HEADER.pack(h.version, int(h.type), int(h.flags), 0, h.session, h.seq)
 
 
@@ -184,10 +186,10 @@ _ATTACH_HEAD = struct.Struct("!IQB")
 
 def build_attach(a: Attach) -> bytes:
     if len(a.macs) > MAX_MACS:
-        raise WireError(Drop.OVERSIZED, f"{len(a.macs)} MACs, at most {MAX_MACS}")
+        raise LocalProtocolError(Drop.OVERSIZED, f"{len(a.macs)} MACs, at most {MAX_MACS}")
     for mac in a.macs:
         if len(mac) != 6:
-            raise WireError(Drop.BAD_PAYLOAD, "a MAC address is 6 bytes")
+            raise LocalProtocolError(Drop.BAD_PAYLOAD, "a MAC address is 6 bytes")
     return _ATTACH_HEAD.pack(a.previous, a.epoch, len(a.macs)) + b"".join(a.macs)
 
 

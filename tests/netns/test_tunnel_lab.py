@@ -299,9 +299,9 @@ def test_forged_and_replayed_frames_are_rejected_and_change_nothing(lab, tmp_pat
         # An endpoint without the key: junk, a wrong-key attach naming the VM's MAC, wrong-key data,
         # tampered copies of real messages; then every captured message replayed from there.
         stranger = HostEnd(AeadCipher(Key(os.urandom(32))), [bytes.fromhex(VM_MAC.replace(":", ""))])
-        stranger.start(0.0)
-        stranger.send_frame(b"\xff" * 6 + bytes.fromhex(VM_MAC.replace(":", "")) + b"\x08\x06" + bytes(28), 0.0)
-        wrong_key = stranger.pop_datagrams()
+        started = stranger.start(0.0)
+        sent = stranger.send_frame(b"\xff" * 6 + bytes.fromhex(VM_MAC.replace(":", "")) + b"\x08\x06" + bytes(28), 0.0)
+        wrong_key = [m for _, m in started.sends] + [sent.data]
         # tampered: a fresh sequence number written into the header (the header is authenticated)
         tampered = [m[:8] + (int.from_bytes(m[8:16], "big") + 100_000 + i).to_bytes(8, "big") + m[16:]
                     for i, m in enumerate(captured)]

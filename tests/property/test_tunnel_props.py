@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from collections import Counter
+
+from conntrack.answer import Action, Answer
 from tunnel import AeadCipher, Drop, HostEnd, ProxyEnd, SessionState, StreamDecoder, frame_stream_message
 from tunnel.crypto import Key, ReplayWindow
 
@@ -21,20 +24,22 @@ frames = st.builds(
 )
 
 
+def to_proxy(a: Answer) -> list[bytes]:
+    """The messages a host end's answer sends the proxy (a sealed frame, then or else control messages)."""
+    return [m for _, m in a.sends] + ([a.data] if a.data is not None else [])
+
+
 def attached():
     p = ProxyEnd(CIPHER)
     h = HostEnd(CIPHER, [VM])
-    h.start(0.0)
+    out = to_proxy(h.start(0.0))
     for _ in range(3):  # ATTACH, EPOCH, ATTACH again, ATTACH_ACK
-        for m in h.pop_datagrams():
-            p.receive(m, EP, 0.0)
-        for _, m in p.pop_datagrams():
-            h.receive(m, 0.0)
+        back = [m for a in [p.receive(m, EP, 0.0) for m in out] for _, m in a.sends]
+        out = [m for a in [h.receive(m, 0.0) for m in back] for m in to_proxy(a)]
     assert h.state == SessionState.ATTACHED
-    p.from_lan(b"\xff" * 6 + PEER + b"\x08\x00" + bytes(46), 0.0)  # the peer is on the LAN
-    for _, m in p.pop_datagrams():
-        assert h.receive(m, 0.0)
-    h.pop_frames()
+    a = p.from_lan(b"\xff" * 6 + PEER + b"\x08\x00" + bytes(46), 0.0)  # the peer is on the LAN
+    for _, m in a.sends:
+        assert h.receive(m, 0.0).action == Action.ACCEPT
     assert not p.drops and not h.drops
     return h, p
 
@@ -52,17 +57,19 @@ def state_of(h: HostEnd, p: ProxyEnd):
 @given(st.lists(frames, min_size=1, max_size=8))
 def test_encapsulation_round_trips_both_ways(fs):
     h, p = attached()
+    msgs = []
     for f in fs:
-        assert h.send_frame(f, 1.0)
-    for m in h.pop_datagrams():
-        assert p.receive(m, EP, 1.0)
-    assert p.pop_frames() == fs
+        a = h.send_frame(f, 1.0)
+        assert a.action == Action.ACCEPT and a.sends == ()
+        msgs.append(a.data)
+    answers = [p.receive(m, EP, 1.0) for m in msgs]
+    assert all(a.action == Action.ACCEPT and a.sends == () for a in answers)
+    assert [a.data for a in answers] == fs
     back = [f[6:12] + f[0:6] + f[12:] for f in fs if f[0] == 0x02]  # unicast replies to the VM
-    for f in back:
-        p.from_lan(f, 1.0)
-    for _, m in p.pop_datagrams():
-        assert h.receive(m, 1.0)
-    assert h.pop_frames() == back
+    sealed = [m for f in back for _, m in p.from_lan(f, 1.0).sends]
+    opened = [h.receive(m, 1.0) for m in sealed]
+    assert all(a.action == Action.ACCEPT for a in opened)
+    assert [a.data for a in opened] == back
 
 
 @SETTINGS
@@ -70,11 +77,11 @@ def test_encapsulation_round_trips_both_ways(fs):
 def test_any_bytes_are_a_counted_drop_and_change_nothing(junk):
     h, p = attached()
     before = state_of(h, p)
-    assert p.receive(junk, ("203.0.113.9", 9), 1.0) is False
-    assert h.receive(junk, 1.0) is False
+    pa = p.receive(junk, ("203.0.113.9", 9), 1.0)
+    ha = h.receive(junk, 1.0)
+    assert pa == Answer(Action.DROP, pa.reason) and ha == Answer(Action.DROP, ha.reason)  # nothing sent, no event
     assert state_of(h, p) == before
-    assert p.pop_frames() == [] and h.pop_frames() == [] and p.pop_datagrams() == []
-    assert sum(p.drops.values()) == 1 and sum(h.drops.values()) == 1
+    assert p.drops == {pa.reason: 1} and h.drops == {ha.reason: 1}
 
 
 @st.composite
@@ -99,31 +106,29 @@ def mutate(m: bytes, how) -> bytes:
 @given(frames, mutations())
 def test_mutated_messages_are_rejected_and_change_nothing(f, how):
     h, p = attached()
-    h.send_frame(f, 1.0)
-    (m,) = h.pop_datagrams()
+    m = h.send_frame(f, 1.0).data
     bad = mutate(m, how)
     if bad == m:
         return
     before = state_of(h, p)
-    assert p.receive(bad, ("203.0.113.9", 9), 1.0) is False
-    assert state_of(h, p) == before and p.pop_frames() == []
+    answer = p.receive(bad, ("203.0.113.9", 9), 1.0)
+    assert answer == Answer(Action.DROP, answer.reason)  # no frame, nothing sent, no event
+    assert state_of(h, p) == before
     reason = next(iter(p.drops))
+    assert reason == answer.reason
     assert reason in (Drop.AUTH_FAILED, Drop.TRUNCATED, Drop.OVERSIZED, Drop.BAD_VERSION, Drop.BAD_TYPE,
                       Drop.BAD_FLAGS, Drop.WRONG_DIRECTION, Drop.UNKNOWN_SESSION, Drop.REPLAYED, Drop.MODE_MISMATCH)
-    assert p.receive(m, EP, 1.0)  # the genuine message still passes afterwards
+    assert p.receive(m, EP, 1.0).action == Action.ACCEPT  # the genuine message still passes afterwards
 
 
 @SETTINGS
 @given(st.lists(frames, min_size=1, max_size=6), st.lists(st.integers(0, 100), min_size=1, max_size=30))
 def test_replays_in_any_order_deliver_each_frame_at_most_once(fs, picks):
     h, p = attached()
-    for f in fs:
-        h.send_frame(f, 1.0)
-    msgs = h.pop_datagrams()
+    msgs = [h.send_frame(f, 1.0).data for f in fs]
     order = [msgs[i % len(msgs)] for i in picks] + msgs
-    for i, m in enumerate(order):
-        p.receive(m, ("203.0.113.9", i), 1.0)
-    delivered = p.pop_frames()
+    answers = [p.receive(m, ("203.0.113.9", i), 1.0) for i, m in enumerate(order)]
+    delivered = [a.data for a in answers if a.data is not None]
     assert sorted(delivered) == sorted(fs)  # every frame exactly once, whatever the order
     assert p.drops[Drop.REPLAYED] == len(order) - len(msgs)
 
@@ -181,22 +186,40 @@ def test_interleaved_traffic_forgeries_and_replays_keep_the_invariants(script):
     sent: list[bytes] = []  # frames host ends sent (the only legitimate LAN frames besides announcements)
     captured: list[tuple[int, bytes]] = []
     on_lan: list[bytes] = []
+    outbox: list[list[bytes]] = [[], []]  # what each host end sent, not yet delivered
+    proxy_out: list[tuple] = []
+    drops = {"host": Counter(), "proxy": Counter()}  # DROP answers by reason, to compare with the counters
+
+    def host(i: int, a: Answer) -> Answer:
+        outbox[i].extend(m for _, m in a.sends)
+        if a.action == Action.DROP:
+            drops["host"][a.reason] += 1
+        return a
+
+    def proxy(a: Answer) -> Answer:
+        if a.data is not None:
+            on_lan.append(a.data)
+        for to, m in a.sends:
+            (on_lan.append(m) if to == "lan" else proxy_out.append((to, m)))
+        if a.action == Action.DROP:
+            drops["proxy"][a.reason] += 1
+        return a
 
     def pump():
         for _ in range(4):
-            for i, h in enumerate(hosts):
-                for m in h.pop_datagrams():
+            for i in range(len(hosts)):
+                out, outbox[i] = outbox[i], []
+                for m in out:
                     captured.append((i, m))
-                    p.receive(m, eps[i], now)
-                h.pop_frames()
-            for ep, m in p.pop_datagrams():
+                    proxy(p.receive(m, eps[i], now))
+            out, proxy_out[:] = list(proxy_out), []
+            for ep, m in out:
                 for i, h in enumerate(hosts):
                     if eps[i] == ep:
-                        h.receive(m, now)
-            on_lan.extend(p.pop_frames())
+                        host(i, h.receive(m, now))
 
-    for h in hosts:
-        h.start(now)
+    for i, h in enumerate(hosts):
+        host(i, h.start(now))
     pump()
     for op in script:
         kind = op[0]
@@ -204,35 +227,39 @@ def test_interleaved_traffic_forgeries_and_replays_keep_the_invariants(script):
             _, i, body, bcast = op
             src = (VM, VM_B)[i]
             f = (b"\xff" * 6 if bcast else PEER) + src + b"\x08\x00" + body
-            if hosts[i].send_frame(f, now):
+            a = host(i, hosts[i].send_frame(f, now))
+            if a.action == Action.ACCEPT:
                 sent.append(f)
+                outbox[i].append(a.data)
         elif kind == "lan":
             _, dst, body = op
-            p.from_lan(dst + PEER + b"\x08\x00" + body, now)
+            proxy(p.from_lan(dst + PEER + b"\x08\x00" + body, now))
         elif kind == "junk":
-            p.receive(op[1], ("203.0.113.9", 9), now)
+            proxy(p.receive(op[1], ("203.0.113.9", 9), now))
         elif kind == "replay" and captured:
             _, k, times = op
             for _ in range(times):
-                p.receive(captured[k % len(captured)][1], ("203.0.113.9", 9), now)
+                proxy(p.receive(captured[k % len(captured)][1], ("203.0.113.9", 9), now))
         elif kind == "mutate" and captured:
             _, k, how = op
             m = captured[k % len(captured)][1]
             bad = mutate(m, how)
             if bad != m:
-                p.receive(bad, ("203.0.113.9", 9), now)
+                proxy(p.receive(bad, ("203.0.113.9", 9), now))
         elif kind == "time":
             now += op[1]
-            for h in hosts:
-                h.expire(now)
-            p.expire(now)
+            for i, h in enumerate(hosts):
+                host(i, h.expire(now))
+            proxy(p.expire(now))
         elif kind == "roam":
             i = op[1]
             eps[i] = (eps[i][0], eps[i][1] + 1)
-            hosts[i].roamed(now)
+            host(i, hosts[i].roamed(now))
         pump()
         live = set(p.sessions)
         assert all(e.port == 0 or e.port in live for _, e in p.macs.items())
+    # Each end's drop counters are exactly the DROP answers it gave: nobody needs to diff them.
+    assert drops["proxy"] == p.drops and drops["host"] == hosts[0].drops + hosts[1].drops
     legit = list(sent)
     for f in on_lan:
         if f in legit:

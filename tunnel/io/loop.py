@@ -1,0 +1,249 @@
+"""The drivers' one selector loop, their one answer helper and the status file.
+
+A driver only moves bytes and time between the kernel and an engine
+(:class:`~tunnel.host.HostEnd`, :class:`~tunnel.proxy.ProxyEnd`).  Every engine call
+returns an :class:`~conntrack.answer.Answer`, and every answer goes through
+:meth:`Driver.carry`, the one place that queues its bytes, logs its events and
+counts its drop by reason; :meth:`Driver.flush`, once per batch of reads, sends
+what the batch's answers queued (so a burst read from the TAP leaves as a burst,
+and the other end wakes once for it, not once per message).  The host and proxy
+drivers only say where ``data`` and each ``sends`` destination go
+(:meth:`Driver.send_to`).  The clock is passed in
+(``clock=time.monotonic`` from the command line), so nothing here reads it on its own.
+
+Hostile networks.  Errors the network hands back (ICMP errors surfacing as
+ECONNREFUSED, ENETUNREACH while an address changes, resets, EMFILE on accept) are
+counted in the driver's counters and logged (at most once per :data:`LOG_EVERY`
+seconds per kind), never raised out of :meth:`Driver.run`.  A peer's malformed
+input is a counted drop; our own misuse of a codec
+(:class:`~conntrack.errors.LocalProtocolError`) is logged as a bug, counted, and the
+loop goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import socket
+from collections import Counter
+from typing import Callable, Hashable, Iterable
+
+from conntrack.answer import Action, Answer
+from conntrack.errors import LocalProtocolError
+
+from ..events import TunnelEvent
+
+log = logging.getLogger("roam.tunnel")
+
+BATCH = 64  # reads per readiness event: bounded, so one busy source cannot starve the rest
+STATUS_EVERY = 1.0
+LOG_EVERY = 5.0  # a recurring network error is logged at most this often per kind (always counted)
+_DROP = Action.DROP
+
+
+class Driver:
+    """What both drivers share: the TAP read loop, timers, the answer helper, status, shutdown.
+
+    ``tap`` is anything with ``fileno() read() write(frame) close()`` and ``name``/``mtu``:
+    a :class:`~tunnel.io.tap.Tap`, or in the tests a socketpair standing in for one.
+    """
+
+    role = "?"
+    engine = None  # the HostEnd or ProxyEnd; set by the subclass
+    #: The engine's method that takes a frame the TAP gave us (``send_frame``, ``from_lan``).
+    tap_input: Callable[[bytes, float], Answer]
+    #: Where the ``data`` of an answer to a TAP frame goes (the proxy end's LAN frames have none).
+    tap_data_to: Hashable = None
+
+    def __init__(self, tap, clock: Callable[[], float], status_dir: str | None) -> None:
+        self.tap = tap
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        self.counters: Counter[str] = Counter()
+        #: Every drop this process saw, by reason name: the engine's answers and the driver's own (framing).
+        self.drops: Counter[str] = Counter()
+        self.stopping = False
+        self._out: list[tuple[Hashable, bytes]] = []  # what this batch's answers send, in order
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.sel.register(tap.fileno(), selectors.EVENT_READ, self._on_tap)
+        self.status_path = None
+        if status_dir:
+            os.makedirs(status_dir, exist_ok=True)
+            self.status_path = os.path.join(status_dir, f"{self.role}-{os.getpid()}.json")
+        self._next_status = 0.0
+        self._status_dirty = False  # an event happened: publish the status at once
+        self.started = clock()
+        self.extra_status: dict = {}
+        self._log_next: dict[str, float] = {}
+
+    # -- the one answer helper ----------------------------------------------------------------
+
+    def carry(self, answer: Answer, now: float, data_to: Hashable = None) -> Answer:
+        """Carry out one engine answer: its ``sends``, then its ``data`` (to ``data_to``), queued for
+        :meth:`flush`; its events logged, its drop counted by reason.  Returns the answer."""
+        if answer.sends:
+            self._out.extend(answer.sends)
+        if answer.data is not None:
+            self._out.append((data_to, answer.data))
+        if answer.events:
+            self.log_events(answer.events)
+        if answer.action == _DROP:
+            self.drop(answer.reason.name.lower(), now)
+        return answer
+
+    def drop(self, name: str, now: float) -> None:
+        self.drops[name] += 1
+        log.debug("%s: dropped (%s)", self.role, name)
+
+    def send_to(self, to: Hashable, data: bytes, now: float) -> None:
+        """Send ``data`` to an answer's destination (the proxy, the TAP, a host end's endpoint...)."""
+        raise NotImplementedError
+
+    def flush(self, now: float) -> None:
+        """After a batch: send what its answers queued, then what the transport does once per batch."""
+        if self._out:
+            out, self._out = self._out, []
+            send_to = self.send_to
+            for to, data in out:
+                send_to(to, data, now)
+        self.flush_transport(now)
+
+    def flush_transport(self, now: float) -> None:
+        """After a batch's sends (the TCP drivers update their write interest)."""
+
+    def note(self, key: str, now: float, fmt: str, *args) -> None:
+        """Count ``key``; log it (with the running count) at most once per LOG_EVERY seconds."""
+        self.counters[key] += 1
+        if now >= self._log_next.get(key, 0.0):
+            self._log_next[key] = now + LOG_EVERY
+            log.info("%s: " + fmt + " [%s: %d so far]", self.role, *args, key, self.counters[key])
+        else:
+            log.debug("%s: " + fmt, self.role, *args)
+
+    def log_events(self, events: Iterable[TunnelEvent]) -> None:
+        self._status_dirty = True
+        for e in events:
+            log.info("%s: %s session %08x%s%s", self.role, e.kind.name.lower(), e.session,
+                     f" endpoint {e.endpoint}" if e.endpoint is not None else "",
+                     f" ({e.detail})" if e.detail else "")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    # signal-safe: sets a flag and wakes the selector
+    def request_stop(self, *_args) -> None:
+        self.stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _on_wake(self, _mask: int) -> None:
+        try:
+            self._wake_r.recv(64)
+        except OSError:
+            pass
+
+    def _on_tap(self, _mask: int) -> None:
+        now = self.clock()
+        read, take, carry, to = self.tap.read, self.tap_input, self.carry, self.tap_data_to
+        for _ in range(BATCH):
+            try:
+                frame = read()
+            except OSError as exc:
+                self.note("tap_rx_errors", now, "reading the TAP: %s", exc)
+                break
+            if frame is None:
+                break
+            carry(take(frame, now), now, to)
+        self.flush(now)
+
+    def deadline(self) -> float | None:
+        """The engine's next deadline and the driver's own timers, whichever comes first."""
+        raise NotImplementedError
+
+    def run(self) -> None:
+        """Until :meth:`request_stop`: begin, one pass per wake-up, then shut down."""
+        try:
+            self.begin(self.clock())
+            while not self.stopping:
+                self.run_once()
+        finally:
+            self.shutdown()
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        """One pass, and as little as possible in it: timers (the engine's and the driver's own,
+        which deadline() includes) and the status file only when due, then one select (at most
+        ``max_wait`` seconds; the tests pass 0) whose handlers move the frames and flush."""
+        now = self.clock()
+        d = self.deadline()
+        if d is not None and d <= now:
+            self.carry(self.engine.expire(now), now)
+            self.housekeeping(now)
+            self.flush(now)
+            d = self.deadline()
+        if self._status_dirty or now >= self._next_status:
+            self._status_dirty = False
+            self.write_status(now)
+            self._next_status = now + STATUS_EVERY
+        wake = self._next_status if d is None or d > self._next_status else d
+        for key, mask in self.sel.select(min(max(0.0, wake - now), max_wait)):
+            try:
+                key.data(mask)
+            except LocalProtocolError as exc:  # our bug, not the peer's: logged, and the loop goes on
+                self.counters["bugs"] += 1
+                log.exception("%s: internal error (a bug): %s", self.role, exc)
+
+    def begin(self, now: float) -> None:
+        pass
+
+    def housekeeping(self, now: float) -> None:
+        pass
+
+    # -- status and shutdown ------------------------------------------------------------------
+
+    def status(self, now: float) -> dict:
+        st = self.engine.status(now)
+        st.update(pid=os.getpid(), tap=self.tap.name, tap_mtu=self.tap.mtu, uptime=round(now - self.started, 3),
+                  drops=dict(self.drops), driver=dict(self.counters), **self.extra_status)
+        return st
+
+    def write_status(self, now: float) -> None:
+        if not self.status_path:
+            return
+        tmp = self.status_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.status(now), f, indent=1, default=str)
+            os.replace(tmp, self.status_path)
+        except OSError as exc:  # EMFILE under a flood, a full disk: the status waits, the tunnel goes on
+            self.note("status_write_errors", now, "cannot write the status file: %s", exc)
+
+    def shutdown(self) -> None:
+        """Closing: the engine says goodbye (its answer carried), queued bytes get a moment, all closes."""
+        now = self.clock()
+        try:
+            self.carry(self.engine.close(now), now)
+            self.flush(now)
+            self.drain()
+        finally:
+            self.close_sockets()
+            self.tap.close()
+            if self.status_path:
+                for p in (self.status_path, self.status_path + ".tmp"):
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+            self.sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def drain(self) -> None:
+        """Give queued TCP bytes a last chance before the sockets close."""
+
+    def close_sockets(self) -> None:
+        pass
