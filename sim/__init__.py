@@ -1,26 +1,30 @@
 """The migration simulator: which of a VM's connections survive its moves, under each mode.
 
 A discrete-event world (``sim.world``) with simulated time, sites, hosts, a VM and
-remote peers; packets are real IPv4 bytes (``sim.wire``) that move through the real
-``conntrack``, ``nat`` and ``tunnel`` engines (``sim.modes``); small TCP/UDP
-endpoints (``sim.stack``) decide survival from what actually arrives.  Scenarios
-come from TOML files (``sim.scenario``); ``sim.strategies`` has hypothesis
-strategies that generate them.
+remote peers; packets are real IPv4 bytes (built by ``conntrack.build``, read by
+``conntrack.parse_ip``) that move through the real ``conntrack``, ``nat`` and
+``tunnel`` engines (``sim.modes``); small TCP/UDP endpoints (``sim.stack``) report
+what actually arrives, each connection (``sim.connection``) follows the one client
+schedule (``sim.schedule``), and the one judge (``sim.judge``, shared with the
+namespace lab) turns what was observed into survived or broken.  Scenarios are
+frozen values (``sim.scenario``) read from TOML (``sim.scenario_toml``).
 
     from sim import load_scenario, replay
     report = replay(load_scenario("examples/scenarios/basic.toml"))
 """
 from .modes import EngineUnavailable
-from .results import MODES, ConnInfo, ConnResult, ModeRun, Reason, Report, Verdict
+from .judge import Move, Observation, Seen, judge
+from .results import MODES, Cause, ConnInfo, ConnResult, ModeRun, Outcome, Report
 from .run import World, replay, run_mode
 from .scenario import (
     ConnSpec, ForwardSpec, HostSpec, MigrationSpec, PeerSpec, Scenario, ScenarioError, SiteSpec, VmSpec,
-    load_scenario, parse_scenario,
 )
+from .scenario_toml import load_scenario, parse_scenario, to_toml
 from .world import Loss
 
 __all__ = [
-    "ConnInfo", "ConnResult", "ConnSpec", "EngineUnavailable", "ForwardSpec", "HostSpec", "Loss", "MODES",
-    "MigrationSpec", "ModeRun", "PeerSpec", "Reason", "Report", "Scenario", "ScenarioError", "SiteSpec",
-    "Verdict", "VmSpec", "World", "load_scenario", "parse_scenario", "replay", "run_mode",
+    "Cause", "ConnInfo", "ConnResult", "ConnSpec", "EngineUnavailable", "ForwardSpec", "HostSpec", "Loss", "MODES",
+    "MigrationSpec", "ModeRun", "Move", "Observation", "Outcome", "PeerSpec", "Report", "Scenario",
+    "ScenarioError", "Seen", "SiteSpec", "VmSpec", "World", "judge", "load_scenario", "parse_scenario", "replay",
+    "run_mode", "to_toml",
 ]

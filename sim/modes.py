@@ -2,8 +2,12 @@
 
 Each mode is a thin driver: it moves real bytes between the VM's stack, the host,
 the engines (``nat/``, ``tunnel/``) and the network, and re-wires itself when the
-VM moves (``detach`` on the old host, ``attach`` on the new one).  No mode knows
-or says whether a connection survives: the endpoints find out from the packets.
+VM moves (``detach`` on the old host, ``attach`` on the new one).  Every engine
+answers with a ``conntrack.answer.Answer``; a mode carries it out (a DROP is a lost
+packet with a reason, ``data`` and ``sends`` go on) and never diffs an engine's
+counters.  Packets are read with ``conntrack.parse_ip`` / ``parse_frame`` and built
+with ``conntrack.build``.  No mode knows or says whether a connection survives: the
+endpoints find out from the packets, and the judge (``sim.judge``) decides.
 
 * bridged   -- the VM is a machine on the host's LAN, with an address from that
                site's DHCP (re-leased or kept on a move, as the scenario says).
@@ -21,7 +25,8 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Callable
 
-from conntrack import ParseError, Proto, parse_ip
+from conntrack import ParseError, Proto, build, parse_frame, parse_ip
+from conntrack.packet import EtherType
 
 from . import wire
 from .world import Clock, Loss, Network, Site
@@ -61,11 +66,11 @@ class Host:
 
 
 class EngineTimer:
-    """Calls ``expire(now)`` at the engine's ``next_deadline()``, then ``after()``."""
+    """Calls ``expire(now)`` at the engine's ``next_deadline()`` and hands its answer to ``after``."""
 
     __slots__ = ("clock", "engine", "after", "at", "gen", "stopped")
 
-    def __init__(self, clock: Clock, engine, after: Callable[[], None]) -> None:
+    def __init__(self, clock: Clock, engine, after: Callable[[object], None]) -> None:
         self.clock, self.engine, self.after = clock, engine, after
         self.at: float | None = None
         self.gen = 0
@@ -88,8 +93,7 @@ class EngineTimer:
         if gen != t.gen or t.stopped:
             return
         t.at = None
-        t.engine.expire(t.clock.now)
-        t.after()
+        t.after(t.engine.expire(t.clock.now))
         t.update()
 
     def stop(self) -> None:
@@ -180,8 +184,12 @@ class HostOnly(Mode):
     def from_vm(self, data: bytes, tag: int) -> None:
         # The VM's own stack routes: its /24 (where only the host's side is) and nothing else.  A packet
         # for anywhere else has no route, like any stack without one; on the /24 nobody but the host is.
+        try:
+            dst = int.from_bytes(parse_ip(data).dst, "big")
+        except ParseError:
+            self.net.lose(tag, Loss.PARSE)
+            return
         net, mask = self.lan
-        dst = int.from_bytes(data[16:20], "big")
         self.net.lose(tag, Loss.NO_HOLDER if dst & mask == net else Loss.NO_ROUTE)
 
     def vm_address(self) -> bytes:
@@ -194,7 +202,13 @@ HOST_END_PORT = 47000
 
 
 class Tunnel(Mode):
-    """The VM keeps its home address; its frames ride the real ``tunnel`` engines."""
+    """The VM keeps its home address; its frames ride the real ``tunnel`` engines.
+
+    Each end answers every input with a ``conntrack.answer.Answer``: a DROP is a lost
+    packet, ``data`` goes on (a sealed message to the proxy, a frame to the VM or the home
+    LAN), ``sends`` are the end's own messages.  Within one answer the ends' messages go
+    out first, then ``data``, the order the ends produced them.
+    """
 
     name = "tunnel"
 
@@ -202,7 +216,9 @@ class Tunnel(Mode):
         super().__init__(*a)
         try:
             import tunnel as tun
+            from conntrack.answer import Action
             self.tun = tun
+            self.ACCEPT, self.DROP = Action.ACCEPT, Action.DROP
             key = tun.Key(bytes(self.rng.getrandbits(8) for _ in range(32)))
             self.cipher = tun.AeadCipher(key)
         except Exception as exc:  # noqa: BLE001 - any failure here means the engine is not usable
@@ -219,7 +235,7 @@ class Tunnel(Mode):
         self.gw_mac = bytes.fromhex("020000fffe01")
         self._rand = random.Random(self.rng.getrandbits(64))
         self.proxy = tun.ProxyEnd(self.cipher, random_bytes=self._randbytes)
-        self.proxy_timer = EngineTimer(self.clock, self.proxy, lambda: self._flush_proxy(-1))
+        self.proxy_timer = EngineTimer(self.clock, self.proxy, lambda ans: self._proxy_answer(ans, -1))
         self.home.holders[self.proxy_addr] = self._proxy_receive
         self.home.holders[self.address] = self._lan_to_proxy  # the VM's MAC lives behind the proxy's bridge port
         self.home.reserved.update({self.proxy_addr, self.address})
@@ -230,23 +246,32 @@ class Tunnel(Mode):
     def _randbytes(self, n: int) -> bytes:
         return self._rand.getrandbits(8 * n).to_bytes(n, "big")
 
+    @staticmethod
+    def _ip_of(frame: bytes, mac: bytes) -> bytes | None:
+        """The IPv4 packet in an Ethernet frame for ``mac`` (ARP, IPv6, other MACs: None)."""
+        try:
+            f = parse_frame(frame)
+        except ParseError:
+            return None
+        if f.ethertype != EtherType.IPV4 or f.dst != mac:
+            return None
+        return frame[f.l3:f.packet.end]
+
     # -- the host end ---------------------------------------------------------------
     def attach(self, host: Host) -> None:
         super().attach(host)
         end = self.tun.HostEnd(self.cipher, [self.mac], keepalive=self.sc.tunnel_keepalive,
                                dead_after=3 * self.sc.tunnel_keepalive, random_bytes=self._randbytes)
         self.end = end
-        self.end_timer = EngineTimer(self.clock, end, lambda: self._flush_end(-1))
+        self.end_timer = EngineTimer(self.clock, end, lambda ans: self._end_answer(ans, -1))
         handler = self._host_receive
         self._handler = handler
         host.handlers.append(handler)
-        end.start(self.clock.now)
-        self._flush_end(-1)
+        self._end_answer(end.start(self.clock.now), -1)
 
     def detach(self) -> None:
         if self.end is not None:
-            self.end.close(self.clock.now)
-            self._flush_end(-1)
+            self._end_answer(self.end.close(self.clock.now), -1)
             self.end_timer.stop()
             self.host.handlers.remove(self._handler)
         self.end = None
@@ -256,38 +281,43 @@ class Tunnel(Mode):
         if self.end is None:
             self.net.lose(tag, Loss.VM_DOWN)
             return
-        if not self.end.send_frame(wire.ether(self.gw_mac, self.mac, data), self.clock.now):
-            self.net.lose(tag, Loss.TUNNEL_DROP)
-        self._flush_end(tag)
+        self._end_answer(self.end.send_frame(build.ether(self.gw_mac, self.mac, data), self.clock.now), tag,
+                         to_proxy=True)
 
-    def _flush_end(self, tag: int) -> None:
+    def _end_answer(self, ans, tag: int, to_proxy: bool = False) -> None:
+        """Carry out a host end's answer: its messages to the proxy, then ``data`` on its way (a sealed
+        message to the proxy for a frame from the VM, else a frame for the VM)."""
         end, host = self.end, self.host
         if end is None:
             return
-        for msg in end.pop_datagrams():
-            self.ident += 1
-            host.send(wire.udp(host.address, self.proxy_addr, HOST_END_PORT, TUNNEL_PORT, ident=self.ident,
-                               payload=msg), tag)
-        for frame in end.pop_frames():
-            if frame[12:14] == b"\x08\x00" and frame[0:6] == self.mac:
-                self.to_vm(frame[14:], tag)
-        end.pop_events()
+        if ans.action == self.DROP:
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        for _, msg in ans.sends:
+            self._to_proxy(host, msg, tag)
+        if ans.data is not None and ans.action == self.ACCEPT:
+            if to_proxy:
+                self._to_proxy(host, ans.data, tag)
+            else:
+                ip = self._ip_of(ans.data, self.mac)
+                if ip is not None:
+                    self.to_vm(ip, tag)
         self.end_timer.update()
 
+    def _to_proxy(self, host: Host, msg: bytes, tag: int) -> None:
+        self.ident += 1
+        host.send(build.udp(host.address, self.proxy_addr, HOST_END_PORT, TUNNEL_PORT, msg, self.ident), tag)
+
     def _host_receive(self, data: bytes, tag: int) -> bool:
-        if len(data) < 28 or data[9] != Proto.UDP or data[22:24] != HOST_END_PORT.to_bytes(2, "big"):
-            return False
         try:
             pkt = parse_ip(data)
         except ParseError:
-            self.net.lose(tag, Loss.PARSE)
-            return True
+            return False  # not the tunnel's: the host's own stack counts it
+        if pkt.proto != Proto.UDP or pkt.dport != HOST_END_PORT:
+            return False
         if pkt.src != self.proxy_addr or self.end is None:
             self.net.lose(tag, Loss.TUNNEL_DROP)
             return True
-        if not self.end.receive(bytes(data[pkt.l4 + 8:pkt.end]), self.clock.now):
-            self.net.lose(tag, Loss.TUNNEL_DROP)
-        self._flush_end(tag)
+        self._end_answer(self.end.receive(bytes(data[pkt.l4 + 8:pkt.end]), self.clock.now), tag)
         return True
 
     # -- the proxy at home --------------------------------------------------------------
@@ -300,27 +330,31 @@ class Tunnel(Mode):
         if pkt.proto != Proto.UDP or pkt.dport != TUNNEL_PORT:
             self.net.lose(tag, Loss.NO_SOCKET)
             return
-        if not self.proxy.receive(bytes(data[pkt.l4 + 8:pkt.end]), (pkt.src, pkt.sport), self.clock.now):
-            self.net.lose(tag, Loss.TUNNEL_DROP)
-        self._flush_proxy(tag)
+        self._proxy_answer(self.proxy.receive(bytes(data[pkt.l4 + 8:pkt.end]), (pkt.src, pkt.sport),
+                                              self.clock.now), tag)
 
     def _lan_to_proxy(self, data: bytes, tag: int) -> None:
-        before = sum(self.proxy.drops.values())
-        self.proxy.from_lan(wire.ether(self.mac, self.gw_mac, data), self.clock.now)
-        if sum(self.proxy.drops.values()) != before:
-            self.net.lose(tag, Loss.TUNNEL_DROP)
-        self._flush_proxy(tag)
+        self._proxy_answer(self.proxy.from_lan(build.ether(self.mac, self.gw_mac, data), self.clock.now), tag)
 
-    def _flush_proxy(self, tag: int) -> None:
-        proxy = self.proxy
-        for (addr, port), msg in proxy.pop_datagrams():
+    def _proxy_answer(self, ans, tag: int) -> None:
+        """Carry out the proxy's answer: messages to host ends, then frames for the home LAN (its
+        own, then ``data``), whose gateway routes IPv4 on."""
+        if ans.action == self.DROP:
+            self.net.lose(tag, Loss.TUNNEL_DROP)
+        lan = []
+        for to, msg in ans.sends:
+            if to == self.tun.proxy.TO_LAN:
+                lan.append(msg)
+                continue
+            addr, port = to
             self.ident += 1
-            self.net.send(wire.udp(self.proxy_addr, addr, TUNNEL_PORT, port, ident=self.ident, payload=msg), tag,
-                          self.home)
-        for frame in proxy.pop_frames():  # to the home LAN: its gateway routes IPv4 on
-            if frame[12:14] == b"\x08\x00" and frame[0:6] == self.gw_mac:
-                self.net.send(frame[14:], tag, self.home)
-        proxy.pop_events()
+            self.net.send(build.udp(self.proxy_addr, addr, TUNNEL_PORT, port, msg, self.ident), tag, self.home)
+        if ans.data is not None and ans.action == self.ACCEPT:
+            lan.append(ans.data)
+        for frame in lan:
+            ip = self._ip_of(frame, self.gw_mac)
+            if ip is not None:
+                self.net.send(ip, tag, self.home)
         self.proxy_timer.update()
 
     def vm_address(self) -> bytes:
@@ -345,8 +379,9 @@ class Nat(Mode):
         super().__init__(*a)
         try:
             import nat as natmod
+            from conntrack.answer import Action
             self.natmod = natmod
-            self.Side, self.Action, self.NReason = natmod.Side, natmod.Action, natmod.Reason
+            self.Side, self.ACCEPT, self.NO_MAPPING = natmod.Side, Action.ACCEPT, natmod.NatReason.NO_MAPPING
         except Exception as exc:  # noqa: BLE001 - any failure here means the engine is not usable
             raise EngineUnavailable(f"nat engine not available: {type(exc).__name__}: {exc}") from exc
         vm = self.sc.vm
@@ -372,7 +407,7 @@ class Nat(Mode):
             except Exception as exc:  # noqa: BLE001
                 raise EngineUnavailable(f"nat engine not available: {type(exc).__name__}: {exc}") from exc
             self.engines[host.name] = e
-            self.timers[host.name] = EngineTimer(self.clock, e, lambda: None)
+            self.timers[host.name] = EngineTimer(self.clock, e, lambda _: None)  # expiries send nothing
             host.handlers.append(lambda data, tag, h=host: self._inbound(h, data, tag))
         return e
 
@@ -399,44 +434,51 @@ class Nat(Mode):
         if host is None:
             self.net.lose(tag, Loss.VM_DOWN)
             return
-        v = self._process(host, data, self.Side.INTERNAL)
-        if v is None:
+        ans = self._process(host, data, self.Side.INTERNAL)
+        if ans is None:
             self.net.lose(tag, Loss.ENGINE_ERROR)
             return
-        if v.action != self.Action.ACCEPT:
+        if ans.action != self.ACCEPT:
             self.net.lose(tag, Loss.NAT_DROP)
             return
-        if v.data[16:20] == self.address:  # hairpinned back to the VM
-            self.to_vm(v.data, tag)
-        else:
-            host.send(v.data, tag)
+        self._deliver(host, ans.data, tag)  # out, or hairpinned back to the VM
 
     def _inbound(self, host: Host, data: bytes, tag: int) -> bool:
-        v = self._process(host, data, self.Side.EXTERNAL)
-        if v is None:
+        ans = self._process(host, data, self.Side.EXTERNAL)
+        if ans is None:
             self.net.lose(tag, Loss.ENGINE_ERROR)
             return True
-        if v.action != self.Action.ACCEPT:
-            self.net.lose(tag, Loss.NO_MAPPING if v.reason == self.NReason.NO_MAPPING else Loss.NAT_DROP)
+        if ans.action != self.ACCEPT:
+            self.net.lose(tag, Loss.NO_MAPPING if ans.reason == self.NO_MAPPING else Loss.NAT_DROP)
             return True
         if self.here is not host:
             self.net.lose(tag, Loss.VM_ABSENT)  # translated for a VM that is not here (any more)
             return True
-        if v.data[16:20] == self.address:
-            self.to_vm(v.data, tag)
-        else:
-            host.send(v.data, tag)
+        self._deliver(host, ans.data, tag)
         return True
 
-    def _process(self, host: Host, data: bytes, side):
-        """The engine's verdict; None if the engine raised (its bug: counted, reported, never hidden)."""
+    def _deliver(self, host: Host, data: bytes, tag: int) -> None:
+        """A translated packet: to the VM if it is for the VM's address, else out of the host."""
         try:
-            v = self.engines[host.name].process(data, side, self.clock.now)
+            to_vm = parse_ip(data).dst == self.address
+        except ParseError:  # the engine's output does not parse: its bug, counted like a raise
+            self.engine_errors.append("NAT answer data does not parse")
+            self.net.lose(tag, Loss.ENGINE_ERROR)
+            return
+        if to_vm:
+            self.to_vm(data, tag)
+        else:
+            host.send(data, tag)
+
+    def _process(self, host: Host, data: bytes, side):
+        """The engine's answer; None if the engine raised (its bug: counted, reported, never hidden)."""
+        try:
+            ans = self.engines[host.name].process(data, side, self.clock.now)
         except Exception as exc:  # noqa: BLE001 - the engine promises never to raise on input
             self.engine_errors.append(f"{type(exc).__name__}: {exc}")
-            v = None
+            ans = None
         self.timers[host.name].update()
-        return v
+        return ans
 
     def vm_address(self) -> bytes:
         return self.address

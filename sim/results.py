@@ -8,7 +8,9 @@ from enum import IntEnum
 MODES = ("bridged", "host-only", "nat", "nat+state", "tunnel")
 
 
-class Verdict(IntEnum):
+class Outcome(IntEnum):
+    """Did a connection survive the moves?  (Not nat's Verdict: that is what a NAT does with a packet.)"""
+
     SURVIVED = 1
     BROKEN = 2
 
@@ -17,8 +19,8 @@ class Verdict(IntEnum):
         return self.name.lower()
 
 
-class Reason(IntEnum):
-    """Why a connection broke, as its endpoints experienced it."""
+class Cause(IntEnum):
+    """Why a connection broke, as its endpoints experienced it (not an engine's drop reason)."""
 
     RESET_BY_PEER = 1  # an acceptable RST arrived
     UNREACHABLE = 2  # timed out; its packets were last lost for want of a route or an address
@@ -35,8 +37,8 @@ class ConnResult:
     """One connection under one mode."""
 
     id: str
-    verdict: Verdict
-    reason: Reason | None
+    outcome: Outcome
+    cause: Cause | None
     established: bool
     established_at: float | None
     broken_at: float | None
@@ -47,8 +49,8 @@ class ConnResult:
 
     def as_dict(self) -> dict:
         return {
-            "verdict": self.verdict.text,
-            "reason": self.reason.text if self.reason is not None else None,
+            "verdict": self.outcome.text,
+            "reason": self.cause.text if self.cause is not None else None,
             "interruption_ms": None if self.interruption_ms is None else round(self.interruption_ms, 1),
             "established": self.established,
             "established_at": self.established_at,

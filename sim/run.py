@@ -7,7 +7,8 @@ from typing import Callable
 from conntrack import Proto
 
 from . import wire
-from .flow import Flow
+from .connection import Connection
+from .judge import Move, settle
 from .modes import MODE_CLASSES, EngineUnavailable, Host, Mode
 from .results import ConnInfo, ModeRun, Report
 from .scenario import Scenario
@@ -53,48 +54,46 @@ class World:
         if cls is None:
             raise EngineUnavailable(f"mode {mode!r}: engine not available in this build")
         self.mode: Mode = cls(sc, clock, net, self.vm, self.hosts, self.sites, self.rng)
-        self.flows: list[Flow] = []
-        self.settle = max((m.at + m.downtime for m in sc.migrations), default=None)
-        for tag, c in enumerate(sc.connections):
-            self.flows.append(Flow(tag, c, clock, sc.duration, sc.timeout_of(c), self.settle))
-        flows = self.flows
-        lookup = lambda tag: flows[tag] if 0 <= tag < len(flows) else None  # noqa: E731
+        moves = tuple(Move(m.at, m.downtime) for m in sc.migrations)
+        self.settle = settle(moves)
+        self.conns: list[Connection] = [Connection(tag, c, clock, sc.duration, sc.timeout_of(c), moves)
+                                        for tag, c in enumerate(sc.connections)]
+        conns = self.conns
+        lookup = lambda tag: conns[tag] if 0 <= tag < len(conns) else None  # noqa: E731
         for st in [self.vm, *self.peers.values(), *(h.stack for h in self.hosts.values())]:
-            st.flow_of = lookup
+            st.conn_of = lookup
 
     # -------------------------------------------------------------- setup
     def _servers(self) -> None:
-        for f in self.flows:
-            c = f.spec
+        for conn in self.conns:
+            c = conn.spec
             server = self.vm if c.direction == "inbound" else self.peers[c.peer]
             if c.protocol == Proto.TCP:
-                server.tcp_listen(c.port, f.timeout)
+                server.tcp_listen(c.port, conn.timeout)
             elif c.port not in server.udp:
                 local = None if server is self.vm else next(iter(server.addresses))
                 server.udp_open(local, c.port, None, 0, None, client=False, session=c.session)
 
     @staticmethod
-    def _start(world: "World", flow: Flow) -> None:
-        c = flow.spec
+    def _start(world: "World", conn: Connection) -> None:
+        c = conn.spec
         mode = world.mode
         if c.direction == "outbound":
-            client, local, lport = world.vm, mode.vm_address(), VM_EPHEMERAL + flow.tag % 20000
+            client, local, lport = world.vm, mode.vm_address(), VM_EPHEMERAL + conn.tag % 20000
             remote, rport = wire.addr(world.sc.peer(c.peer).address), c.port
         else:
             client = world.peers[c.peer]
-            local, lport = next(iter(client.addresses)), PEER_EPHEMERAL + flow.tag % 15000
+            local, lport = next(iter(client.addresses)), PEER_EPHEMERAL + conn.tag % 15000
             remote, rport = mode.published(c.protocol, c.port)
         if c.protocol == Proto.TCP:
-            flow.sock = client.tcp_connect(local, lport, remote, rport, flow, flow.timeout,
-                                           (0x01000000 * (flow.tag % 200) + 12345) & 0xFFFFFFFF)
+            conn.sock = client.tcp_connect(local, lport, remote, rport, conn, conn.timeout,
+                                           (0x01000000 * (conn.tag % 200) + 12345) & 0xFFFFFFFF)
         else:
-            flow.sock = client.udp_open(local, lport, remote, rport, flow, client=True)
-        Flow.tick(flow)
+            conn.sock = client.udp_open(local, lport, remote, rport, conn, client=True)
+        Connection.tick(conn)
 
     @staticmethod
     def _migrate(world: "World", m) -> None:
-        for f in world.flows:
-            f.migration_begins()
         world.vm.paused = True
         world.mode.detach()
         world.clock.after(m.downtime, World._arrive, world, m)
@@ -110,15 +109,15 @@ class World:
         sc, clock = self.sc, self.clock
         self.mode.attach(self.hosts[sc.vm.host])
         self._servers()
-        for f in self.flows:
-            clock.at(f.spec.start, World._start, self, f)
+        for conn in self.conns:
+            clock.at(conn.spec.start, World._start, self, conn)
         for m in sc.migrations:
             clock.at(m.at, World._migrate, self, m)
-        longest = max([sc.tcp_timeout, sc.udp_timeout] + [f.timeout for f in self.flows])
+        longest = max([sc.tcp_timeout, sc.udp_timeout] + [conn.timeout for conn in self.conns])
         # clients go on past the duration until answered after the last move (or they give up)
         end = max(sc.duration, self.settle or 0.0) + longest + RTO_MAX + 5.0
         clock.run(end, (lambda now: progress(now / end)) if progress else None)
-        results = {f.spec.id: f.result(self.net.losses) for f in self.flows}
+        results = {conn.spec.id: conn.result(self.net) for conn in self.conns}
         errs = self.mode.engine_errors
         warnings = tuple(f"{self.mode_name} engine raised {n} time(s) instead of giving a verdict; first: {e}"
                          for n, e in ([(len(errs), errs[0])] if errs else []))

@@ -5,7 +5,7 @@ three-way handshake, send request/response data stop-and-wait with retransmissio
 and exponential back-off, answer segments of unknown connections with RST, and
 give up when a segment stays unacknowledged longer than the timeout.  UDP sockets
 do application-level request/response.  Everything a stack sends is a real IPv4
-packet (``sim.wire``) and everything it reads is parsed by ``conntrack.parse_ip``.
+packet (``conntrack.build``) and everything it reads is parsed by ``conntrack.parse_ip``.
 
 The socket states are one IntEnum and one transition table, here.
 """
@@ -14,15 +14,15 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import TYPE_CHECKING, Callable
 
-from conntrack import ParseError, Proto, parse_ip
+from conntrack import ParseError, Proto, TcpFlag, build, parse_ip
 
-from . import wire
+from .wire import zeros
 from .world import Clock, Loss
 
 if TYPE_CHECKING:
-    from .flow import Flow
+    from .connection import Connection
 
-SYN, ACK, RST, PSH = int(wire.SYN), int(wire.ACK), int(wire.RST), int(wire.PSH)
+SYN, ACK, RST, PSH = int(TcpFlag.SYN), int(TcpFlag.ACK), int(TcpFlag.RST), int(TcpFlag.PSH)
 _M32 = 0xFFFFFFFF
 RTO_INITIAL = 1.0  # RFC 6298
 RTO_MIN = 0.2  # Linux
@@ -64,10 +64,10 @@ def _after(a: int, b: int) -> bool:
 class TcpSock:
     __slots__ = ("stack", "local", "lport", "remote", "rport", "state", "snd_una", "snd_nxt", "rcv_nxt",
                  "out_seq", "out_len", "out_flags", "out_first", "out_sent", "retransmitted", "queue",
-                 "rto", "srtt", "gen", "flow", "client", "timeout")
+                 "rto", "srtt", "gen", "conn", "client", "timeout")
 
     def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes, rport: int,
-                 flow: "Flow | None", client: bool, timeout: float, iss: int) -> None:
+                 conn: "Connection | None", client: bool, timeout: float, iss: int) -> None:
         self.stack = stack
         self.local, self.lport, self.remote, self.rport = local, lport, remote, rport
         self.state = _S.SYN_SENT if client else _S.SYN_RCVD
@@ -80,7 +80,7 @@ class TcpSock:
         self.rto = RTO_INITIAL
         self.srtt = 0.0
         self.gen = 0  # retransmission timer generation: an older timer is stale
-        self.flow = flow
+        self.conn = conn
         self.client = client
         self.timeout = timeout
 
@@ -90,7 +90,7 @@ class TcpSock:
 
     @property
     def tag(self) -> int:
-        return self.flow.tag if self.flow is not None else -1
+        return self.conn.tag if self.conn is not None else -1
 
     def _move(self, event: SockEvent) -> None:
         self.state = TRANSITIONS[self.state][event]
@@ -99,8 +99,8 @@ class TcpSock:
     def _emit(self, seq: int, ack: int, flags: int, length: int) -> None:
         st = self.stack
         st.ident += 1
-        st.output(wire.tcp(self.local, self.remote, self.lport, self.rport, seq, ack, flags, length, st.ident),
-                  self.tag, self.local)
+        st.output(build.tcp(self.local, self.remote, self.lport, self.rport, seq, ack, flags, zeros(length),
+                            st.ident), self.tag, self.local)
 
     def _send_new(self, flags: int, length: int) -> None:
         """Put one segment in flight (stop-and-wait: only when nothing is outstanding)."""
@@ -162,8 +162,8 @@ class TcpSock:
         self.gen += 1
         self.out_first = -1.0
         self.stack.forget(self)
-        if self.flow is not None:
-            self.flow.on_broken(self.stack.clock.now, self.state, self.client)
+        if self.conn is not None:
+            self.conn.on_broken(self.stack.clock.now, self.state, self.client)
 
     # -------------------------------------------------------------- receiving
     def segment(self, pkt, now: float) -> None:
@@ -180,8 +180,8 @@ class TcpSock:
                 self._acked(pkt.ack, now)
                 self._move(_E.SYNACK_OK)
                 self._emit(self.snd_nxt, self.rcv_nxt, ACK, 0)
-                if self.flow is not None:
-                    self.flow.on_established(now, self)
+                if self.conn is not None:
+                    self.conn.on_established(now, self)
                 self._next()
             return
         if flags & SYN:  # a retransmitted SYN or SYN-ACK: our answer was lost
@@ -197,16 +197,16 @@ class TcpSock:
                 return
             self._acked(pkt.ack, now)
             self._move(_E.ACK_OK)
-            if self.flow is not None:
-                self.flow.on_established(now, self)
+            if self.conn is not None:
+                self.conn.on_established(now, self)
         elif _after(pkt.ack, self.snd_una) and not _after(pkt.ack, self.snd_nxt):
             self._acked(pkt.ack, now)
         n = pkt.payload_len
         if n:
             if pkt.seq == self.rcv_nxt:
                 self.rcv_nxt = (self.rcv_nxt + n) & _M32
-                if self.flow is not None:
-                    self.flow.on_data(now, self, n)
+                if self.conn is not None:
+                    self.conn.on_data(now, self, n)
                 elif not self.client:
                     self.send(n)  # a server without a scenario connection echoes
                 if self.out_first < 0 and not self.queue:
@@ -238,13 +238,13 @@ class UdpSock:
     port) accepts a source it does not know only with a hello.
     """
 
-    __slots__ = ("stack", "local", "lport", "remote", "rport", "flow", "client", "session", "known", "sent")
+    __slots__ = ("stack", "local", "lport", "remote", "rport", "conn", "client", "session", "known", "sent")
 
     def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes | None, rport: int,
-                 flow: "Flow | None", client: bool, session: bool = False) -> None:
+                 conn: "Connection | None", client: bool, session: bool = False) -> None:
         self.stack = stack
         self.local, self.lport, self.remote, self.rport = local, lport, remote, rport
-        self.flow = flow
+        self.conn = conn
         self.client = client
         self.session = session
         self.known: set[tuple[bytes, int]] = set()
@@ -255,14 +255,14 @@ class UdpSock:
         st = self.stack
         st.ident += 1
         if self.client:
-            tag = self.flow.tag if self.flow is not None else -1
+            tag = self.conn.tag if self.conn is not None else -1
             mark = b"D" if self.sent else b"H"  # hello until the first answer (a lost hello is re-sent)
-            payload = mark + wire.zeros(max(0, length - 1))
+            payload = mark + zeros(max(0, length - 1))
         else:
-            payload = wire.zeros(length)
+            payload = zeros(length)
         local = src or self.local
-        st.output(wire.udp(local, dst or self.remote, self.lport, dport or self.rport, ident=st.ident,
-                           payload=payload), tag, local)
+        st.output(build.udp(local, dst or self.remote, self.lport, dport or self.rport, payload, st.ident), tag,
+                  local)
 
     def datagram(self, pkt, data: bytes, tag: int, now: float) -> None:
         if self.client:
@@ -270,8 +270,8 @@ class UdpSock:
                 self.stack.lose(tag, Loss.NO_SOCKET)
                 return
             self.sent = 1
-            if self.flow is not None:
-                self.flow.on_data(now, self, pkt.payload_len)
+            if self.conn is not None:
+                self.conn.on_data(now, self, pkt.payload_len)
             return
         if self.session:
             source = (pkt.src, pkt.sport)
@@ -281,15 +281,15 @@ class UdpSock:
                     self.stack.lose(tag, Loss.NO_SOCKET)
                     return
                 self.known.add(source)
-        flow = self.stack.flow_of(tag)
-        self.send(flow.response if flow is not None else pkt.payload_len, pkt.src, pkt.sport, tag, pkt.dst)
+        conn = self.stack.conn_of(tag)
+        self.send(conn.spec.response if conn is not None else pkt.payload_len, pkt.src, pkt.sport, tag, pkt.dst)
 
 
 class Stack:
     """One machine's sockets.  ``output(bytes, tag, src)`` is where its packets go."""
 
     __slots__ = ("name", "clock", "addresses", "out", "tcp", "udp", "listeners", "ident", "lose_fn",
-                 "observe", "paused", "flow_of")
+                 "observe", "paused", "conn_of")
 
     def __init__(self, name: str, clock: Clock, lose: Callable[[int, Loss], None]) -> None:
         self.name = name
@@ -302,7 +302,7 @@ class Stack:
         self.ident = 0
         self.lose_fn = lose
         #: bookkeeping only: which scenario connection a packet's tag names (for the report)
-        self.flow_of: Callable[[int], "Flow | None"] = lambda tag: None
+        self.conn_of: Callable[[int], "Connection | None"] = lambda tag: None
         self.observe = False  # a remote peer notes the source its connections arrive from
         self.paused = False
 
@@ -323,9 +323,9 @@ class Stack:
         self.tcp.pop((sock.local, sock.lport, sock.remote, sock.rport), None)
 
     # -------------------------------------------------------------- opening
-    def tcp_connect(self, local: bytes, lport: int, remote: bytes, rport: int, flow: "Flow", timeout: float,
+    def tcp_connect(self, local: bytes, lport: int, remote: bytes, rport: int, conn: "Connection", timeout: float,
                     iss: int) -> TcpSock:
-        s = TcpSock(self, local, lport, remote, rport, flow, True, timeout, iss)
+        s = TcpSock(self, local, lport, remote, rport, conn, True, timeout, iss)
         self.tcp[(local, lport, remote, rport)] = s
         s.connect()
         return s
@@ -333,9 +333,9 @@ class Stack:
     def tcp_listen(self, port: int, timeout: float) -> None:
         self.listeners[port] = timeout
 
-    def udp_open(self, local: bytes, lport: int, remote: bytes | None, rport: int, flow: "Flow | None",
+    def udp_open(self, local: bytes, lport: int, remote: bytes | None, rport: int, conn: "Connection | None",
                  client: bool, session: bool = False) -> UdpSock:
-        s = UdpSock(self, local, lport, remote, rport, flow, client, session)
+        s = UdpSock(self, local, lport, remote, rport, conn, client, session)
         self.udp[lport] = s
         return s
 
@@ -362,33 +362,33 @@ class Stack:
             key = (pkt.dst, pkt.dport, pkt.src, pkt.sport)
             s = self.tcp.get(key)
             if s is not None:
-                if self.observe and s.flow is not None:
-                    s.flow.on_peer_saw(now, pkt.src, pkt.sport)
+                if self.observe and s.conn is not None:
+                    s.conn.on_peer_saw(now, pkt.src, pkt.sport)
                 s.segment(pkt, now)
                 return
             flags = pkt.tcp_flags
             if flags & SYN and not flags & ACK and pkt.dport in self.listeners:
-                flow = self.flow_of(tag)
-                s = TcpSock(self, pkt.dst, pkt.dport, pkt.src, pkt.sport, flow, False, self.listeners[pkt.dport],
+                conn = self.conn_of(tag)
+                s = TcpSock(self, pkt.dst, pkt.dport, pkt.src, pkt.sport, conn, False, self.listeners[pkt.dport],
                             (0x10000000 + 7919 * len(self.tcp) + pkt.sport) & _M32)
                 s.rcv_nxt = (pkt.seq + 1) & _M32
                 self.tcp[key] = s
-                if self.observe and flow is not None:
-                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+                if self.observe and conn is not None:
+                    conn.on_peer_saw(now, pkt.src, pkt.sport)
                 s._send_new(SYN | ACK, 0)
                 return
             if self.observe:  # the peer saw it, even if it knows no connection for it
-                flow = self.flow_of(tag)
-                if flow is not None:
-                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+                conn = self.conn_of(tag)
+                if conn is not None:
+                    conn.on_peer_saw(now, pkt.src, pkt.sport)
             if not flags & RST:  # RFC 793: a segment for no connection gets a RST
                 self.ident += 1
                 if flags & ACK:
-                    rst = wire.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, pkt.ack, 0, RST, 0, self.ident)
+                    rst = build.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, pkt.ack, 0, RST, b"", self.ident)
                 else:
                     seg_len = pkt.payload_len + (1 if flags & SYN else 0)
-                    rst = wire.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, 0, pkt.seq + seg_len, RST | ACK, 0,
-                                   self.ident)
+                    rst = build.tcp(pkt.dst, pkt.src, pkt.dport, pkt.sport, 0, pkt.seq + seg_len, RST | ACK, b"",
+                                    self.ident)
                 self.output(rst, tag, pkt.dst)
             return
         if pkt.proto == Proto.UDP:
@@ -397,9 +397,9 @@ class Stack:
                 self.lose(tag, Loss.NO_SOCKET)
                 return
             if self.observe:
-                flow = self.flow_of(tag)
-                if flow is not None:
-                    flow.on_peer_saw(now, pkt.src, pkt.sport)
+                conn = self.conn_of(tag)
+                if conn is not None:
+                    conn.on_peer_saw(now, pkt.src, pkt.sport)
             s.datagram(pkt, data, tag, now)
             return
         self.lose(tag, Loss.NO_SOCKET)

@@ -20,6 +20,8 @@ from collections import Counter
 from enum import IntEnum
 from typing import Callable
 
+from conntrack import ParseError, parse_ip
+
 Receiver = Callable[[bytes, int], None]
 
 
@@ -139,6 +141,7 @@ class Network:
         self.sites: list[Site] = []
         self._route_cache: dict[bytes, Site | None] = {}
         self.losses: dict[int, Loss] = {}  # tag -> last loss reason seen for it
+        self.lost_at: dict[int, float] = {}  # tag -> when that was
         self.drops: Counter[Loss] = Counter()
         self.packets = 0  # packets handed to the network
         self.tap: Callable[[float, bytes], None] | None = None  # e.g. a pcap writer
@@ -166,13 +169,18 @@ class Network:
         self.drops[why] += 1
         if tag >= 0:
             self.losses[tag] = why
+            self.lost_at[tag] = self.clock.now
 
     def send(self, data: bytes, tag: int, from_site: Site) -> None:
         """Send an IPv4 packet from a node on ``from_site`` towards its destination."""
         self.packets += 1
         if self.tap is not None:
             self.tap(self.clock.now, data)
-        dst = bytes(data[16:20])
+        try:
+            dst = parse_ip(data).dst
+        except ParseError:
+            self.lose(tag, Loss.PARSE)
+            return
         site = self.route(dst)
         if site is None:
             self.lose(tag, Loss.NO_ROUTE)

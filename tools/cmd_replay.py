@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             print("roam replay: --backend netns needs root (it builds network namespaces)", file=sys.stderr)
             return 2
-        from .netns_backend import run_netns
+        from .lab.netns import run_netns
     tty = sys.stderr.isatty()
     bar = _Bar(modes, not args.quiet and tty, None if args.quiet else tty)
     captures: dict[str, list] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 import json
 
-from sim.results import ConnResult, ModeRun, Report, Verdict
+from sim.results import ConnResult, ModeRun, Outcome, Report
 
 
 # ------------------------------------------------------------------ text table
@@ -12,9 +12,9 @@ def cell(r: ModeRun, cid: str) -> str:
     if r.error is not None:
         return "error (see below)"
     res = r.results[cid]
-    if res.verdict == Verdict.SURVIVED:
+    if res.outcome == Outcome.SURVIVED:
         return f"survived, {res.interruption_ms:.0f} ms" if res.interruption_ms else "survived"
-    why = res.reason.text if res.reason is not None else "?"
+    why = res.cause.text if res.cause is not None else "?"
     return f"broken: {why}" if res.established else f"never up: {why}"
 
 
@@ -37,7 +37,7 @@ def table(rep: Report) -> str:
     lines.append("")
     for r in rep.runs:
         if r.error is None and r.results:
-            n = sum(1 for x in r.results.values() if x.verdict == Verdict.SURVIVED)
+            n = sum(1 for x in r.results.values() if x.outcome == Outcome.SURVIVED)
             what = "simulated" if rep.backend == "sim" else "seen"
             lines.append(f"{r.mode}: {n}/{len(r.results)} survived ({r.packets} packets {what})")
     lines.append("survived = established, never broken, and answered after the last move (clients go on past "
@@ -107,14 +107,14 @@ def _mode_svg(rep: Report, run: ModeRun, t_end: float) -> str:
                        '</title></rect>')
         if res.broken_at is not None:
             bx = X(res.broken_at)
-            why = res.reason.text if res.reason else "?"
+            why = res.cause.text if res.cause else "?"
             color = _COLORS["broken"] if res.established else _COLORS["never"]
             out.append(f'<g stroke="{color}" stroke-width="3"><title>{html.escape(c.id)}: '
                        f'{"broken" if res.established else "never established"} at {res.broken_at:.2f} s: '
                        f'{html.escape(why)} ({html.escape(res.broken_side or "")} side)</title>'
                        f'<line x1="{bx - 5:.1f}" y1="{mid - 5:.1f}" x2="{bx + 5:.1f}" y2="{mid + 5:.1f}"/>'
                        f'<line x1="{bx - 5:.1f}" y1="{mid + 5:.1f}" x2="{bx + 5:.1f}" y2="{mid - 5:.1f}"/></g>')
-        color = _COLORS["up"] if res.verdict == Verdict.SURVIVED else (
+        color = _COLORS["up"] if res.outcome == Outcome.SURVIVED else (
             _COLORS["broken"] if res.established else _COLORS["never"])
         out.append(f'<text x="{_LABEL + _PLOT + 10}" y="{mid + 4:.1f}" fill="{color}" font-weight="bold">'
                    f'{html.escape(cell(run, c.id))}</text>')
@@ -150,7 +150,7 @@ def html_timeline(rep: Report) -> str:
     for run in rep.runs:
         summary = ""
         if run.error is None and run.results:
-            n = sum(1 for x in run.results.values() if x.verdict == Verdict.SURVIVED)
+            n = sum(1 for x in run.results.values() if x.outcome == Outcome.SURVIVED)
             summary = f" &mdash; {n}/{len(run.results)} survived"
         parts.append(f"<h2>{html.escape(run.mode)}{summary}</h2>")
         if run.error is not None:

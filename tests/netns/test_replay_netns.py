@@ -2,13 +2,13 @@
 
 A bounded sample of small scenarios (hand-written below, each a few seconds of
 traffic with 4 s timeouts) is played twice: with ``sim.run.replay`` (simulated
-time, roam's TCP model) and with ``tools.netns_backend.run_netns`` (namespaces,
+time, roam's TCP model) and with ``tools.lab.netns.run_netns`` (namespaces,
 Linux TCP/UDP, the VM's link really moved).  For every connection and every mode
 both backends run, the verdicts (survived / broken) must agree.  Reasons are
 compared and shown on failure, but only verdicts are asserted: the kernel's
 reasons come from what real endpoints can observe (an ICMP error, their own
 address gone, a timeout), which is not always what the simulator's omniscient
-loss bookkeeping names (see the module docstring of tools.netns_backend).
+loss bookkeeping names (see the module docstring of tools.lab.netns).
 
 Every mode is covered: bridged and host-only (the kernel alone), nat and nat+state
 (``roam nat`` in each host namespace), tunnel (``roam tunnel proxy`` at home, ``roam
@@ -20,8 +20,9 @@ from __future__ import annotations
 import pytest
 
 from sim import parse_scenario, replay
-from sim.results import Verdict
-from tools.netns_backend import _HostOnly, run_netns
+from sim.results import Outcome
+from tools.lab.attach import HostOnly
+from tools.lab.netns import run_netns
 
 pytestmark = pytest.mark.netns
 
@@ -162,15 +163,15 @@ def test_same_verdicts_as_the_simulator(lab, name):
         assert s_run.error is None, f"sim {s_run.mode}: {s_run.error}"
         for c in sc.connections:
             s, n = s_run.results[c.id], n_run.results[c.id]
-            line = (f"{s_run.mode:9} {c.id:16} sim={s.verdict.text}/{s.reason.text if s.reason else '-'} "
-                    f"netns={n.verdict.text}/{n.reason.text if n.reason else '-'}")
-            if s.verdict != n.verdict:
+            line = (f"{s_run.mode:9} {c.id:16} sim={s.outcome.text}/{s.cause.text if s.cause else '-'} "
+                    f"netns={n.outcome.text}/{n.cause.text if n.cause else '-'}")
+            if s.outcome != n.outcome:
                 diffs.append(line)
             # what the netns backend says about a survivor must hold up: it was established and answered
-            if n.verdict == Verdict.SURVIVED:
+            if n.outcome == Outcome.SURVIVED:
                 assert n.established and n.broken_at is None and n.runs, line
             else:
-                assert n.reason is not None, line
+                assert n.cause is not None, line
     assert not diffs, "verdicts differ between --backend sim and --backend netns:\n" + "\n".join(diffs)
 
 
@@ -190,9 +191,9 @@ def _endpoint_events(lab, ns: str, cmd: dict, until, limit: float = 8.0) -> list
     """Run one endpoint program in ``ns`` with ``cmd``; its events until ``until(events)`` or ``limit`` s."""
     import time
 
-    from tools.netns_backend import _Proc
+    from tools.lab.netns import EndpointProc
 
-    p = _Proc(lab, ns, "probe", time.monotonic(), limit + 5, None)
+    p = EndpointProc(lab, ns, "probe", time.monotonic(), limit + 5, None)
     try:
         deadline = time.monotonic() + limit
         while not any(e["ev"] == "ready" for e in p.events) and time.monotonic() < deadline:
@@ -229,7 +230,7 @@ def test_udp_client_reports_an_icmp_host_unreachable(lab):
     assert errors and errors[0]["err"] == "EHOSTUNREACH", events
 
 
-class _FailingAttach(_HostOnly):
+class _FailingAttach(HostOnly):
     """Fault injection (a driver whose attach raises an unexpected error): no real input makes one fail
     this way on purpose, and the point is what the backend does when one does."""
 
@@ -238,9 +239,9 @@ class _FailingAttach(_HostOnly):
 
 
 def test_an_unexpected_failure_is_that_modes_error_and_the_others_still_run(lab, monkeypatch):
-    from tools import netns_backend
+    from tools.lab import attach
 
-    monkeypatch.setitem(netns_backend.DRIVERS, "host-only", _FailingAttach)
+    monkeypatch.setitem(attach.DRIVERS, "host-only", _FailingAttach)
     sc = parse_scenario(SCENARIOS["no-move"], "<no-move>")
     rep = run_netns(sc, ("bridged", "host-only"), parallel=True)
     by = {r.mode: r for r in rep.runs}
@@ -252,12 +253,12 @@ def test_an_unexpected_failure_is_that_modes_error_and_the_others_still_run(lab,
 def test_a_driver_that_fails_to_start_leaves_no_temporary_directory(lab, monkeypatch, tmp_path):
     import tempfile
 
-    from tools import netns_backend
+    from tools.lab import attach
 
-    class Impatient(netns_backend._Nat):
+    class Impatient(attach.Nat):
         READY = 0.0  # give `roam nat` no time to come up: the constructor fails after making its dir
 
-    monkeypatch.setitem(netns_backend.DRIVERS, "nat", Impatient)
+    monkeypatch.setitem(attach.DRIVERS, "nat", Impatient)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     sc = parse_scenario(SCENARIOS["nat-move"], "<nat-move>")
     (run,) = run_netns(sc, ("nat",)).runs

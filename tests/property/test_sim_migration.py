@@ -1,6 +1,6 @@
 """The migration properties, each proved by running the simulator over generated scenarios.
 
-The scenarios come from ``sim.strategies`` (no link loss unless said).  Nothing here
+The scenarios come from ``tests.property.sim_strategies`` (no link loss unless said).  Nothing here
 looks at a mode's name to decide anything: the simulator's endpoints decide, and
 these tests check their verdicts against what the packets went through.
 """
@@ -10,8 +10,8 @@ import os
 
 from hypothesis import HealthCheck, event, example, given, settings
 
-from sim import Scenario, Verdict, parse_scenario, run_mode
-from sim.strategies import scenarios
+from sim import Scenario, Outcome, parse_scenario, run_mode
+from .sim_strategies import scenarios
 
 #: ROAM_SIM_EXAMPLES=500 for a longer hunt; the default keeps the file well under a minute
 EXAMPLES = int(os.environ.get("ROAM_SIM_EXAMPLES", "25"))
@@ -34,7 +34,7 @@ def test_tunnel_every_connection_survives_moves_shorter_than_the_timeout(sc):
     for c in sc.connections:
         r = run.results[c.id]
         assert r.established, (c, r)
-        assert r.verdict == Verdict.SURVIVED, (c, r)
+        assert r.outcome == Outcome.SURVIVED, (c, r)
         # the peer only ever saw the VM's home address
         assert {a for _, a, _ in r.peer_saw} == {sc.vm.home_address}, r.peer_saw
 
@@ -49,7 +49,7 @@ def test_nat_outbound_tcp_survives_exactly_when_the_peer_sees_the_same_address_a
             r = run.results[c.id]
             assert r.established, (mode, c, r)
             same = len({(a, p) for _, a, p in r.peer_saw}) == 1
-            assert (r.verdict == Verdict.SURVIVED) == same, (mode, c, r)
+            assert (r.outcome == Outcome.SURVIVED) == same, (mode, c, r)
 
 
 def _mapped_inbound() -> Scenario:
@@ -152,7 +152,7 @@ def test_bridged_survives_exactly_when_the_moves_stay_on_the_same_lan(sc):
             if m.at + m.downtime >= c.start and _site_of(sc, m.to) != _site_of(sc, where):
                 left_lan = True
             where = m.to
-        assert (r.verdict == Verdict.SURVIVED) == (not left_lan), (c, r, sc.migrations)
+        assert (r.outcome == Outcome.SURVIVED) == (not left_lan), (c, r, sc.migrations)
 
 
 @settings(max_examples=max(EXAMPLES // 2, 5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -162,5 +162,5 @@ def test_host_only_no_outside_connection_is_ever_established(sc):
     assert run.error is None, run.error
     for c in sc.connections:
         r = run.results[c.id]
-        assert not r.established and r.verdict == Verdict.BROKEN, (c, r)
+        assert not r.established and r.outcome == Outcome.BROKEN, (c, r)
         assert r.peer_saw == (), (c, r)  # nothing of the VM's ever reached a peer

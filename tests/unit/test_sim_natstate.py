@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import nat
-from conntrack import parse_ip
+from conntrack import TcpFlag, build, parse_ip
 from sim import wire
 
 VM, PEER = wire.addr("198.18.0.10"), wire.addr("198.51.100.10")
@@ -15,19 +15,21 @@ def _engine(ext: str) -> nat.NatEngine:
 
 def test_rebound_state_keeps_the_port_and_takes_the_new_address():
     old = _engine(OLD)
-    syn = old.process(wire.tcp(VM, PEER, 40000, 443, 1, 0, wire.SYN), nat.Side.INTERNAL, 1.0)
+    syn = old.process(build.tcp(VM, PEER, 40000, 443, 1, 0, TcpFlag.SYN), nat.Side.INTERNAL, 1.0)
     out = parse_ip(syn.data)
     assert out.src == wire.addr(OLD)
-    reply = wire.tcp(PEER, wire.addr(OLD), 443, out.sport, 9, 2, wire.SYN | wire.ACK)
+    reply = build.tcp(PEER, wire.addr(OLD), 443, out.sport, 9, 2, TcpFlag.SYN | TcpFlag.ACK)
     assert old.process(reply, nat.Side.EXTERNAL, 1.1).action == nat.Action.ACCEPT
     snap = old.snapshot(2.0)
 
     assert _engine(NEW).restore(snap, 2.5) == 0  # the engine alone refuses another address's state
     new = _engine(NEW)
     assert new.restore(snap, 2.5, rebind=True) == 1  # what sim's nat+state does on a move
-    v = new.process(wire.tcp(VM, PEER, 40000, 443, 2, 10, wire.ACK | wire.PSH, 50), nat.Side.INTERNAL, 3.0)
+    v = new.process(build.tcp(VM, PEER, 40000, 443, 2, 10, TcpFlag.ACK | TcpFlag.PSH, bytes(50)), nat.Side.INTERNAL,
+                    3.0)
     moved = parse_ip(v.data)
     assert (moved.src, moved.sport) == (wire.addr(NEW), out.sport)  # what the peer sees: new address, same port
-    assert wire.verify(v.data)
-    back = new.process(wire.tcp(PEER, wire.addr(NEW), 443, out.sport, 10, 52, wire.ACK), nat.Side.EXTERNAL, 3.1)
+    assert build.verify(v.data)
+    back = new.process(build.tcp(PEER, wire.addr(NEW), 443, out.sport, 10, 52, TcpFlag.ACK), nat.Side.EXTERNAL,
+                       3.1)
     assert back.action == nat.Action.ACCEPT and parse_ip(back.data).dst == VM

@@ -1,12 +1,12 @@
-"""The netns backend's verdicts from endpoint logs (``tools.netns_backend._verdicts``): a pure function of
-the events the endpoints wrote, so it is tested here on event lists like the ones they write."""
+"""The netns backend's verdicts from endpoint logs (``tools.lab.logs.verdicts``, through the one judge): a pure
+function of the events the endpoints wrote, so it is tested here on event lists like the ones they write."""
 from __future__ import annotations
 
 import pytest
 
 from sim import parse_scenario
-from sim.results import Reason, Verdict
-from tools.netns_backend import _verdicts
+from sim.results import Cause, Outcome
+from tools.lab.logs import verdicts
 
 SC = """\
 [scenario]
@@ -49,7 +49,7 @@ def _ev(t, ev, who="vm", **kw):
 
 def _one(events):
     sc = parse_scenario(SC, "t.toml")
-    return _verdicts(sc, events, [m.at for m in sc.migrations])["t"]
+    return verdicts(sc, events)["t"]
 
 
 UP = [_ev(1.0, "established", local=["203.0.113.100", 40000], remote=["198.51.100.10", 443]),
@@ -59,20 +59,20 @@ UP = [_ev(1.0, "established", local=["203.0.113.100", 40000], remote=["198.51.10
 def test_no_answer_after_the_last_move_is_not_survival():
     # established and never broken, but nothing answered once the VM was back (10.0 s): not shown to survive
     r = _one(UP)
-    assert r.verdict == Verdict.BROKEN and r.reason == Reason.TIMED_OUT
+    assert r.outcome == Outcome.BROKEN and r.cause == Cause.TIMED_OUT
     r = _one(UP + [_ev(10.4, "answer")])
-    assert r.verdict == Verdict.SURVIVED and r.interruption_ms == pytest.approx(1400)
+    assert r.outcome == Outcome.SURVIVED and r.interruption_ms == pytest.approx(1400)
 
 
 @pytest.mark.parametrize("err,gone,reason", [
-    ("ECONNRESET", False, Reason.RESET_BY_PEER),
-    ("ECONNREFUSED", False, Reason.RESET_BY_PEER),
-    ("EOF", False, Reason.TIMED_OUT),  # an orderly close is not a reset
-    ("EPIPE", False, Reason.TIMED_OUT),  # a write after the end: not by itself the peer's RST
-    ("EINVAL", False, Reason.TIMED_OUT),  # generic: unreachable only with the address gone
-    ("EINVAL", True, Reason.UNREACHABLE),
-    ("EHOSTUNREACH", False, Reason.UNREACHABLE),
+    ("ECONNRESET", False, Cause.RESET_BY_PEER),
+    ("ECONNREFUSED", False, Cause.RESET_BY_PEER),
+    ("EOF", False, Cause.TIMED_OUT),  # an orderly close is not a reset
+    ("EPIPE", False, Cause.TIMED_OUT),  # a write after the end: not by itself the peer's RST
+    ("EINVAL", False, Cause.TIMED_OUT),  # generic: unreachable only with the address gone
+    ("EINVAL", True, Cause.UNREACHABLE),
+    ("EHOSTUNREACH", False, Cause.UNREACHABLE),
 ])
 def test_reasons_from_the_error_an_endpoint_saw(err, gone, reason):
     r = _one(UP + [_ev(10.5, "broken", err=err, address_gone=gone)])
-    assert r.verdict == Verdict.BROKEN and r.reason == reason and r.broken_side == "vm"
+    assert r.outcome == Outcome.BROKEN and r.cause == reason and r.broken_side == "vm"

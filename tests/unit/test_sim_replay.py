@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sim import Verdict, parse_scenario, replay, run_mode
+from sim import Outcome, parse_scenario, replay, run_mode
 from sim.results import MODES
 from tools.cli import main
 
@@ -99,11 +99,11 @@ def test_json_has_the_documented_shape(capsys):
 def test_basic_scenario_outcomes(capsys):
     rep = replay(parse_scenario(open(BASIC).read(), BASIC))
     by = {r.mode: r.results for r in rep.runs}
-    assert all(r.verdict == Verdict.SURVIVED for r in by["tunnel"].values())
+    assert all(r.outcome == Outcome.SURVIVED for r in by["tunnel"].values())
     assert not any(r.established for r in by["host-only"].values())
-    assert all(r.verdict == Verdict.BROKEN for r in by["bridged"].values())  # the move leaves the LAN
-    assert by["nat"]["https"].reason.text == "reset by peer"  # the peer sees a new source and resets
-    assert by["nat"]["dns"].verdict == Verdict.SURVIVED  # a stateless UDP server answers any source
+    assert all(r.outcome == Outcome.BROKEN for r in by["bridged"].values())  # the move leaves the LAN
+    assert by["nat"]["https"].cause.text == "reset by peer"  # the peer sees a new source and resets
+    assert by["nat"]["dns"].outcome == Outcome.SURVIVED  # a stateless UDP server answers any source
 
 
 def test_plot_writes_a_self_contained_html_timeline(tmp_path, capsys):
@@ -137,25 +137,25 @@ def test_netns_backend_has_no_pcap_option(capsys):
 
 # -------------------------------------------------------------- verdicts come from packets
 def test_nat_survives_a_move_that_keeps_the_external_address():
-    assert _verdict(BASE + _move("a1"), "nat").verdict == Verdict.SURVIVED  # restart in place
-    assert _verdict(BASE + _move("a2"), "nat").reason.text == "reset by peer"  # same LAN, new address
+    assert _verdict(BASE + _move("a1"), "nat").outcome == Outcome.SURVIVED  # restart in place
+    assert _verdict(BASE + _move("a2"), "nat").cause.text == "reset by peer"  # same LAN, new address
 
 
 def test_bridged_survives_a_move_on_the_same_lan_only():
-    assert _verdict(BASE + _move("a2"), "bridged").verdict == Verdict.SURVIVED
-    assert _verdict(BASE + _move("b1"), "bridged").reason.text == "unreachable"
+    assert _verdict(BASE + _move("a2"), "bridged").outcome == Outcome.SURVIVED
+    assert _verdict(BASE + _move("b1"), "bridged").cause.text == "unreachable"
     keep = BASE.replace('home_address = "192.0.2.50"', 'home_address = "192.0.2.50"\nbridged = "keep"')
-    assert _verdict(keep + _move("b1"), "bridged").verdict == Verdict.BROKEN
+    assert _verdict(keep + _move("b1"), "bridged").outcome == Outcome.BROKEN
 
 
 def test_a_move_at_the_very_end_is_exercised_not_assumed():
     # the move ends at 20.0 s, the scenario's duration: the clients keep going until they are
     # answered after it (or give up), so the verdict comes from packets sent after the move
     late_away = _verdict(BASE + _move("b1", at=19.5), "bridged")
-    assert late_away.established and late_away.verdict == Verdict.BROKEN
-    assert late_away.reason.text == "unreachable"
+    assert late_away.established and late_away.outcome == Outcome.BROKEN
+    assert late_away.cause.text == "unreachable"
     late_near = _verdict(BASE + _move("a2", at=19.5), "bridged")
-    assert late_near.verdict == Verdict.SURVIVED
+    assert late_near.outcome == Outcome.SURVIVED
     assert late_near.runs[-1][1] > 20.0  # answered after the VM was back
 
 
@@ -165,7 +165,7 @@ def test_every_survivor_was_answered_after_the_last_move(mode):
     settle = max(m.at + m.downtime for m in sc.migrations)
     run = run_mode(sc, mode)
     for r in run.results.values():
-        if r.verdict == Verdict.SURVIVED:
+        if r.outcome == Outcome.SURVIVED:
             assert r.runs and r.runs[-1][1] > settle, r
 
 
@@ -175,7 +175,7 @@ def test_host_only_losses_are_the_vms_own_missing_route():
     assert "HOST_ONLY" not in Loss.__members__  # no loss reason belongs to one mode
     run = run_mode(parse_scenario(BASE, "t.toml"), "host-only")
     r = run.results["t"]
-    assert not r.established and r.reason.text == "unreachable"
+    assert not r.established and r.cause.text == "unreachable"
     assert run.drops.get("no_route", 0) > 0 and set(run.drops) == {"no_route"}
 
 
@@ -187,29 +187,29 @@ def test_sample_covers_both_verdicts():
     for name, text in SCENARIOS.items():
         sc = parse_scenario(text, f"<{name}>")
         for run in replay(sc, sc.modes).runs:
-            verdicts |= {r.verdict for r in run.results.values()}
-    assert verdicts == {Verdict.SURVIVED, Verdict.BROKEN}
+            verdicts |= {r.outcome for r in run.results.values()}
+    assert verdicts == {Outcome.SURVIVED, Outcome.BROKEN}
 
 
 def test_tunnel_breaks_when_its_packets_cannot_get_home():
     cut = BASE.replace('proxy = "192.0.2.2"', 'proxy = "192.0.2.2"\nloss = 1.0')
     r = _verdict(cut, "tunnel")
-    assert not r.established and r.reason.text == "timed out"
+    assert not r.established and r.cause.text == "timed out"
 
 
 def test_tcp_back_off_can_outlast_a_downtime_shorter_than_the_timeout():
     # 9 s down, 10 s timeout: the retransmissions fall at +0.2, 0.6, 1.4, 3, 6.2 s (all in the
     # downtime), the next would be +12.6 s, after the give-up at +10 s -- as in real TCP.
-    assert _verdict(BASE + _move("b1", down_ms=9000), "tunnel").reason.text == "timed out"
-    assert _verdict(BASE + _move("b1", down_ms=2000), "tunnel").verdict == Verdict.SURVIVED
+    assert _verdict(BASE + _move("b1", down_ms=9000), "tunnel").cause.text == "timed out"
+    assert _verdict(BASE + _move("b1", down_ms=2000), "tunnel").outcome == Outcome.SURVIVED
 
 
 def test_inbound_needs_a_mapping_on_the_host_it_reaches():
     inbound = BASE.replace('id = "t"', 'id = "t"\ndirection = "inbound"').replace("port = 443", "port = 22")
-    assert _verdict(inbound, "nat").reason.text == "no inbound mapping"
+    assert _verdict(inbound, "nat").cause.text == "no inbound mapping"
     fwd = inbound + '\n[[forward]]\nport = 22\nexternal_port = 2222\n'
     r = _verdict(fwd, "nat")
-    assert r.verdict == Verdict.SURVIVED and r.peer_saw[0][1:] == ("203.0.113.10", 2222)
+    assert r.outcome == Outcome.SURVIVED and r.peer_saw[0][1:] == ("203.0.113.10", 2222)
 
 
 @pytest.mark.parametrize("mode", MODES)

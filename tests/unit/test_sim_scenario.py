@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from conntrack import Proto
+from conntrack import Proto, TcpFlag, build
 from conntrack.pcap import write_pcap
 from sim import ScenarioError, load_scenario, parse_scenario, wire
-from sim.scenario import to_toml
+from sim.scenario_toml import to_toml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples", "scenarios")
@@ -125,14 +125,15 @@ def test_capture_flows_become_connections(tmp_path):
     vm, web, dns, admin = (wire.addr(a) for a in ("203.0.113.50", "198.51.100.10", "198.51.100.53",
                                                   "198.51.100.77"))
     pkts = [
-        (100.0, wire.tcp(vm, web, 40001, 443, 1, 0, wire.SYN)),
-        (100.02, wire.tcp(web, vm, 443, 40001, 9, 2, wire.SYN | wire.ACK)),
-        (100.5, wire.tcp(vm, web, 40001, 443, 2, 10, wire.ACK | wire.PSH, 300)),
-        (100.6, wire.tcp(web, vm, 443, 40001, 10, 302, wire.ACK | wire.PSH, 1000)),
-        (101.0, wire.udp(vm, dns, 5353, 53, 40)),
-        (101.01, wire.udp(dns, vm, 53, 5353, 120)),
-        (102.0, wire.tcp(admin, vm, 50000, 22, 7, 0, wire.SYN)),
-        (102.1, wire.tcp(wire.addr("198.51.100.1"), wire.addr("198.51.100.2"), 1, 2, 0, 0, wire.SYN)),  # not the VM's
+        (100.0, build.tcp(vm, web, 40001, 443, 1, 0, TcpFlag.SYN)),
+        (100.02, build.tcp(web, vm, 443, 40001, 9, 2, TcpFlag.SYN | TcpFlag.ACK)),
+        (100.5, build.tcp(vm, web, 40001, 443, 2, 10, TcpFlag.ACK | TcpFlag.PSH, bytes(300))),
+        (100.6, build.tcp(web, vm, 443, 40001, 10, 302, TcpFlag.ACK | TcpFlag.PSH, bytes(1000))),
+        (101.0, build.udp(vm, dns, 5353, 53, bytes(40))),
+        (101.01, build.udp(dns, vm, 53, 5353, bytes(120))),
+        (102.0, build.tcp(admin, vm, 50000, 22, 7, 0, TcpFlag.SYN)),
+        (102.1, build.tcp(wire.addr("198.51.100.1"), wire.addr("198.51.100.2"), 1, 2, 0, 0,
+                          TcpFlag.SYN)),  # not the VM's
     ]
     with open(tmp_path / "vm.pcap", "wb") as f:
         write_pcap(f, pkts)

@@ -1,13 +1,14 @@
-"""The endpoint model that judges survival: handshake, data, RST, back-off, give-up, UDP sessions."""
+"""The endpoint model whose observations the judge reads: handshake, data, RST, back-off, give-up, UDP sessions."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from conntrack import Proto, parse_ip
+from conntrack import Proto, TcpFlag, build, parse_ip
 from sim import wire
-from sim.flow import Flow
+from sim.connection import Connection
+from sim.judge import Move
 from sim.scenario import ConnSpec
 from sim.stack import RST, SockState, Stack, TRANSITIONS
 from sim.world import Clock, Loss, Network, Site
@@ -18,7 +19,7 @@ VM, PEER = wire.addr("203.0.113.5"), wire.addr("198.51.100.10")
 class Pair:
     """A client stack on a LAN and a server stack on the internet, wired through a Network."""
 
-    def __init__(self, protocol=Proto.TCP, timeout=10.0, session=False):
+    def __init__(self, protocol=Proto.TCP, timeout=10.0, session=False, moves=()):
         self.clock = Clock()
         self.net = Network(self.clock, random.Random(1))
         self.lan = self.net.add_site(Site("lan", "203.0.113.0/24", latency=0.005))
@@ -29,16 +30,16 @@ class Pair:
         self.server = self._stack("server", PEER, self.far)
         self.server.observe = True
         spec = ConnSpec("c1", "outbound", protocol, "p", 443, 0.0, 1.0, 100, 300, session)
-        self.flow = Flow(0, spec, self.clock, 20.0, timeout)
+        self.conn = Connection(0, spec, self.clock, 20.0, timeout, moves)
         for st in (self.client, self.server):
-            st.flow_of = lambda tag: self.flow if tag == 0 else None
+            st.conn_of = lambda tag: self.conn if tag == 0 else None
         if protocol == Proto.TCP:
             self.server.tcp_listen(443, timeout)
-            self.flow.sock = self.client.tcp_connect(VM, 40000, PEER, 443, self.flow, timeout, 1000)
+            self.conn.sock = self.client.tcp_connect(VM, 40000, PEER, 443, self.conn, timeout, 1000)
         else:
             self.server.udp_open(PEER, 443, None, 0, None, client=False, session=session)
-            self.flow.sock = self.client.udp_open(VM, 40000, PEER, 443, self.flow, client=True)
-        Flow.tick(self.flow)
+            self.conn.sock = self.client.udp_open(VM, 40000, PEER, 443, self.conn, client=True)
+        Connection.tick(self.conn)
 
     def _stack(self, name, address, site):
         st = Stack(name, self.clock, self.net.lose)
@@ -59,14 +60,15 @@ def test_state_table_has_every_live_state_and_terminal_states_have_no_way_out():
 def test_handshake_then_requests_are_answered():
     p = Pair()
     p.run(5.5)
-    f = p.flow
+    f = p.conn
     assert f.sock.state == SockState.ESTABLISHED
     assert f.established_at == pytest.approx(0.050, abs=1e-6)  # SYN + SYN-ACK over a 25 ms path
-    assert f.broken_at is None and len(f.runs) == 1
+    res = f.result(p.net)
+    assert f.broken_at is None and len(res.runs) == 1
     flags = [parse_ip(d).tcp_flags for _, d in p.sent[:3]]
-    assert flags == [wire.SYN, wire.SYN | wire.ACK, wire.ACK]
-    assert all(wire.verify(d) for _, d in p.sent)
-    assert f.peer_saw == [(pytest.approx(0.025), VM, 40000)]
+    assert flags == [TcpFlag.SYN, TcpFlag.SYN | TcpFlag.ACK, TcpFlag.ACK]
+    assert all(build.verify(d) for _, d in p.sent)
+    assert res.peer_saw == ((pytest.approx(0.025), "203.0.113.5", 40000),)
 
 
 def test_segment_for_an_unknown_connection_gets_a_reset_that_kills_the_client():
@@ -74,7 +76,7 @@ def test_segment_for_an_unknown_connection_gets_a_reset_that_kills_the_client():
     p.run(2.2)
     p.server.tcp.clear()  # the peer forgot the connection (as a new host's peer would never know it)
     p.run(4.0)
-    f = p.flow
+    f = p.conn
     assert f.broken_at is not None and f.broken_state == SockState.RESET and f.broken_client
     rst = [parse_ip(d) for _, d in p.sent if parse_ip(d).tcp_flags & RST]
     assert len(rst) == 1 and rst[0].src == PEER
@@ -85,7 +87,7 @@ def test_unanswered_segment_backs_off_exponentially_and_gives_up_on_time():
     p.run(2.2)
     del p.far.holders[PEER]  # the peer's address is gone
     p.run(40.0)
-    f = p.flow
+    f = p.conn
     assert f.broken_state == SockState.TIMED_OUT
     times = [t for t, d in p.sent if parse_ip(d).src == VM and parse_ip(d).payload_len and t > 2.2]
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -93,31 +95,30 @@ def test_unanswered_segment_backs_off_exponentially_and_gives_up_on_time():
     assert all(b == pytest.approx(2 * a, rel=1e-6) for a, b in zip(gaps, gaps[1:]))
     assert f.broken_at == pytest.approx(times[0] + 10.0, abs=1e-6)
     assert p.net.losses[0] == Loss.NO_HOLDER
-    assert f.result(p.net.losses).reason.text == "unreachable"
+    assert f.result(p.net).cause.text == "unreachable"
 
 
 def test_a_lost_segment_is_retransmitted_and_the_stall_measured():
-    p = Pair()
+    p = Pair(moves=(Move(3.0, 1.0),))  # the peer unreachable from 3 s to 4 s
     p.run(3.0)
-    p.flow.migration_begins()
     holder = p.far.holders.pop(PEER)
     p.clock.at(4.0, lambda a, b: p.far.holders.__setitem__(PEER, holder))
     p.run(12.0)
-    f = p.flow
+    f = p.conn
     assert f.broken_at is None
-    assert 1.0 < f.interruption < 4.0
-    res = f.result(p.net.losses)
-    assert res.verdict.text == "survived" and len(res.runs) == 2
+    res = f.result(p.net)
+    assert 1.0 < res.interruption_ms / 1000 < 4.0
+    assert res.outcome.text == "survived" and len(res.runs) == 2
 
 
 def test_udp_requests_are_answered_and_silence_times_out():
     p = Pair(Proto.UDP, timeout=5.0)
     p.run(3.5)
-    assert p.flow.established_at is not None and p.flow.broken_at is None
+    assert p.conn.established_at is not None and p.conn.broken_at is None
     del p.far.holders[PEER]
     p.run(30.0)
-    assert p.flow.broken_state == SockState.TIMED_OUT
-    assert p.flow.broken_at == pytest.approx(4.0 + 5.0, abs=1e-6)
+    assert p.conn.broken_state == SockState.TIMED_OUT
+    assert p.conn.broken_at == pytest.approx(4.0 + 5.0, abs=1e-6)
 
 
 def test_session_server_ignores_a_new_source_mid_session_but_takes_a_new_hello():
@@ -126,9 +127,9 @@ def test_session_server_ignores_a_new_source_mid_session_but_takes_a_new_hello()
     # the client's source changes (as behind a new NAT): its next datagrams say "D", not hello
     p.client.addresses = {wire.addr("203.0.113.6")}
     p.lan.holders[wire.addr("203.0.113.6")] = p.client.receive
-    p.flow.sock.local = wire.addr("203.0.113.6")
+    p.conn.sock.local = wire.addr("203.0.113.6")
     p.run(20.0)
-    assert p.flow.broken_state == SockState.TIMED_OUT
+    assert p.conn.broken_state == SockState.TIMED_OUT
     assert p.net.drops[Loss.NO_SOCKET] > 0
     first = [parse_ip(d) for _, d in p.sent if parse_ip(d).src == VM][0]
     assert p.sent[0][1][first.l4 + 8] == ord("H")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+from conntrack import build
 from sim import wire
 from sim.world import Clock, Loss, Network, Site
 
@@ -46,7 +47,7 @@ def test_packet_is_delivered_to_the_holder_after_both_latencies():
     clock, net, lan, _, peer = _net()
     got = []
     peer.holders[wire.addr("198.51.100.10")] = lambda d, t: got.append((clock.now, d, t))
-    pkt = wire.udp(wire.addr("203.0.113.5"), wire.addr("198.51.100.10"), 1, 2, 3)
+    pkt = build.udp(wire.addr("203.0.113.5"), wire.addr("198.51.100.10"), 1, 2, bytes(3))
     net.send(pkt, 7, lan)
     clock.run(1.0)
     assert got == [(0.025, pkt, 7)]
@@ -54,8 +55,8 @@ def test_packet_is_delivered_to_the_holder_after_both_latencies():
 
 def test_unroutable_and_unheld_addresses_are_lost_with_their_reason():
     clock, net, lan, _, peer = _net()
-    net.send(wire.udp(wire.addr("198.51.100.10"), wire.addr("198.18.0.9"), 1, 2), 1, peer)
-    net.send(wire.udp(wire.addr("198.51.100.10"), wire.addr("203.0.113.77"), 1, 2), 2, peer)
+    net.send(build.udp(wire.addr("198.51.100.10"), wire.addr("198.18.0.9"), 1, 2), 1, peer)
+    net.send(build.udp(wire.addr("198.51.100.10"), wire.addr("203.0.113.77"), 1, 2), 2, peer)
     clock.run(1.0)
     assert net.losses == {1: Loss.NO_ROUTE, 2: Loss.NO_HOLDER}
     assert net.drops[Loss.NO_ROUTE] == net.drops[Loss.NO_HOLDER] == 1
@@ -70,7 +71,7 @@ def test_link_loss_is_seeded_and_counted():
         got = []
         b.holders[wire.addr("203.0.113.130")] = lambda d, t: got.append(t)
         for i in range(200):
-            net.send(wire.udp(wire.addr("203.0.113.1"), wire.addr("203.0.113.130"), 1, 2), i, a)
+            net.send(build.udp(wire.addr("203.0.113.1"), wire.addr("203.0.113.130"), 1, 2), i, a)
         clock.run(1.0)
         return got, net.drops[Loss.LINK]
 

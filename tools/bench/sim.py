@@ -13,7 +13,7 @@ import sys
 import time
 
 from conntrack import Proto
-from sim import MODES, run_mode
+from sim import MODES, Outcome, run_mode
 from sim.scenario import ConnSpec, ForwardSpec, HostSpec, MigrationSpec, PeerSpec, Scenario, SiteSpec, VmSpec
 
 
@@ -73,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
         if r.error:
             print(f"{mode:<10} error: {r.error}")
             continue
-        alive = sum(1 for x in r.results.values() if x.verdict.text == "survived")
+        alive = sum(1 for x in r.results.values() if x.outcome == Outcome.SURVIVED)
         print(f"{mode:<10} {alive:>9} {r.packets:>10} {r.events:>10} {wall:>8.2f} {r.packets / wall:>10.0f}")
     return 0

@@ -1,8 +1,10 @@
-"""Hypothesis strategies that generate migration scenarios (exported for users' own properties).
+"""Hypothesis strategies that generate migration scenarios (for the simulator's property tests).
+
+Here, under tests, because the ``sim`` package does not depend on hypothesis.
 
     from hypothesis import given
     from sim import run_mode
-    from sim.strategies import scenarios
+    from tests.property.sim_strategies import scenarios
 
     @given(scenarios(modes=("tunnel",)))
     def test_mine(sc):
@@ -12,7 +14,7 @@
 Scenarios are small (a few sites, hosts, peers and connections; up to a few moves)
 so that each runs in milliseconds.  Generated moves are spaced so that a connection
 can recover between them; ``max_downtime_fraction`` bounds each downtime as a
-fraction of the peers' timeout.  ``sim.scenario.to_toml`` writes one as a file.
+fraction of the peers' timeout.  ``sim.scenario_toml.to_toml`` writes one as a file.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from hypothesis import strategies as st
 
 from conntrack import Proto
 
-from .results import MODES
-from .scenario import ConnSpec, ForwardSpec, HostSpec, MigrationSpec, PeerSpec, Scenario, SiteSpec, VmSpec
+from sim.results import MODES
+from sim.scenario import ConnSpec, ForwardSpec, HostSpec, MigrationSpec, PeerSpec, Scenario, SiteSpec, VmSpec
 
 HOME = SiteSpec("home", "192.0.2.0/24", None, 0.008, 0.0, "192.0.2.2")
 REMOTE_SITES = (
