@@ -34,6 +34,8 @@ class Malformed(IntEnum):
     BAD_CAPTURE_HEADER = 13
     BAD_CAPTURE_RECORD = 14
     UNSUPPORTED_LINKTYPE = 15
+    BAD_CAPTURE_BLOCK = 16  # a pcapng block that is cut short or does not add up
+    BAD_CAPTURE_COMPRESSION = 17  # a gzip-compressed capture whose gzip stream is damaged
 
 
 class ProtocolError(ValueError):

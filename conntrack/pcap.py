@@ -1,17 +1,24 @@
-"""pcap files (libpcap format, both byte orders, micro- and nanosecond stamps).
+"""Captures as they come: pcap (both byte orders, micro- and nanosecond stamps), pcapng
+(:mod:`conntrack.pcapng`), and either of them gzip-compressed.
 
-A reader that reports damage by record number instead of raising from deep inside,
-and a writer.  Records come out as (timestamp, linktype, bytes); ``ip_packets``
-turns them into parsed IP packets whatever the link type.
+``open_capture`` looks at the first bytes and picks the reader, so every command that
+takes a capture (``roam conntrack``, ``roam nat translate``, a scenario's ``[[capture]]``)
+reads them all; ``read_pcap`` is its iterator.  A reader reports damage as one
+:class:`CaptureError` naming the record (pcap) or block (pcapng) and its byte offset
+(of the decompressed data for gzip) instead of raising from deep inside.  Records come
+out as (timestamp, linktype, bytes); ``record_packet`` turns them into parsed IP packets
+whatever the link type.  ``write_pcap``/``write_capture`` write them back.
 """
 from __future__ import annotations
 
+import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
-from .errors import ParseError, Malformed
+from .errors import Malformed, ParseError
 from .packet import Packet, parse_frame, parse_ip
 
 
@@ -34,13 +41,19 @@ _MAGIC = {
 MAX_SNAPLEN = 262144
 
 
-class CaptureError(ParseError):
-    """A damaged capture; names the record (1-based) and its byte offset."""
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"  # a pcapng section header block's type, in either byte order
+GZIP_MAGIC = b"\x1f\x8b"
 
-    def __init__(self, reason: Malformed, detail: str, record: int = 0, offset: int = 0) -> None:
+
+class CaptureError(ParseError):
+    """A damaged capture; names the record (pcap) or block (pcapng), 1-based, and its byte offset."""
+
+    def __init__(self, reason: Malformed, detail: str, record: int = 0, offset: int = 0,
+                 unit: str = "record") -> None:
         self.record = record
         self.offset = offset
-        where = f"record {record} at byte {offset}: " if record else ""
+        self.unit = unit
+        where = f"{unit} {record} at byte {offset}: " if record else ""
         super().__init__(reason, where + detail)
 
 
@@ -53,18 +66,61 @@ class Record:
     orig_len: int
 
 
+class Capture:
+    """An open capture: iterate it for its :class:`Record` s.  ``format`` (\"pcap\" or
+    \"pcapng\"), ``compressed`` and ``nanosecond`` say what was read, so that a tool that
+    rewrites a capture can write the same kind back (``write_capture(..., like=capture)``)."""
+
+    __slots__ = ("format", "compressed", "nanosecond", "_records")
+
+    def __init__(self, fmt: str, compressed: bool, nanosecond: bool, records: Iterator[Record]) -> None:
+        self.format, self.compressed, self.nanosecond, self._records = fmt, compressed, nanosecond, records
+
+    def __iter__(self) -> Iterator[Record]:
+        return self._records
+
+
+def open_capture(f: BinaryIO) -> Capture:
+    """Read the file header of a pcap or pcapng capture, gzip-compressed or not.
+
+    Raises CaptureError for a file that is none of these; the records are read as iterated."""
+    head = f.read(4)
+    gz = None
+    if head[:2] == GZIP_MAGIC:
+        gz = _Gunzip(head, f)
+        f, head = gz, gz.read(4)
+    if head == PCAPNG_MAGIC:
+        from .pcapng import read_pcapng  # pcapng builds on this module's Record and CaptureError
+
+        records, nano = read_pcapng(f, head), False
+        fmt = "pcapng"
+    else:
+        head += f.read(24 - len(head)) if len(head) == 4 else b""
+        records, nano = _read_pcap(f, head, gz)
+        fmt = "pcap"
+    if gz is not None:
+        records = _gunzipped(records, gz)
+    return Capture(fmt, gz is not None, nano, records)
+
+
 def read_pcap(f: BinaryIO) -> Iterator[Record]:
-    head = f.read(24)
+    """The records of a capture in any format ``open_capture`` reads (the name is historical)."""
+    return iter(open_capture(f))
+
+
+def _read_pcap(f: BinaryIO, head: bytes, gz: "_Gunzip | None") -> tuple[Iterator[Record], bool]:
     if len(head) < 24:
-        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, f"file header needs 24 bytes, have {len(head)}")
-    if head[:4] == b"\x0a\x0d\x0d\x0a":
-        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, "pcapng is not supported; convert with "
-                           "`tcpdump -r in.pcapng -w out.pcap` or capture with `tcpdump -w` (pcap)")
+        raise _gunzip_error(gz) or CaptureError(
+            Malformed.BAD_CAPTURE_HEADER, f"file header needs 24 bytes, have {len(head)}")
     if head[:4] not in _MAGIC:
-        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, f"not a pcap file (magic {head[:4].hex()})")
+        raise CaptureError(Malformed.BAD_CAPTURE_HEADER, f"not a pcap file (magic {head[:4].hex()}); "
+                           "pcap, pcapng and gzip-compressed pcap or pcapng are read")
     order, scale = _MAGIC[head[:4]]
     _, _, _, _, _, linktype = struct.unpack(order + "HHiIII", head[4:])
-    linktype &= 0x0FFFFFFF
+    return _pcap_records(f, order, scale, linktype & 0x0FFFFFFF), scale < 1e-6
+
+
+def _pcap_records(f: BinaryIO, order: str, scale: float, linktype: int) -> Iterator[Record]:
     rec = struct.Struct(order + "IIII")
     offset, number = 24, 0
     while True:
@@ -87,19 +143,114 @@ def read_pcap(f: BinaryIO) -> Iterator[Record]:
         offset += 16 + incl
 
 
-def write_pcap(f: BinaryIO, records, linktype: int = LinkType.RAW) -> int:
-    """Write (time, bytes) pairs as a microsecond pcap; returns the count."""
-    f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, MAX_SNAPLEN, linktype))
+# ---------------------------------------------------------------- gzip
+class _Gunzip:
+    """Decompresses gzip members (one or several, as ``cat a.gz b.gz`` makes) as they are read.
+
+    Damage (cut short, bad data, bad CRC) does not raise here: the data just ends, and
+    ``problem`` says why, so that the capture reader first names the record it was reading."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, head: bytes, f: BinaryIO) -> None:
+        self._f, self._pending = f, head
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._fed = False  # the current member has had input
+        self._buf = bytearray()
+        self._done = False
+        self.problem: str | None = None
+        self.total = 0  # decompressed bytes handed out
+
+    def read(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n and not self._done:
+            self._fill()
+        out = bytes(buf[:n])
+        del buf[:n]
+        self.total += len(out)
+        return out
+
+    def _fill(self) -> None:
+        z = self._z
+        if z.unconsumed_tail:
+            data = z.unconsumed_tail
+        else:
+            data, self._pending = self._pending or self._f.read(self.CHUNK), b""
+            if not data:
+                if self._fed and not z.eof:
+                    self.problem = "gzip data cut short"
+                self._done = True
+                return
+        try:
+            self._buf += z.decompress(data, self.CHUNK)
+        except zlib.error as exc:
+            self.problem = f"gzip data damaged ({exc})"
+            self._done = True
+            return
+        self._fed = True
+        if z.eof:  # end of a member: another may follow (zero padding is allowed after the last)
+            rest = z.unused_data.lstrip(b"\0")
+            self._z, self._fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+            if rest:
+                if rest[:1] != GZIP_MAGIC[:1] or rest[1:2] not in (b"", GZIP_MAGIC[1:]):
+                    self.problem = "trailing bytes after the gzip data are not gzip"
+                    self._done = True
+                    return
+                self._pending = rest
+
+
+def _gunzip_error(gz: "_Gunzip | None", inner: CaptureError | None = None) -> CaptureError | None:
+    """The error to raise for a capture whose gzip stream is damaged (None if it is not)."""
+    if gz is None or gz.problem is None:
+        return None
+    if inner is not None and inner.record:
+        return CaptureError(Malformed.BAD_CAPTURE_COMPRESSION, f"{gz.problem} (offsets are of the uncompressed data)",
+                            inner.record, inner.offset, inner.unit)
+    return CaptureError(Malformed.BAD_CAPTURE_COMPRESSION, f"{gz.problem} after {gz.total} bytes of capture")
+
+
+def _gunzipped(records: Iterator[Record], gz: _Gunzip) -> Iterator[Record]:
+    try:
+        yield from records
+    except CaptureError as exc:
+        raise _gunzip_error(gz, exc) or exc from None
+    err = _gunzip_error(gz)
+    if err is not None:
+        raise err
+
+
+def write_pcap(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, nanosecond: bool = False) -> int:
+    """Write (time, bytes) pairs as a micro- (or nano-) second pcap; returns the count."""
+    magic, unit = (0xA1B23C4D, 1_000_000_000) if nanosecond else (0xA1B2C3D4, 1_000_000)
+    f.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_SNAPLEN, linktype))
     n = 0
-    for t, data in records:
+    for t, data, *_ in records:
         sec = int(t)
-        usec = int(round((t - sec) * 1e6))
-        if usec >= 1_000_000:
-            sec, usec = sec + 1, usec - 1_000_000
-        f.write(struct.pack("<IIII", sec, usec, len(data), len(data)))
+        frac = int(round((t - sec) * unit))
+        if frac >= unit:
+            sec, frac = sec + 1, frac - unit
+        f.write(struct.pack("<IIII", sec, frac, len(data), len(data)))
         f.write(data)
         n += 1
     return n
+
+
+def write_capture(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, fmt: str = "pcap",
+                  compressed: bool = False, nanosecond: bool = False, like: Capture | None = None) -> int:
+    """Write (time, bytes) pairs as pcap or pcapng, gzip-compressed or not; ``like`` takes
+    all three choices from a capture that was read.  Returns the count."""
+    if like is not None:
+        fmt, compressed, nanosecond = like.format, like.compressed, like.nanosecond
+    if fmt not in ("pcap", "pcapng"):
+        raise ValueError(f"capture format {fmt!r}: pcap or pcapng")
+    if compressed:
+        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as z:
+            return write_capture(z, records, linktype, fmt, False, nanosecond)
+    if fmt == "pcapng":
+        from .pcapng import write_pcapng
+
+        return write_pcapng(f, records, linktype, nanosecond)
+    return write_pcap(f, records, linktype, nanosecond)
 
 
 def ip_offset(linktype: int, data: bytes) -> int | None:
