@@ -15,7 +15,7 @@ import sys
 #: name -> one-line help, in the order `roam --help` lists them.
 SUBCOMMANDS = {
     "replay": "replay a migration scenario and report which connections survive in each mode",
-    "conntrack": "track the connections in a pcap capture and print the table like `conntrack -L`",
+    "conntrack": "track the connections in a capture (pcap or pcapng, gzip or not) and print them like `conntrack -L` / `-E`",
     "nat": "run the user-space NAT as a netfilter plugin (NFQUEUE), or offline over a capture",
     "tunnel": "the layer-2 tunnel home: genkey, proxy, host, status",
     "lab": "build or tear down the namespace lab (home site, remote sites, internet)",
