@@ -1,18 +1,32 @@
-"""Mappings: frozen values, and the table that shares them among connections.
+"""Mappings: frozen values, the entries that count their users, and the table of them.
 
 A mapping binds an internal endpoint (address, port or ICMP identifier) to an
 external one.  It is endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1): every
 connection from the same internal endpoint uses the same external endpoint, whatever
-the destination.  It lives while any connection uses it (static port forwards live
-while the external address does).  Filtering decides which inbound packets from
-endpoints the mapping has not talked to may open a connection through it.
+the destination.  It lives while any connection uses it (inbound mappings -- the
+config's static port forwards -- live while the external address does).  Filtering
+decides which inbound packets from endpoints the mapping has not talked to may open a
+connection through it.
+
+A connection's :class:`Binding` (kept in ``Conn.extra``) names the mappings it uses and
+both rewrite targets.  :class:`MappingTable` holds every live mapping of one external
+address, by internal endpoint and by external port, with the port pools; it follows a
+reloaded config's inbound mappings.  What happens to mappings is told as events
+(:mod:`nat.events`), appended to the list the engine gives it.
 """
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 
-from .config import Filtering
+from conntrack.packet import Proto
+from conntrack.table import Conn
+
+from .config import Filtering, NatConfig, PortForward
+from .events import ConfigWarning, MappingCreated, MappingFreed, PoolFull, Reloaded
+from .ports import PortPool
+from .rewrite import precompute
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +71,203 @@ class MapEntry:
                 c[k] = n
             else:
                 c.pop(k, None)
+
+
+class Binding:
+    """What a connection needs to be translated (kept in ``Conn.extra``).
+
+    How the two tuples map (as in Linux NAT): a packet travelling on the original tuple
+    O is rewritten to ``R.reversed()`` (``fwd``), one on the reply tuple R to
+    ``O.reversed()`` (``rev``).
+    """
+
+    __slots__ = ("fwd", "rev", "internal", "attached", "fx", "rx", "mids")
+
+    def __init__(self, fwd: tuple, rev: tuple, internal: int, attached: list) -> None:
+        self.fwd = fwd  # (src, dst, sport, dport) for packets on the original tuple
+        self.rev = rev  # ... and on the reply tuple
+        self.internal = internal  # bit d set: packets in direction d come from the internal side
+        self.attached = attached  # [(MapEntry, remote_ip, remote_port)]
+        self.fx = self.rx = None  # precomputed rewrites (see prepare); fx None: the flow is dead
+        self.mids: list[bytes] = []  # half-translated hairpin keys (Stage.HAIRPIN_SRC looks them up)
+
+    def prepare(self, c: Conn) -> None:
+        """Precompute each direction's new header bytes and checksum deltas from the tuples."""
+        self.fx = precompute(c.original, self.fwd, c.proto)
+        self.rx = precompute(c.reply, self.rev, c.proto)
+
+
+class MappingTable:
+    """The live mappings of one external address, the port pools, the inbound mappings.
+
+    ``counters`` and ``events`` are the engine's: the table counts and tells what it does.
+    """
+
+    def __init__(self, config: NatConfig, external_ip: bytes | None, seed: int | None,
+                 counters: Counter, events: list) -> None:
+        self.config = config
+        self._seed = seed
+        self._counters = counters
+        self._events = events
+        self.by_internal: dict[tuple, MapEntry] = {}
+        self.by_external: dict[tuple, MapEntry] = {}
+        self.pools: dict[int, PortPool] = {}
+        self.reset(external_ip)
+
+    # ------------------------------------------------------------------ the address
+    def reset(self, external_ip: bytes | None) -> None:
+        """Start over on ``external_ip`` (None: no address, no mappings): fresh pools and the
+        config's inbound mappings only."""
+        self.external_ip = external_ip
+        cfg = self.config
+        self.by_internal.clear()
+        self.by_external.clear()
+        self.pools = {
+            Proto.TCP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.TCP), self._seed),
+            Proto.UDP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.UDP), self._seed),
+            Proto.ICMP: PortPool(cfg.icmp_id_range, None, frozenset(), self._seed),
+        }
+        if external_ip is not None:
+            for f in cfg.forwards:
+                self._add_static(f)
+
+    def _reserved(self, proto: int) -> frozenset[int]:
+        return frozenset(f.external_port for f in self.config.forwards if f.proto == proto)
+
+    def _add_static(self, f: PortForward) -> MapEntry:
+        m = Mapping(f.proto, ipaddress.IPv4Address(f.internal_ip).packed, f.internal_port,
+                    self.external_ip, f.external_port, static=True)
+        e = MapEntry(m)
+        self.by_external[(f.proto, f.external_port)] = e
+        self.by_internal.setdefault((f.proto, m.internal_ip, f.internal_port), e)
+        return e
+
+    # ------------------------------------------------------------------ lookups and allocation
+    def outbound(self, proto: int, ip: bytes, port: int) -> MapEntry | None:
+        """The mapping of an internal endpoint, made if there is none (None: its pool is full)."""
+        e = self.by_internal.get((proto, ip, port))
+        if e is not None:
+            return e
+        eport = self.pools[proto].allocate(port)
+        if eport is None:
+            c = self._counters
+            c["pool_full"] += 1
+            self._events.append(PoolFull(proto, ip, port, c["pool_full"]))
+            return None
+        e = MapEntry(Mapping(proto, ip, port, self.external_ip, eport))
+        self.by_internal[(proto, ip, port)] = e
+        self.by_external[(proto, eport)] = e
+        self._counters["mappings_created"] += 1
+        self._events.append(MappingCreated(e.mapping))
+        return e
+
+    def inbound(self, proto: int, eport: int) -> MapEntry | None:
+        """The mapping holding external port ``eport`` (filtering is the caller's, ``admits``)."""
+        return self.by_external.get((proto, eport))
+
+    def host(self, proto: int, ip: bytes, port: int) -> MapEntry | None:
+        """The NAT host's own endpoint on the external address, held like a mapping so that no
+        VM gets its port (None: a mapping holds that port already)."""
+        entry = self.by_internal.get((proto, ip, port))
+        if entry is None:
+            if (proto, port) in self.by_external:
+                return None
+            self.pools[proto].take(port)  # a no-op for ports outside the pool
+            entry = MapEntry(Mapping(proto, ip, port, ip, port))
+            self.by_internal[(proto, ip, port)] = entry
+            self.by_external[(proto, port)] = entry
+        return entry
+
+    def claim(self, proto: int, iip: bytes, iport: int, eport: int, static: bool) -> MapEntry | None:
+        """A snapshot's mapping on this address: the live one if it is the same, a new dynamic
+        one if its port is free, else None (gone from the config, or its port is taken now)."""
+        e = self.by_external.get((proto, eport))
+        if e is not None:
+            return e if (e.mapping.internal_ip, e.mapping.internal_port) == (iip, iport) else None
+        if static or not self.pools[proto].take(eport):
+            return None
+        e = MapEntry(Mapping(proto, iip, iport, self.external_ip, eport))
+        self.by_external[(proto, eport)] = e
+        self.by_internal.setdefault((proto, iip, iport), e)
+        return e
+
+    def release_if_unused(self, e: MapEntry) -> None:
+        """Free a dynamic mapping no connection uses any more (its port goes back to the pool)."""
+        m = e.mapping
+        if e.conns > 0 or m.static:
+            return
+        if self.by_internal.get((m.proto, m.internal_ip, m.internal_port)) is e:
+            del self.by_internal[(m.proto, m.internal_ip, m.internal_port)]
+        if self.by_external.get((m.proto, m.external_port)) is e:
+            del self.by_external[(m.proto, m.external_port)]
+            if m.external_ip == self.external_ip:
+                self.pools[m.proto].free(m.external_port)
+        self._counters["mappings_freed"] += 1
+        self._events.append(MappingFreed(m))
+
+    # ------------------------------------------------------------------ reload
+    def reload(self, config: NatConfig) -> NatConfig:
+        """Take a new config's inbound mappings (and the rest of it); returns the config in force.
+
+        Port ranges and the internal networks are fixed for the engine's life (restart to
+        change them); an inbound mapping whose port a live dynamic mapping holds is left out.
+        Both are told as :class:`~nat.events.ConfigWarning` events."""
+        old_cfg = self.config
+        old = {(f.proto, f.external_port): f for f in old_cfg.forwards}
+        new = {(f.proto, f.external_port): f for f in config.forwards}
+        if config.port_range != old_cfg.port_range or config.internal != old_cfg.internal:
+            self._events.append(ConfigWarning("port ranges and internal networks change only on restart"))
+            config = config.with_(port_range=old_cfg.port_range, low_port_range=old_cfg.low_port_range,
+                                  internal=old_cfg.internal, icmp_id_range=old_cfg.icmp_id_range)
+        keep = []
+        for key, f in new.items():
+            if key in old and old[key] == f:
+                keep.append(f)
+                continue
+            busy = self.by_external.get(key)
+            if busy is not None and not busy.mapping.static and busy.conns > 0:
+                self._events.append(ConfigWarning(f"{Proto(f.proto).name} port {f.external_port} is in use by a "
+                                             "dynamic mapping: inbound mapping not added"))
+                continue
+            keep.append(f)
+        self.config = config.with_(forwards=tuple(keep))
+        if self.external_ip is not None:
+            for key, f in old.items():
+                if key not in new or new[key] != f:
+                    e = self.by_external.get(key)
+                    if e is not None and e.mapping.static:
+                        del self.by_external[key]
+                        ik = (e.mapping.proto, e.mapping.internal_ip, e.mapping.internal_port)
+                        if self.by_internal.get(ik) is e:
+                            del self.by_internal[ik]
+            for f in keep:
+                if (f.proto, f.external_port) not in old or old[(f.proto, f.external_port)] != f:
+                    self.pools[f.proto].take(f.external_port)  # keep it from dynamic use
+                    self._add_static(f)
+        self._events.append(Reloaded(len(keep)))
+        return self.config
+
+    # ------------------------------------------------------------------ status
+    def mappings(self) -> list[Mapping]:
+        seen, out = set(), []
+        for e in list(self.by_external.values()) + list(self.by_internal.values()):
+            if id(e) not in seen:
+                seen.add(id(e))
+                out.append(e.mapping)
+        return out
+
+    def rows(self, limit: int = 200) -> list[dict]:
+        """Live mappings as plain data (for the status file), at most ``limit``."""
+        rows = []
+        for m in self.mappings()[:limit]:
+            e = self.by_external.get((m.proto, m.external_port))
+            rows.append({"proto": Proto(m.proto).name.lower(),
+                         "internal": f"{ipaddress.IPv4Address(m.internal_ip)}:{m.internal_port}",
+                         "external": f"{ipaddress.IPv4Address(m.external_ip)}:{m.external_port}",
+                         "static": m.static, "flows": e.conns if e is not None else 0})
+        return rows
+
+    def pool_use(self) -> dict:
+        return {Proto(p).name.lower(): {"used": u.used, "size": u.size}
+                for p, u in ((p, pool.use()) for p, pool in self.pools.items())}
+

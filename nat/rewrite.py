@@ -4,28 +4,42 @@
 ``rewrite_icmp_error`` translates an ICMP error and the header it quotes (RFC 5508):
 the quoted packet is the one the far side saw, so it is turned back into the one the
 near side sent.  Both work on the buffer ``parse_ip`` read, at the offsets it found.
+``precompute`` readies one direction of a flow for the engine's fast path, which then
+rewrites a packet without reading its addresses or ports.  The arithmetic is
+:mod:`conntrack.checksum`'s (RFC 1624 eqn 3, ``adjust``).
 """
 from __future__ import annotations
 
 import struct
 
+from conntrack.checksum import ADJ, adjust, fold, ones_sum, udp_adjust, word_sum
 from conntrack.packet import Packet, Proto
-
-from .checksum import adjust, fold, ones_sum, udp_update
 
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
 
 
-def _ws(b: bytes) -> int:
-    return (b[0] << 8 | b[1]) + (b[2] << 8 | b[3])
+def precompute(key: bytes, t: tuple, proto: int) -> tuple:
+    """One direction's rewrite from the packed tuple ``key`` (``packet_key``) to ``t`` =
+    (src, dst, sport, dport): (new src+dst bytes, new ports/id bytes, IP checksum delta,
+    L4 checksum delta).  A delta d turns checksum c into ``~fold(~c + d)``: d is
+    ``adjust``'s ``new_sum + ADJ - old_sum`` summed ahead (always positive)."""
+    old_src, old_dst = key[1:5], key[5:9]
+    osport, odport = _HH.unpack_from(key, 9)
+    src, dst, sport, dport = t
+    a_old = word_sum(old_src) + word_sum(old_dst)
+    a_new = word_sum(src) + word_sum(dst)
+    ip_delta = a_new - a_old + ADJ
+    if proto == Proto.ICMP:
+        return (src + dst, _H.pack(sport), ip_delta, sport - osport + ADJ)
+    return (src + dst, _HH.pack(sport, dport), ip_delta, a_new + sport + dport - a_old - osport - odport + ADJ)
 
 
 def rewrite(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dport: int) -> None:
     """Give ``pkt`` (IPv4, in ``buf``) these addresses and ports (ICMP query: ``sport`` is the id)."""
     l3 = pkt.l3
-    a_old = _ws(pkt.src) + _ws(pkt.dst)
-    a_new = _ws(src) + _ws(dst)
+    a_old = word_sum(pkt.src) + word_sum(pkt.dst)
+    a_new = word_sum(src) + word_sum(dst)
     if src != pkt.src or dst != pkt.dst:
         buf[l3 + 12:l3 + 16] = src
         buf[l3 + 16:l3 + 20] = dst
@@ -42,7 +56,7 @@ def rewrite(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dpo
     elif proto == Proto.UDP:
         (c,) = _H.unpack_from(buf, l4 + 6)
         _HH.pack_into(buf, l4, sport, dport)
-        _H.pack_into(buf, l4 + 6, udp_update(c, a_old + pkt.sport + pkt.dport, a_new + sport + dport))
+        _H.pack_into(buf, l4 + 6, udp_adjust(c, a_old + pkt.sport + pkt.dport, a_new + sport + dport))
     elif proto == Proto.ICMP:
         if sport != pkt.sport:
             (c,) = _H.unpack_from(buf, l4 + 2)
@@ -62,8 +76,8 @@ def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst:
     start, end = pkt.l4 + 8, pkt.end
     old_sum = ones_sum(buf[start:end])
     il3, il4 = inner.l3, inner.l4
-    a_old = _ws(inner.src) + _ws(inner.dst)
-    a_new = _ws(inner_src) + _ws(inner_dst)
+    a_old = word_sum(inner.src) + word_sum(inner.dst)
+    a_new = word_sum(inner_src) + word_sum(inner_dst)
     buf[il3 + 12:il3 + 16] = inner_src
     buf[il3 + 16:il3 + 20] = inner_dst
     (c,) = _H.unpack_from(buf, il3 + 10)
@@ -79,7 +93,7 @@ def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst:
             _HH.pack_into(buf, il4, inner_sport, inner_dport)
             if inner.end >= il4 + 8:
                 (c,) = _H.unpack_from(buf, il4 + 6)
-                _H.pack_into(buf, il4 + 6, udp_update(c, a_old + p_old, a_new + p_new))
+                _H.pack_into(buf, il4 + 6, udp_adjust(c, a_old + p_old, a_new + p_new))
         elif inner.proto == Proto.ICMP and inner.end >= il4 + 8:
             (c,) = _H.unpack_from(buf, il4 + 2)
             _H.pack_into(buf, il4 + 4, inner_sport)
@@ -92,4 +106,5 @@ def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst:
         buf[l3 + 12:l3 + 16] = outer_src
         buf[l3 + 16:l3 + 20] = outer_dst
         (c,) = _H.unpack_from(buf, l3 + 10)
-        _H.pack_into(buf, l3 + 10, adjust(c, _ws(pkt.src) + _ws(pkt.dst), _ws(outer_src) + _ws(outer_dst)))
+        _H.pack_into(buf, l3 + 10, adjust(c, word_sum(pkt.src) + word_sum(pkt.dst),
+                                          word_sum(outer_src) + word_sum(outer_dst)))

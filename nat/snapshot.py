@@ -1,11 +1,135 @@
-"""Snapshots on disk: versioned JSON, written atomically (temp file, fsync, rename)."""
+"""Persistence: the NAT's mappings and flows as versioned JSON, and the file they live in.
+
+``take`` and ``restore`` turn an engine's state into plain data and back (times relative
+to ``now``, so a snapshot restores into any clock); ``save`` writes it atomically (temp
+file, fsync, rename) and ``load`` reads it.  A restart, or a carried VM's new host,
+goes on with the same external ports.
+"""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
+
+from conntrack.table import Conn
+
+from .mapping import Binding, MapEntry
+
+if TYPE_CHECKING:
+    from .engine import NatEngine
+
+VERSION = 1
+KIND = "roam-nat-snapshot"
 
 
+def take(engine: "NatEngine", now: float) -> dict:
+    """The engine's live mappings and flows as JSON-ready data."""
+    entries: dict[int, int] = {}
+    maps = []
+    conns = []
+    for c in engine.table:
+        b: Binding | None = c.extra
+        if b is None or c.deadline <= now:
+            continue
+        att = []
+        for e, rip, rport in b.attached:
+            if id(e) not in entries:
+                entries[id(e)] = len(maps)
+                m = e.mapping
+                maps.append({"proto": m.proto, "internal_ip": _ip(m.internal_ip), "internal_port": m.internal_port,
+                             "external_port": m.external_port, "static": m.static})
+            att.append([entries[id(e)], _ip(rip), rport])
+        conns.append({"original": c.original.hex(), "reply": c.reply.hex(), "proto": c.proto,
+                      "state": c.state, "status": c.status, "ttl": round(c.deadline - now, 3),
+                      "fwd": _tup(b.fwd), "rev": _tup(b.rev), "internal": b.internal, "attached": att})
+    ext = engine.external_ip
+    return {"version": VERSION, "kind": KIND, "external_ip": _ip(ext) if ext else None,
+            "mappings": maps, "flows": conns}
+
+
+def restore(engine: "NatEngine", snap: dict, now: float, rebind: bool = False) -> int:
+    """Load a snapshot into a fresh engine; returns the flows restored.
+
+    Nothing is restored if the snapshot was taken on another external address: those
+    mappings are dead (as after an address change) -- unless ``rebind``, which moves
+    every mapping and flow to this engine's external address, ports unchanged (what
+    carrying a NAT's state to another host would need; peers still see a new address).
+    A damaged snapshot is a ValueError (KeyError, TypeError for missing or odd fields).
+    """
+    if not isinstance(snap, dict) or snap.get("kind") != KIND:
+        raise ValueError("not a roam NAT snapshot")
+    if snap.get("version") != VERSION:
+        raise ValueError(f"snapshot version {snap.get('version')!r}, this roam reads {VERSION}")
+    ext = engine.external_ip
+    if ext is None or snap.get("external_ip") is None:
+        return 0
+    if snap["external_ip"] != _ip(ext):
+        if not rebind:
+            return 0
+        snap = _rebound(snap, _packed(snap["external_ip"]), ext)
+    maps = engine.mapping_table
+    entries: list[MapEntry | None] = []
+    for m in snap["mappings"]:
+        entries.append(maps.claim(int(m["proto"]), _packed(m["internal_ip"]), int(m["internal_port"]),
+                                  int(m["external_port"]), bool(m.get("static"))))
+    n = 0
+    t = engine.table
+    for f in snap["flows"]:
+        att = [(entries[i], _packed(ip), int(p)) for i, ip, p in f["attached"]]
+        okey, rkey = bytes.fromhex(f["original"]), bytes.fromhex(f["reply"])
+        if (any(e is None for e, _, _ in att) or t.lookup(okey) is not None or t.lookup(rkey) is not None
+                or len(t) >= t.capacity):
+            continue
+        c = Conn(okey, rkey, int(f["proto"]), int(f["state"]), now)
+        c.status = int(f["status"])
+        c.deadline = now + max(0.0, float(f["ttl"]))
+        c.extra = Binding(_untup(f["fwd"]), _untup(f["rev"]), int(f["internal"]), att)
+        c.extra.prepare(c)
+        t.adopt(c)
+        for e, rip, rport in att:
+            e.attach(rip, rport)
+        n += 1
+    for e in entries:
+        if e is not None:
+            maps.release_if_unused(e)
+    return n
+
+
+def _rebound(snap: dict, old: bytes, new: bytes) -> dict:
+    """The snapshot as if taken on external address ``new`` (every ``old`` becomes ``new``)."""
+    def key(hexkey: str) -> str:
+        b = bytes.fromhex(hexkey)
+        src, dst = b[1:5], b[5:9]
+        return (b[:1] + (new if src == old else src) + (new if dst == old else dst) + b[9:]).hex()
+
+    def tup(t: list) -> list:
+        o, n = _ip(old), _ip(new)
+        return [n if t[0] == o else t[0], n if t[1] == o else t[1], t[2], t[3]]
+
+    flows = [dict(f, original=key(f["original"]), reply=key(f["reply"]), fwd=tup(f["fwd"]), rev=tup(f["rev"]))
+             for f in snap["flows"]]
+    return dict(snap, external_ip=_ip(new), flows=flows)
+
+
+def _ip(b: bytes) -> str:
+    return str(ipaddress.IPv4Address(b))
+
+
+def _packed(s: str) -> bytes:
+    return ipaddress.IPv4Address(s).packed
+
+
+def _tup(t: tuple) -> list:
+    return [_ip(t[0]), _ip(t[1]), t[2], t[3]]
+
+
+def _untup(v: list) -> tuple:
+    return (_packed(v[0]), _packed(v[1]), int(v[2]), int(v[3]))
+
+
+# ----------------------------------------------------------------------------- on disk
 def save(path: str, snap: dict) -> None:
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".nat-snapshot-", dir=d)

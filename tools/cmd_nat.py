@@ -107,9 +107,15 @@ def _load_config(path: str, internal: list[str]):
     return cfg
 
 
+def _log_events(events) -> None:
+    """The NAT engine's events as log lines (the engine never logs; each event says its level)."""
+    for ev in events:
+        log.log(ev.level, "%s", ev)
+
+
 # ----------------------------------------------------------------------------- translate
 def _translate(args: argparse.Namespace) -> int:
-    from nat.engine import Action, NatEngine, Side
+    from nat import Action, NatEngine, Side
 
     cfg = _load_config(args.t_config, [])
     if args.t_internal:
@@ -160,11 +166,12 @@ def _translate(args: argparse.Namespace) -> int:
                     written += 1
                     continue
                 side = Side.INTERNAL if pkt.family == 4 and engine.is_internal(pkt.src) else Side.EXTERNAL
-                v = engine.process(rec.data[off:], side, now)
-                if v.action != Action.ACCEPT:
-                    dropped[v.reason.name.lower()] += 1
+                a = engine.process(rec.data[off:], side, now)
+                _log_events(a.events + engine.pop_events())
+                if a.action != Action.ACCEPT:
+                    dropped[a.reason.name.lower()] += 1
                     continue
-                data = rec.data[:off] + v.data + rec.data[off + len(v.data):]
+                data = rec.data[:off] + a.data + rec.data[off + len(a.data):]
                 out_records.append((rec.time, data))
                 written += 1
         except CaptureError as exc:
@@ -175,6 +182,7 @@ def _translate(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _err(f"cannot write {args.out}: {exc.strerror}")
     engine.expire(now)
+    _log_events(engine.pop_events())
     st = engine.status()
     note = f"roam nat translate: {total} records, {written} written"
     if dropped:
@@ -257,7 +265,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.config or not args.external:
         return _err("running the plugin needs --config FILE and --external IFACE "
                     "(or use `roam nat translate` / `roam nat status`; see roam nat --help)")
-    from nat.plugin import Plugin, PluginError
+    from nat.netfilter.plugin import Plugin, PluginError
 
     cfg = _load_config(args.config, args.internal)
     status_path, snap_path = state_paths(args.state_dir, args.queue)

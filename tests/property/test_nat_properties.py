@@ -5,11 +5,11 @@ import ipaddress
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.all import ICMP, IP, TCP, UDP, raw
+from scapy.all import ICMP, IP, TCP, UDP, IPOption, raw
 
-from nat import Action, NatEngine, parse_toml
-from nat.engine import Side
-from tests.unit.test_nat_support import EXT, checksums_ok
+from conntrack.answer import Action, Answer
+from nat import NatEngine, Side, parse_toml
+from tests.unit.nat_support import EXT, checksums_ok
 
 # small pools, so that the sequences below fill them and reuse freed ports
 CFG = parse_toml('internal = ["198.18.0.0/24"]\n[ports]\nrange = "20000-20063"\nlow_range = "900-915"\n'
@@ -81,7 +81,7 @@ def test_no_external_endpoint_shared_by_two_live_mappings(ops, seed):
         internal = [(m.proto, m.internal_ip, m.internal_port) for m in maps if not m.static]
         assert len(internal) == len(set(internal))
         # every port the pools count as used belongs to exactly one live mapping
-        for proto_num, pool in e._pools.items():
+        for proto_num, pool in e.mapping_table.pools.items():
             used = set().union(*(r.used for r in (pool.high, pool.low) if r is not None))
             assert used == {m.external_port for m in maps if m.proto == proto_num and not m.static}
 
@@ -115,6 +115,7 @@ def test_any_bytes_give_a_verdict(data):
         e.process(p, Side.INTERNAL, 0.0)
     for i, (blob, side) in enumerate(data):
         v = e.process(blob, side, float(i))
+        assert isinstance(v, Answer) and v.sends == ()
         assert v.action in (Action.ACCEPT, Action.DROP)
         assert (v.data is None) == (v.action == Action.DROP)
         if v.data is not None:
@@ -123,24 +124,129 @@ def test_any_bytes_give_a_verdict(data):
 
 @SETTINGS
 @given(blob=mutated() | st.binary(min_size=20, max_size=80))
-def test_fast_parser_agrees_with_parse_ip(blob):
+def test_common_packet_agrees_with_parse_ip(blob):
+    """What the engine reads itself (a whole option-less IPv4 TCP or UDP packet, past its one
+    header check) is exactly the Packet parse_ip reads."""
     from conntrack import ParseError, parse_ip
-    from nat.fastpath import parse_common
+    from nat.engine import _common
 
-    fast = parse_common(blob)
-    if fast is None:
-        return
     try:
         slow = parse_ip(blob)
-    except ParseError as exc:  # the fast path must not accept what parse_ip rejects
-        raise AssertionError(f"fast path accepted a packet parse_ip rejects: {exc}") from None
-    assert fast == slow
+    except ParseError:
+        return
+    if slow.family != 4 or slow.proto not in (6, 17) or slow.l4 != 20 or slow.fragment is not None:
+        return
+    assert _common(blob, slow.end, slow.proto) == slow
 
 
-def test_fast_parser_takes_the_common_packets():
-    from nat.fastpath import parse_common
+def test_common_packet_cases_are_generated():
+    from conntrack import parse_ip
+    from nat.engine import _common
 
-    assert parse_common(_valid_packets()[0]) is not None and parse_common(_valid_packets()[1]) is not None
+    for p in _valid_packets()[:2] + _valid_packets()[3:4]:
+        slow = parse_ip(p)
+        assert _common(p, slow.end, slow.proto) == slow
+
+
+FLOW_CFG = parse_toml('internal = ["198.18.0.0/24"]\n')  # wide pools: the flows keep their ports
+
+
+class GeneralOnly(NatEngine):
+    """The engine with its fast path off: every packet the general way (the reference)."""
+
+    fast_path = False
+
+
+def _flows():
+    """Packets of three flows, set up both ways (TCP established and assured, UDP, UDP without
+    checksums), as (packet, side) pairs a sequence is drawn from."""
+    vm, peer = "198.18.0.2", "192.0.2.9"
+    setup = [(_packet("tcp", vm, peer, 40000, 80, b""), Side.INTERNAL),
+             (_packet("tcp", peer, EXT, 80, 40000, b"", reply=True), Side.EXTERNAL),
+             (raw(IP(src=vm, dst=peer, id=7, ttl=60) / TCP(sport=40000, dport=80, flags="A", seq=6, ack=10,
+                                                           window=100)), Side.INTERNAL),
+             (_packet("udp", vm, peer, 5000, 53, b"q"), Side.INTERNAL),
+             (_packet("udp", peer, EXT, 53, 5000, b"a", reply=True), Side.EXTERNAL),
+             (_packet("udp", vm, peer, 5001, 53, b"q", zero_udp=True), Side.INTERNAL)]
+    later = [(raw(IP(src=vm, dst=peer, id=11) / TCP(sport=40000, dport=80, flags="PA", seq=6, ack=10, window=100)
+                  / (b"d" * 1200)), Side.INTERNAL),
+             (raw(IP(src=peer, dst=EXT, id=12) / TCP(sport=80, dport=40000, flags="A", seq=10, ack=1206,
+                                                     window=100)), Side.EXTERNAL),
+             (raw(IP(src=peer, dst=EXT, id=13) / TCP(sport=80, dport=40000, flags="FA", seq=10, ack=1206)),
+              Side.EXTERNAL),
+             (raw(IP(src=vm, dst=peer, id=14) / TCP(sport=40000, dport=80, flags="R", seq=1206)), Side.INTERNAL),
+             (_packet("udp", vm, peer, 5000, 53, b"x" * 1500), Side.INTERNAL),
+             (_packet("udp", peer, EXT, 53, 5000, b"y" * 40, reply=True), Side.EXTERNAL),
+             (_packet("udp", vm, peer, 5001, 53, b"z" * 30, zero_udp=True), Side.INTERNAL),
+             (_packet("udp", vm, peer, 5000, 53, b"w"), Side.EXTERNAL)]  # the wrong side
+    return setup, later
+
+
+@st.composite
+def flow_sequences(draw):
+    """Later packets of the flows: whole, fragmented (every fragment, in order), with IP
+    options, mutated or cut, with random bytes in between."""
+    from scapy.all import fragment
+
+    _, later = _flows()
+    seq = []
+    for _ in range(draw(st.integers(1, 12))):
+        pkt, side = draw(st.sampled_from(later))
+        how = draw(st.sampled_from(["whole", "fragments", "options", "mutated", "random"]))
+        if how == "fragments":
+            size = draw(st.sampled_from([8, 16, 24, 48, 512]))
+            seq.extend((raw(f), side) for f in fragment(IP(pkt), fragsize=size))
+        elif how == "options":
+            p = IP(pkt)
+            p.options = [IPOption(b"\x01\x01\x01\x00")]
+            del p.ihl, p.len, p.chksum
+            seq.append((raw(p), side))
+        elif how == "mutated":
+            b = bytearray(pkt)
+            for _ in range(draw(st.integers(1, 3))):
+                b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
+            seq.append((bytes(b[:draw(st.integers(0, len(b)))]), side))
+        elif how == "random":
+            seq.append((draw(st.binary(max_size=60)), side))
+        else:
+            seq.append((pkt, side))
+    return seq
+
+
+@SETTINGS
+@given(seq=flow_sequences())
+def test_fast_path_agrees_with_the_general_path(seq):
+    """Any sequence of later packets gets the same answers, and leaves the same state, whether
+    the fast path takes what it can or the general path takes everything."""
+    fast, general = NatEngine(FLOW_CFG, EXT, seed=4), GeneralOnly(FLOW_CFG, EXT, seed=4)
+    setup, _ = _flows()
+    for e in (fast, general):
+        for pkt, side in setup:
+            assert e.process(pkt, side, 0.0).action == Action.ACCEPT
+    for i, (pkt, side) in enumerate(seq):
+        now = 1.0 + i
+        assert fast.process(pkt, side, now) == general.process(pkt, side, now)
+    assert fast.status() == general.status() and fast.snapshot(100.0) == general.snapshot(100.0)
+
+
+def test_general_only_engine_is_the_general_path():
+    """The fast path takes an established flow's packet, the reference does not (else the
+    property above compares the general path with itself)."""
+    setup, later = _flows()
+    general_calls = []
+    for cls in (NatEngine, GeneralOnly):
+        class Spy(cls):
+            def _general(self, *args):
+                general_calls.append(cls)
+                return super()._general(*args)
+
+        e = Spy(FLOW_CFG, EXT, seed=4)
+        for pkt, side in setup:
+            assert e.process(pkt, side, 0.0).action == Action.ACCEPT
+        del general_calls[:]
+        for pkt, side in later[:2]:
+            assert e.process(pkt, side, 1.0).action == Action.ACCEPT
+        assert general_calls == ([] if cls is NatEngine else [GeneralOnly, GeneralOnly])
 
 
 @SETTINGS

@@ -1,4 +1,5 @@
-"""nat.nfqueue without a kernel: message encoding/decoding and the checksum fill.
+"""nat.netfilter.queue without a kernel: message encoding/decoding; and the checksum fill
+(conntrack.build.fill_l4_checksum) the plugin applies to queued CHECKSUM_PARTIAL packets.
 
 The real netlink path (bind, GSO flag, verdicts) is checked in tests/netns/test_nat_gso.py;
 here an AF_UNIX datagram pair stands in for the netlink socket only to see the bytes.
@@ -11,7 +12,8 @@ import struct
 from hypothesis import given, settings, strategies as st
 from scapy.all import IP, TCP, UDP, raw
 
-from nat import nfqueue as nq
+from conntrack.build import fill_l4_checksum
+from nat.netfilter import queue as nq
 
 
 def _client(sock):
@@ -76,7 +78,7 @@ def test_fill_matches_scapy(data, proto):
     pkt = IP(src="198.18.0.2", dst="203.0.113.2") / l4 / data
     want = raw(pkt)  # scapy computes complete checksums
     buf = _pseudo_only(pkt, 16 if proto == "tcp" else 6)
-    nq.fill_l4_checksum(buf)
+    fill_l4_checksum(buf)
     assert bytes(buf) == want
 
 
@@ -84,7 +86,7 @@ def test_fill_leaves_other_protocols_and_fragments():
     frag = bytearray(raw(IP(src="198.18.0.2", dst="203.0.113.2", flags="MF") / UDP() / (b"x" * 20)))
     frag[26:28] = b"\x12\x34"
     before = bytes(frag)
-    nq.fill_l4_checksum(frag)
+    fill_l4_checksum(frag)
     assert bytes(frag) == before
 
 

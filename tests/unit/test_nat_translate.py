@@ -5,7 +5,7 @@ from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
 from conntrack.pcap import LinkType, read_pcap, write_pcap
 from tools.cli import main
 
-from .test_nat_support import EXT, PEER, VM, VM2, checksums_ok
+from .nat_support import EXT, PEER, VM, VM2, checksums_ok
 
 CONF = """\
 [host]

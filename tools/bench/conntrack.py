@@ -13,7 +13,7 @@ import sys
 import time
 
 from conntrack import ConnTable, parse_ip
-from conntrack.checksum import internet_checksum
+from conntrack.build import tcp, udp
 from conntrack.pcap import read_pcap, record_packet, write_pcap
 
 from .table import render
@@ -26,13 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
 
 
-def _ipv4_tcp(src: bytes, dst: bytes, sport: int, dport: int, flags: int, seq: int, ack: int, payload: bytes) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:]
-    return ip + tcp
-
-
 def workload(flows: int, data: int, seed: int) -> list[bytes]:
     """Interleaved TCP flows: handshake, data both ways, FIN teardown."""
     rng = random.Random(seed)
@@ -41,13 +34,13 @@ def workload(flows: int, data: int, seed: int) -> list[bytes]:
         a = bytes([198, 18, (i >> 8) & 0xFF, i & 0xFF])
         b = bytes([203, 0, 113, rng.randrange(1, 255)])
         sp, dp = 10000 + i % 50000, 80
-        s = [_ipv4_tcp(a, b, sp, dp, 0x02, 1, 0, b""), _ipv4_tcp(b, a, dp, sp, 0x12, 1, 2, b""),
-             _ipv4_tcp(a, b, sp, dp, 0x10, 2, 2, b"")]
+        s = [tcp(a, b, sp, dp, 1, 0, 0x02, b""), tcp(b, a, dp, sp, 1, 2, 0x12, b""),
+             tcp(a, b, sp, dp, 2, 2, 0x10, b"")]
         for k in range(data):
-            s.append(_ipv4_tcp(a, b, sp, dp, 0x18, 2 + k * 100, 2, b"x" * 100))
-            s.append(_ipv4_tcp(b, a, dp, sp, 0x10, 2, 2 + (k + 1) * 100, b""))
-        s += [_ipv4_tcp(a, b, sp, dp, 0x11, 9, 2, b""), _ipv4_tcp(b, a, dp, sp, 0x11, 2, 10, b""),
-              _ipv4_tcp(a, b, sp, dp, 0x10, 10, 3, b"")]
+            s.append(tcp(a, b, sp, dp, 2 + k * 100, 2, 0x18, b"x" * 100))
+            s.append(tcp(b, a, dp, sp, 2, 2 + (k + 1) * 100, 0x10, b""))
+        s += [tcp(a, b, sp, dp, 9, 2, 0x11, b""), tcp(b, a, dp, sp, 2, 10, 0x11, b""),
+              tcp(a, b, sp, dp, 10, 3, 0x10, b"")]
         per_flow.append(s)
     out = []
     cursors = [0] * flows
@@ -110,8 +103,7 @@ def _memory(entries: int) -> tuple[float, int]:
     gc.collect()
     table = ConnTable(capacity=entries)
     table.emit_events = False
-    head = bytearray(struct.pack("!BBHHHBBH4s4sHHHH", 0x45, 0, 28, 0, 0, 64, 17, 0,
-                                 bytes([198, 18, 0, 0]), bytes([203, 0, 113, 1]), 0, 53, 8, 0))
+    head = bytearray(udp(bytes([198, 18, 0, 0]), bytes([203, 0, 113, 1]), 0, 53, checksum=False))
     before = _rss()
     step = max(1, entries // 20)
     for i in range(entries):

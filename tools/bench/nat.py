@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from conntrack.checksum import internet_checksum
+from conntrack.build import tcp, udp
 
 from .table import render
 
@@ -32,20 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- engine alone
-def _udp(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
-    ln = 8 + len(payload)
-    pseudo = src + dst + struct.pack("!BBH", 0, 17, ln)
-    u = struct.pack("!HHHH", sport, dport, ln, 0) + payload
-    c = internet_checksum(pseudo + u + (b"\0" if len(u) % 2 else b"")) or 0xFFFF
-    u = u[:6] + struct.pack("!H", c) + u[8:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ln, 0, 0x4000, 64, 17, 0, src, dst)
-    return ip[:10] + struct.pack("!H", internet_checksum(ip)) + ip[12:] + u
-
-
 def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
     from conntrack import parse_ip
-    from nat import NatEngine, parse_toml
-    from nat.engine import Side
+    from nat import NatEngine, Side, parse_toml
 
     rng = random.Random(seed)
     eng = NatEngine(parse_toml('internal = ["198.18.0.0/16"]'), "203.0.113.1", seed=seed)
@@ -55,11 +44,11 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
         vm = bytes([198, 18, i >> 8 & 0xFF, i & 0xFF or 1])
         peer = bytes([192, 0, 2, rng.randrange(1, 255)])
         sport = 10000 + i
-        p = _udp(vm, peer, sport, 53, b"x" * 18)  # 46-byte packets
-        v = eng.process(p, Side.INTERNAL, 0.0)
-        eport = struct.unpack_from("!H", v.data, 20)[0]
+        p = udp(vm, peer, sport, 53, b"x" * 18)  # 46-byte packets
+        a = eng.process(p, Side.INTERNAL, 0.0)
+        eport = struct.unpack_from("!H", a.data, 20)[0]
         outs.append(p)
-        ins.append(_udp(peer, ext, 53, eport, b"y" * 18))
+        ins.append(udp(peer, ext, 53, eport, b"y" * 18))
         eng.process(ins[-1], Side.EXTERNAL, 0.0)  # now established (seen both ways)
     work = [(outs[i % flows], Side.INTERNAL) if i & 1 else (ins[i % flows], Side.EXTERNAL) for i in range(packets)]
     proc = eng.process
@@ -87,10 +76,7 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
 
 def _bench_engine_tcp(flows: int, packets: int, seed: int) -> float:
     """Seconds to translate `packets` segments of established TCP flows (100-byte data out, ACKs in)."""
-    from nat import NatEngine, parse_toml
-    from nat.engine import Action, Side
-
-    from .conntrack import _ipv4_tcp
+    from nat import Action, NatEngine, Side, parse_toml
 
     rng = random.Random(seed)
     eng = NatEngine(parse_toml('internal = ["198.18.0.0/16"]'), "203.0.113.1", seed=seed)
@@ -100,12 +86,12 @@ def _bench_engine_tcp(flows: int, packets: int, seed: int) -> float:
         vm = bytes([198, 18, i >> 8 & 0xFF, i & 0xFF or 1])
         peer = bytes([192, 0, 2, rng.randrange(1, 255)])
         sport = 10000 + i
-        v = eng.process(_ipv4_tcp(vm, peer, sport, 80, 0x02, 1, 0, b""), Side.INTERNAL, 0.0)
-        eport = struct.unpack_from("!H", v.data, 20)[0]
-        eng.process(_ipv4_tcp(peer, ext, 80, eport, 0x12, 1, 2, b""), Side.EXTERNAL, 0.0)
-        eng.process(_ipv4_tcp(vm, peer, sport, 80, 0x10, 2, 2, b""), Side.INTERNAL, 0.0)
-        outs.append(_ipv4_tcp(vm, peer, sport, 80, 0x18, 2, 2, b"x" * 100))
-        ins.append(_ipv4_tcp(peer, ext, 80, eport, 0x10, 2, 102, b""))
+        a = eng.process(tcp(vm, peer, sport, 80, 1, 0, 0x02), Side.INTERNAL, 0.0)
+        eport = struct.unpack_from("!H", a.data, 20)[0]
+        eng.process(tcp(peer, ext, 80, eport, 1, 2, 0x12), Side.EXTERNAL, 0.0)
+        eng.process(tcp(vm, peer, sport, 80, 2, 2, 0x10), Side.INTERNAL, 0.0)
+        outs.append(tcp(vm, peer, sport, 80, 2, 2, 0x18, b"x" * 100))
+        ins.append(tcp(peer, ext, 80, eport, 2, 102, 0x10))
     work = [(outs[i % flows], Side.INTERNAL) if i & 1 else (ins[i % flows], Side.EXTERNAL) for i in range(packets)]
     proc = eng.process
     t0 = time.perf_counter()

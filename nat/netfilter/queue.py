@@ -9,16 +9,13 @@ before queueing them; they come with ``NFQA_SKB_CSUMNOTREADY`` and their L4 chec
 field holds only the pseudo-header sum.  A verdict with a payload makes the kernel set
 ``ip_summed = CHECKSUM_NONE``; GSO TCP packets get their checksums recomputed when
 segmented, every other CSUMNOTREADY packet needs a complete checksum from the caller
-(see :func:`fill_l4_checksum`).
+(:func:`conntrack.build.fill_l4_checksum`).
 """
 from __future__ import annotations
 
 import errno
 import socket
 import struct
-
-from conntrack.checksum import internet_checksum
-
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -83,31 +80,6 @@ def parse_attrs(buf, start: int, end: int) -> dict:
         out[kind & NLA_TYPE_MASK] = (off + 4, n - 4)
         off += (n + 3) & ~3
     return out
-
-
-def fill_l4_checksum(buf: bytearray) -> None:
-    """Write a complete TCP/UDP checksum into the IPv4 packet in ``buf`` (computed over it as it is)."""
-    if len(buf) < 20 or buf[0] >> 4 != 4:
-        return
-    ihl = (buf[0] & 15) * 4
-    total = buf[2] << 8 | buf[3]
-    proto = buf[9]
-    if struct.unpack_from("!H", buf, 6)[0] & 0x3FFF or total > len(buf):  # fragments: leave alone
-        return
-    if proto == 6:
-        at = ihl + 16
-    elif proto == 17:
-        at = ihl + 6
-    else:
-        return
-    l4len = total - ihl
-    if at + 2 > total:
-        return
-    buf[at:at + 2] = b"\0\0"
-    c = internet_checksum(bytes(buf[12:20]) + struct.pack("!BBH", 0, proto, l4len) + bytes(buf[ihl:total]))
-    if proto == 17 and c == 0:
-        c = 0xFFFF
-    struct.pack_into("!H", buf, at, c)
 
 
 class NfQueue:

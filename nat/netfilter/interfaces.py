@@ -1,0 +1,88 @@
+"""The kernel's view of the NAT's interfaces, over rtnetlink (pyroute2).
+
+Queries (an interface's networks, primary address, index; the internal networks from
+``--internal``) and :class:`AddressEvents`, a netlink socket that wakes the plugin's
+main loop on any address or link change.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from ..config import NatConfig
+from . import PluginError
+
+
+def iface_networks(ifname: str) -> list[str]:
+    """The IPv4 networks on ``ifname`` in this namespace (CIDRs)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise PluginError(f"no interface {ifname!r} in this network namespace")
+        nets = []
+        for a in ipr.get_addr(index=idx[0], family=socket.AF_INET):
+            nets.append(str(ipaddress.IPv4Network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)))
+        return nets
+
+
+def iface_address(ifname: str) -> str | None:
+    """The primary IPv4 address of ``ifname`` (None if it has none)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=socket.AF_INET):
+            if not a["flags"] & 0x01:  # IFA_F_SECONDARY
+                return a.get_attr("IFA_ADDRESS")
+    return None
+
+
+def iface_index(ifname: str) -> int:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        return idx[0] if idx else 0
+
+
+def resolve_internal(specs: list[str], cfg: NatConfig) -> tuple[str, ...]:
+    """``--internal`` values (CIDRs or interfaces) as CIDRs; none given: the config's."""
+    nets: list[str] = []
+    for spec in specs:
+        try:
+            nets.append(str(ipaddress.IPv4Network(spec, strict=False)))
+        except ValueError:
+            found = iface_networks(spec)
+            if not found:
+                raise PluginError(f"--internal {spec}: the interface has no IPv4 address to take the network from")
+            nets.extend(found)
+    return tuple(nets) or cfg.internal
+
+
+class AddressEvents:
+    """A netlink socket subscribed to IPv4 address and link changes (select()-able)."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+
+        self._ipr = IPRoute()
+        try:
+            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK)
+        except BaseException:
+            self._ipr.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._ipr.fileno()
+
+    def drain(self) -> None:
+        """Read what woke us (the caller looks the address up again, whatever it was)."""
+        self._ipr.get()
+
+    def close(self) -> None:
+        self._ipr.close()

@@ -1,0 +1,388 @@
+"""The netfilter plugin: NFQUEUE in, the NAT engine, verdicts out; addresses, signals, state.
+
+A thin driver around :class:`nat.NatEngine`: queued packets (through NetfilterQueue, or
+with ``--gso`` roam's own client, :mod:`.queue`) go to one dispatch, :meth:`Plugin._answer`,
+which picks the side and stage from the hook and interfaces, asks the engine, logs the
+answer's events and returns what the verdict carries.  Rules are :mod:`.rules`'s,
+addresses :mod:`.interfaces`'s.  The clock comes from the caller (``clock``), as
+DESIGN.md wants nothing below tools/ to read it.
+
+Packets are handled in a thread of their own, blocked in the queue's receive loop (one
+recv syscall a packet, no select round per wake-up); the main thread waits for address
+events, signals and the housekeeping timer.  One lock serialises the two around the
+engine.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+
+from conntrack.answer import Action
+from conntrack.build import fill_l4_checksum
+
+from .. import snapshot
+from ..answers import NatReason, Side, Stage
+from ..config import ConfigError, NatConfig, load
+from ..engine import NatEngine
+from . import PluginError
+from .interfaces import AddressEvents, iface_address, iface_index, iface_networks, resolve_internal
+from .queue import NF_ACCEPT, NF_DROP, NfQueue
+from .rules import Rules
+
+__all__ = ["Plugin", "PluginError"]
+
+log = logging.getLogger("roam.nat")
+
+HOOK_PREROUTING = 0
+HOOK_POSTROUTING = 4
+_HOUSEKEEPING = 1.0  # seconds between expiry/status/snapshot rounds
+_BURST = 32  # --gso: packets taken from the queue before their verdicts go out together
+_RECV_TIMEOUT = 0.2  # seconds the idle packet thread waits in recv before looking for a stop
+_ACCEPT, _NOT_OURS = Action.ACCEPT, NatReason.NOT_OURS
+_INTERNAL, _EXTERNAL = Side.INTERNAL, Side.EXTERNAL
+_FULL, _HAIRPIN_DST, _HAIRPIN_SRC = Stage.FULL, Stage.HAIRPIN_DST, Stage.HAIRPIN_SRC
+
+
+def log_events(events) -> None:
+    """The engine's events as log lines (each says its own level)."""
+    for ev in events:
+        log.log(ev.level, "%s", ev)
+
+
+class Plugin:
+    def __init__(self, cfg: NatConfig, config_path: str, external: str, internal: list[str], queue: int,
+                 status_path: str, snapshot_path: str, clock, wall, restore: bool = True, gso: bool = False) -> None:
+        self.config_path = config_path
+        self.external = external
+        self.internal_specs = internal
+        self.queue = queue
+        self.status_path = status_path
+        self.snapshot_path = snapshot_path
+        self.clock = clock
+        self.wall = wall
+        self.restore = restore
+        # --gso: our own netlink client (.queue) with NFQA_CFG_F_GSO, packets up to 64 KiB
+        self.gso = gso
+        self.largest_packet = 0
+        self.gso_packets = 0
+        self.csum_filled = 0
+        iface_networks(external)  # raises PluginError naming it if there is no such interface
+        nets = resolve_internal(internal, cfg)
+        if not nets:
+            raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
+        self.cfg = cfg.with_(internal=nets)
+        self.engine = NatEngine(self.cfg, iface_address(external))
+        self._process = self.engine.process
+        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning)
+        self.ext_index = 0
+        self._stop = False
+        self._reload = False
+        self._snap_mark = None
+        self.bugs = 0
+        # The packet thread and the main loop (addresses, signals, housekeeping) share the
+        # engine: each packet and each control step holds this lock.
+        self._lock = threading.Lock()
+        self._stop_packets = False
+        self._packet_error: OSError | None = None
+
+    # -- packets -----------------------------------------------------------------
+    def _answer(self, hook: int, indev: int, outdev: int, data: bytes, info: int) -> bytes | bytearray | None:
+        """The one dispatch of both queue clients: the packet to accept (``data`` itself: as it
+        came), or None to drop it.  ``info`` is NFQA_SKB_INFO (0 from NetfilterQueue).
+        Per packet: no enum attribute lookups."""
+        try:
+            if hook == HOOK_PREROUTING:
+                if indev == self.ext_index:
+                    a = self._process(data, _EXTERNAL, self.clock(), _FULL)
+                else:
+                    a = self._process(data, _INTERNAL, self.clock(), _HAIRPIN_DST)
+            elif outdev == self.ext_index:
+                a = self._process(data, _INTERNAL, self.clock(), _FULL)
+            else:
+                a = self._process(data, _INTERNAL, self.clock(), _HAIRPIN_SRC)
+            if a.events:
+                log_events(a.events)
+            if a.action is not _ACCEPT:
+                return None
+            if a.reason is _NOT_OURS:
+                return data
+            out = a.data
+            if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9] == 6):
+                # CSUMNOTREADY: the field held the pseudo-header sum only; GSO: the field
+                # may be a merged packet's first segment's.  A verdict with a payload makes
+                # the kernel take the packet as CHECKSUM_NONE, and in PREROUTING (after raw)
+                # its conntrack verifies the whole super-packet's checksum before
+                # segmentation would recompute it: so write a complete one.  GSO TCP in
+                # POSTROUTING is left alone: nothing checks it before tcp4_gso_segment
+                # recomputes every segment's checksum (ip_summed is not PARTIAL).
+                out = bytearray(out)
+                fill_l4_checksum(out)
+                self.csum_filled += 1
+            return out
+        except Exception:  # a bug of ours, not the peer's: counted apart, packet dropped
+            self._bug()
+            return None
+
+    def _on_packet(self, p) -> None:
+        """NetfilterQueue's callback (in the packet thread)."""
+        with self._lock:
+            try:
+                data = p.get_payload()
+                out = self._answer(p.hook, p.indev, p.outdev, data, 0)
+                if out is None:
+                    p.drop()
+                    return
+                if out is not data:
+                    p.set_payload(out)
+                p.accept()
+            except Exception:  # the binding refused: ours too
+                self._bug()
+                try:
+                    p.drop()
+                except Exception:
+                    pass
+
+    def _bug(self) -> None:
+        """A bug of ours, not the peer's: counted apart (and logged at 1, 2, 4, 8...)."""
+        self.bugs += 1
+        if self.bugs & (self.bugs - 1) == 0:
+            log.exception("internal error on a packet (%d so far); packet dropped", self.bugs)
+
+    def _gso_verdict(self, q, p) -> None:
+        """One packet from our own queue client (--gso); OSError from the socket goes up."""
+        data = p.payload
+        if len(data) > self.largest_packet:
+            self.largest_packet = len(data)
+        if p.skbinfo & 2:  # NFQA_SKB_GSO
+            self.gso_packets += 1
+        out = self._answer(p.hook, p.indev, p.outdev, data, p.skbinfo)
+        if out is None:
+            q.verdict(p.id, NF_DROP)
+        elif out is data:
+            q.verdict(p.id, NF_ACCEPT)
+        else:
+            q.verdict(p.id, NF_ACCEPT, out)
+
+    def _gso_loop(self, q, wsig: socket.socket) -> None:
+        """The packet thread with --gso: our own client's recv loop until told to stop."""
+        while not self._stop_packets:
+            try:
+                try:
+                    batch = q.receive()
+                except (BlockingIOError, TimeoutError, socket.timeout):
+                    continue
+                # a burst: what else is queued already (bounded), verdicts sent together
+                for _ in range(_BURST - 1):
+                    try:
+                        more = q.receive(socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    batch.extend(more)
+                with self._lock:
+                    try:
+                        for p in batch:
+                            self._gso_verdict(q, p)
+                    finally:
+                        q.flush()
+                    self.engine.counters["queue_overruns"] = q.overruns
+            except OSError as exc:
+                self._fail(exc, wsig)
+                return
+
+    def _packet_loop(self, nfq, wsig: socket.socket) -> None:
+        """The packet thread: the binding's blocking recv loop until told to stop."""
+        while not self._stop_packets:
+            try:
+                nfq.run(block=True)  # returns when the receive timeout passes with nothing queued
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    with self._lock:
+                        self.engine.counters["queue_overruns"] += 1
+                    continue
+                self._fail(exc, wsig)
+                return
+
+    def _fail(self, exc: OSError, wsig: socket.socket) -> None:
+        """The queue socket failed: stop, and wake the main loop, which raises it."""
+        self._packet_error = exc
+        self._stop = True
+        try:
+            wsig.send(b"x")
+        except OSError:
+            pass
+
+    # -- control -----------------------------------------------------------------
+    def _refresh_address(self) -> None:
+        ip = iface_address(self.external)
+        self.ext_index = iface_index(self.external)
+        if ip != self.engine.status()["external_ip"]:
+            self.engine.set_external_address(ip, self.clock())
+            self.rules.set_address(ip)
+
+    def _do_reload(self) -> None:
+        try:
+            cfg = load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        for w in cfg.warnings:
+            log.warning("%s", w)
+        self.engine.reload(cfg.with_(internal=self.cfg.internal), self.clock())
+
+    def _write_status(self) -> None:
+        st = {"pid": os.getpid(), "queue": self.queue, "external_iface": self.external,
+              "internal": list(self.cfg.internal), "written_at": self.wall(), "internal_errors": self.bugs,
+              "snapshot": self.snapshot_path, "engine": self.engine.status(),
+              "queue_client": {"gso": self.gso, "largest_packet": self.largest_packet,
+                               "gso_packets": self.gso_packets, "checksums_filled": self.csum_filled},
+              "mappings": self.engine.mapping_rows(200)}
+        snapshot.save(self.status_path, st)
+
+    def _write_snapshot(self, force: bool = False) -> None:
+        """Save mappings and flows, unless no packet went through since the last save."""
+        c = self.engine.counters
+        mark = (c["translated_out"], c["translated_in"], c["address_changes"], len(self.engine.table))
+        if not force and mark == self._snap_mark:
+            return
+        snapshot.save(self.snapshot_path, self.engine.snapshot(self.clock()))
+        self._snap_mark = mark
+
+    def _restore(self) -> None:
+        try:
+            snap = snapshot.load(self.snapshot_path)
+            if snap is not None:
+                log.info("snapshot %s", self.snapshot_path)
+                self.engine.restore(snap, self.clock())
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("snapshot %s not used: %s", self.snapshot_path, exc)
+        log_events(self.engine.pop_events())
+
+    def run(self) -> int:
+        from netfilterqueue import NetfilterQueue
+
+        os.makedirs(os.path.dirname(self.status_path) or ".", exist_ok=True)
+        if self.restore:
+            self._restore()
+        stale = self.rules.remove_stale()
+        if stale:
+            log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
+        try:
+            if self.gso:
+                nfq = NfQueue(self.queue, gso=True)
+                nfq.batch = True
+            else:
+                nfq = NetfilterQueue()
+                nfq.bind(self.queue, self._on_packet, max_len=4096)
+        except OSError as exc:
+            raise PluginError(f"cannot bind NFQUEUE {self.queue}: {exc}") from None
+        addrs = None
+        rsig, wsig = socket.socketpair()
+        rsig.setblocking(False)
+        wsig.setblocking(False)
+        old_handlers = {}
+        packets = None
+        nfsock = None
+        try:
+            addrs = AddressEvents()
+            with self._lock:
+                self._refresh_address()
+                self.rules.install(self.engine.status()["external_ip"])
+                log_events(self.engine.pop_events())
+            # The packet thread blocks in the binding's own recv loop (one syscall a packet, no
+            # select round per wake-up); the receive timeout lets it see a stop when idle.
+            nfsock = nfq.sock if self.gso else socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+            nfsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack("ll", 0, int(_RECV_TIMEOUT * 1e6)))
+            signal.set_wakeup_fd(wsig.fileno())
+            for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
+                            (signal.SIGHUP, self._sig_reload)):
+                old_handlers[sig] = signal.signal(sig, fn)
+            with self._lock:
+                self._refresh_address()
+                log_events(self.engine.pop_events())
+            log.info("roam nat running: queue %d, external %s (%s), internal %s", self.queue, self.external,
+                     self.engine.status()["external_ip"], ", ".join(self.cfg.internal))
+            self._write_status()
+            packets = threading.Thread(target=self._gso_loop if self.gso else self._packet_loop, args=(nfq, wsig),
+                                       name="roam-nat-packets", daemon=True)
+            packets.start()
+            self._main_loop(addrs, rsig)
+            log.info("roam nat stopping")
+            return 0
+        finally:
+            signal.set_wakeup_fd(-1)
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            removed = 0
+            try:
+                removed = self.rules.remove()
+            except Exception as exc:  # still unbind and save
+                log.error("removing rules failed: %s", exc)
+            self._stop_packets = True
+            if packets is not None:
+                packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
+                if packets.is_alive():
+                    log.error("packet thread did not stop")
+            try:
+                nfq.close() if self.gso else nfq.unbind()
+            except Exception:
+                pass
+            if nfsock is not None and not self.gso:
+                nfsock.close()
+            if addrs is not None:
+                addrs.close()
+            rsig.close()
+            wsig.close()
+            try:
+                self._write_snapshot(force=True)
+                self._write_status()
+            except OSError as exc:
+                log.error("final snapshot/status not written: %s", exc)
+            log.info("removed %d rules", removed)
+
+    def _main_loop(self, addrs: AddressEvents, rsig: socket.socket) -> None:
+        """Address events, signals and housekeeping until a stop (the packet thread runs apart)."""
+        next_house = self.clock() + _HOUSEKEEPING
+        while not self._stop:
+            timeout = max(0.0, next_house - self.clock())
+            try:
+                ready, _, _ = select.select([addrs, rsig], [], [], timeout)
+            except InterruptedError:
+                continue
+            if self._packet_error is not None:
+                raise self._packet_error
+            if addrs in ready:
+                addrs.drain()  # any address or link event: look again
+                with self._lock:
+                    self._refresh_address()
+            if rsig in ready:
+                try:
+                    rsig.recv(64)
+                except BlockingIOError:
+                    pass
+            if self._reload:
+                self._reload = False
+                with self._lock:
+                    self._do_reload()
+            now = self.clock()
+            if now >= next_house:
+                next_house = now + _HOUSEKEEPING
+                with self._lock:
+                    self.engine.expire(now)
+                    self._write_snapshot()
+                    self._write_status()
+            with self._lock:
+                events = self.engine.pop_events()
+            log_events(events)
+
+    def _sig_stop(self, signum, frame) -> None:
+        self._stop = True
+
+    def _sig_reload(self, signum, frame) -> None:
+        self._reload = True

@@ -1,0 +1,114 @@
+"""The plugin's one dispatch, without a kernel: both queue clients (NetfilterQueue's
+callback and roam's own --gso client) hand packets to ``Plugin._answer`` and apply what it
+returns; here fake packets and a fake queue stand in for the netlink ends."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from scapy.all import IP, UDP, raw
+
+from nat import NatEngine, parse_toml
+from nat.netfilter.plugin import HOOK_POSTROUTING, HOOK_PREROUTING, Plugin
+from nat.netfilter.queue import NF_ACCEPT, NF_DROP, QueuedPacket
+
+from .nat_support import EXT, PEER, VM, checksums_ok, udp
+
+EXT_IF, INT_IF = 5, 2
+
+
+def _plugin() -> Plugin:
+    p = object.__new__(Plugin)  # no interfaces, rules or queue here: only what _answer needs
+    p.engine = NatEngine(parse_toml('internal = ["198.18.0.0/24"]\n'), EXT, seed=1)
+    p._process = p.engine.process
+    p.ext_index, p.clock, p._lock = EXT_IF, lambda: 1.0, threading.Lock()
+    p.bugs = p.csum_filled = p.largest_packet = p.gso_packets = 0
+    return p
+
+
+class FakeNfqPacket:
+    """NetfilterQueue's packet: payload in, one verdict out."""
+
+    def __init__(self, hook, indev, outdev, payload):
+        self.hook, self.indev, self.outdev, self._payload = hook, indev, outdev, payload
+        self.verdict = None
+        self.set = None
+
+    def get_payload(self):
+        return self._payload
+
+    def set_payload(self, data):
+        self.set = bytes(data)
+
+    def accept(self):
+        self.verdict = "accept"
+
+    def drop(self):
+        self.verdict = "drop"
+
+
+class FakeQueue:
+    def __init__(self):
+        self.verdicts = []
+
+    def verdict(self, pid, verdict, payload=None):
+        self.verdicts.append((pid, verdict, None if payload is None else bytes(payload)))
+
+
+# (hook, indev, outdev, packet): outbound, its reply inbound, an unmapped inbound, and a
+# hairpin-stage packet that is no hairpin (between internal hosts: passed as it is)
+CASES = [(HOOK_POSTROUTING, INT_IF, EXT_IF, udp(VM, PEER, 5000, 53)),
+         (HOOK_PREROUTING, EXT_IF, 0, udp(PEER, EXT, 53, 5000)),
+         (HOOK_PREROUTING, EXT_IF, 0, udp(PEER, EXT, 53, 6000)),
+         (HOOK_POSTROUTING, INT_IF, INT_IF, udp(VM, "198.18.0.3", 1, 2))]
+
+
+def test_both_queue_clients_take_the_same_decisions():
+    nfq_plugin, gso_plugin = _plugin(), _plugin()
+    q = FakeQueue()
+    nfq_seen = []
+    for i, (hook, indev, outdev, pkt) in enumerate(CASES):
+        p = FakeNfqPacket(hook, indev, outdev, pkt)
+        nfq_plugin._on_packet(p)
+        nfq_seen.append((p.verdict, p.set))
+        gso_plugin._gso_verdict(q, QueuedPacket(i, hook, indev, outdev, pkt, 0))
+    out, back, unmapped, passed = nfq_seen
+    assert out[0] == "accept" and IP(out[1]).src == EXT and checksums_ok(out[1])
+    assert back[0] == "accept" and IP(back[1]).dst == VM
+    assert unmapped == ("drop", None)
+    assert passed == ("accept", None)  # no new payload: the packet as it came
+    as_gso = [("accept" if v == NF_ACCEPT else "drop" if v == NF_DROP else v, data) for _, v, data in q.verdicts]
+    assert as_gso == nfq_seen
+    assert nfq_plugin.engine.status() == gso_plugin.engine.status()
+
+
+def test_unfinished_checksums_are_completed():
+    """NFQA_SKB_CSUMNOTREADY: the L4 field held only the pseudo-header sum; the verdict's
+    payload carries a complete one."""
+    p = _plugin()
+    pkt = bytearray(udp(VM, PEER, 5000, 53, b"hello"))
+    pkt[26:28] = b"\x12\x34"  # not a finished checksum
+    out = p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, bytes(pkt), 1)
+    assert IP(out).src == EXT and checksums_ok(bytes(out)) and p.csum_filled == 1
+    assert IP(out)[UDP].chksum != 0
+
+
+def test_an_engine_bug_drops_the_packet_and_is_counted(caplog):
+    p = _plugin()
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    p._process = broken
+    caplog.set_level(logging.ERROR)
+    assert p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, udp(VM, PEER, 1, 2), 0) is None
+    assert p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, udp(VM, PEER, 1, 2), 0) is None
+    assert p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, udp(VM, PEER, 1, 2), 0) is None
+    assert p.bugs == 3 and len(caplog.records) == 2  # logged at the 1st and 2nd, not the 3rd
+
+
+def test_answer_events_are_logged_by_the_driver(caplog):
+    p = _plugin()
+    caplog.set_level(logging.DEBUG, logger="roam.nat")
+    p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, raw(IP(src=VM, dst=PEER) / UDP(sport=7000, dport=53)), 0)
+    assert [r.getMessage() for r in caplog.records] == [f"mapping created: UDP {VM}:7000 -> {EXT}:7000"]
