@@ -1,6 +1,6 @@
 """`roam lab up|down|status`: the namespace lab, kept up for people to explore.
 
-    roam lab up [--sites N]       build it, print its namespaces and addresses
+    roam lab up [--sites N] [--vm netns|qemu]   build it, print its namespaces and addresses
     roam lab status               what is up (from the state files in /run/roam)
     roam lab down [NAME | --all]  remove it
 """
@@ -25,7 +25,7 @@ def register(sub, help_text: str) -> None:
         "transit); nothing is attached to the root namespace. Namespaces are named roamlab-ROLE-SUFFIX; the "
         f"lab is recorded in {STATE_DIR}/lab-SUFFIX.json. Needs root.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  roam lab up --sites 3\n  ip netns exec roamlab-vm-SUFFIX bash\n  roam lab status\n"
+        epilog="examples:\n  roam lab up --sites 3\n  roam lab up --vm qemu\n  ip netns exec roamlab-vm-SUFFIX bash\n  roam lab status\n"
         "  roam lab down --all",
     )
     s = p.add_subparsers(dest="lab_command", metavar="ACTION")
@@ -35,6 +35,9 @@ def register(sub, help_text: str) -> None:
                       description="Build the lab and leave it up: print every namespace with its addresses and "
                       "the command to enter it. Refuses when a lab is already up (use `roam lab down` first).")
     up.add_argument("--sites", type=int, default=2, metavar="N", help="remote sites, one host each (1..8, default 2)")
+    up.add_argument("--vm", choices=("netns", "qemu"), default="netns",
+                    help="the VM: a namespace (default), or a real Linux guest booted by QEMU (TCG) on the first "
+                    "host, its virtio NIC on a TAP on that host's br0 (every host has one, for migrations)")
     up.add_argument("--json", action="store_true", help="print what was built as JSON")
     up.add_argument("--state-dir", default=STATE_DIR, help=f"where the state file goes (default {STATE_DIR})")
     up.set_defaults(func=cmd_up)
@@ -98,22 +101,42 @@ def cmd_up(args: argparse.Namespace) -> int:
         layout = default_layout(args.sites)
     except TopologyError as exc:
         return _err(str(exc), 2)
+    image = None
+    if args.vm == "qemu":  # before any namespace exists: a missing package is a clean refusal
+        from .lab.guest import GuestError, build as build_guest
+        from .lab.qemu import qemu_missing
+
+        try:
+            image = build_guest(log=lambda m: print(f"roam lab: {m}", file=sys.stderr))
+        except GuestError as exc:
+            return _err(str(exc), 2)
+        if (why := qemu_missing()):
+            return _err(why, 2)
     lab = Lab(LAB_PREFIX)
     try:
-        topo = build(lab, *layout, home_peer="192.0.2.10")
-        site = topo.sites[topo.hosts[topo.vm_host].site]
+        sites, hosts, peers, vm = layout
+        topo = build(lab, sites, hosts, peers, None if image else vm, home_peer="192.0.2.10")
+        site = topo.sites[topo.hosts[vm.host].site]
         import ipaddress
         vm_addr = str(ipaddress.IPv4Network(site.prefix).network_address + 20)
-        topo.plug_bridge("br0")
-        topo.vm_readdress(f"{vm_addr}/{site.prefixlen}", site.gateway)
-        topo.extra = {"vm_address": vm_addr, "vm_mode": "bridged"}
+        if image is None:
+            topo.plug_bridge("br0")
+            topo.vm_readdress(f"{vm_addr}/{site.prefixlen}", site.gateway)
+            topo.extra = {"vm_address": vm_addr, "vm_mode": "bridged"}
+        else:
+            from .lab.qemu import boot_kept
+
+            qemu = boot_kept(lab, topo, image, vm.mac, vm.host, f"{vm_addr}/{site.prefixlen}", site.gateway,
+                             os.path.join(args.state_dir, f"qemu-{lab.suffix}"))
+            topo.vm_mac, topo.vm_host = vm.mac, vm.host
+            topo.extra = {"vm_address": vm_addr, "vm_mode": "bridged", "vm_backend": "qemu", "qemu": qemu}
         desc = topo.describe()
         desc["created"] = time.time()
         os.makedirs(args.state_dir, exist_ok=True)
         path = os.path.join(args.state_dir, f"lab-{lab.suffix}.json")
         with open(path, "w") as f:
             json.dump(desc, f, indent=2)
-    except (LabError, TopologyError, OSError) as exc:
+    except (LabError, TopologyError, OSError, RuntimeError) as exc:  # RuntimeError: QemuError
         lab.close()
         return _err(f"cannot build the lab: {exc}")
     except BaseException:
@@ -133,11 +156,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         rows.append((f"host {h.name}", h.ns, f"{h.address} on br0 (site {h.site} {topo.sites[h.site].prefix})"))
     for p in topo.peers.values():
         rows.append((f"peer {p.name}", p.ns, p.address))
-    rows.append(("vm", topo.vm, f"{vm_addr} on eth0 ({topo.vm_mac}); link vm0 bridged on {topo.vm_host}"))
+    qemu = topo.extra.get("qemu")
+    if qemu:
+        rows.append(("vm (qemu)", qemu["ns"], f"{vm_addr} on eth0 ({topo.vm_mac}); QEMU pid {qemu['pid']}, "
+                     f"NIC on {qemu['tap']} bridged on {topo.vm_host}"))
+    else:
+        rows.append(("vm", topo.vm, f"{vm_addr} on eth0 ({topo.vm_mac}); link vm0 bridged on {topo.vm_host}"))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows)
     for role, ns, what in rows:
         print(f"  {role:<{w1}}  {ns:<{w2}}  {what}")
+    if qemu:
+        print(f"\nguest shell (commands in, output out): socat - UNIX-CONNECT:{qemu['ctl']}"
+              f"\nguest console log: {qemu['console']}\nQMP monitor: {qemu['qmp']}"
+              f"\nremove:     roam lab down {lab.suffix}")
+        return 0
     print(f"\nenter one:  ip netns exec {topo.vm} bash"
           f"\n            ip netns exec {topo.vm} ping -c1 198.51.100.10   (if ping is installed)"
           f"\nremove:     roam lab down {lab.suffix}")
@@ -171,8 +204,13 @@ def cmd_down(args: argparse.Namespace) -> int:
         if not targets and name not in states:
             return _err(f"no lab named {name!r} (see `roam lab status`)")
         suffixes = [name]
-    removed, errors = remove_namespaces(targets)
+    removed, errors = remove_namespaces(targets)  # stops a kept QEMU too: it runs in a host's namespace
     for sfx in suffixes:
+        workdir = os.path.join(args.state_dir, f"qemu-{sfx}")
+        if os.path.isdir(workdir):
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
         try:
             os.remove(os.path.join(args.state_dir, f"lab-{sfx}.json"))
         except FileNotFoundError:
@@ -201,7 +239,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         out["labs"].append({"name": sfx, "created": s.get("created"), "namespaces": ns,
                             "present": [n for n in ns if n in live], "missing": [n for n in ns if n not in live],
                             "hosts": s.get("hosts", {}), "peers": s.get("peers", {}), "vm": s.get("vm"),
-                            "vm_host": s.get("vm_host"), "vm_address": s.get("extra", {}).get("vm_address")})
+                            "vm_host": s.get("vm_host"), "vm_address": s.get("extra", {}).get("vm_address"),
+                            "qemu": s.get("extra", {}).get("qemu")})
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -218,6 +257,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  peer {p}: {d['address']} in {d['ns']}")
         if lab["vm"]:
             print(f"  vm: {lab['vm_address']} in {lab['vm']} (on {lab['vm_host']})")
+        elif lab["qemu"]:
+            q = lab["qemu"]
+            print(f"  vm (qemu pid {q['pid']}): {lab['vm_address']} on {lab['vm_host']}; shell: {q['ctl']}")
         for n in lab["missing"]:
             print(f"  missing: {n}")
     for n in out["orphans"]:
