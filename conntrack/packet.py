@@ -216,6 +216,16 @@ def _parse_ip(buf, off: int, limit: int, quoted: bool) -> Packet:
     raise ParseError(Malformed.BAD_IP_VERSION, f"version {version}")
 
 
+def _end(end: int, limit: int, quoted: bool, claim: str, present: int) -> tuple[int, bool]:
+    """Where the IP packet ends, and whether it is cut short: only a packet quoted in an
+    ICMP error may be (routers quote just its head); anywhere else that is malformed."""
+    if end <= limit:
+        return end, False
+    if not quoted:
+        raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"{claim} exceeds the {present} bytes present")
+    return limit, True
+
+
 def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
     if limit - off < 20:
         raise ParseError(Malformed.TRUNCATED, f"IPv4 header needs 20 bytes, have {limit - off}")
@@ -227,12 +237,7 @@ def _parse_ipv4(buf, off: int, limit: int, quoted: bool) -> Packet:
     total, ident, frag = _HHH.unpack_from(buf, off + 2)
     if total < ihl:
         raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"total length {total} below header length {ihl}")
-    end = off + total
-    truncated = False
-    if end > limit:
-        if not quoted:
-            raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"total length {total} exceeds the {limit - off} bytes present")
-        end, truncated = limit, True
+    end, truncated = _end(off + total, limit, quoted, f"total length {total}", limit - off)
     proto = buf[off + 9]
     src = bytes(buf[off + 12 : off + 16])
     dst = bytes(buf[off + 16 : off + 20])
@@ -246,12 +251,7 @@ def _parse_ipv6(buf, off: int, limit: int, quoted: bool) -> Packet:
     if limit - off < 40:
         raise ParseError(Malformed.TRUNCATED, f"IPv6 header needs 40 bytes, have {limit - off}")
     (plen,) = _H.unpack_from(buf, off + 4)
-    end = off + 40 + plen
-    truncated = False
-    if end > limit:
-        if not quoted:
-            raise ParseError(Malformed.BAD_TOTAL_LENGTH, f"payload length {plen} exceeds the {limit - off - 40} bytes present")
-        end, truncated = limit, True
+    end, truncated = _end(off + 40 + plen, limit, quoted, f"payload length {plen}", limit - off - 40)
     nh = buf[off + 6]
     src = bytes(buf[off + 8 : off + 24])
     dst = bytes(buf[off + 24 : off + 40])
