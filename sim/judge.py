@@ -71,9 +71,24 @@ def settle(moves: Iterable[Move]) -> float | None:
     return max((m.at + m.downtime for m in moves), default=None)
 
 
-def stall_slack(interval: float) -> float:
-    """How far apart two answers may be and still be one run of steady progress (the timeline)."""
-    return 1.5 * interval + 0.25
+#: A gap between two answers longer than this many intervals is a stall (the timeline draws it).
+LATE = 1.25
+
+
+def timeline_runs(progress: Iterable[float], moves: Iterable[Move], interval: float) -> tuple[tuple[float, float], ...]:
+    """Runs of steady progress, split at every stall: a gap of more than ``LATE`` intervals, and
+    every gap a move falls in (the one the judge measures, so a drawn gap is the interruption
+    it reports)."""
+    marks = sorted(m.at for m in moves)
+    runs: list[list[float]] = []
+    for t in sorted(progress):
+        if runs:
+            last = runs[-1][1]
+            if t - last <= LATE * interval and not any(last < m <= t for m in marks):
+                runs[-1][1] = t
+                continue
+        runs.append([t, t])
+    return tuple((a, b) for a, b in runs)
 
 
 def judge(conn_id: str, observations: Iterable[Observation], moves: Iterable[Move], interval: float) -> ConnResult:
@@ -94,8 +109,7 @@ def judge(conn_id: str, observations: Iterable[Observation], moves: Iterable[Mov
         else:
             explained = [o.seen for o in obs if o.seen in _EXPLAINS]
             cause = _EXPLAINS[explained[-1]] if explained else Cause.TIMED_OUT
-    interruption, runs = _stalls(progress, moves, None if first_break is None else first_break.t,
-                                 stall_slack(interval))
+    interruption = _interruption(progress, moves, None if first_break is None else first_break.t)
     saw: list[tuple[float, str, int]] = []
     for o in obs:
         if o.seen == Seen.PEER_SAW and (not saw or saw[-1][1:] != o.where):
@@ -104,12 +118,11 @@ def judge(conn_id: str, observations: Iterable[Observation], moves: Iterable[Mov
         id=conn_id, outcome=outcome, cause=cause, established=established_at is not None,
         established_at=established_at, broken_at=None if first_break is None else first_break.t,
         interruption_ms=interruption * 1000 if outcome == Outcome.SURVIVED else None,
-        runs=tuple(runs), peer_saw=tuple(saw), broken_side=None if first_break is None else first_break.by)
+        runs=timeline_runs(progress, moves, interval), peer_saw=tuple(saw), broken_side=None if first_break is None else first_break.by)
 
 
-def _stalls(progress: list[float], moves: tuple[Move, ...], broken_at: float | None,
-            slack: float) -> tuple[float, list[tuple[float, float]]]:
-    """The longest stall across the moves, and the runs of steady progress.
+def _interruption(progress: list[float], moves: tuple[Move, ...], broken_at: float | None) -> float:
+    """The longest stall across the moves.
 
     A move marks the last progress before it (if the connection had any and was not yet
     broken); the next progress after it ends that stall.  Moves too close for progress in
@@ -117,7 +130,6 @@ def _stalls(progress: list[float], moves: tuple[Move, ...], broken_at: float | N
     """
     marks = sorted(m.at for m in moves)
     interruption, mark, last = 0.0, None, None
-    runs: list[list[float]] = []
     mi = 0
     for t in progress:
         while mi < len(marks) and marks[mi] <= t:
@@ -128,8 +140,4 @@ def _stalls(progress: list[float], moves: tuple[Move, ...], broken_at: float | N
             interruption = max(interruption, t - mark)
             mark = None
         last = t
-        if runs and t - runs[-1][1] <= slack:
-            runs[-1][1] = t
-        else:
-            runs.append([t, t])
-    return interruption, [(a, b) for a, b in runs]
+    return interruption

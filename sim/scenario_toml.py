@@ -12,6 +12,7 @@ TCP or UDP flow in it becomes one connection (``sim.capture``).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -32,7 +33,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
 
 # ---------------------------------------------------------------- line map
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+_PART = r"(?:[A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')"
+_KEY = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+_PARTS = re.compile(_PART)
 
 
 class LineMap:
@@ -59,15 +62,33 @@ class LineMap:
                     self.tables[(table, index)] = n
                     continue
                 k = _KEY.match(raw)
-                if k:
-                    self.keys.setdefault((table, index, k.group(1).strip('"')), n)
+                if k:  # a dotted key (``scenario.duration = 5``) is a key of the table it names
+                    parts = [p.strip("\"'") for p in _PARTS.findall(k.group(1))]
+                    where = ".".join(x for x in (table, *parts[:-1]) if x)
+                    at = index if where == table else 0
+                    self.keys.setdefault((where, at, parts[-1]), n)
+                    if len(parts) > 1:
+                        self.keys.setdefault((table, index, parts[0]), n)
+                        self.tables.setdefault((where, at), n)
             depth += line.count("[") - line.count("]")
             depth = max(depth, 0)
 
+        self.last = max(n_lines(text), 1)
+
     def line(self, table: str, index: int = 0, key: str | None = None) -> int:
+        """The key's line, else its table's, else where the table is written inline (``vm = {...}``,
+        ``site = [{...}]``); 0 only when the text has none of them."""
         if key is not None and (table, index, key) in self.keys:
             return self.keys[(table, index, key)]
-        return self.tables.get((table, index), 0)
+        return self.tables.get((table, index)) or self.keys.get(("", 0, table), 0)
+
+    def anywhere(self, table: str, index: int = 0, key: str | None = None) -> int:
+        """Like :meth:`line`, but never 0: a thing the file lacks is reported at its end, where it goes."""
+        return self.line(table, index, key) or self.last
+
+
+def n_lines(text: str) -> int:
+    return len(text.splitlines())
 
 
 # ---------------------------------------------------------------- loading
@@ -81,7 +102,8 @@ def load_scenario(path: str) -> Scenario:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ScenarioError(f"not UTF-8 text (byte {exc.start})", 0, path) from None
+        raise ScenarioError(f"not UTF-8 text (byte {exc.start})", raw.count(b"\n", 0, exc.start) + 1,
+                            path) from None
     return parse_scenario(text, path)
 
 
@@ -89,15 +111,21 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", 0) or _line_from_message(str(exc))
-        msg = str(exc).split(" (at line")[0]
+        msg, line = _where(str(exc), text)
         raise ScenarioError(f"TOML syntax: {msg}", line, path) from None
     return _Builder(data, LineMap(text), path).build()
 
 
-def _line_from_message(msg: str) -> int:
-    m = re.search(r"at line (\d+)", msg)
-    return int(m.group(1)) if m else 0
+def _where(msg: str, text: str) -> tuple[str, int]:
+    """tomllib's message without its position, and the line: "(at line L, column C)" keeps the column in
+    the message; "(at end of document)" is the last line (tomllib on 3.11 has no ``lineno``)."""
+    m = re.search(r" \(at line (\d+), column (\d+)\)$", msg)
+    if m:
+        return f"{msg[:m.start()]} (column {m.group(2)})", int(m.group(1))
+    last = max(n_lines(text), 1)
+    if msg.endswith(" (at end of document)"):
+        return msg[: -len(" (at end of document)")] + " (at the end of the file)", last
+    return msg, last
 
 
 _KNOWN = {
@@ -112,6 +140,12 @@ _KNOWN = {
     "migration": {"at", "to", "downtime_ms"},
     "capture": {"file", "vm_address", "start", "peer_latency_ms", "limit", "interval"},
 }
+#: The longest time a scenario may name (seconds): its duration, a timeout, a move's downtime.
+DAY = 86400.0
+#: The longest one-way latency (ms) and the longest request interval (s).
+LATENCY_MS = 60_000.0
+INTERVAL = 3600.0
+
 _ARRAYS = {"site", "host", "peer", "forward", "connection", "migration", "capture"}
 
 
@@ -129,7 +163,7 @@ class _Builder:
         self.path = path
 
     def err(self, msg: str, table: str, index: int = 0, key: str | None = None) -> ScenarioError:
-        return ScenarioError(msg, self.lines.line(table, index, key), self.path)
+        return ScenarioError(msg, self.lines.anywhere(table, index, key), self.path)
 
     # -- typed getters -------------------------------------------------
     def get(self, d: dict, table: str, i: int, key: str, kind, default: Any = ..., what: str = "") -> Any:
@@ -156,13 +190,18 @@ class _Builder:
                                table, i, key)
         return v
 
-    def number(self, d, table, i, key, default=..., minimum=0.0, maximum=None, strict=False) -> float:
+    def number(self, d, table, i, key, default=..., minimum=0.0, maximum=DAY, strict=False) -> float:
+        """A finite number in range: NaN passes every ``<`` test and infinity (or 1e400) never ends a
+        wait, so both are refused here rather than hanging a replay."""
         v = self.get(d, table, i, key, (int, float), default)
         if v is default and default is not ...:
             return v
-        if v < minimum or (strict and v == minimum) or (maximum is not None and v > maximum):
-            rng = f"{'>' if strict else '>='} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-            raise self.err(f"'{key}' must be {rng}, got {v}", table, i, key)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise self.err(f"'{key}' must be a finite number, got {v}", table, i, key)
+        if v < minimum or (strict and v == minimum) or v > maximum:
+            got = f"{v:g}" if isinstance(v, float) else (str(v) if v.bit_length() <= 64 else "a huge integer")
+            raise self.err(f"'{key}' must be {'>' if strict else '>='} {minimum:g} and <= {maximum:g}, got {got}",
+                           table, i, key)
         return float(v)
 
     def address(self, d, table, i, key, default=...) -> str | None:
@@ -217,7 +256,7 @@ class _Builder:
         if top_unknown:
             t = top_unknown[0]
             raise ScenarioError(f"unknown table or key '{t}'; known: {', '.join(sorted(_KNOWN))}",
-                                self.lines.line(t, 0) or self.lines.line("", 0, t), self.path)
+                                self.lines.anywhere(t, 0), self.path)
         sc = self.data.get("scenario", {})
         if not isinstance(sc, dict):
             raise self.err("[scenario] must be a table", "scenario")
@@ -226,7 +265,7 @@ class _Builder:
             raise self.err(f"unknown key '{unknown[0]}' in [scenario]; known: {', '.join(sorted(_KNOWN['scenario']))}",
                            "scenario", 0, unknown[0])
         name = self.get(sc, "scenario", 0, "name", str, os.path.splitext(os.path.basename(self.path))[0])
-        duration = self.number(sc, "scenario", 0, "duration", 60.0, 0.0, 86400.0, strict=True)
+        duration = self.number(sc, "scenario", 0, "duration", 60.0, 0.0, DAY, strict=True)
         seed = self.get(sc, "scenario", 0, "seed", int, 1)
         modes = self.strings(sc, "scenario", 0, "modes", list(MODES))
         for m in modes:
@@ -236,7 +275,7 @@ class _Builder:
             raise self.err("'modes' must list at least one mode, each once", "scenario", 0, "modes")
         tcp_timeout = self.number(sc, "scenario", 0, "tcp_timeout", 30.0, 0.0, strict=True)
         udp_timeout = self.number(sc, "scenario", 0, "udp_timeout", 30.0, 0.0, strict=True)
-        keepalive = self.number(sc, "scenario", 0, "tunnel_keepalive", 5.0, 0.0, strict=True)
+        keepalive = self.number(sc, "scenario", 0, "tunnel_keepalive", 5.0, 0.0, INTERVAL, strict=True)
 
         sites = self.sites()
         hosts = self.hosts(sites)
@@ -257,7 +296,8 @@ class _Builder:
         conns += self.captures(peers, conns, duration)
         self.unique("connection", [c.id for c in conns], "id")
         if not conns:
-            raise ScenarioError("no connections: add [[connection]] tables or a [[capture]]", 0, self.path)
+            raise ScenarioError("no connections: add [[connection]] tables or a [[capture]]", self.lines.last,
+                                self.path)
         self.check_addresses(sites, hosts, peers)
         migrations = self.migrations(hosts, duration)
         return Scenario(name=name, duration=duration, sites=tuple(sites), hosts=tuple(hosts), peers=tuple(peers),
@@ -269,7 +309,7 @@ class _Builder:
         out = []
         items = self.items("site")
         if not items:
-            raise ScenarioError("no sites: add at least one [[site]]", 0, self.path)
+            raise ScenarioError("no sites: add at least one [[site]]", self.lines.last, self.path)
         for i, d in enumerate(items):
             name = self.name(d, "site", i)
             prefix = self.get(d, "site", i, "prefix", str)
@@ -284,7 +324,8 @@ class _Builder:
             for key, a in (("gateway", gw), ("proxy", proxy)):
                 if a is not None and ipaddress.IPv4Address(a) not in net:
                     raise self.err(f"'{key}' {a} is outside the site's prefix {prefix}", "site", i, key)
-            out.append(SiteSpec(name, str(net), gw, self.number(d, "site", i, "latency_ms", 5.0) / 1000,
+            latency = self.number(d, "site", i, "latency_ms", 5.0, 0.0, LATENCY_MS) / 1000
+            out.append(SiteSpec(name, str(net), gw, latency,
                                 self.number(d, "site", i, "loss", 0.0, 0.0, 1.0), proxy))
         self.unique("site", [s.name for s in out])
         for i, a in enumerate(out):
@@ -297,7 +338,7 @@ class _Builder:
         out = []
         items = self.items("host")
         if not items:
-            raise ScenarioError("no hosts: add at least one [[host]]", 0, self.path)
+            raise ScenarioError("no hosts: add at least one [[host]]", self.lines.last, self.path)
         names = {s.name: s for s in sites}
         for i, d in enumerate(items):
             name = self.name(d, "host", i)
@@ -316,13 +357,13 @@ class _Builder:
         items = self.items("peer")
         for i, d in enumerate(items):
             yield PeerSpec(self.name(d, "peer", i), self.address(d, "peer", i, "address"),
-                           self.number(d, "peer", i, "latency_ms", 20.0) / 1000,
+                           self.number(d, "peer", i, "latency_ms", 20.0, 0.0, LATENCY_MS) / 1000,
                            self.number(d, "peer", i, "loss", 0.0, 0.0, 1.0))
 
     def vm(self, hosts: list[HostSpec], sites: list[SiteSpec]) -> VmSpec:
         d = self.data.get("vm")
         if not isinstance(d, dict):
-            raise ScenarioError("needs a [vm] table (name, mac, host)", 0, self.path)
+            raise ScenarioError("needs a [vm] table (name, mac, host)", self.lines.last, self.path)
         unknown = sorted(set(d) - _KNOWN["vm"])
         if unknown:
             raise self.err(f"unknown key '{unknown[0]}' in [vm]; known: {', '.join(sorted(_KNOWN['vm']))}",
@@ -399,11 +440,9 @@ class _Builder:
             session = self.get(d, "connection", i, "session", bool, False)
             if session and proto != "udp":
                 raise self.err("'session' applies to UDP connections only", "connection", i, "session")
-            timeout = self.get(d, "connection", i, "timeout", (int, float), None)
-            if timeout is not None and timeout <= 0:
-                raise self.err(f"'timeout' must be > 0, got {timeout}", "connection", i, "timeout")
+            timeout = self.number(d, "connection", i, "timeout", None, 0.0, DAY, strict=True)
             yield ConnSpec(cid, direction, _PROTOS[proto], peer, self.port(d, "connection", i, "port"), start,
-                           self.number(d, "connection", i, "interval", 1.0, 0.001, strict=False),
+                           self.number(d, "connection", i, "interval", 1.0, 0.001, INTERVAL),
                            int(self.number(d, "connection", i, "request", 100, 1, 1400)),
                            int(self.number(d, "connection", i, "response", 200, 1, 1400)),
                            session, None if timeout is None else float(timeout))
@@ -418,7 +457,7 @@ class _Builder:
             if to not in names:
                 raise self.err(f"host {to!r} is not a [[host]] (known: {', '.join(sorted(names))})", "migration", i,
                                "to")
-            down = self.number(d, "migration", i, "downtime_ms", 500.0) / 1000
+            down = self.number(d, "migration", i, "downtime_ms", 500.0, 0.0, DAY * 1000) / 1000
             if at < last:
                 raise self.err(f"migrations must come in time order: 'at' {at} is before the previous move's end",
                                "migration", i, "at")
@@ -454,9 +493,9 @@ class _Builder:
             path = rel if os.path.isabs(rel) else os.path.join(os.path.dirname(os.path.abspath(self.path)), rel)
             vm_addr = self.address(d, "capture", i, "vm_address", None)
             offset = self.number(d, "capture", i, "start", 0.0)
-            latency = self.number(d, "capture", i, "peer_latency_ms", 20.0) / 1000
-            limit = int(self.number(d, "capture", i, "limit", 1000, 1))
-            min_interval = self.number(d, "capture", i, "interval", 1.0, 0.001)
+            latency = self.number(d, "capture", i, "peer_latency_ms", 20.0, 0.0, LATENCY_MS) / 1000
+            limit = int(self.number(d, "capture", i, "limit", 1000, 1, 1_000_000))
+            min_interval = self.number(d, "capture", i, "interval", 1.0, 0.001, INTERVAL)
             try:
                 packets = read_capture(path)
             except OSError as exc:

@@ -3,6 +3,10 @@
 A subcommand module ``tools/cmd_<name>.py`` defines ``register(subparsers)``, which
 adds its parser and sets ``func`` (args -> exit code).  A subcommand whose module is
 not there yet is listed, and says so plainly when run.
+
+``-v``/``-q`` work before or after the subcommand (operators add them at the end of a
+unit's ExecStart line); an option's value is shown under the option's own name in
+``--help``, never the internal ``dest`` a module stores it under.
 """
 from __future__ import annotations
 
@@ -40,7 +44,11 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         "through a layer-2 tunnel home? Real engines (conntrack, NAT, tunnel), a simulator "
         "and a namespace lab to find out.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"roam {_version()}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug); also after the subcommand")
+    parser.add_argument("-q", "--quiet", dest="log_quiet", action="count", default=0,
+                        help="less log output (errors only); also after the subcommand")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module_name = f"tools.cmd_{name}"
@@ -49,9 +57,66 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             p.set_defaults(func=_not_built(name))
         elif name == chosen:
             importlib.import_module(module_name).register(sub, help_text)
+            for p in _tree(sub.choices[name]):
+                _add_log_options(p)
+                _readable_metavars(p)
         else:
             sub.add_parser(name, help=help_text)  # listed only; never parsed, as it is not the chosen one
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("roam")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _tree(parser: argparse.ArgumentParser):
+    """The parser and every parser under it (``roam nat translate``...)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield from _tree(p)
+
+
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
+    """``-v``/``-q`` after the subcommand too, wherever the subcommand leaves them free (``roam conntrack``
+    keeps ``-q`` for conntrack's --reply-dst; ``--quiet`` works there)."""
+    for strings, dest, what in ((("-v", "--verbose"), "sub_verbose", "more log output (-vv for debug)"),
+                                (("-q", "--quiet"), "sub_quiet", "less log output (errors only)")):
+        free = [s for s in strings if s not in parser._option_string_actions]
+        if free and free[-1].startswith("--"):
+            parser.add_argument(*free, dest=dest, action="count", default=argparse.SUPPRESS, help=what)
+
+
+def _readable_metavars(parser: argparse.ArgumentParser) -> None:
+    """An option whose ``dest`` is not its own name would show it (``--config T_CONFIG``): show the name."""
+    for action in parser._actions:
+        if not action.option_strings or action.metavar is not None or action.nargs == 0:
+            continue
+        names = [s.lstrip("-").replace("-", "_") for s in action.option_strings if s.startswith("--")]
+        if names and action.dest not in names:
+            action.metavar = names[0].upper()
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """-v and -q from before and after the subcommand; a subcommand's own ``--quiet`` switch counts too."""
+    own = getattr(args, "quiet", None) is True and not args.log_quiet  # `roam -q replay` set it: counted once
+    quiet = args.log_quiet + getattr(args, "sub_quiet", 0) + own
+    verbose = args.verbose + getattr(args, "sub_verbose", 0)
+    return max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING + 10 * (min(quiet, 2) - min(verbose, 2))))
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = build_parser(_chosen(argv))
+    args = parser.parse_args(argv)
+    if args.log_quiet and getattr(args, "quiet", None) is False:
+        args.quiet = True  # `roam -q replay` is `roam replay -q`
+    return parser, args
 
 
 def _chosen(argv: list[str]) -> str | None:
@@ -63,10 +128,9 @@ def _chosen(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_chosen(argv))
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
+        level=log_level(args),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "func", None):
