@@ -1,6 +1,6 @@
 """`roam tunnel`: the layer-2 tunnel home — genkey, proxy, host, status.
 
-    roam tunnel genkey > KEYFILE
+    roam tunnel genkey --out KEYFILE
     roam tunnel proxy --listen IP:PORT --bridge BR --key-file KEYFILE [--transport udp|tcp]
     roam tunnel host --proxy IP:PORT --tap NAME [--bridge BR] [--mac MAC]... --key-file KEYFILE [--transport udp|tcp]
     roam tunnel status
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 
@@ -30,7 +31,7 @@ def register(subparsers, help_text: str) -> None:
         "it runs on to a proxy on its home LAN, so it keeps its home MAC and IP wherever it moves.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  roam tunnel genkey > tunnel.key\n"
+        "  roam tunnel genkey --out tunnel.key\n"
         "  roam tunnel proxy --listen 192.0.2.1:4789 --bridge br-home --key-file tunnel.key\n"
         "  roam tunnel host --proxy 192.0.2.1:4789 --tap vmtap0 --bridge br-vm "
         "--mac 02:00:00:00:00:01 --key-file tunnel.key\n"
@@ -39,13 +40,18 @@ def register(subparsers, help_text: str) -> None:
     sub = p.add_subparsers(dest="tunnel_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
-    g = sub.add_parser("genkey", help="print a new random pre-shared key (base64) for --key-file",
-                       description="Print a new random 32-byte key, base64, on stdout. Keep the file "
-                       "private (mode 600) and give the same file to the proxy and every host end.")
+    g = sub.add_parser("genkey", help="make a new random pre-shared key (base64) for --key-file",
+                       description="Make a new random 32-byte key, base64: written to --out FILE (created "
+                       "mode 600, never over an existing file), or printed on stdout (a regular file it is "
+                       "redirected to is made mode 600). Give the same file to the proxy and every host end.")
+    g.add_argument("--out", metavar="FILE", help="write the key to FILE, created with mode 600")
     g.set_defaults(func=cmd_genkey)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--key-file", help="pre-shared key file written by `roam tunnel genkey`")
+        q.add_argument("--key-file", help="pre-shared key file written by `roam tunnel genkey`; refused when "
+                       "group or others may read it. SIGHUP reads it again (key rotation; sessions kept)")
+        q.add_argument("--insecure-key-perms", action="store_true",
+                       help="accept a key file that group or others may read (not recommended)")
         q.add_argument("--transport", choices=("udp", "tcp"), default="udp",
                        help="udp (default) or tcp with length framing, for sites that only let TCP out")
         q.add_argument("--mtu", type=int, default=1500, help=_MTU_HELP)
@@ -106,33 +112,71 @@ def register(subparsers, help_text: str) -> None:
 
 def cmd_genkey(args) -> int:
     from tunnel.crypto import generate_key_text
-    print(generate_key_text())
+    text = generate_key_text() + "\n"
+    if args.out:
+        try:
+            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"roam tunnel genkey: cannot create {args.out}: {exc}", file=sys.stderr)
+            return 1
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+        return 0
+    try:  # `genkey > FILE` under the usual umask made a 0644 key: narrow a regular file of ours
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            os.fchmod(sys.stdout.fileno(), 0o600)
+    except (OSError, ValueError, AttributeError):
+        pass
+    sys.stdout.write(text)
     return 0
 
 
+class KeyFileRefused(Exception):
+    """The key file cannot be used (the message says why; it never holds key material)."""
+
+
+def load_cipher(key_file: str, insecure_perms: bool = False):
+    """The cipher of a key file, refusing one that group or others may read unless told."""
+    from tunnel.crypto import AeadCipher, KeyFileError, load_key
+    try:
+        st = os.stat(key_file)
+        if st.st_mode & 0o077 and not insecure_perms:
+            raise KeyFileRefused(f"{key_file} is mode {stat.S_IMODE(st.st_mode):o}: group or others may read it "
+                            "(chmod 600 it, or pass --insecure-key-perms)")
+        key = load_key(key_file)
+    except (OSError, KeyFileError) as exc:
+        raise KeyFileRefused(f"cannot read key file {key_file}: {exc}") from None
+    return AeadCipher(key)
+
+
 def _cipher(args):
-    from tunnel.crypto import AeadCipher, KeyFileError, PlainCipher, load_key
+    from tunnel.crypto import PlainCipher
     if args.plaintext:
         print("roam tunnel: WARNING: --plaintext: frames are neither encrypted nor authenticated. "
               "For benchmarks only.", file=sys.stderr)
         return PlainCipher()
     if not args.key_file:
-        print("roam tunnel: --key-file is required (make one with `roam tunnel genkey > KEYFILE`)", file=sys.stderr)
+        print("roam tunnel: --key-file is required (make one with `roam tunnel genkey --out KEYFILE`)",
+              file=sys.stderr)
         return None
     try:
-        st = os.stat(args.key_file)
-        if st.st_mode & 0o077:
-            print(f"roam tunnel: warning: {args.key_file} is readable by group/others (chmod 600 it)", file=sys.stderr)
-        key = load_key(args.key_file)
-    except (OSError, KeyFileError) as exc:
-        print(f"roam tunnel: cannot read key file {args.key_file}: {exc}", file=sys.stderr)
+        cipher = load_cipher(args.key_file, args.insecure_key_perms)
+    except KeyFileRefused as exc:
+        print(f"roam tunnel: {exc}", file=sys.stderr)
         return None
-    logging.getLogger("roam.tunnel").info("key fingerprint %s", key.fingerprint)
-    return AeadCipher(key)
+    logging.getLogger("roam.tunnel").info("key fingerprint %s", cipher.fingerprint)
+    return cipher
 
 
-def _run(driver) -> int:
-    old = {sig: signal.signal(sig, driver.request_stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+def _run(driver, args) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reads the key file again (rotation), as `roam nat` reloads."""
+    if not args.plaintext:
+        driver.key_loader = lambda: load_cipher(args.key_file, args.insecure_key_perms)
+    handlers = {signal.SIGTERM: driver.request_stop, signal.SIGINT: driver.request_stop,
+                signal.SIGHUP: driver.request_reload}
+    old = {sig: signal.signal(sig, h) for sig, h in handlers.items()}
     try:
         driver.run()
     finally:
@@ -179,7 +223,7 @@ def cmd_proxy(args) -> int:
         return 1
     logging.getLogger("roam.tunnel").info("proxy on %s (%s), tap %s in bridge %s", args.listen,
                                           args.transport, tap.name, args.bridge)
-    return _run(driver)
+    return _run(driver, args)
 
 
 def cmd_host(args) -> int:
@@ -211,7 +255,7 @@ def cmd_host(args) -> int:
         print(f"roam tunnel host: {exc}", file=sys.stderr)
         return 1
     logging.getLogger("roam.tunnel").info("host end to %s (%s), tap %s", args.proxy, args.transport, tap.name)
-    return _run(driver)
+    return _run(driver, args)
 
 
 def cmd_status(args) -> int:
@@ -223,16 +267,17 @@ def cmd_status(args) -> int:
         print(f"no tunnel ends running (status directory {args.status_dir})")
         return 1
     for st in ends:
-        head = f"{st.get('role')} pid {st.get('pid')}{'' if st.get('alive') else ' (NOT RUNNING: stale status)'}"
+        alive = st.get("alive")
+        head = f"{st.get('role')} pid {st.get('pid')}{'' if alive else ' (NOT RUNNING: process gone, stale status)'}"
         where = st.get("listen") or f"proxy {st.get('proxy')} from {st.get('local')}"
         print(f"{head}  {st.get('transport')} {where}  tap {st.get('tap')} mtu {st.get('tap_mtu')}  "
-              f"{st.get('cipher')}  up {st.get('uptime')}s")
+              f"{st.get('cipher')}  up {'?' if st.get('uptime') is None else st['uptime']}s")
         if st.get("role") == "host":
-            print(f"  session {st.get('session')} {st.get('state')}  macs {', '.join(st.get('macs') or []) or '-'}  "
-                  f"last heard {st.get('last_heard_ago')}s ago")
+            print(f"  session {st.get('session')} {_state(st.get('state'), alive)}  "
+                  f"macs {', '.join(st.get('macs') or []) or '-'}  last heard {_ago(st.get('last_heard_ago'))}")
         for s in st.get("sessions", []):
-            print(f"  session {s['session']} {s['state']}  endpoint {s['endpoint']}  last seen {s['last_heard_ago']}s ago"
-                  f"  macs {', '.join(s['named_macs']) or '-'}  {_fmt(s['counters'])}")
+            print(f"  session {s['session']} {_state(s['state'], alive)}  endpoint {s['endpoint']}  "
+                  f"last seen {_ago(s['last_heard_ago'])}  macs {', '.join(s['named_macs']) or '-'}  {_fmt(s['counters'])}")
         if st.get("macs") and st.get("role") == "proxy":
             print("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
         print(f"  counters: {_fmt(st.get('counters', {}))}")
@@ -257,18 +302,34 @@ def read_status_dir(status_dir: str) -> list[dict]:
                 st = json.load(f)
         except (OSError, ValueError):
             continue
-        pid = st.get("pid")
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            alive = False
-        except (PermissionError, TypeError, ValueError):
-            pass
-        st["alive"] = alive
+        st["alive"] = _alive(st.get("pid"), st.get("pid_start"))
         st["file"] = name
         out.append(st)
     return out
+
+
+def _alive(pid, started) -> bool:
+    """Whether the process that wrote a status file still runs: its pid exists and, when the file
+    says when it started, is that same process (not a later one given the pid again)."""
+    from tunnel.io.loop import process_start
+    try:
+        pid = int(pid)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    except (TypeError, ValueError, OverflowError):
+        return False  # no pid recorded: nothing says it runs
+    return started is None or process_start(pid) in (None, started)
+
+
+def _state(state, alive: bool) -> str:
+    return str(state) if alive else f"GONE (was {state})"
+
+
+def _ago(seconds) -> str:
+    return "never" if seconds is None else f"{seconds}s ago"
 
 
 def _fmt(d: dict) -> str:

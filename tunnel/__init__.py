@@ -25,18 +25,23 @@ kernel fragment outer datagrams above the path MTU (``IP_PMTUDISC_DONT``);
 Frames above the TAP MTU are counted (OVERSIZED) and dropped, never truncated.
 ``--offload`` (both ends) carries TCP GSO super-frames with their virtio-net header.
 
-Security model: one pre-shared key for the proxy and all its host ends;
-ChaCha20-Poly1305 with the header as associated data; per-session replay
-windows; sessions exist only after an authentic ATTACH that names the proxy's
-current epoch (a random number drawn at start, learned from its EPOCH answer),
-so ATTACHes captured before a proxy restart cannot be replayed after it, and
-those of closed sessions not during its run; endpoints move only on authentic
-fresh traffic.  Known limits: no forward secrecy and no per-host identity
-(anyone with the key can attach and claim a MAC: the last ATTACH wins); nonce
-uniqueness rests on random 32-bit session ids and random sequence starts.
+Security model: one pre-shared key for the proxy and all its host ends, from
+which every session derives its own key (HKDF over both ends' random nonces,
+exchanged in ATTACH and EPOCH: no (key, nonce) pair repeats across sessions,
+restarts or proxies); ChaCha20-Poly1305 with the header as associated data;
+per-session replay windows; a session exists only after an authentic ATTACH
+carrying a fresh cookie of the proxy's current run, so nothing replayed opens a
+session, counts as authentic (:func:`proves_peer`) or draws an answer larger
+than itself; endpoints move only on authentic fresh traffic.  A proxy that lost
+a session says so (RESET, rate-limited) and the host end re-attaches at once.
+Key rotation: :meth:`ProxyEnd.rekey` / :meth:`HostEnd.rekey` keep live sessions.
+Known limits: no forward secrecy and no per-host identity (anyone with the key
+can attach and claim a MAC: the last ATTACH wins); someone who can capture and
+inject can make a host end re-attach (a RESET it provokes from another proxy
+sharing the key).
 """
 from .crypto import AeadCipher, Key, KeyFileError, PlainCipher, ReplayWindow, generate_key_text, load_key, parse_key_text
-from .events import Cause, EventKind, TunnelEvent
+from .events import Cause, EventKind, TunnelEvent, proves_peer
 from .host import HostEnd
 from .mactable import LAN, MacTable
 from .proxy import ProxyEnd, ProxySession
@@ -48,5 +53,5 @@ __all__ = [
     "AeadCipher", "Cause", "Drop", "EventKind", "HostEnd", "Key", "KeyFileError", "LAN", "MacTable", "MsgType", "OVERHEAD",
     "PlainCipher", "ProxyEnd", "ProxySession", "ReplayWindow", "SessionEvent", "SessionState", "SessionStateError",
     "StreamDecoder", "TRANSITIONS", "TunnelEvent", "WireError", "frame_stream_message", "generate_key_text",
-    "load_key", "parse_key_text", "transition",
+    "load_key", "parse_key_text", "proves_peer", "transition",
 ]

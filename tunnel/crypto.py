@@ -5,13 +5,23 @@
   ``roam tunnel genkey`` writes it; ``#`` lines are comments).
 * The 16-byte header is the associated data: it travels in clear but any change
   to it fails authentication.
+* Keys.  The pre-shared key never seals a message itself: each session has its
+  own key, HKDF-SHA256 of the pre-shared key with both ends' random nonces
+  (16 bytes each, exchanged in ATTACH and EPOCH) as salt and the session id in
+  the info; a host end's *hello* (its first ATTACH, before it knows the proxy's
+  nonce) is sealed under HKDF of the pre-shared key and its own nonce.  Every
+  nonce is fresh for every session, every EPOCH and every host-end start, so a
+  session key is never used by two sessions, across restarts or proxies (short
+  of a 128-bit collision).
 * Nonce (12 bytes) = direction (1 byte: 1 from the proxy, 0 from a host end) ||
   session id (4) || sequence number (7, so sequence numbers stay below 2**56).
-  Each sender counts its sequence numbers up from a random start in [0, 2**48)
-  and never reuses one in a session; a host end takes a fresh random session id
-  for every new attachment.  So a (key, nonce) pair repeats only if two
-  attachments draw the same 32-bit session id *and* overlapping random sequence
-  ranges.
+  Each sender counts its sequence numbers up from 0 under each key and never
+  reuses one: (key, nonce) never repeats.
+* RESET messages carry no payload: a 16-byte HMAC-SHA256 of the header under a
+  key derived from the pre-shared key (deterministic: the same header always gets
+  the same MAC, and nothing else is ever MACed under that key).
+* Cookies (the proxy's, in EPOCH): HMAC-SHA256 under a secret the proxy draws at
+  start, so a restart invalidates every cookie it issued.
 * Replay protection: :class:`ReplayWindow`, a sliding bitmap in the style of
   RFC 6479 (a ring of 64-bit blocks, window of (blocks - 1) * 64 sequence numbers).
   A message is checked against the window before and recorded only *after* it
@@ -26,22 +36,28 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import struct
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from conntrack.errors import LocalProtocolError
 
 from .wire import (
-    HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Header, WireError, build_header, parse_header,
+    CLEAR_LEN, COOKIE_LEN, HEADER, HEADER_LEN, MAX_SEQ, TAG_LEN, VERSION, Drop, Header, WireError, build_header,
+    parse_header,
 )
 
 KEY_LEN = 32
-#: Senders start their sequence numbers below this, at random.
-SEQ_START_MAX = 1 << 48
+#: HKDF ``info`` labels: one per use, with the wire version, so no derived key serves two purposes.
+INFO_HELLO = b"roam-tunnel 2 hello"
+INFO_SESSION = b"roam-tunnel 2 session"
+INFO_RESET = b"roam-tunnel 2 reset"
 
 
 class KeyFileError(ValueError):
@@ -110,12 +126,38 @@ def nonce_for(h: Header) -> bytes:
     return nonce(int(h.flags), h.session, h.seq)
 
 
+def hkdf(secret: bytes, salt: bytes, info: bytes, length: int = KEY_LEN) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
 class Cipher(Protocol):
     plaintext: bool
     overhead: int
 
     def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes: ...
     def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes: ...
+    def derive(self, salt: bytes, info: bytes) -> "Cipher": ...
+    def mac(self, info: bytes, data: bytes) -> bytes: ...
+
+
+def hello_cipher(psk: Cipher, session: int, host_nonce: bytes) -> Cipher:
+    """What seals a session's hellos: the pre-shared key and the host end's nonce."""
+    return psk.derive(host_nonce, INFO_HELLO + session.to_bytes(4, "big"))
+
+
+def session_cipher(psk: Cipher, session: int, host_nonce: bytes, proxy_nonce: bytes) -> Cipher:
+    """The session key: the pre-shared key and both ends' nonces."""
+    return psk.derive(host_nonce + proxy_nonce, INFO_SESSION + session.to_bytes(4, "big"))
+
+
+def reset_tag(psk: Cipher, header: bytes) -> bytes:
+    return psk.mac(INFO_RESET, header)
+
+
+def cookie(secret: bytes, session: int, host_nonce: bytes, proxy_nonce: bytes, issued: int) -> bytes:
+    """The proxy's cookie: only the run that drew ``secret`` can make or check one."""
+    data = session.to_bytes(4, "big") + host_nonce + proxy_nonce + (issued & 0xFFFFFFFF).to_bytes(4, "big")
+    return hmac.new(secret, data, hashlib.sha256).digest()[:COOKIE_LEN]
 
 
 class AeadCipher:
@@ -124,11 +166,24 @@ class AeadCipher:
     plaintext = False
     overhead = TAG_LEN
 
-    __slots__ = ("_aead", "fingerprint")
+    __slots__ = ("_aead", "_secret", "_mac_keys", "fingerprint")
 
     def __init__(self, key: Key) -> None:
         self._aead = ChaCha20Poly1305(key._secret)
+        self._secret = key._secret
+        self._mac_keys: dict[bytes, bytes] = {}
         self.fingerprint = key.fingerprint
+
+    def derive(self, salt: bytes, info: bytes) -> "AeadCipher":
+        """A cipher under HKDF(this key, salt, info)."""
+        return AeadCipher(Key(hkdf(self._secret, salt, info)))
+
+    def mac(self, info: bytes, data: bytes) -> bytes:
+        """A 16-byte HMAC-SHA256 of ``data`` under HKDF(this key, "", info)."""
+        k = self._mac_keys.get(info)
+        if k is None:
+            k = self._mac_keys[info] = hkdf(self._secret, b"", info)
+        return hmac.new(k, data, hashlib.sha256).digest()[:TAG_LEN]
 
     def __repr__(self) -> str:
         return f"AeadCipher(chacha20-poly1305, key={self.fingerprint})"
@@ -161,6 +216,12 @@ class PlainCipher:
     def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes:
         return bytes(body)
 
+    def derive(self, salt: bytes, info: bytes) -> "PlainCipher":
+        return self
+
+    def mac(self, info: bytes, data: bytes) -> bytes:
+        return bytes(TAG_LEN)
+
 
 def seal_message(cipher: Cipher, h: Header, payload: bytes) -> bytes:
     """Header + sealed payload; the header's PLAINTEXT flag follows the cipher."""
@@ -168,13 +229,16 @@ def seal_message(cipher: Cipher, h: Header, payload: bytes) -> bytes:
     return seal_parts(cipher, int(h.type), int(h.flags), h.session, h.seq, payload)
 
 
-def seal_parts(cipher: Cipher, mtype: int, flags: int, session: int, seq: int, payload: bytes) -> bytes:
-    """:func:`seal_message` for the data path: plain ints, no intermediate values."""
+def seal_parts(cipher: Cipher, mtype: int, flags: int, session: int, seq: int, payload: bytes,
+               clear: bytes = b"") -> bytes:
+    """:func:`seal_message` for the data path: plain ints, no intermediate values.  ``clear`` (an
+    ATTACH's handshake block, an EPOCH's nonce) follows the header unencrypted, authenticated with it."""
     if cipher.plaintext:
         flags |= 0x02
     if seq > MAX_SEQ:  # callers check their counter first: reaching this is our bug
         raise LocalProtocolError(Drop.SEQ_EXHAUSTED, f"sequence {seq} out of range")
-    return cipher.seal(HEADER.pack(VERSION, mtype, flags, 0, session, seq), nonce(flags, session, seq), payload)
+    return cipher.seal(HEADER.pack(VERSION, mtype, flags, 0, session, seq) + clear, nonce(flags, session, seq),
+                       payload)
 
 
 def open_body(cipher: Cipher, h: Header, buf: bytes | bytearray | memoryview) -> bytes:
@@ -183,7 +247,15 @@ def open_body(cipher: Cipher, h: Header, buf: bytes | bytearray | memoryview) ->
         raise WireError(Drop.MODE_MISMATCH, "plaintext message to an encrypting end" if h.plaintext
                         else "encrypted message to a plaintext end")
     mv = memoryview(buf)
-    return cipher.open(mv[:HEADER_LEN], nonce(int(h.flags), h.session, h.seq), mv[HEADER_LEN:])
+    n = HEADER_LEN + CLEAR_LEN.get(h.type, 0)
+    if len(mv) < n:
+        raise WireError(Drop.TRUNCATED, f"{h.type.name.lower()} needs {n} bytes before its body, have {len(mv)}")
+    return cipher.open(mv[:n], nonce(int(h.flags), h.session, h.seq), mv[n:])
+
+
+def clear_part(h: Header, buf: bytes | bytearray | memoryview) -> bytes:
+    """The clear block after the header of a message whose body :func:`open_body` opened."""
+    return bytes(buf[HEADER_LEN:HEADER_LEN + CLEAR_LEN.get(h.type, 0)])
 
 
 def open_message(cipher: Cipher, buf: bytes | bytearray | memoryview, max_len: int) -> tuple[Header, bytes]:
@@ -240,10 +312,6 @@ class ReplayWindow:
             self.top = seq
         self._bits[(seq >> 6) % self.blocks] |= 1 << (seq & 63)
         return True
-
-
-def random_seq_start(random_bytes=os.urandom) -> int:
-    return int.from_bytes(random_bytes(6), "big") % SEQ_START_MAX
 
 
 assert HEADER_LEN == 16

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Hashable
 
+from conntrack.answer import Action, Answer
+
 
 class Cause(IntEnum):
     """Why an answer drops nothing (the reason of ACCEPT and CONSUME answers)."""
@@ -20,6 +22,14 @@ class Cause(IntEnum):
     START = 4  # CONSUME: start(now)
     ROAMED = 5  # CONSUME: roamed(now)
     CLOSE = 6  # CONSUME: close(now)
+    CHALLENGE = 7  # CONSUME: an authentic ATTACH for no session we know, answered with EPOCH and nothing else:
+    #                 a replayed ATTACH draws the same answer as a fresh one, so it proves nothing
+
+
+def proves_peer(answer: Answer) -> bool:
+    """Whether an end's answer to a message proves its sender holds the key *now*: authentic and
+    fresh, so a driver may trust the connection it came on.  Any ACCEPT or CONSUME but a CHALLENGE."""
+    return answer.action != Action.DROP and answer.reason != Cause.CHALLENGE
 
 
 class EventKind(IntEnum):

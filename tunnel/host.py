@@ -7,12 +7,19 @@ with one :class:`~conntrack.answer.Answer`: ``data`` is the input going on (the
 sealed message for the proxy, or the opened frame for the TAP), ``sends`` the
 messages the end originates, each ``("proxy", message)``, ``events`` what happened.
 
-* On start it draws a random session id and sends ATTACH naming the VM MACs it
-  serves (given, and learned from the source of frames the VM sends; learned ones
-  age out), resending with backoff until ATTACH_ACK.
+* On start it draws a random session id and nonce and sends a *hello* ATTACH
+  naming the VM MACs it serves (given, and learned from the source of frames the
+  VM sends; learned ones age out), resending with backoff; the proxy answers
+  with EPOCH (its nonce and a cookie), from which both ends derive the session
+  key; the ATTACH under that key, with the cookie, opens the session
+  (ATTACH_ACK).  Frames go out only under a session key (NOT_ATTACHED before).
 * Keepalives every ``keepalive`` seconds; if the proxy stays silent for
   ``dead_after`` seconds the session is presumed lost (say the proxy restarted):
   it re-attaches under a fresh session id naming the old one as ``previous``.
+  A proxy that lost the session (restarted) says so at the first message it gets
+  (RESET, or an EPOCH of another epoch): the host end re-attaches at once.
+  Only the RESETs and EPOCHs that match where it stands count: late duplicates
+  and replays are STALE drops.
 * Roaming: :meth:`roamed` (the driver saw our address change, or reconnected the
   TCP transport) re-sends ATTACH at once from wherever we now are; the proxy moves
   the session's endpoint on the first authentic message.  A host end started on
@@ -30,12 +37,15 @@ from typing import Callable, Iterable
 
 from conntrack.answer import Action, Answer
 
-from .crypto import Cipher, ReplayWindow, nonce, open_body, random_seq_start, seal_parts
+from .crypto import (
+    Cipher, ReplayWindow, clear_part, hello_cipher, nonce, open_body, reset_tag, seal_parts, session_cipher,
+)
 from .events import Cause, EventKind, TunnelEvent
 from .session import SessionEvent as E, SessionState, transition
 from .wire import (
-    DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, VERSION, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
-    build_attach, check_empty, check_frame, format_mac, is_multicast, parse_attach_ack, parse_epoch, parse_header,
+    DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_MACS, MAX_SEQ, NONCE_LEN, RESET_LEN, VERSION, VNET_HDR_LEN,
+    ZERO_NONCE, Attach, Drop, Flag, Handshake, Header, MsgType, WireError, build_attach, build_handshake, check_empty,
+    check_frame, format_mac, is_multicast, parse_attach_ack, parse_challenge, parse_header,
 )
 
 
@@ -82,13 +92,23 @@ class HostEnd:
         self._flag_bits = int(Flag.OFFLOAD) if offload else 0
         #: The exact flags of a DATA message from the proxy to this end (the fast path's key).
         self._rx_data_flags = int(Flag.FROM_PROXY) | self._flag_bits | (int(Flag.PLAINTEXT) if cipher.plaintext else 0)
-        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, 13 + 6 * MAX_MACS)
+        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
         self._random = random_bytes
+        #: Pre-shared keys of earlier loads (:meth:`rekey`): a RESET under one of them still counts.
+        self.old_ciphers: tuple[Cipher, ...] = ()
 
         self.state = SessionState.IDLE
         self.session = 0
         self.previous = 0
         self.proxy_epoch = 0  # the proxy's current epoch, learned from its EPOCH answer
+        # The handshake of the current session: our nonce, the key of our hellos, then (after the
+        # proxy's EPOCH) its nonce and cookie and the session key; acked once the proxy knew it.
+        self._nonce = ZERO_NONCE
+        self._hello: Cipher | None = None
+        self._handshake: Handshake | None = None
+        self._key: Cipher | None = None
+        self._key_first = 0  # our first sequence number under the session key
+        self._acked = False
         self.learned: dict[bytes, float] = {}  # MAC -> last seen (oldest first)
         self._seq = 0
         self._window = ReplayWindow()
@@ -135,7 +155,7 @@ class HostEnd:
 
     def close(self, now: float) -> Answer:
         """Stop: DETACH in ``sends`` when a session is live."""
-        if self.state in (SessionState.ATTACHING, SessionState.ATTACHED):
+        if self.state in _LIVE and self._key is not None:  # before the EPOCH the proxy knows nothing to detach
             self._send(MsgType.DETACH, b"", now)
         if self.state != SessionState.CLOSED:
             self._step(E.DETACH)
@@ -160,11 +180,11 @@ class HostEnd:
                 self.counters["macs_learned"] += 1
                 self._events.append(TunnelEvent(EventKind.MAC_LEARNED, self.session, now, detail=format_mac(src)))
                 self._send_attach(now)  # name it at once
-        if self.state not in (SessionState.ATTACHING, SessionState.ATTACHED):
-            return self._drop(Drop.NOT_ATTACHED)
+        if self._key is None or self.state not in _LIVE:
+            return self._drop(Drop.NOT_ATTACHED)  # no session key yet: nothing can carry it
         if self._seq > MAX_SEQ:
             return self._drop(Drop.SEQ_EXHAUSTED)
-        message = seal_parts(self.cipher, MsgType.DATA, self._flag_bits, self.session, self._seq, frame)
+        message = seal_parts(self._key, MsgType.DATA, self._flag_bits, self.session, self._seq, frame)
         self._seq += 1
         self.last_sent = now
         c = self.counters
@@ -189,7 +209,7 @@ class HostEnd:
             version, mtype, flags, reserved, session, seq = HEADER.unpack_from(message, 0)
             if (mtype == 1 and flags == self._rx_data_flags and version == VERSION and not reserved
                     and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
-                    and self._window.check(seq)):
+                    and self._key is not None and self._window.check(seq)):
                 return self._receive_data(message, flags, seq, now)
         try:
             if len(message) > self.max_message:
@@ -201,18 +221,18 @@ class HostEnd:
                 raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the proxy's")
             if self.state not in (SessionState.ATTACHING, SessionState.ATTACHED) or h.session != self.session:
                 raise WireError(Drop.UNKNOWN_SESSION, f"session {h.session:08x}")
+            if h.type == MsgType.EPOCH:  # under a key of its own: no window, no liveness
+                return self._on_epoch(h, message, now)
+            if h.type == MsgType.RESET:
+                return self._on_reset(h, message, now)
+            if self._key is None:
+                raise WireError(Drop.UNKNOWN_SESSION, "no session key yet")
             if not self._window.check(h.seq):
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
-            payload = open_body(self.cipher, h, message)
+            payload = open_body(self._key, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
         # Authentic from here on.
-        if h.type == MsgType.EPOCH:  # outside the session's counter: no window, no liveness
-            try:
-                self._on_epoch(parse_epoch(payload), now)
-            except WireError as exc:
-                return self._drop(exc.reason)
-            return self._answer(_CONSUME, _CONTROL)
         self._window.update(h.seq)
         self.counters["rx_messages"] += 1
         self.last_heard = now
@@ -228,7 +248,7 @@ class HostEnd:
     def _receive_data(self, message: bytes, flags: int, seq: int, now: float) -> Answer:
         mv = memoryview(message)
         try:
-            payload = self.cipher.open(mv[:HEADER_LEN], nonce(flags, self.session, seq), mv[HEADER_LEN:])
+            payload = self._key.open(mv[:HEADER_LEN], nonce(flags, self.session, seq), mv[HEADER_LEN:])
         except WireError as exc:
             return self._drop(exc.reason)
         self._window.update(seq)  # only now, authenticated: a forgery cannot move the window
@@ -257,6 +277,7 @@ class HostEnd:
             acked = parse_attach_ack(payload)
             if self.state == SessionState.ATTACHING and self._round_first <= acked <= self._attach_seq:
                 self._step(E.ATTACH_ACKED)
+                self._acked = True
                 self.attached_at = now
                 self._retry_at = None
                 self._retry_delay = self.retry
@@ -275,19 +296,55 @@ class HostEnd:
             raise WireError(Drop.BAD_TYPE, f"{h.type.name} from the proxy")
         return None
 
-    def _on_epoch(self, epoch: int, now: float) -> None:
-        """The proxy answered an ATTACH that named another epoch than its own."""
+    def _on_epoch(self, h: Header, message: bytes, now: float) -> Answer:
+        """The proxy's challenge to one of our ATTACHes: its nonce, epoch and cookie, sealed under the
+        session key they make.  Taken once per session (in the hello); later, one of another epoch
+        says the proxy restarted and forgot us (a new session); any other is STALE."""
+        if self._hello is None:
+            raise WireError(Drop.UNKNOWN_SESSION, "no hello sent")
+        proxy_nonce = clear_part(h, message)
+        if len(proxy_nonce) != NONCE_LEN or proxy_nonce == ZERO_NONCE:
+            raise WireError(Drop.TRUNCATED, "epoch without its nonce")
+        key = session_cipher(self.cipher, self.session, self._nonce, proxy_nonce)
+        c = parse_challenge(open_body(key, h, message))
         self.counters["epochs_received"] += 1
-        if epoch == self.proxy_epoch:
-            return  # a repeat (or a replay): we already attach with it
-        first = self.proxy_epoch == 0
-        self.proxy_epoch = epoch
-        if first and self.state == SessionState.ATTACHING:
-            self._send_attach(now)  # the usual first round trip: attach again, naming it
-        else:
-            # The proxy restarted under us: it knows nothing of this session, and its new
-            # sequence numbers would look like replays to our window.  Start a new session.
+        if self._key is None:  # the answer to our hello: the session key, and the ATTACH that opens it
+            self._key, self._key_first = key, self._seq
+            self._handshake = Handshake(self._nonce, proxy_nonce, c.issued, c.cookie)
+            self.proxy_epoch = c.epoch
+            self._window = ReplayWindow()
+            self._window.update(h.seq)
+            self._send_attach(now)
+        elif c.epoch != self.proxy_epoch:
+            # A proxy run that never saw this session answered it: the proxy restarted under us.
+            self.proxy_epoch = c.epoch
             self._lose_session(now, "proxy restarted")
+        else:
+            return self._drop(Drop.STALE)  # a late second answer to a hello, or a replay
+        return self._answer(_CONSUME, _CONTROL)
+
+    def _on_reset(self, h: Header, message: bytes, now: float) -> Answer:
+        """The proxy knows no session of the message it echoes: if that is a message of ours under our
+        acknowledged session key, the proxy lost the session (say, it restarted): attach anew, now."""
+        if len(message) != RESET_LEN:
+            raise WireError(Drop.BAD_PAYLOAD, f"reset is {RESET_LEN} bytes, have {len(message)}")
+        header, tag = bytes(message[:HEADER_LEN]), bytes(message[HEADER_LEN:])
+        if not any(reset_tag(c, header) == tag for c in (self.cipher, *self.old_ciphers)):
+            raise WireError(Drop.AUTH_FAILED, "reset tag does not verify")
+        self.counters["resets_received"] += 1
+        if not self._acked or not self._key_first <= h.seq < self._seq:
+            return self._drop(Drop.STALE)  # not (yet) a session the proxy knew, or not our message
+        self._lose_session(now, "proxy knows no such session")
+        return self._answer(_CONSUME, _CONTROL)
+
+    def rekey(self, cipher: Cipher) -> None:
+        """A new pre-shared key (key rotation): the next session derives from it; the live one keeps
+        its own key, so nothing is interrupted."""
+        if cipher.plaintext != self.cipher.plaintext:
+            raise ValueError("cannot switch between plaintext and encryption by reloading the key")
+        self.old_ciphers = (self.cipher, *self.old_ciphers)[:1]
+        self.cipher = cipher
+        self.counters["key_reloads"] += 1
 
     # -- timers -----------------------------------------------------------------------------
 
@@ -341,6 +398,7 @@ class HostEnd:
             "session": f"{self.session:08x}",
             "previous": f"{self.previous:08x}" if self.previous else None,
             "proxy_epoch": f"{self.proxy_epoch:016x}" if self.proxy_epoch else None,
+            "key": self.cipher.fingerprint,
             "macs": [format_mac(m) for m in self.macs],
             "last_heard_ago": None if self.last_heard is None else round(now - self.last_heard, 3),
             "counters": dict(self.counters),
@@ -363,7 +421,14 @@ class HostEnd:
         if old:
             self.previous = old
         self.session = sid
-        self._seq = random_seq_start(self._random)
+        # A fresh nonce, hence fresh keys: sequence numbers can start at 0 (see tunnel.crypto).
+        while True:
+            self._nonce = self._random(NONCE_LEN)
+            if self._nonce != ZERO_NONCE:
+                break
+        self._hello = hello_cipher(self.cipher, sid, self._nonce)
+        self._key, self._handshake, self._acked = None, None, False
+        self._seq = 0
         self._window = ReplayWindow()
         self.counters["sessions"] += 1
 
@@ -384,8 +449,12 @@ class HostEnd:
         self._events.append(TunnelEvent(EventKind.ATTACHING, self.session, now))
 
     def _send_attach(self, now: float) -> None:
+        """An ATTACH: a hello under the hello key until the proxy's EPOCH came, then under the session key
+        with the proxy's nonce and cookie."""
         seq = self._seq
-        if not self._send(MsgType.ATTACH, build_attach(Attach(self.macs, self.previous, self.proxy_epoch)), now):
+        hs = self._handshake or Handshake(self._nonce)
+        payload = build_attach(Attach(self.macs, self.previous, self.proxy_epoch))
+        if not self._send(MsgType.ATTACH, payload, now, build_handshake(hs)):
             return
         self._attach_seq = seq
         self.counters["attaches"] += 1
@@ -393,12 +462,13 @@ class HostEnd:
             self._retry_at = now + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, self.retry_max)
 
-    def _send(self, mtype: MsgType, payload: bytes, now: float) -> bool:
+    def _send(self, mtype: MsgType, payload: bytes, now: float, clear: bytes = b"") -> bool:
         """Seal a control message of ours into ``sends``; False when the session's counter ran out."""
         if self._seq > MAX_SEQ:
             self.counters["seq_exhausted"] += 1  # not a drop of any input: the session needs replacing
             return False
-        self._sends.append((PROXY, seal_parts(self.cipher, mtype, self._flag_bits, self.session, self._seq, payload)))
+        key = self._key or self._hello
+        self._sends.append((PROXY, seal_parts(key, mtype, self._flag_bits, self.session, self._seq, payload, clear)))
         self._seq += 1
         self.last_sent = now
         return True

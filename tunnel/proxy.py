@@ -9,7 +9,15 @@ the input goes there, ``sends`` are ``(endpoint, message)`` for host ends and
 ``("lan", frame)`` for the proxy's own LAN frames (announcements), ``events`` what
 happened.
 
-* Sessions are keyed by session id and created only by an authentic ATTACH.
+* Sessions are keyed by session id, each with its own key (see :mod:`tunnel.crypto`),
+  and created only by an authentic ATTACH carrying a cookie of this run, at most
+  :data:`~tunnel.wire.COOKIE_LIFETIME` old, sealed under the session key.  Any other
+  authentic ATTACH for an unknown session draws an EPOCH (a challenge: a fresh
+  nonce and cookie), smaller than it, and changes nothing: the answer is CONSUME
+  for :attr:`Cause.CHALLENGE`, which proves nothing about the sender (see
+  :func:`tunnel.events.proves_peer`).  A message of a session we do not know draws
+  a RESET (rate-limited, never larger than it), so a host end whose proxy
+  restarted attaches again at once.
   A session's endpoint is updated only by authentic, fresh traffic (roaming).
 * MAC learning (:class:`~tunnel.mactable.MacTable`, with ageing): sources of
   frames from a session are learned behind it, sources from the LAN behind the
@@ -29,7 +37,8 @@ happened.
   queued behind the question); an announcement it receives answers at once.
 * Forged, tampered, replayed, truncated or oversized messages are DROP answers,
   counted in :attr:`drops` (one count per DROP answer); nothing unauthenticated
-  changes any state: a session's replay window moves only after authentication.
+  changes any state (but the RESET rate budget): a session's replay window moves only
+  after authentication.
 """
 from __future__ import annotations
 
@@ -41,24 +50,34 @@ from typing import Callable, Hashable
 from .announce import announcement, neighbour_binding, source_address
 from conntrack.answer import Action, Answer
 
-from .crypto import Cipher, ReplayWindow, nonce, open_body, random_seq_start, seal_parts
+from .crypto import (
+    Cipher, ReplayWindow, clear_part, cookie, hello_cipher, nonce, open_body, reset_tag, seal_parts, session_cipher,
+)
 from .events import Cause, EventKind, TunnelEvent
 from .mactable import LAN, MacTable
 from .session import SessionEvent as E, SessionState, transition
 from .wire import (
-    DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, VERSION, VNET_HDR_LEN, MAX_MACS, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
-    EPOCH_SEQ_MIN, build_attach_ack, build_epoch, check_empty, check_frame, format_mac, is_multicast, parse_attach,
-    parse_header,
+    COOKIE_LIFETIME, DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_SEQ, NONCE_LEN, RESET_LEN, VERSION,
+    VNET_HDR_LEN, ZERO_NONCE, Attach, Challenge, Drop, Flag, Header, MsgType, WireError, build_attach_ack,
+    build_challenge, check_empty, check_frame, format_mac, is_multicast, parse_attach, parse_handshake, parse_header,
 )
 
 MAX_ADDRESSES_PER_MAC = 8
 #: LAN neighbour bindings kept (latest first out), and told to a VM that moved.
 MAX_LAN_NEIGHBOURS = 256
 NEIGHBOURS_TOLD = 16
+#: RESETs sent at most this many per second (and in a burst): they answer messages nobody can
+#: authenticate, so they must not make the proxy a reflector at any rate a sender likes.
+RESET_RATE = 100.0
+#: Closed session ids remembered at least this long (a replayed ATTACH with a cookie still good
+#: must not reopen one), and at most this many.
+CLOSED_KEEP = COOKIE_LIFETIME + 2.0
+CLOSED_MAX = 65536
 #: The destination of the proxy's own frames for the home LAN in an answer's ``sends``.
 TO_LAN = "lan"
 _ACCEPT, _DROP, _CONSUME = Action.ACCEPT, Action.DROP, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
+_RESET_TYPES = (MsgType.DATA, MsgType.KEEPALIVE)  # what a host end sends under a session key we may have lost
 #: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
 #: ``__new__`` is a Python function, and skipping it saves 40% of an answer's cost (measured).
 _new = tuple.__new__
@@ -75,6 +94,7 @@ class ProxySession:
     state: SessionState = SessionState.IDLE
     named: tuple[bytes, ...] = ()
     counters: Counter = field(default_factory=Counter)
+    cipher: Cipher | None = None  # the session key
 
 
 class ProxyEnd:
@@ -100,12 +120,17 @@ class ProxyEnd:
         self._flag_bits = int(Flag.FROM_PROXY) | (int(Flag.OFFLOAD) if offload else 0)
         #: The exact flags of a DATA message from a host end (the fast path's key).
         self._rx_data_flags = (int(Flag.OFFLOAD) if offload else 0) | (int(Flag.PLAINTEXT) if cipher.plaintext else 0)
-        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, 13 + 6 * MAX_MACS)
+        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
         self.announce = announce
         self._random = random_bytes
+        #: Pre-shared keys of earlier loads (:meth:`rekey`): hellos under them are still answered.
+        self.old_ciphers: tuple[Cipher, ...] = ()
+        #: This run's cookie secret: a restart invalidates every cookie issued before it.
+        self._secret = random_bytes(32)
+        self._reset_tokens = RESET_RATE
+        self._reset_at = 0.0
         self.sessions: dict[int, ProxySession] = {}
-        #: Drawn at start; an ATTACH must name it (see MsgType.EPOCH), so ATTACHes captured
-        #: before a restart cannot be replayed after it.
+        #: Drawn at start and told in every EPOCH: a host end that hears another one knows we restarted.
         self.epoch = 0
         while not self.epoch:
             self.epoch = int.from_bytes(random_bytes(8), "big")
@@ -113,7 +138,7 @@ class ProxyEnd:
         self.addresses: dict[bytes, OrderedDict[bytes, None]] = {}
         #: address -> MAC, as LAN hosts stated them about themselves (ARP, NS/NA); latest last.
         self.lan_neighbours: OrderedDict[bytes, bytes] = OrderedDict()
-        self._closed: OrderedDict[int, None] = OrderedDict()  # recently closed ids: refuse their ATTACH replays
+        self._closed: OrderedDict[int, float] = OrderedDict()  # recently closed ids -> when: refuse their ATTACHes
         self.counters: Counter[str] = Counter()
         self.drops: Counter[Drop] = Counter()
         # What the call under way sends and causes; drained into its answer.
@@ -146,29 +171,22 @@ class ProxyEnd:
                 raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the host end's")
             s = self.sessions.get(h.session)
             if s is None:
-                if h.type != MsgType.ATTACH:
-                    raise WireError(Drop.UNKNOWN_SESSION, f"session {h.session:08x}")
-                if h.session in self._closed or h.session == 0:
-                    raise WireError(Drop.REPLAYED, f"attach for closed session {h.session:08x}")
-                if len(self.sessions) >= self.max_sessions:
-                    raise WireError(Drop.UNKNOWN_SESSION, "session table full")
-            elif not s.window.check(h.seq):
+                if h.type == MsgType.ATTACH:
+                    return self._handshake(h, message, endpoint, now)
+                return self._unknown(h, message, endpoint, now)
+            if not s.window.check(h.seq):
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
-            payload = open_body(self.cipher, h, message)
+            if h.type == MsgType.ATTACH and parse_handshake(clear_part(h, message)).hello:
+                raise WireError(Drop.REPLAYED, f"hello for live session {h.session:08x}")
+            payload = open_body(s.cipher, h, message)
             attach = parse_attach(payload) if h.type == MsgType.ATTACH else None
         except WireError as exc:
             return self._drop(exc.reason)
-        if attach is not None and attach.epoch != self.epoch:
-            # Authentic, but maybe captured before we started: change nothing, name our epoch.
-            self._send_epoch(h.session, endpoint)
-            return self._answer(_CONSUME, _CONTROL)
-        # Authentic and fresh from here on.
-        new = s is None
-        if new:
-            s = ProxySession(h.session, endpoint, now, now, ReplayWindow(), random_seq_start(self._random))
-            self.sessions[h.session] = s
-            self.counters["sessions_opened"] += 1
-            self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))
+        return self._authentic(s, h, payload, attach, endpoint, False, now)
+
+    def _authentic(self, s: ProxySession, h: Header, payload: bytes, attach: Attach | None, endpoint: Hashable,
+                   new: bool, now: float) -> Answer:
+        """An authentic, fresh message of session ``s``: record it, follow the endpoint, act on it."""
         s.window.update(h.seq)
         s.last_heard = now
         s.counters["rx_messages"] += 1
@@ -183,10 +201,81 @@ class ProxyEnd:
         except WireError as exc:  # authentic but malformed: a counted drop, state kept
             return self._drop(exc.reason)
 
+    # -- the handshake ----------------------------------------------------------------------
+
+    def _handshake(self, h: Header, message: bytes, endpoint: Hashable, now: float) -> Answer:
+        """An ATTACH for a session we do not know.  It opens one only if it carries a cookie of this run
+        that is still good and is sealed under the session key that cookie's nonces make; any other
+        authentic ATTACH (a hello, an old cookie, a replay) draws a challenge and changes nothing."""
+        if h.session in self._closed or h.session == 0:
+            raise WireError(Drop.REPLAYED, f"attach for closed session {h.session:08x}")
+        if len(self.sessions) >= self.max_sessions:
+            raise WireError(Drop.UNKNOWN_SESSION, "session table full")
+        hs = parse_handshake(clear_part(h, message))
+        sid = h.session
+        if hs.hello:
+            keys = [(psk, hello_cipher(psk, sid, hs.host_nonce)) for psk in (self.cipher, *self.old_ciphers)]
+        else:
+            keys = [(psk, session_cipher(psk, sid, hs.host_nonce, hs.proxy_nonce))
+                    for psk in (self.cipher, *self.old_ciphers)]
+        for psk, key in keys:
+            try:
+                attach = parse_attach(open_body(key, h, message))
+            except WireError as exc:
+                if exc.reason == Drop.AUTH_FAILED:
+                    continue  # maybe under the key before the last reload
+                raise
+            age = (int(now) - hs.issued) & 0xFFFFFFFF
+            if (not hs.hello and age <= COOKIE_LIFETIME and attach.epoch == self.epoch
+                    and cookie(self._secret, sid, hs.host_nonce, hs.proxy_nonce, hs.issued) == hs.cookie):
+                s = ProxySession(sid, endpoint, now, now, ReplayWindow(), 1, cipher=key)  # 0 was the EPOCH's
+                self.sessions[sid] = s
+                self.counters["sessions_opened"] += 1
+                self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))
+                return self._authentic(s, h, b"", attach, endpoint, True, now)
+            return self._challenge(psk, sid, hs.host_nonce, endpoint, now)
+        raise WireError(Drop.AUTH_FAILED, "attach does not verify")
+
+    def _challenge(self, psk: Cipher, sid: int, host_nonce: bytes, endpoint: Hashable, now: float) -> Answer:
+        """EPOCH: a fresh nonce (so a fresh session key, whose sequence 0 it takes) and a cookie."""
+        while True:
+            proxy_nonce = self._random(NONCE_LEN)
+            if proxy_nonce != ZERO_NONCE:
+                break
+        issued = int(now) & 0xFFFFFFFF
+        c = Challenge(self.epoch, issued, cookie(self._secret, sid, host_nonce, proxy_nonce, issued))
+        key = session_cipher(psk, sid, host_nonce, proxy_nonce)
+        self._sends.append((endpoint, seal_parts(key, MsgType.EPOCH, self._flag_bits, sid, 0, build_challenge(c),
+                                                 proxy_nonce)))
+        self.counters["epochs_sent"] += 1
+        return self._answer(_CONSUME, Cause.CHALLENGE)
+
+    def _unknown(self, h: Header, message: bytes, endpoint: Hashable, now: float) -> Answer:
+        """A message of a session we do not know (we restarted, or it expired): a counted drop, with a
+        RESET naming it when the message is no smaller and the rate allows."""
+        self._reset_tokens = min(RESET_RATE, self._reset_tokens + max(0.0, now - self._reset_at) * RESET_RATE)
+        self._reset_at = now
+        if h.type in _RESET_TYPES and len(message) >= RESET_LEN and self._reset_tokens >= 1.0:
+            self._reset_tokens -= 1.0
+            flags = self._flag_bits | (int(Flag.PLAINTEXT) if self.cipher.plaintext else 0)
+            header = HEADER.pack(VERSION, MsgType.RESET, flags, 0, h.session, h.seq)
+            self._sends.append((endpoint, header + reset_tag(self.cipher, header)))
+            self.counters["resets_sent"] += 1
+        return self._drop(Drop.UNKNOWN_SESSION)
+
+    def rekey(self, cipher: Cipher) -> None:
+        """A new pre-shared key (key rotation): new sessions derive from it, live ones keep their keys,
+        and hellos under the previous key are still answered until the next reload."""
+        if cipher.plaintext != self.cipher.plaintext:
+            raise ValueError("cannot switch between plaintext and encryption by reloading the key")
+        self.old_ciphers = (self.cipher, *self.old_ciphers)[:1]
+        self.cipher = cipher
+        self.counters["key_reloads"] += 1
+
     def _receive_data(self, s: ProxySession, message: bytes, flags: int, seq: int, now: float) -> Answer:
         mv = memoryview(message)
         try:
-            payload = self.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
+            payload = s.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
         except WireError as exc:
             return self._drop(exc.reason)
         s.window.update(seq)  # only now, authenticated: a forgery cannot move the window
@@ -389,6 +478,9 @@ class ProxyEnd:
         """Timers due at ``now`` (silent sessions, aged MACs): CONSUME, with the events."""
         for s in [s for s in self.sessions.values() if s.last_heard + self.session_timeout <= now]:
             self._close(s, E.EXPIRED, now, "host end silent")
+        closed = self._closed
+        while closed and next(iter(closed.values())) + CLOSED_KEEP <= now:
+            closed.popitem(last=False)
         self.macs.expire(now)
         live = set(m for m, _ in self.macs.items())
         for mac in [m for m in self.addresses if m not in live]:
@@ -424,6 +516,7 @@ class ProxyEnd:
             "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
             "offload": self.offload,
             "epoch": f"{self.epoch:016x}",
+            "key": self.cipher.fingerprint,
             "sessions": [
                 {
                     "session": f"{s.id:08x}",
@@ -449,18 +542,13 @@ class ProxyEnd:
     def _close(self, s: ProxySession, event: E, now: float, why: str) -> None:
         self._step(s, event)
         del self.sessions[s.id]
-        self._closed[s.id] = None
-        while len(self._closed) > 4096:
+        self._closed.pop(s.id, None)
+        self._closed[s.id] = now
+        while len(self._closed) > CLOSED_MAX:
             self._closed.popitem(last=False)
         self.macs.forget_port(s.id)
         self.counters["sessions_closed"] += 1
         self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, s.id, now, s.endpoint, why))
-
-    def _send_epoch(self, session: int, endpoint: Hashable) -> None:
-        seq = EPOCH_SEQ_MIN + int.from_bytes(self._random(7), "big") % (MAX_SEQ + 1 - EPOCH_SEQ_MIN)
-        self._sends.append((endpoint, seal_parts(self.cipher, MsgType.EPOCH, self._flag_bits, session, seq,
-                                               build_epoch(self.epoch))))
-        self.counters["epochs_sent"] += 1
 
     def _send(self, s: ProxySession, mtype: MsgType, payload: bytes) -> bool:
         """Seal a message for session ``s`` into ``sends``; False when its counter ran out."""
@@ -475,7 +563,7 @@ class ProxyEnd:
         if s.send_seq > MAX_SEQ:
             self.counters["seq_exhausted"] += 1  # not a drop by itself: the caller decides
             return None
-        message = seal_parts(self.cipher, mtype, self._flag_bits, s.id, s.send_seq, payload)
+        message = seal_parts(s.cipher, mtype, self._flag_bits, s.id, s.send_seq, payload)
         s.send_seq += 1
         if mtype == MsgType.DATA:
             s.counters["tx_frames"] += 1

@@ -10,8 +10,9 @@ Every tunnel message, over UDP (one per datagram) or TCP (length-framed, see
     | body: sealed payload (payload + 16-byte Poly1305 tag)       |
     +-------------------------------------------------------------+
 
-* ``ver`` is :data:`VERSION`; anything else is rejected, so a later format can
-  change everything after the first byte.
+* ``ver`` is :data:`VERSION` (2: per-session keys; 1 had one key for every
+  session); anything else is rejected, so a later format can change everything
+  after the first byte.
 * ``flags``: :attr:`Flag.FROM_PROXY` says which end sent it (each end accepts only
   the other's messages, and the direction is part of the nonce);
   :attr:`Flag.PLAINTEXT` marks the benchmark-only unencrypted mode;
@@ -19,7 +20,7 @@ Every tunnel message, over UDP (one per datagram) or TCP (length-framed, see
   (little-endian ``struct virtio_net_hdr``) and may be GSO super-frames: both
   ends must run with ``--offload``, a mismatch is a counted MODE_MISMATCH drop.
 * ``session id`` names one attachment of a host end to the proxy; ``sequence`` is
-  the sender's per-session counter (below 2**56, see :mod:`tunnel.crypto`).
+  the sender's per-session counter, from 0 (below 2**56, see :mod:`tunnel.crypto`).
 * The whole header is the AEAD's associated data: changing any bit of it fails
   authentication.
 
@@ -27,15 +28,31 @@ Payloads by type (after decryption):
 
 * ``DATA``: one Ethernet frame (14 bytes or more, at most the configured maximum),
   after the virtio-net header in offload mode.
-* ``ATTACH``: ``u32 previous session`` (0 = none), ``u64 proxy epoch`` (0 = not
-  known yet), ``u8 n``, ``n`` MAC addresses: the VMs the host end serves (VNET's
-  HANDLE command named its MAC the same way).
-* ``EPOCH``: ``u64`` the proxy's epoch, a random number it draws when it starts.
-  The proxy acts on an ATTACH only if it names the current epoch, and answers any
-  other with EPOCH (changing nothing), so an ATTACH captured before a proxy
-  restart cannot be replayed after it.  EPOCH messages use sequence numbers drawn
-  at random from [2**55, 2**56), apart from the session's own counter, and do not
-  move the host's replay window (a replayed EPOCH costs one more round trip).
+* ``ATTACH``: a 52-byte *handshake block* in clear after the header (part of the
+  associated data): ``host nonce`` (16 random bytes, fresh for every session),
+  ``proxy nonce`` (16; zeros in a *hello*), ``u32 issued``, ``cookie`` (16; the
+  proxy's, copied from its EPOCH).  Then, sealed: ``u32 previous session`` (0 =
+  none), ``u64 proxy epoch`` (0 = not known yet), ``u8 n``, ``n`` MAC addresses:
+  the VMs the host end serves (VNET's HANDLE command named its MAC the same way).
+  A hello is sealed under a key derived from the pre-shared key and the host
+  nonce; every later message of the session under the session key, derived from
+  the pre-shared key and *both* nonces (see :mod:`tunnel.crypto`).
+* ``EPOCH`` (the proxy's challenge): the proxy's nonce (16 bytes, fresh for every
+  EPOCH) in clear, then sealed under the session key that nonce makes, at
+  sequence 0: ``u64`` the proxy's epoch (drawn at start), ``u32 issued``, a
+  16-byte cookie (a MAC under a secret the proxy draws at start, over the
+  nonces and ``issued``).  The proxy creates a session only from an ATTACH
+  carrying a cookie of its own run, at most :data:`COOKIE_LIFETIME` seconds old,
+  sealed under the session key; it answers any other authentic ATTACH for a
+  session it does not know with an EPOCH, and nothing else: so an ATTACH
+  captured before a restart, or replayed after its session closed, opens
+  nothing, and the EPOCH it draws is smaller than it.
+* ``RESET``: no payload; the header echoes the session id and sequence number of
+  a message the proxy could not place (no such session), and a 16-byte MAC under
+  a key derived from the pre-shared key follows.  A host end whose acknowledged
+  session it names attaches anew at once (a proxy restarted by ``kill -9`` is
+  found on the first message, not after the dead timer).  Never larger than the
+  message it answers.
 * ``ATTACH_ACK``: ``u64`` sequence number of the ATTACH it answers.
 * ``KEEPALIVE``, ``KEEPALIVE_ACK``, ``DETACH``: empty.
 
@@ -52,7 +69,7 @@ from enum import IntEnum, IntFlag
 
 from conntrack.errors import LocalProtocolError, ParseError
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!BBBBIQ")
 HEADER_LEN = HEADER.size  # 16
 TAG_LEN = 16
@@ -61,6 +78,8 @@ OVERHEAD = HEADER_LEN + TAG_LEN  # 32
 MAX_SEQ = (1 << 56) - 1
 MAX_MACS = 64
 ETH_MIN = 14
+#: Largest control payload with its clear block: an ATTACH naming MAX_MACS MACs.
+MAX_CONTROL = 52 + 13 + 6 * MAX_MACS
 #: Default largest Ethernet frame: 1500-byte MTU + 14 header + two VLAN tags.
 DEFAULT_MAX_FRAME = 1500 + 14 + 8
 
@@ -75,7 +94,8 @@ class MsgType(IntEnum):
     KEEPALIVE = 4
     KEEPALIVE_ACK = 5
     DETACH = 6
-    EPOCH = 7  # proxy -> host: "attach again naming this epoch" (a cookie against replayed ATTACHes)
+    EPOCH = 7  # proxy -> host: the challenge ("attach again with this nonce and cookie")
+    RESET = 8  # proxy -> host: "I know no such session" (echoes the message's session and sequence)
 
 
 class Flag(IntFlag):
@@ -112,6 +132,7 @@ class Drop(IntEnum):
     HAIRPIN = 15  # proxy: destination lives behind the session it came from
     NO_ROUTE = 16  # proxy: destination is on the LAN, frame came from the LAN
     NO_SESSION = 17  # proxy: a LAN frame to flood, and no session to take it
+    STALE = 18  # host: an authentic EPOCH or RESET that no longer applies (a late duplicate or a replay)
 
 
 class WireError(ParseError):
@@ -209,10 +230,6 @@ def parse_attach(buf: bytes | bytearray | memoryview) -> Attach:
     return Attach(macs, previous, epoch)
 
 
-#: EPOCH messages take random sequence numbers from [EPOCH_SEQ_MIN, MAX_SEQ].
-EPOCH_SEQ_MIN = 1 << 55
-
-
 def build_epoch(epoch: int) -> bytes:
     return _U64.pack(epoch)
 
@@ -224,6 +241,84 @@ def parse_epoch(buf: bytes | bytearray | memoryview) -> int:
     if epoch == 0:
         raise WireError(Drop.BAD_PAYLOAD, "epoch 0 is reserved")
     return epoch
+
+
+# -- the handshake ----------------------------------------------------------------------------
+
+NONCE_LEN = 16
+COOKIE_LEN = 16
+ZERO_NONCE = bytes(NONCE_LEN)
+#: Seconds a cookie stays good after the proxy issued it.
+COOKIE_LIFETIME = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """An ATTACH's clear block: the nonces the session key is derived from, and the proxy's cookie."""
+
+    host_nonce: bytes
+    proxy_nonce: bytes = ZERO_NONCE
+    issued: int = 0
+    cookie: bytes = bytes(COOKIE_LEN)
+
+    @property
+    def hello(self) -> bool:
+        """No proxy nonce yet: the first ATTACH of a session, answered with an EPOCH."""
+        return self.proxy_nonce == ZERO_NONCE
+
+
+_HANDSHAKE = struct.Struct(f"!{NONCE_LEN}s{NONCE_LEN}sI{COOKIE_LEN}s")
+HANDSHAKE_LEN = _HANDSHAKE.size  # 52
+
+
+def build_handshake(h: Handshake) -> bytes:
+    if len(h.host_nonce) != NONCE_LEN or len(h.proxy_nonce) != NONCE_LEN or len(h.cookie) != COOKIE_LEN:
+        raise LocalProtocolError(Drop.BAD_PAYLOAD, "nonces and cookie are 16 bytes")
+    if h.host_nonce == ZERO_NONCE:
+        raise LocalProtocolError(Drop.BAD_PAYLOAD, "a host nonce of zeros")
+    return _HANDSHAKE.pack(h.host_nonce, h.proxy_nonce, h.issued & 0xFFFFFFFF, h.cookie)
+
+
+def parse_handshake(buf: bytes | bytearray | memoryview) -> Handshake:
+    if len(buf) != HANDSHAKE_LEN:
+        raise WireError(Drop.TRUNCATED, f"handshake block is {HANDSHAKE_LEN} bytes, have {len(buf)}")
+    host_nonce, proxy_nonce, issued, cookie = _HANDSHAKE.unpack_from(buf, 0)
+    if host_nonce == ZERO_NONCE:
+        raise WireError(Drop.BAD_PAYLOAD, "a host nonce of zeros")
+    return Handshake(host_nonce, proxy_nonce, issued, cookie)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """An EPOCH's sealed payload: the proxy's epoch and the cookie the host end copies into its ATTACH."""
+
+    epoch: int
+    issued: int
+    cookie: bytes
+
+
+_CHALLENGE_TAIL = struct.Struct(f"!I{COOKIE_LEN}s")
+CHALLENGE_LEN = 8 + _CHALLENGE_TAIL.size  # 28
+
+
+def build_challenge(c: Challenge) -> bytes:
+    if len(c.cookie) != COOKIE_LEN:
+        raise LocalProtocolError(Drop.BAD_PAYLOAD, "a cookie is 16 bytes")
+    return build_epoch(c.epoch) + _CHALLENGE_TAIL.pack(c.issued & 0xFFFFFFFF, c.cookie)
+
+
+def parse_challenge(buf: bytes | bytearray | memoryview) -> Challenge:
+    if len(buf) != CHALLENGE_LEN:
+        raise WireError(Drop.BAD_PAYLOAD, f"epoch challenge is {CHALLENGE_LEN} bytes, have {len(buf)}")
+    epoch = parse_epoch(bytes(buf[:8]))
+    issued, cookie = _CHALLENGE_TAIL.unpack_from(buf, 8)
+    return Challenge(epoch, issued, cookie)
+
+
+#: Bytes in clear between the header and the sealed body, by message type (all associated data).
+CLEAR_LEN = {MsgType.ATTACH: HANDSHAKE_LEN, MsgType.EPOCH: NONCE_LEN}
+#: A RESET: the header and a 16-byte MAC, nothing else.
+RESET_LEN = HEADER_LEN + TAG_LEN
 
 
 def build_attach_ack(attach_seq: int) -> bytes:

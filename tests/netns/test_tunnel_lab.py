@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -28,7 +30,8 @@ from tunnel import AeadCipher, HostEnd
 from tools.topology import (
     TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
 )
-from tunnel.crypto import Key
+from tunnel.crypto import Key, seal_parts
+from tunnel.wire import MsgType
 
 ROOT = Path(__file__).resolve().parents[2]
 VM_MAC, VM_IP, PEER_IP, PROXY_IP = TUNNEL_VM_MAC, TUNNEL_VM_IP, TUNNEL_PEER_IP, TUNNEL_PROXY_IP
@@ -300,8 +303,10 @@ def test_forged_and_replayed_frames_are_rejected_and_change_nothing(lab, tmp_pat
         # tampered copies of real messages; then every captured message replayed from there.
         stranger = HostEnd(AeadCipher(Key(os.urandom(32))), [bytes.fromhex(VM_MAC.replace(":", ""))])
         started = stranger.start(0.0)
-        sent = stranger.send_frame(b"\xff" * 6 + bytes.fromhex(VM_MAC.replace(":", "")) + b"\x08\x06" + bytes(28), 0.0)
-        wrong_key = [m for _, m in started.sends] + [sent.data]
+        # (a host end seals no frame before the proxy's EPOCH: the stranger's DATA is sealed by hand)
+        sent = seal_parts(stranger.cipher, MsgType.DATA, 0, stranger.session, 1,
+                          b"\xff" * 6 + bytes.fromhex(VM_MAC.replace(":", "")) + b"\x08\x06" + bytes(28))
+        wrong_key = [m for _, m in started.sends] + [sent]
         # tampered: a fresh sequence number written into the header (the header is authenticated)
         tampered = [m[:8] + (int.from_bytes(m[8:16], "big") + 100_000 + i).to_bytes(8, "big") + m[16:]
                     for i, m in enumerate(captured)]
@@ -506,6 +511,46 @@ def test_proxy_restart_host_reattaches_and_stream_survives(lab, tmp_path):
         wait_for(lambda: stream.received > at_restart + 20_000, 30, "the stream to continue through the new proxy")
         stream.finish()
         assert stream.errors == [], stream.errors
+        assert lab.ping(ns["peer"], VM_IP, count=2) == 2
+    except BaseException:
+        print(t.dump_logs())
+        raise
+
+
+def test_sighup_rotates_the_key_in_both_ends_and_a_killed_proxy_is_rejoined_at_once(lab, tmp_path):
+    """Deployment-shaped: SIGHUP after writing a new key file reloads it in the running proxy and host
+    end (neither stops, the session stays); then the proxy is killed with SIGKILL (no DETACH) and
+    restarted: the host end, whose dead timer is 60 s, re-attaches at its next keepalive, told by
+    the new proxy's RESET; `roam tunnel status` marks the killed proxy's file as not running."""
+    from tools.cmd_tunnel import read_status_dir
+    t = TunnelLab(lab, tmp_path, "udp")
+    ns = t.ns
+    try:
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "proxy to start")
+        host = t.roam(ns["hosta"], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
+                      "--mac", VM_MAC, "--keepalive", "1", "--dead-after", "60", log="hosta")
+        first = wait_for(lambda: t.attached(host), 20, "host end to attach")
+        assert stat.S_IMODE(os.stat(t.status_dir).st_mode) == 0o700
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in t.status_dir.iterdir())
+        new_key = subprocess.run([sys.executable, "-m", "tools.cli", "tunnel", "genkey"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+        t.key.write_text(new_key)
+        os.kill(proxy.pid, signal.SIGHUP)
+        os.kill(host.pid, signal.SIGHUP)
+        rotated = wait_for(lambda: (lambda p, h: (p, h) if p and h and p["key"] != first["key"]
+                                    and h["key"] == p["key"] else None)(t.status(proxy), t.status(host)),
+                           20, "both ends to reload the key")
+        assert proxy.poll() is None and host.poll() is None
+        assert rotated[1]["session"] == first["session"] and rotated[1]["state"] == "ATTACHED"
+        lab.stop(proxy, sig=signal.SIGKILL)
+        stale = [st for st in read_status_dir(str(t.status_dir)) if st["role"] == "proxy"]
+        assert stale and not any(st["alive"] for st in stale)
+        proxy2 = t.start_proxy()
+        wait_for(lambda: t.status(proxy2), 20, "proxy to start again")
+        again = wait_for(lambda: (lambda s: s if s and s["state"] == "ATTACHED" and s["session"] != first["session"]
+                                  else None)(t.status(host)), 20, "host end to re-attach (before its 60 s dead timer)")
+        assert again["counters"].get("resets_received", 0) >= 1 and again["previous"] == first["session"]
         assert lab.ping(ns["peer"], VM_IP, count=2) == 2
     except BaseException:
         print(t.dump_logs())

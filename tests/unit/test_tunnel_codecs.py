@@ -25,7 +25,7 @@ def test_header_round_trip_and_every_cut_is_truncated():
 
 
 @pytest.mark.parametrize("offset,value,reason", [
-    (0, 2, Drop.BAD_VERSION), (1, 0, Drop.BAD_TYPE), (1, 99, Drop.BAD_TYPE),
+    (0, 1, Drop.BAD_VERSION), (0, 3, Drop.BAD_VERSION), (1, 0, Drop.BAD_TYPE),  # 1: before per-session keys (1, 99, Drop.BAD_TYPE),
     (2, 0x80, Drop.BAD_FLAGS), (3, 1, Drop.BAD_FLAGS), (8, 0x01, Drop.BAD_FLAGS),
 ])
 def test_header_field_errors(offset, value, reason):

@@ -32,7 +32,8 @@ EP_B = ("198.51.100.20", 40000)
 def counter_random():
     """Deterministic randomness for session ids / sequence starts (tests only)."""
     c = itertools.count(1)
-    return lambda n: (next(c) * 0x01020304050607).to_bytes(8, "big")[-n:]
+    # n bytes, one count per 8 (nonces are 16 bytes)
+    return lambda n: b"".join((next(c) * 0x01020304050607).to_bytes(8, "big") for _ in range(-(-n // 8)))[-n:]
 
 
 def frame(dst: bytes, src: bytes, payload: bytes = b"x" * 46, ethertype: int = 0x0800) -> bytes:
@@ -351,7 +352,7 @@ def test_forged_tampered_wrong_key_and_junk_change_nothing():
     header_flip = bytearray(good)
     header_flip[1] = MsgType.KEEPALIVE  # type changed: the header is associated data
     cases = [b"", b"\x01", b"junk" * 10, stranger_attach, bytes(forged_same_session), bytes(header_flip),
-             good[:20], b"\x02" + good[1:], good + b"\x00" * 2000]
+             good[:20], b"\x01" + good[1:], good + b"\x00" * 2000]  # version 1: before per-session keys
     for m in cases:
         answer = net.to_proxy(m, evil)
         assert answer.action == Action.DROP and answer.data is None and answer.sends == answer.events == ()
@@ -392,14 +393,16 @@ def test_replay_changes_nothing_even_from_a_new_endpoint():
     assert len(net.lan) == 1
     before = snapshot(net)
     evil = ("203.0.113.66", 666)
-    first_attach, *rest = net.captured["a"]  # the first ATTACH named no epoch yet
-    answer = net.to_proxy(first_attach, evil)  # authentic: answered with EPOCH, nothing else
-    assert answer[:2] == (Action.CONSUME, Cause.CONTROL)
-    assert [(ep, parse_header(m).type) for ep, m in net.take_proxy_out()] == [(evil, MsgType.EPOCH)]
+    first_attach, *rest = net.captured["a"]  # the first ATTACH (the hello) named no epoch yet
+    # A hello of a live session is a replay: dropped, and answered with nothing (it once drew an EPOCH
+    # to whatever source it claimed, and counted as authentic).
+    answer = net.to_proxy(first_attach, evil)
+    assert answer == Answer(Action.DROP, Drop.REPLAYED)
+    assert net.take_proxy_out() == []
     for m in rest:
         assert net.to_proxy(m, evil).action == Action.DROP
     assert snapshot(net) == before
-    assert net.proxy.drops[Drop.REPLAYED] == len(rest)
+    assert net.proxy.drops[Drop.REPLAYED] == len(rest) + 1
     assert len(net.lan) == 1 and net.proxy_out == []
 
 
@@ -507,7 +510,11 @@ def test_unknown_session_data_is_dropped_without_creating_one():
     net, a = attached_pair()
     fresh = ProxyEnd(AeadCipher(KEY))  # a proxy that restarted
     m = a.send_frame(frame(PEER, VM1), net.now).data
-    assert fresh.receive(m, EP_A, net.now) == Answer(Action.DROP, Drop.UNKNOWN_SESSION)
+    answer = fresh.receive(m, EP_A, net.now)
+    assert answer[:3] == (Action.DROP, Drop.UNKNOWN_SESSION, None) and answer.events == ()
+    # ... answered with one RESET naming it, no larger than it (see the re-attach tests)
+    ((to, reset),) = answer.sends
+    assert to == EP_A and parse_header(reset).type == MsgType.RESET and len(reset) <= len(m)
     assert fresh.drops[Drop.UNKNOWN_SESSION] == 1 and not fresh.sessions
 
 

@@ -100,7 +100,8 @@ def play(h: HostEnd, p: ProxyEnd, book: list[tuple[Step, Expect]]) -> list[Expec
 
 def ends():
     c = itertools.count(1)
-    rnd = lambda n: (next(c) * 0x0102030405060708).to_bytes(8, "big")[-n:]  # noqa: E731 - deterministic
+    rnd = lambda n: b"".join((next(c) * 0x0102030405060708).to_bytes(8, "big")  # noqa: E731 - deterministic
+                             for _ in range(-(-n // 8)))[-n:]
     return HostEnd(CIPHER, [VM], retry=0.5), ProxyEnd(CIPHER, random_bytes=rnd)
 
 
@@ -110,35 +111,41 @@ def test_host_playbook_attach_traffic_retry_and_loss_of_the_proxy():
         # input                                       answer expected
         (host("start"),                               Expect(C, Cause.START, sends=(("proxy", M.ATTACH),),
                                                              events=(K.ATTACHING,))),
-        (host("send_frame", frame(PEER, VM)),         Expect(A, Cause.DATA, M.DATA)),  # sealed even while attaching
+        (host("send_frame", frame(PEER, VM)),         Expect(D, Drop.NOT_ATTACHED)),  # no session key before EPOCH
         (host("expire", now=0.4),                     Expect(C, Cause.TIMER)),  # not due yet
         (host("expire", now=0.5),                     Expect(C, Cause.TIMER, sends=(("proxy", M.ATTACH),))),  # retry
-        (proxy("receive", LAST, EP, now=0.5),         Expect(C, Cause.CONTROL, sends=((EP, M.EPOCH),))),
+        (proxy("receive", LAST, EP, now=0.5),         Expect(C, Cause.CHALLENGE, sends=((EP, M.EPOCH),))),
         (host("receive", LAST, now=0.5),              Expect(C, Cause.CONTROL, sends=(("proxy", M.ATTACH),))),
-        (proxy("receive", LAST, EP, now=0.5),         Expect(C, Cause.CONTROL, sends=((EP, M.ATTACH_ACK),),
+        (host("send_frame", frame(PEER, VM), now=0.5), Expect(A, Cause.DATA, M.DATA)),  # sealed while attaching
+        (proxy("receive", LAST, EP, now=0.5),         Expect(D, Drop.UNKNOWN_SESSION, sends=((EP, M.RESET),))),
+        (host("receive", LAST, now=0.5),              Expect(D, Drop.STALE)),  # not acked yet: not a lost session
+        (host("expire", now=2.5),                     Expect(C, Cause.TIMER, sends=(("proxy", M.ATTACH),))),  # retry
+        (proxy("receive", LAST, EP, now=2.5),         Expect(C, Cause.CONTROL, sends=((EP, M.ATTACH_ACK),),
                                                              events=(K.SESSION_OPENED, K.MAC_MOVED))),
-        (host("receive", LAST, now=0.5),              Expect(C, Cause.CONTROL, events=(K.ATTACHED,))),
-        (host("receive", b"junk" * 5, now=0.6),       Expect(D, Drop.BAD_VERSION)),
-        (host("send_frame", b"short", now=0.6),       Expect(D, Drop.TRUNCATED)),
-        (host("send_frame", frame(PEER, VM), now=1),  Expect(A, Cause.DATA, M.DATA)),
-        (proxy("receive", LAST, EP, now=1),           Expect(A, Cause.DATA, frame(PEER, VM))),
-        (proxy("from_lan", frame(VM, PEER), now=1),   Expect(A, Cause.DATA, sends=((EP, M.DATA),))),
-        (host("receive", LAST, now=1),                Expect(A, Cause.DATA, frame(VM, PEER))),
-        (host("expire", now=5.5),                     Expect(C, Cause.TIMER, sends=(("proxy", M.KEEPALIVE),))),
-        (proxy("receive", LAST, EP, now=5.5),         Expect(C, Cause.CONTROL, sends=((EP, M.KEEPALIVE_ACK),))),
-        (host("receive", LAST, now=5.5),              Expect(C, Cause.CONTROL)),
-        # The proxy goes silent: 15 s later the host end gives the session up and attaches anew.
-        (host("expire", now=20.5),                    Expect(C, Cause.TIMER, sends=(("proxy", M.ATTACH),),
+        (host("receive", LAST, now=2.5),              Expect(C, Cause.CONTROL, events=(K.ATTACHED,))),
+        (host("receive", b"junk" * 5, now=2.6),       Expect(D, Drop.BAD_VERSION)),
+        (host("send_frame", b"short", now=2.6),       Expect(D, Drop.TRUNCATED)),
+        (host("send_frame", frame(PEER, VM), now=3),  Expect(A, Cause.DATA, M.DATA)),
+        (proxy("receive", LAST, EP, now=3),           Expect(A, Cause.DATA, frame(PEER, VM))),
+        (proxy("from_lan", frame(VM, PEER), now=3),   Expect(A, Cause.DATA, sends=((EP, M.DATA),))),
+        (host("receive", LAST, now=3),                Expect(A, Cause.DATA, frame(VM, PEER))),
+        (host("expire", now=7.5),                     Expect(C, Cause.TIMER, sends=(("proxy", M.KEEPALIVE),))),
+        (proxy("receive", LAST, EP, now=7.5),         Expect(C, Cause.CONTROL, sends=((EP, M.KEEPALIVE_ACK),))),
+        (host("receive", LAST, now=7.5),              Expect(C, Cause.CONTROL)),
+        # The proxy goes silent: 15 s after it was last heard the host end gives the session up and attaches anew.
+        (host("expire", now=22.5),                    Expect(C, Cause.TIMER, sends=(("proxy", M.ATTACH),),
                                                              events=(K.SESSION_CLOSED, K.NEW_SESSION_ID,
                                                                      K.ATTACHING))),
-        (proxy("receive", LAST, EP, now=20.5),        Expect(C, Cause.CONTROL, sends=((EP, M.ATTACH_ACK),),
+        (proxy("receive", LAST, EP, now=22.5),        Expect(C, Cause.CHALLENGE, sends=((EP, M.EPOCH),))),
+        (host("receive", LAST, now=22.5),             Expect(C, Cause.CONTROL, sends=(("proxy", M.ATTACH),))),
+        (proxy("receive", LAST, EP, now=22.5),        Expect(C, Cause.CONTROL, sends=((EP, M.ATTACH_ACK),),
                                                              events=(K.SESSION_OPENED, K.SESSION_CLOSED,
                                                                      K.MAC_MOVED))),
-        (host("receive", LAST, now=20.5),             Expect(C, Cause.CONTROL, events=(K.ATTACHED,))),
-        (host("close", now=21),                       Expect(C, Cause.CLOSE, sends=(("proxy", M.DETACH),),
+        (host("receive", LAST, now=22.5),             Expect(C, Cause.CONTROL, events=(K.ATTACHED,))),
+        (host("close", now=23),                       Expect(C, Cause.CLOSE, sends=(("proxy", M.DETACH),),
                                                              events=(K.SESSION_CLOSED,))),
-        (proxy("receive", LAST, EP, now=21),          Expect(C, Cause.CONTROL, events=(K.SESSION_CLOSED,))),
-        (host("send_frame", frame(PEER, VM), now=22), Expect(D, Drop.NOT_ATTACHED)),
+        (proxy("receive", LAST, EP, now=23),          Expect(C, Cause.CONTROL, events=(K.SESSION_CLOSED,))),
+        (host("send_frame", frame(PEER, VM), now=24), Expect(D, Drop.NOT_ATTACHED)),
     ]
     assert play(h, p, book) == [expect for _, expect in book]
     assert h.state == SessionState.CLOSED and not p.sessions
@@ -150,7 +157,7 @@ def test_proxy_playbook_roaming_announcements_replays_and_expiry():
     book = [
         (host("start"),                               Expect(C, Cause.START, sends=(("proxy", M.ATTACH),),
                                                              events=(K.ATTACHING,))),
-        (proxy("receive", LAST, EP),                  Expect(C, Cause.CONTROL, sends=((EP, M.EPOCH),))),
+        (proxy("receive", LAST, EP),                  Expect(C, Cause.CHALLENGE, sends=((EP, M.EPOCH),))),
         (host("receive", LAST),                       Expect(C, Cause.CONTROL, sends=(("proxy", M.ATTACH),))),
         (proxy("receive", LAST, EP),                  Expect(C, Cause.CONTROL, sends=((EP, M.ATTACH_ACK),),
                                                              events=(K.SESSION_OPENED, K.MAC_MOVED))),
@@ -159,7 +166,7 @@ def test_proxy_playbook_roaming_announcements_replays_and_expiry():
         (host("send_frame", arp_from(VM, ip)),        Expect(A, Cause.DATA, M.DATA)),
         (proxy("receive", LAST, EP),                  Expect(A, Cause.DATA, arp_from(VM, ip))),  # to the LAN
         (proxy("from_lan", frame(PEER, PEER)),        Expect(D, Drop.NO_ROUTE)),  # LAN to LAN: not ours
-        (proxy("receive", b"\x01\x63" + bytes(38), EP), Expect(D, Drop.BAD_TYPE)),  # type 99
+        (proxy("receive", b"\x02\x63" + bytes(38), EP), Expect(D, Drop.BAD_TYPE)),  # type 99
         # The host end's address changes: the ATTACH from the new endpoint moves the session there,
         # and the proxy announces the VM's address on the LAN (gratuitous ARP).
         (host("roamed", now=2),                       Expect(C, Cause.ROAMED, sends=(("proxy", M.ATTACH),),

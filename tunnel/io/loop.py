@@ -11,6 +11,14 @@ drivers only say where ``data`` and each ``sends`` destination go
 (:meth:`Driver.send_to`).  The clock is passed in
 (``clock=time.monotonic`` from the command line), so nothing here reads it on its own.
 
+Signals: :meth:`Driver.request_stop` (SIGTERM, SIGINT) and :meth:`Driver.request_reload`
+(SIGHUP: the key file is read again with :attr:`Driver.key_loader` and given to the
+engine's ``rekey``, live sessions kept) only set a flag and wake the loop.
+
+The status file (``<role>-<pid>.json``, mode 0600 in a 0700 directory: it names
+sessions, endpoints and MACs) carries the pid and the process's start time, so
+``roam tunnel status`` can tell a file left by a dead end (or a reused pid).
+
 Hostile networks.  Errors the network hands back (ICMP errors surfacing as
 ECONNREFUSED, ENETUNREACH while an address changes, resets, EMFILE on accept) are
 counted in the driver's counters and logged (at most once per :data:`LOG_EVERY`
@@ -72,13 +80,19 @@ class Driver:
         self.sel.register(tap.fileno(), selectors.EVENT_READ, self._on_tap)
         self.status_path = None
         if status_dir:
-            os.makedirs(status_dir, exist_ok=True)
+            os.makedirs(status_dir, mode=0o700, exist_ok=True)
+            st = os.stat(status_dir)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:  # made by an older roam: tighten it
+                os.chmod(status_dir, 0o700)
             self.status_path = os.path.join(status_dir, f"{self.role}-{os.getpid()}.json")
         self._next_status = 0.0
         self._status_dirty = False  # an event happened: publish the status at once
         self.started = clock()
         self.extra_status: dict = {}
         self._log_next: dict[str, float] = {}
+        #: Reads the key file again on SIGHUP (set by the command line); None: nothing to reload.
+        self.key_loader: Callable[[], object] | None = None
+        self._reload = False
 
     # -- the one answer helper ----------------------------------------------------------------
 
@@ -141,6 +155,34 @@ class Driver:
         except OSError:
             pass
 
+    # signal-safe: sets a flag and wakes the selector
+    def request_reload(self, *_args) -> None:
+        self._reload = True
+        try:
+            self._wake_w.send(b"r")
+        except OSError:
+            pass
+
+    def reload(self, now: float) -> bool:
+        """SIGHUP: a new key for the engine's next sessions (rotation); live ones keep theirs.  A key
+        that cannot be read leaves the running one in place."""
+        self._reload = False
+        if self.key_loader is None:
+            log.info("%s: SIGHUP: nothing to reload", self.role)
+            return False
+        try:
+            cipher = self.key_loader()
+            self.engine.rekey(cipher)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the running key stays
+            self.counters["reload_errors"] += 1
+            log.error("%s: SIGHUP: key not reloaded, keeping the running one: %s", self.role, exc)
+            return False
+        self.counters["reloads"] += 1
+        self._status_dirty = True
+        log.info("%s: SIGHUP: key reloaded (fingerprint %s); %s kept", self.role,
+                 getattr(cipher, "fingerprint", "?"), "sessions" if self.role == "proxy" else "the session")
+        return True
+
     def _on_wake(self, _mask: int) -> None:
         try:
             self._wake_r.recv(64)
@@ -179,6 +221,8 @@ class Driver:
         which deadline() includes) and the status file only when due, then one select (at most
         ``max_wait`` seconds; the tests pass 0) whose handlers move the frames and flush."""
         now = self.clock()
+        if self._reload:
+            self.reload(now)
         d = self.deadline()
         if d is not None and d <= now:
             self.carry(self.engine.expire(now), now)
@@ -207,7 +251,7 @@ class Driver:
 
     def status(self, now: float) -> dict:
         st = self.engine.status(now)
-        st.update(pid=os.getpid(), tap=self.tap.name, tap_mtu=self.tap.mtu, uptime=round(now - self.started, 3),
+        st.update(pid=os.getpid(), pid_start=process_start(os.getpid()), tap=self.tap.name, tap_mtu=self.tap.mtu, uptime=round(now - self.started, 3),
                   drops=dict(self.drops), driver=dict(self.counters), **self.extra_status)
         return st
 
@@ -216,7 +260,9 @@ class Driver:
             return
         tmp = self.status_path + ".tmp"
         try:
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a .tmp left by an older roam may have been wider
+            with os.fdopen(fd, "w") as f:
                 json.dump(self.status(now), f, indent=1, default=str)
             os.replace(tmp, self.status_path)
         except OSError as exc:  # EMFILE under a flood, a full disk: the status waits, the tunnel goes on
@@ -247,3 +293,17 @@ class Driver:
 
     def close_sockets(self) -> None:
         pass
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): with the pid,
+    it names one process, so a status file whose pid was reused is still seen as stale."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None

@@ -10,8 +10,11 @@ sent an authentic message, or is refused when all are authenticated), closes a
 connection that has sent nothing authentic within ``tcp_auth_timeout`` seconds of
 opening (or, once authenticated, within ``tcp_idle_timeout`` of its last authentic
 message), and stops accepting for :data:`ACCEPT_PAUSE` seconds when accept() runs out
-of descriptors or memory.  A message is authentic when the engine's answer is not a
-DROP (ACCEPT and CONSUME come only after authentication).
+of descriptors or memory.  A message counts as authentic when the engine's answer
+proves its sender holds the key now (:func:`tunnel.events.proves_peer`): not a DROP,
+and not the CHALLENGE any ATTACH of an unknown session draws, for a replayed ATTACH
+draws it too (replayed on every connection, it once locked a restarted proxy's host
+ends out until the idle timeout).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Callable, Hashable
 
 from conntrack.answer import Action
 
+from ..events import proves_peer
 from ..proxy import TO_LAN, ProxyEnd
 from ..wire import WireError
 from .loop import BATCH, Driver
@@ -234,7 +238,7 @@ class ProxyDriver(Driver):
             if data:
                 try:
                     for m in c.decoder.feed(data):
-                        if self.carry(self.engine.receive(m, c.endpoint, now), now, TO_LAN).action != _DROP:
+                        if proves_peer(self.carry(self.engine.receive(m, c.endpoint, now), now, TO_LAN)):
                             c.last_authentic = now
                 except WireError as exc:  # the stream cannot be resynchronised: a counted drop, closed
                     self.drop(exc.reason.name.lower(), now)
