@@ -29,6 +29,7 @@ from conntrack import ParseError, Proto, build, parse_frame, parse_ip
 from conntrack.packet import EtherType
 
 from . import wire
+from .linux import ICMP_HOST_UNREACH, ICMP_NET_UNREACH, LINUX_NEIGH
 from .world import Clock, Loss, Network, Site
 
 if TYPE_CHECKING:
@@ -190,7 +191,13 @@ class HostOnly(Mode):
             self.net.lose(tag, Loss.PARSE)
             return
         net, mask = self.lan
-        self.net.lose(tag, Loss.NO_HOLDER if dst & mask == net else Loss.NO_ROUTE)
+        if dst & mask == net:  # its own neighbour resolution fails (Linux's defaults), then it tells itself
+            self.net.lose(tag, Loss.NO_HOLDER)
+            p = LINUX_NEIGH
+            self.vm.unreachable(data, tag, ICMP_HOST_UNREACH, p.mcast_probes * p.retrans)
+        else:  # no route: the call fails at once (connect, send: ENETUNREACH)
+            self.net.lose(tag, Loss.NO_ROUTE)
+            self.vm.unreachable(data, tag, ICMP_NET_UNREACH)
 
     def vm_address(self) -> bytes:
         return self.address

@@ -4,8 +4,14 @@
   next event is taken.  Nothing here reads the wall clock.
 * :class:`Network` routes an IPv4 packet by its destination address: the longest
   site prefix that covers it, then whoever currently *holds* the address on that
-  site's LAN.  An address no prefix covers, or one nobody holds any more, is lost,
-  and the loss is written down with a :class:`Loss` reason.
+  site's LAN.  Its routers do what Linux routers do (``sim.linux``): a packet no prefix
+  covers is answered with ICMP net unreachable (``ip_error``); a site's gateway finds the
+  address's holder with neighbour resolution (``neigh_timer_handler``'s states and timers),
+  keeps sending to a machine that left until its entry goes stale and its probes fail,
+  and answers the packets it held while resolving with ICMP host unreachable
+  (``arp_error_report`` -> ``ipv4_link_failure``).  Every loss is counted with a
+  :class:`Loss` reason; only the ones an endpoint or a component reports are kept per
+  connection for the judge.
 * Packets travel as ``(bytes, tag)``: the bytes are the real datagram the engines
   read and rewrite; the tag is the simulator's own bookkeeping (which scenario
   connection a packet belongs to), used only to explain *why* a connection that
@@ -20,7 +26,9 @@ from collections import Counter
 from enum import IntEnum
 from typing import Callable
 
-from conntrack import ParseError, parse_ip
+from conntrack import ParseError, Proto, build, parse_ip
+
+from .linux import ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ROUTER_NEIGH, NeighParams
 
 Receiver = Callable[[bytes, int], None]
 
@@ -42,11 +50,29 @@ class Loss(IntEnum):
     ENGINE_ERROR = 13  # an engine raised instead of giving a verdict (a bug, reported)
 
 
-#: Losses that make a timed-out connection "unreachable" rather than plain "timed out": a router
-#: or the sender's own stack would say so (ICMP unreachable, no route, address gone).  A packet a
-#: NAT translated for a VM that has left its host is not among them: the ICMP error that host
-#: could send quotes the translated packet, which the peer cannot match (the lab agrees).
+#: Losses that make a timed-out connection "unreachable" rather than plain "timed out".
 UNREACHABLE_LOSSES = frozenset({Loss.NO_ROUTE, Loss.NO_HOLDER, Loss.ADDRESS_GONE})
+#: The losses kept per connection for the judge (``Network.losses``): those its endpoints or a
+#: component can report in every backend -- the sender's own address gone (its socket says so),
+#: a NAT's own drop reason.  A router's verdict reaches the endpoints as the ICMP error it sends,
+#: which their stacks read; other losses (downtime, link loss, a packet to a machine that left
+#: while its old entry is still fresh) are silent, in the lab as here.
+REPORTED_LOSSES = frozenset({Loss.ADDRESS_GONE, Loss.NO_MAPPING})
+
+#: Linux quotes up to 576 bytes of IP in an ICMP error (``icmp_send``): the offending packet's head.
+ICMP_QUOTE = 576 - 20 - 8
+
+
+def icmp_unreachable(src: bytes, data: bytes, code: int) -> bytes | None:
+    """ICMP destination unreachable from ``src`` about packet ``data``, to its sender; None where
+    ``icmp_send`` stays silent (an ICMP error about an ICMP error, a non-first fragment, bad bytes)."""
+    try:
+        pkt = parse_ip(data)
+    except ParseError:
+        return None
+    if pkt.family != 4 or pkt.l4 < 0 or pkt.is_icmp_error:
+        return None
+    return build.icmp(src, pkt.src, ICMP_DEST_UNREACH, code, 0, bytes(data[:ICMP_QUOTE]))
 
 
 class Clock:
@@ -86,14 +112,44 @@ class Clock:
             self.now = until
 
 
+class Nud(IntEnum):
+    """A neighbour entry's state (include/net/neighbour.h NUD_*)."""
+
+    NONE = 0
+    INCOMPLETE = 1  # resolving: packets wait in its queue
+    REACHABLE = 2  # confirmed within the reachable time: packets go to its link-layer address
+    STALE = 3  # not confirmed lately: still used, the next packet starts a check
+    DELAY = 4  # used while stale: a check starts after delay_first_probe
+    PROBE = 5  # unicast probes to the old link-layer address; packets still go there
+    FAILED = 6  # resolution failed: the next packet starts over
+
+
+class Neighbour:
+    """One address in a gateway's neighbour table; ``lladdr`` is the receiver that answered (its MAC)."""
+
+    __slots__ = ("state", "lladdr", "confirmed", "used", "probes", "queue", "gen")
+
+    def __init__(self) -> None:
+        self.state = Nud.NONE
+        self.lladdr: Receiver | None = None
+        self.confirmed = self.used = -1e9
+        self.probes = 0
+        self.queue: list[tuple[bytes, int]] = []
+        self.gen = 0
+
+
 class Site:
-    """A LAN with a prefix routed to it; ``holders`` maps each address present to its receiver."""
+    """A LAN with a prefix routed to it; ``holders`` maps each address present to its receiver.
+
+    ``neigh``: the gateway's neighbour parameters (None: a point-to-point link to one machine, as a
+    peer's /32, where nothing is resolved and a machine that stops answering is just silent).
+    """
 
     __slots__ = ("name", "prefix", "net", "mask", "gateway", "latency", "loss", "lan_latency",
-                 "holders", "_leases", "_next_lease", "reserved")
+                 "holders", "_leases", "_next_lease", "reserved", "neigh", "neighbours")
 
     def __init__(self, name: str, prefix: str, gateway: str | None = None, latency: float = 0.005,
-                 loss: float = 0.0, lan_latency: float = 0.0002) -> None:
+                 loss: float = 0.0, lan_latency: float = 0.0002, neigh: NeighParams | None = ROUTER_NEIGH) -> None:
         net = ipaddress.IPv4Network(prefix)
         self.name = name
         self.prefix = net
@@ -109,6 +165,8 @@ class Site:
         self._leases: dict[bytes, bytes] = {}  # MAC -> leased address (DHCP remembers clients)
         self._next_lease = 100
         self.reserved: set[bytes] = {self.gateway}
+        self.neigh = neigh if net.prefixlen < 32 else None
+        self.neighbours: dict[bytes, Neighbour] = {}
 
     def covers(self, packed: bytes) -> int:
         """The prefix length if this site's prefix covers the address, else -1."""
@@ -140,8 +198,9 @@ class Network:
         self.rng = rng
         self.sites: list[Site] = []
         self._route_cache: dict[bytes, Site | None] = {}
-        self.losses: dict[int, Loss] = {}  # tag -> last loss reason seen for it
+        self.losses: dict[int, Loss] = {}  # tag -> the last loss reported for it (REPORTED_LOSSES)
         self.lost_at: dict[int, float] = {}  # tag -> when that was
+        self.last_loss: dict[int, Loss] = {}  # tag -> the last loss of any kind (bookkeeping, tests)
         self.drops: Counter[Loss] = Counter()
         self.packets = 0  # packets handed to the network
         self.tap: Callable[[float, bytes], None] | None = None  # e.g. a pcap writer
@@ -168,8 +227,10 @@ class Network:
     def lose(self, tag: int, why: Loss) -> None:
         self.drops[why] += 1
         if tag >= 0:
-            self.losses[tag] = why
-            self.lost_at[tag] = self.clock.now
+            self.last_loss[tag] = why
+            if why in REPORTED_LOSSES:
+                self.losses[tag] = why
+                self.lost_at[tag] = self.clock.now
 
     def send(self, data: bytes, tag: int, from_site: Site) -> None:
         """Send an IPv4 packet from a node on ``from_site`` towards its destination."""
@@ -184,6 +245,7 @@ class Network:
         site = self.route(dst)
         if site is None:
             self.lose(tag, Loss.NO_ROUTE)
+            self._icmp(from_site, data, tag, ICMP_NET_UNREACH)  # ``ip_error``: the first router answers
             return
         rng = self.rng
         if site is from_site:
@@ -198,11 +260,112 @@ class Network:
                 return
         self.clock.after(delay, self._arrive, (site, dst), (data, tag))
 
+    def _icmp(self, site: Site, data: bytes, tag: int, code: int) -> None:
+        """The gateway of ``site`` answers ``data`` with ICMP destination unreachable (the lab's routers have
+        no ICMP rate limit: ``tools.topology.INET_SYSCTL``)."""
+        msg = icmp_unreachable(site.gateway, data, code)
+        if msg is not None:
+            self.send(msg, -1, site)  # its own packet: its fate is no connection's loss
+
     def _arrive(self, where, packet) -> None:
         site, dst = where
         data, tag = packet
+        if site.neigh is None:
+            holder = site.holders.get(dst)
+            if holder is None:
+                self.lose(tag, Loss.NO_HOLDER)
+                return
+            holder(data, tag)
+            return
+        self._resolve(site, dst, data, tag)
+
+    # -------------------------------------------------------------- neighbour resolution (neighbour.c)
+    def _resolve(self, site: Site, dst: bytes, data: bytes, tag: int) -> None:
+        """``neigh_resolve_output`` -> ``__neigh_event_send``: send, queue, or start resolving."""
+        n = site.neighbours.get(dst)
+        if n is None:
+            n = site.neighbours[dst] = Neighbour()
+        now = self.clock.now
+        n.used = now
+        if n.state in (Nud.NONE, Nud.FAILED):
+            n.state, n.probes = Nud.INCOMPLETE, site.neigh.ucast_probes
+            n.queue = [(data, tag)]
+            self._neigh_timer(site, dst, n)  # the first probe goes at once
+            return
+        if n.state == Nud.INCOMPLETE:
+            if len(n.queue) >= site.neigh.queue:
+                old_data, old_tag = n.queue.pop(0)
+                self.lose(old_tag, Loss.NO_HOLDER)
+            n.queue.append((data, tag))
+            return
+        if n.state == Nud.STALE:
+            n.state = Nud.DELAY
+            self._neigh_arm(site, dst, n, now + site.neigh.delay_first_probe)
+        self._to_lladdr(site, dst, n, data, tag)
+
+    def _to_lladdr(self, site: Site, dst: bytes, n: Neighbour, data: bytes, tag: int) -> None:
+        """A frame to the entry's link-layer address: taken only if that machine still holds the address."""
         holder = site.holders.get(dst)
-        if holder is None:
+        if holder is None or holder != n.lladdr:
             self.lose(tag, Loss.NO_HOLDER)
             return
         holder(data, tag)
+
+    def _neigh_arm(self, site: Site, dst: bytes, n: Neighbour, when: float) -> None:
+        n.gen += 1
+        self.clock.at(when, Network._neigh_fire, (self, site, dst), (n, n.gen))
+
+    @staticmethod
+    def _neigh_fire(where, which) -> None:
+        net, site, dst = where
+        n, gen = which
+        if gen == n.gen:
+            net._neigh_timer(site, dst, n)
+
+    def _neigh_timer(self, site: Site, dst: bytes, n: Neighbour) -> None:
+        """``neigh_timer_handler``: the state's timer ran out (or a new entry's first probe)."""
+        p, now = site.neigh, self.clock.now
+        if n.state == Nud.REACHABLE:
+            if now < n.confirmed + p.reachable:
+                self._neigh_arm(site, dst, n, n.confirmed + p.reachable)
+            elif now <= n.used + p.delay_first_probe:
+                n.state = Nud.DELAY
+                self._neigh_arm(site, dst, n, now + p.delay_first_probe)
+            else:
+                n.state = Nud.STALE
+            return
+        if n.state == Nud.DELAY:
+            if now <= n.confirmed + p.delay_first_probe:
+                self._reachable(site, dst, n, n.lladdr)
+                return
+            n.state, n.probes = Nud.PROBE, 0
+        if n.state not in (Nud.INCOMPLETE, Nud.PROBE):
+            return
+        limit = p.ucast_probes + (p.mcast_probes if n.state == Nud.INCOMPLETE else 0)
+        if n.probes >= limit:
+            self._failed(site, n)
+            return
+        n.probes += 1
+        holder = site.holders.get(dst)
+        # INCOMPLETE broadcasts its request (whoever holds the address answers); PROBE asks the old MAC
+        if holder is not None and (n.state == Nud.INCOMPLETE or holder == n.lladdr):
+            self._reachable(site, dst, n, holder)
+            return
+        self._neigh_arm(site, dst, n, now + p.retrans)
+
+    def _reachable(self, site: Site, dst: bytes, n: Neighbour, holder: Receiver) -> None:
+        """An answer (``neigh_update`` to NUD_REACHABLE): the held packets go out."""
+        n.state, n.lladdr, n.confirmed = Nud.REACHABLE, holder, self.clock.now
+        queue, n.queue = n.queue, []
+        self._neigh_arm(site, dst, n, n.confirmed + site.neigh.reachable)
+        for data, tag in queue:
+            holder(data, tag)
+
+    def _failed(self, site: Site, n: Neighbour) -> None:
+        """``neigh_invalidate``: every held packet is answered with ICMP host unreachable."""
+        n.state = Nud.FAILED
+        n.gen += 1
+        queue, n.queue = n.queue, []
+        for data, tag in queue:
+            self.lose(tag, Loss.NO_HOLDER)
+            self._icmp(site, data, tag, ICMP_HOST_UNREACH)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import random
 
-from conntrack import build
+import pytest
+
+from conntrack import build, parse_ip
 from sim import wire
 from sim.world import Clock, Loss, Network, Site
 
@@ -55,11 +57,18 @@ def test_packet_is_delivered_to_the_holder_after_both_latencies():
 
 def test_unroutable_and_unheld_addresses_are_lost_with_their_reason():
     clock, net, lan, _, peer = _net()
+    back: list = []
+    peer.holders[wire.addr("198.51.100.10")] = lambda data, tag: back.append((clock.now, parse_ip(data)))
     net.send(build.udp(wire.addr("198.51.100.10"), wire.addr("198.18.0.9"), 1, 2), 1, peer)
     net.send(build.udp(wire.addr("198.51.100.10"), wire.addr("203.0.113.77"), 1, 2), 2, peer)
     clock.run(1.0)
-    assert net.losses == {1: Loss.NO_ROUTE, 2: Loss.NO_HOLDER}
+    assert net.last_loss == {1: Loss.NO_ROUTE, 2: Loss.NO_HOLDER}
+    assert net.losses == {}  # a router's verdict reaches endpoints as ICMP, not as bookkeeping
     assert net.drops[Loss.NO_ROUTE] == net.drops[Loss.NO_HOLDER] == 1
+    # and the routers said so: net unreachable at once (ip_error), host unreachable once the LAN
+    # gateway's three ARP probes went unanswered (0.25 s apart, as the lab's routers: sim.linux.ROUTER_NEIGH)
+    assert [(p.icmp_type, p.icmp_code) for _, p in back] == [(3, 0), (3, 1)]
+    assert back[0][0] == pytest.approx(0.0002) and back[1][0] == pytest.approx(0.025 + 0.75 + 0.025)
 
 
 def test_link_loss_is_seeded_and_counted():
