@@ -37,7 +37,8 @@ class NatReason(IntEnum):
     TRANSLATED = 0
     HAIRPINNED = 1
     ICMP_ERROR_TRANSLATED = 2
-    HOST_FLOW = 3  # the NAT host's own traffic from the external address: tracked, not rewritten
+    HOST_FLOW = 3  # the NAT host's own traffic on the external address (from it, or to it with
+    #               no mapping when a host stack stands behind it): tracked, not rewritten
     NOT_OURS = 4  # a hairpin-stage packet that is no hairpin (e.g. to the host itself): passed as it is
     MALFORMED = 10  # did not parse: ParseError
     NOT_IPV4 = 11

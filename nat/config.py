@@ -41,6 +41,8 @@ TOML (roam)::
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -52,6 +54,9 @@ UDP_MIN = 120
 TCP_ESTABLISHED_MIN = 7440
 TCP_TRANSITORY_MIN = 240
 ICMP_MIN = 60
+#: "No timeout" (nat.conf's ``[udp] timeout = 0``): a finite lifetime no flow reaches (~136
+#: years), because the tracker files deadlines by whole seconds and infinity has none.
+NO_TIMEOUT = float(2 ** 32)
 
 
 class Filtering(IntEnum):
@@ -155,6 +160,8 @@ def _seconds(text, where: str) -> float:
         v = float(text)
     except (TypeError, ValueError):
         raise ConfigError(where, f"timeout {text!r} is not a number of seconds") from None
+    if not math.isfinite(v):
+        raise ConfigError(where, f"timeout {text!r} is not a finite number of seconds")
     if not v > 0:
         raise ConfigError(where, f"timeout {v} must be positive")
     return v
@@ -185,13 +192,26 @@ def check_minimums(cfg: NatConfig) -> NatConfig:
                     "below 1024 below 1024)")
     if cfg.port_range[0] < 1024:
         warn.append(f"port range {cfg.port_range[0]}-{cfg.port_range[1]} starts below 1024 (RFC 4787 REQ-3a)")
-    seen = {}
-    for f in cfg.forwards:
-        key = (f.proto, f.external_port)
-        if key in seen:
-            raise ConfigError("", f"{Proto(f.proto).name} port {f.external_port} is mapped twice")
-        seen[key] = f
+    warn.extend(forwards_outside(cfg))
     return replace(cfg, warnings=tuple(warn))
+
+
+def forwards_outside(cfg: NatConfig) -> list[str]:
+    """A warning for every inbound mapping to an address outside the internal networks (its
+    answers would not come back through the NAT as internal traffic); none without networks."""
+    nets = cfg.networks()
+    return [f"{Proto(f.proto).name} port {f.external_port} forwards to {f.internal_ip}, outside the internal "
+            f"network ({', '.join(cfg.internal)})" for f in cfg.forwards
+            if nets and not any(ipaddress.IPv4Address(f.internal_ip) in n for n in nets)]
+
+
+def _check_duplicate(seen: dict, f: PortForward, where: str) -> None:
+    """A second inbound mapping of one external port is an error naming both places."""
+    key = (f.proto, f.external_port)
+    if key in seen:
+        raise ConfigError(where, f"{Proto(f.proto).name} port {f.external_port} is mapped twice "
+                                 f"(first at {seen[key]})")
+    seen[key] = where
 
 
 # ----------------------------------------------------------------------------- nat.conf
@@ -208,6 +228,7 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
     warnings: list[str] = []
     warned_sections: set[str] = set()
     other: dict[str, list[tuple[str, str]]] = {}
+    seen_ports: dict = {}
     for n, raw in enumerate(text.splitlines(), 1):
         where = f"{name}:{n}"
         line = raw.split("#", 1)[0].split(";", 1)[0].strip()
@@ -243,7 +264,12 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
                 warnings.append(f"{where}: [host] {key} ignored")
         elif section == "udp":
             if k == "timeout":
-                kw["udp_timeout"] = _seconds(value, where) if value != "-1" else 86400.0
+                if value == "0":  # VMware: no timeout
+                    kw["udp_timeout"] = NO_TIMEOUT
+                    warnings.append(f"{where}: [udp] timeout = 0: UDP mappings never time out (VMware's "
+                                    "meaning); ports stay taken until a flow is reclaimed under pressure")
+                else:
+                    kw["udp_timeout"] = _seconds(value, where) if value != "-1" else 86400.0
             else:
                 warnings.append(f"{where}: [udp] {key} ignored")
         elif section == "tcp":
@@ -258,6 +284,7 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
             ext = _port(key, where, "external port")
             ip, port = _endpoint(value, where)
             forwards.append(PortForward(int(proto), ext, ip, port))
+            _check_duplicate(seen_ports, forwards[-1], where)
         elif section == "roam":
             _roam_key(kw, k, value, where)
     if host_ip is not None:
@@ -338,11 +365,12 @@ def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
             for k, v in _table(value, where).items():
                 if k not in _TIMEOUT_KEYS:
                     raise ConfigError(f"{where}.{k}", f"unknown timeout (known: {', '.join(_TIMEOUT_KEYS)})")
-                kw[_TIMEOUT_KEYS[k]] = _seconds(v, f"{where}.{k}")
+                kw[_TIMEOUT_KEYS[k]] = _seconds(v, _toml_where(text, name, key, k))
         elif key == "inbound":
             if not isinstance(value, list):
                 raise ConfigError(where, "use [[inbound]] tables")
             fw = []
+            seen_ports: dict = {}
             for i, item in enumerate(value, 1):
                 w = f"{name}: inbound #{i}"
                 item = _table(item, w)
@@ -357,6 +385,7 @@ def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
                 ip, port = _endpoint(item["to"], w)
                 fw.append(PortForward(int(Proto.TCP if proto == "tcp" else Proto.UDP),
                                       _port(item["port"], w), ip, port))
+                _check_duplicate(seen_ports, fw[-1], w)
             kw["forwards"] = tuple(fw)
         else:
             warnings.append(f"{where}: unknown key or table ignored")
@@ -364,6 +393,20 @@ def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
         return check_minimums(NatConfig(warnings=tuple(warnings), **kw))
     except ConfigError as exc:
         raise ConfigError(name, exc.message) from None
+
+
+def _toml_where(text: str, name: str, table: str, key: str) -> str:
+    """``name:LINE: table.key`` for a key of a TOML table (tomllib keeps no lines): the first
+    ``key =`` after the table's header, or a dotted ``table.key =``; without a line if not found."""
+    inside = False
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.split("#", 1)[0].strip()
+        if s.startswith("["):
+            inside = s.strip("[] ") == table
+        elif re.match(rf"{re.escape(key)}\s*=", s) and inside or re.match(rf"{re.escape(table)}\s*\.\s*"
+                                                                          rf"{re.escape(key)}\s*=", s):
+            return f"{name}:{n}: {table}.{key}"
+    return f"{name}: {table}.{key}"
 
 
 def _table(value, where: str) -> dict:

@@ -30,11 +30,13 @@ from conntrack.timeouts import Timeouts
 from . import snapshot
 from .answers import NatReason, Side, Stage
 from .config import NatConfig
-from .events import AddressChanged, FlowsRestored
+from .events import AddressChanged, FlowsRestored, Reclaimed
 from .mapping import Binding, MapEntry, Mapping, MappingTable
 from .rewrite import rewrite, rewrite_icmp_error
 
 _JOURNAL = 4096  # events no packet caused, kept until pop_events (the oldest go first, counted)
+_RECLAIM_BATCH = 64  # unreplied flows ended at least per full-pool round (fewer scans of the table)
+_RECLAIM_QUIET = 1.0  # seconds without a scan after one found nothing to reclaim
 _PORTED = (Proto.TCP, Proto.UDP)
 _DROP_COUNTER = {r: "dropped_" + r.name.lower() for r in NatReason}
 _DROP_WHY = {Why.TABLE_FULL: NatReason.TABLE_FULL, Why.TCP_INVALID: NatReason.INVALID,
@@ -79,7 +81,14 @@ class NatEngine:
     #: hold the fast path to the general one in the property tests).
     fast_path = True
 
-    def __init__(self, config: NatConfig, external_ip: str | None = None, seed: int | None = None) -> None:
+    def __init__(self, config: NatConfig, external_ip: str | None = None, seed: int | None = None,
+                 host_stack: bool = False) -> None:
+        #: Whether a host's own network stack stands behind the external address (the plugin):
+        #: then inbound traffic that no mapping claims is the host's (its sshd, its pings) and
+        #: goes to it as under MASQUERADE, tracked so that no VM gets its port meanwhile.
+        #: Without one (offline captures, the simulator) such traffic is dropped (NO_MAPPING).
+        self.host_stack = host_stack
+        self._reclaim_quiet = float("-inf")
         self._nets = [(int(n.network_address), int(n.netmask)) for n in config.networks()]
         self.table = ConnTable(nat_timeouts(config), capacity=config.capacity)
         self.counters: Counter[str] = Counter()
@@ -170,12 +179,12 @@ class NatEngine:
                     if c is not None:
                         b = c.extra
                         d = 0 if key == c.original else 1
+                        if b is not None and b.internal >> d & 1 == side:  # bit d set: from the inside
+                            return self._drop(NatReason.WRONG_SIDE)  # before any state change
                         if b is not None and table.track_conn(c, d, flags, total, now):
                             if table.has_events:  # UPDATEs only (track_conn destroys nothing)
                                 self._drain()
                                 self._to_journal()  # so no NAT event of this packet: any is older
-                            if b.internal >> d & 1 == side:  # bit d set: from the inside (side 0)
-                                return self._drop(NatReason.WRONG_SIDE)
                             # The rewrite with the deltas Binding.prepare summed ahead: RFC 1624 eqn 3
                             # as conntrack.checksum.adjust (the reference) does it, inline as a call
                             # costs ~25 ns more per checksum (measured: 2.5% of this path); two folds
@@ -235,6 +244,9 @@ class NatEngine:
             if side == Side.INTERNAL:
                 return self._new_outbound(buf, pkt, now, stage)
             return self._new_inbound(buf, pkt, now)
+        b = c.extra
+        if b is not None and bool(b.internal >> (0 if key == c.original else 1) & 1) != (side == Side.INTERNAL):
+            return self._drop(NatReason.WRONG_SIDE)  # before the tracker sees it: no state change
         tr = self.table.track(pkt, now)
         if tr.ctstate == CtState.INVALID or tr.conn is None or tr.conn.extra is None:
             self._drain()
@@ -243,7 +255,7 @@ class NatEngine:
         if self.table.has_events:
             self._drain()
         d = tr.direction
-        if bool(b.internal >> d & 1) != (side == Side.INTERNAL):
+        if bool(b.internal >> d & 1) != (side == Side.INTERNAL):  # a reopened tuple: a new entry
             return self._drop(NatReason.WRONG_SIDE)
         if stage == Stage.HAIRPIN_DST:
             return self._half(buf, pkt, b, d)
@@ -294,7 +306,7 @@ class NatEngine:
         if not self.is_internal(src):
             return self._drop(NatReason.NOT_INTERNAL_SOURCE)
         maps = self.mapping_table
-        entry = maps.outbound(proto, src, sport)
+        entry = maps.outbound(proto, src, sport, lambda rng: self._reclaim(proto, rng, now))
         if entry is None:
             return self._drop(NatReason.POOL_FULL)
         eport = entry.mapping.external_port
@@ -338,18 +350,73 @@ class NatEngine:
         a = self._open(buf, pkt, now, None, b, Side.INTERNAL)
         return a._replace(reason=NatReason.HOST_FLOW) if a.action == _ACCEPT else a
 
+    def _reclaim(self, proto: int, rng, now: float) -> bool:
+        """A full port range (``rng``, a :class:`~nat.ports.PortRange`): end the oldest VM flows
+        of ``proto`` that never got a reply, holding ports of it (at least a batch, then until
+        a port is free); True if one is.  The host's own flows are left alone."""
+        if now < self._reclaim_quiet:
+            return False
+        ext = self.external_ip
+        victims = []
+        for c in self.table:
+            b = c.extra
+            if b is None or c.proto != proto or c.seen_reply:
+                continue
+            for e, _, _ in b.attached:
+                m = e.mapping
+                if not m.static and m.internal_ip != ext and m.external_port in rng:
+                    victims.append(c)
+                    break
+        victims.sort(key=lambda c: c.deadline)
+        n = 0
+        for c in victims:
+            if n >= _RECLAIM_BATCH and not rng.full():
+                break
+            self.table.remove(c, now, Why.EARLY_DROP)
+            self._drain()
+            n += 1
+        if not n:
+            self._reclaim_quiet = now + _RECLAIM_QUIET
+            return False
+        self.counters["reclaimed_unreplied"] += n
+        self.counters["reclaim_rounds"] += 1
+        self._events.append(Reclaimed(proto, n, self.counters["reclaim_rounds"]))
+        return not rng.full()
+
     def _new_inbound(self, buf: bytearray, pkt: Packet, now: float) -> Answer:
         src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
         if dst != self.external_ip:
             return self._drop(NatReason.NOT_EXTERNAL_ADDRESS)
         if proto == Proto.ICMP:
+            if self.host_stack and pkt.icmp_type in (8, 13, 15, 17):
+                return self._new_host_inbound(buf, pkt, now)  # a ping of the host itself
             return self._drop(NatReason.NO_MAPPING)  # no inbound ICMP query mappings
         target = self._inbound_entry(proto, dport, src, sport)
+        if target is NatReason.NO_MAPPING and self.host_stack:
+            return self._new_host_inbound(buf, pkt, now)
         if not isinstance(target, MapEntry):
             return self._drop(target)
         ip, port = target.mapping.internal_ip, target.mapping.internal_port
         b = Binding((src, ip, sport, port), (dst, src, dport, sport), 2, [(target, src, sport)])
         return self._open(buf, pkt, now, FlowTuple(proto, ip, src, port, sport), b, Side.EXTERNAL)
+
+    def _new_host_inbound(self, buf: bytearray, pkt: Packet, now: float) -> Answer:
+        """Inbound traffic no mapping claims, for the host itself (``host_stack``): passed as it
+        is, tracked so its answers go out and its port is held like a mapping's meanwhile."""
+        src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
+        icmp = proto == Proto.ICMP
+        entry = self.mapping_table.host(proto, dst, sport if icmp else dport)
+        if entry is None:
+            return self._drop(NatReason.HOST_PORT_CLASH)
+        if icmp:
+            b = Binding((src, dst, sport, 0), (dst, src, sport, 0), 2, [(entry, src, sport)])
+        else:
+            b = Binding((src, dst, sport, dport), (dst, src, dport, sport), 2, [(entry, src, sport)])
+        a = self._open(buf, pkt, now, None, b, Side.EXTERNAL)
+        if a.action != _ACCEPT:
+            return a
+        self.counters["host_flows_in"] += 1
+        return a._replace(reason=NatReason.HOST_FLOW)
 
     def _inbound_entry(self, proto: int, eport: int, rip: bytes, rport: int) -> MapEntry | NatReason:
         e = self.mapping_table.inbound(proto, eport)

@@ -72,6 +72,27 @@ class PoolFull:
 
 
 @dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """A port pool was full: the oldest flows that never got a reply were ended to make room
+    (Linux's early drop of unassured entries), so a flood of unanswered UDP cannot hold every
+    port for the whole UDP timeout.  ``rounds`` counts such rounds so far; the 1st, 2nd, 4th...
+    is a warning."""
+
+    proto: int
+    flows: int
+    rounds: int
+
+    @property
+    def level(self) -> int:
+        n = self.rounds
+        return WARNING if n & (n - 1) == 0 else DEBUG
+
+    def __str__(self) -> str:
+        return (f"port pool for {Proto(self.proto).name} full: {self.flows} unreplied flows ended to make room "
+                f"({self.rounds} times so far)")
+
+
+@dataclass(frozen=True, slots=True)
 class AddressChanged:
     """The external address changed or vanished (None): every mapping on the old one died."""
 
@@ -118,4 +139,4 @@ class FlowsRestored:
         return f"restored {self.flows} flows" + (" (moved to this external address)" if self.rebound else "")
 
 
-NatEvent = MappingCreated | MappingFreed | PoolFull | AddressChanged | ConfigWarning | Reloaded | FlowsRestored
+NatEvent = MappingCreated | MappingFreed | PoolFull | Reclaimed | AddressChanged | ConfigWarning | Reloaded | FlowsRestored

@@ -143,12 +143,19 @@ class MappingTable:
         return e
 
     # ------------------------------------------------------------------ lookups and allocation
-    def outbound(self, proto: int, ip: bytes, port: int) -> MapEntry | None:
-        """The mapping of an internal endpoint, made if there is none (None: its pool is full)."""
+    def outbound(self, proto: int, ip: bytes, port: int, reclaim=None) -> MapEntry | None:
+        """The mapping of an internal endpoint, made if there is none (None: its pool is full).
+
+        ``reclaim(port_range)``, when the range this port's class allocates from is full, may
+        end flows to free some of it (the engine's: unreplied flows, oldest first); then one
+        more try."""
         e = self.by_internal.get((proto, ip, port))
         if e is not None:
             return e
-        eport = self.pools[proto].allocate(port)
+        pool = self.pools[proto]
+        eport = pool.allocate(port)
+        if eport is None and reclaim is not None and reclaim(pool.class_of(port)):
+            eport = pool.allocate(port)
         if eport is None:
             c = self._counters
             c["pool_full"] += 1

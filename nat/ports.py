@@ -75,14 +75,15 @@ class PortPool:
         self.high = PortRange(*high, reserved=reserved, rng=rng)
         self.low = PortRange(*low, reserved=reserved, rng=rng) if low else None
 
-    def _class(self, internal_port: int) -> PortRange:
+    def class_of(self, internal_port: int) -> PortRange:
+        """The range an internal port's external port comes from (RFC 4787 REQ-3a)."""
         if self.low is not None and internal_port < 1024:
             return self.low
         return self.high
 
     def allocate(self, internal_port: int) -> int | None:
         """An external port for ``internal_port``: itself if possible, else one of its class."""
-        r = self._class(internal_port)
+        r = self.class_of(internal_port)
         if r.take(internal_port):
             return internal_port
         return r.allocate()

@@ -28,7 +28,7 @@ from conntrack.build import fill_l4_checksum
 
 from .. import snapshot
 from ..answers import NatReason, Side, Stage
-from ..config import ConfigError, NatConfig, load
+from ..config import ConfigError, NatConfig, forwards_outside, load
 from ..engine import NatEngine
 from . import PluginError
 from .interfaces import AddressEvents, iface_address, iface_index, iface_networks, resolve_internal
@@ -77,7 +77,10 @@ class Plugin:
         if not nets:
             raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
         self.cfg = cfg.with_(internal=nets)
-        self.engine = NatEngine(self.cfg, iface_address(external))
+        for w in forwards_outside(self.cfg) if nets != cfg.internal else ():  # the config's own were checked
+            log.warning("%s", w)
+        # a host stack stands behind the external address: what no mapping claims is the host's
+        self.engine = NatEngine(self.cfg, iface_address(external), host_stack=True)
         self._process = self.engine.process
         self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning)
         self.ext_index = 0
@@ -264,48 +267,57 @@ class Plugin:
         log_events(self.engine.pop_events())
 
     def run(self) -> int:
+        """Run until SIGTERM/SIGINT (0).  Fail-closed at every instant: the signal handlers come
+        before any rule, so a signal at any point of start-up ends in the ``finally`` that
+        removes them (and closes the queue); ours go in before a dead run's come out."""
         from netfilterqueue import NetfilterQueue
 
         os.makedirs(os.path.dirname(self.status_path) or ".", exist_ok=True)
-        if self.restore:
-            self._restore()
-        stale = self.rules.remove_stale()
-        if stale:
-            log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
-        try:
-            if self.gso:
-                nfq = NfQueue(self.queue, gso=True)
-                nfq.batch = True
-            else:
-                nfq = NetfilterQueue()
-                nfq.bind(self.queue, self._on_packet, max_len=4096)
-        except OSError as exc:
-            raise PluginError(f"cannot bind NFQUEUE {self.queue}: {exc}") from None
-        addrs = None
         rsig, wsig = socket.socketpair()
         rsig.setblocking(False)
         wsig.setblocking(False)
         old_handlers = {}
-        packets = None
-        nfsock = None
+        nfq = addrs = packets = nfsock = None
+        ours = False  # past the owner check: the rules of this queue are ours to remove
+        started = False  # rules went in: a snapshot and a status to leave
         try:
+            signal.set_wakeup_fd(wsig.fileno())
+            for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
+                            (signal.SIGHUP, self._sig_reload)):
+                old_handlers[sig] = signal.signal(sig, fn)
+            if self.restore:
+                self._restore()
+            self.rules.check_owners()
+            ours = True
+            try:
+                if self.gso:
+                    nfq = NfQueue(self.queue, gso=True)
+                    nfq.batch = True
+                else:
+                    nfq = NetfilterQueue()
+                    nfq.bind(self.queue, self._on_packet, max_len=4096)
+            except OSError as exc:
+                raise PluginError(f"cannot bind NFQUEUE {self.queue}: {exc}") from None
             addrs = AddressEvents()
             with self._lock:
                 self._refresh_address()
+                started = True
                 self.rules.install(self.engine.status()["external_ip"])
                 log_events(self.engine.pop_events())
+            stale = self.rules.remove_stale()  # only now: ours match first already
+            if stale:
+                log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
             # The packet thread blocks in the binding's own recv loop (one syscall a packet, no
             # select round per wake-up); the receive timeout lets it see a stop when idle.
             nfsock = nfq.sock if self.gso else socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
             nfsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                               struct.pack("ll", 0, int(_RECV_TIMEOUT * 1e6)))
-            signal.set_wakeup_fd(wsig.fileno())
-            for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
-                            (signal.SIGHUP, self._sig_reload)):
-                old_handlers[sig] = signal.signal(sig, fn)
             with self._lock:
                 self._refresh_address()
                 log_events(self.engine.pop_events())
+            if self._stop:  # a signal during start-up
+                log.info("roam nat stopped during start-up")
+                return 0
             log.info("roam nat running: queue %d, external %s (%s), internal %s", self.queue, self.external,
                      self.engine.status()["external_ip"], ", ".join(self.cfg.internal))
             self._write_status()
@@ -316,35 +328,39 @@ class Plugin:
             log.info("roam nat stopping")
             return 0
         finally:
-            signal.set_wakeup_fd(-1)
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
             removed = 0
-            try:
-                removed = self.rules.remove()
-            except Exception as exc:  # still unbind and save
-                log.error("removing rules failed: %s", exc)
+            if ours:
+                try:
+                    removed = self.rules.remove()
+                except Exception as exc:  # still unbind and save
+                    log.error("removing rules failed: %s", exc)
             self._stop_packets = True
             if packets is not None:
                 packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
                 if packets.is_alive():
                     log.error("packet thread did not stop")
             try:
-                nfq.close() if self.gso else nfq.unbind()
+                if nfq is not None:
+                    nfq.close() if self.gso else nfq.unbind()
             except Exception:
                 pass
             if nfsock is not None and not self.gso:
                 nfsock.close()
             if addrs is not None:
                 addrs.close()
+            if started:
+                try:
+                    self._write_snapshot(force=True)
+                    self._write_status()
+                except OSError as exc:
+                    log.error("final snapshot/status not written: %s", exc)
+                log.info("removed %d rules", removed)
+            # the handlers go last: a signal while rules were being removed changed nothing
+            signal.set_wakeup_fd(-1)
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
             rsig.close()
             wsig.close()
-            try:
-                self._write_snapshot(force=True)
-                self._write_status()
-            except OSError as exc:
-                log.error("final snapshot/status not written: %s", exc)
-            log.info("removed %d rules", removed)
 
     def _main_loop(self, addrs: AddressEvents, rsig: socket.socket) -> None:
         """Address events, signals and housekeeping until a stop (the packet thread runs apart)."""

@@ -11,7 +11,9 @@ So the kernel's own tracker sees only internal-side tuples in both directions an
 consistent, and no kernel NAT is involved.  No ``--queue-bypass``: with no listener the
 kernel drops queued packets, so nothing leaves untranslated while the rules exist
 (running, crashed or killed).  Rules carry the comment ``roam-nat qN pid P``; a start
-replaces rules of a dead owner and refuses to run beside a live one.
+refuses to run beside a live owner (of this queue, or of any queue on this external
+interface), inserts its own rules ahead of a dead owner's and only then deletes those:
+there is no instant without a rule, so a restart after ``kill -9`` leaks nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import os
 import re
 
 from . import PluginError
+
+_ANY = "roam-nat q"  # the start of every roam nat rule's comment, whatever its queue
 
 
 class Rules:
@@ -45,31 +49,73 @@ class Rules:
         t.refresh()
         return iptc.Chain(t, cname)
 
-    def _comments(self, rule) -> str | None:
+    def _comments(self, rule, prefix: str | None = None) -> str | None:
+        prefix = self.tag if prefix is None else prefix
         for m in rule.matches:
-            if m.name == "comment" and (m.comment or "").startswith(self.tag):
+            if m.name == "comment" and (m.comment or "").startswith(prefix):
                 return m.comment
         return None
 
-    def _each(self):
+    def _each(self, prefix: str | None = None):
+        """(table, chain name, chain, rule, comment) of every rule whose comment starts with
+        ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's)."""
         for tname, cname in (("raw", "PREROUTING"), ("mangle", "POSTROUTING")):
             chain = self._chain(tname, cname)
             for rule in list(chain.rules):
-                c = self._comments(rule)
+                c = self._comments(rule, prefix)
                 if c is not None:
                     yield tname, cname, chain, rule, c
 
+    def _mine(self, comment: str) -> bool:
+        return comment == self.mine or comment.startswith(self.mine + " ")
+
+    def _on_our_interface(self, rule) -> bool:
+        return any((getattr(rule, a) or "").lstrip("!") == self.external for a in ("in_interface", "out_interface"))
+
+    def _concerns_us(self, rule, comment: str) -> bool:
+        """A rule of this queue, or of another queue NATing the same external interface."""
+        return comment.startswith(self.tag) or self._on_our_interface(rule)
+
+    def check_owners(self) -> None:
+        """Refuse to start beside a live roam nat on this queue or on this external interface
+        (two NATs on one interface would each drop what the other translated)."""
+        for tname, cname, _, rule, c in self._each(_ANY):
+            pid = _pid_of(c)
+            if not pid or pid == os.getpid() or not _is_roam(pid) or not self._concerns_us(rule, c):
+                continue
+            if c.startswith(self.tag):
+                raise PluginError(f"queue {self.queue} is in use by roam nat pid {pid} "
+                                  f"(rule '{c}' in {tname} {cname}); stop it or use another --queue")
+            raise PluginError(f"interface {self.external} is already NATed by roam nat pid {pid} on another queue "
+                              f"(rule '{c}' in {tname} {cname}); stop it first")
+
     def remove_stale(self) -> int:
-        """Delete rules left by a dead run on this queue; refuse if their owner lives."""
-        n = 0
-        for tname, cname, chain, rule, c in list(self._each()):
+        """Delete rules left by dead runs on this queue or this interface; refuse if their owner lives.
+
+        Called once ours are in (inserted first, so they match first): at no instant is there
+        no rule queueing the interface's packets -- a restart after ``kill -9`` leaks nothing."""
+        def stale(rule, c: str) -> bool:
+            if self._mine(c) or not self._concerns_us(rule, c):
+                return False
             pid = _pid_of(c)
             if pid and pid != os.getpid() and _is_roam(pid):
                 raise PluginError(f"queue {self.queue} is in use by roam nat pid {pid} "
-                                  f"(rule '{c}' in {tname} {cname}); stop it or use another --queue")
-            chain.delete_rule(rule)
-            n += 1
-        return n
+                                  f"(rule '{c}'); stop it or use another --queue")
+            return True
+        return self._delete_where(stale, _ANY)
+
+    def _delete_where(self, pred, prefix: str | None = None) -> int:
+        """Delete every rule ``pred(rule, comment)`` picks, one at a time: a commit leaves the
+        rules listed before it unusable for the next delete (python-iptables), so list again."""
+        n = 0
+        while True:
+            for _, _, chain, rule, c in self._each(prefix):
+                if pred(rule, c):
+                    chain.delete_rule(rule)
+                    n += 1
+                    break
+            else:
+                return n
 
     def _add(self, tname: str, cname: str, comment: str, *, in_if: str | None = None, out_if: str | None = None,
              src: str | None = None, dst: str | None = None) -> None:
@@ -102,21 +148,17 @@ class Rules:
         """Point the hairpin rules at the external address (none while there is no address)."""
         if not self.hairpin:
             return
-        for _, _, chain, rule, c in list(self._each()):
-            if c.endswith("hairpin-dst"):
-                chain.delete_rule(rule)
-        if external_ip:
+        # the new ones first, then the old ones (by their other address): never none in between
+        have = {rule.dst.split("/")[0] for _, _, _, rule, _ in self._each(self.mine + " hairpin-dst")}
+        if external_ip and external_ip not in have:
             for net in self.internal:
                 self._add("raw", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external, src=net,
                           dst=external_ip)
+        self._delete_where(lambda rule, c: c.endswith("hairpin-dst") and rule.dst.split("/")[0] != external_ip)
 
     def remove(self) -> int:
         """Delete our rules (by comment: ours and, harmlessly, stale ones of this queue)."""
-        n = 0
-        for _, _, chain, rule, _ in list(self._each()):
-            chain.delete_rule(rule)
-            n += 1
-        return n
+        return self._delete_where(lambda rule, c: True)
 
 
 def _pid_of(comment: str) -> int:

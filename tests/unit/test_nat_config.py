@@ -50,7 +50,10 @@ def test_defaults_are_rfc_minimums_without_warnings():
     ("[udp\n", "nat.conf:1", "section header"),
     ("[incomingudp]\nnonsense\n", "nat.conf:2", "expected KEY = VALUE"),
     ("[host]\nip = 198.18.0.1\n", "nat.conf:2", "needs a netmask"),
-    ("[incomingtcp]\n80 = 1.2.3.4:80\n80 = 1.2.3.5:80\n", "nat.conf", "mapped twice"),
+    ("[incomingtcp]\n80 = 1.2.3.4:80\n80 = 1.2.3.5:80\n", "nat.conf:3", "mapped twice (first at nat.conf:2)"),
+    ("[udp]\ntimeout = inf\n", "nat.conf:2", "not a finite number"),
+    ("[tcp]\n\ntimeout = 1e400\n", "nat.conf:3", "not a finite number"),
+    ("[tcp]\ntimeWaitTimeout = nan\n", "nat.conf:2", "not a finite number"),
 ])
 def test_nat_conf_errors_name_the_line(text, where, msg):
     with pytest.raises(ConfigError) as ei:
@@ -119,3 +122,52 @@ def test_examples_parse():
     assert files, "examples/nat holds sample configs"
     for f in files:
         load(str(f))
+
+
+@pytest.mark.parametrize("text,where", [
+    ('internal = ["198.18.0.0/24"]\n[timeouts]\nudp = inf\n', "nat.toml:3: timeouts.udp"),
+    ('[timeouts]\ntcp_established = 60.0\nudp = 1e400\n', "nat.toml:3: timeouts.udp"),
+    ('timeouts.icmp = -inf\n', "nat.toml:1: timeouts.icmp"),
+    ('[timeouts]\nicmp = nan\n', "nat.toml:2: timeouts.icmp"),
+])
+def test_toml_non_finite_timeouts_rejected_with_the_line(text, where):
+    """inf/1e400 used to be taken, then crashed every new flow (math.floor(inf) in the tracker)."""
+    with pytest.raises(ConfigError) as ei:
+        parse_toml(text)
+    assert ei.value.where == where and "not a finite number" in ei.value.message
+
+
+def test_nat_conf_udp_timeout_zero_means_none_with_a_warning():
+    from nat.config import NO_TIMEOUT
+    cfg = parse_nat_conf("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n[udp]\ntimeout = 0\n")
+    assert cfg.udp_timeout == NO_TIMEOUT and NO_TIMEOUT >= 2 ** 32
+    assert any(w.startswith("nat.conf:5: [udp] timeout = 0: UDP mappings never time out") for w in cfg.warnings)
+    assert not any("below the RFC" in w for w in cfg.warnings)
+    with pytest.raises(ConfigError, match="must be positive"):  # roam's TOML says what it means
+        parse_toml("[timeouts]\nudp = 0\n")
+
+
+def test_nat_conf_udp_timeout_zero_keeps_a_flow_forever():
+    from nat import NatEngine, Side
+    from .nat_support import PEER, VM, udp
+    cfg = parse_nat_conf("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n[udp]\ntimeout = 0\n")
+    e = NatEngine(cfg, "203.0.113.1", seed=1)
+    assert e.process(udp(VM, PEER, 5000, 53), Side.INTERNAL, 0).action.name == "ACCEPT"
+    e.expire(10 * 365 * 86400.0)
+    assert e.status()["flows"] == 1 and e.status()["mappings_live"] == 1
+
+
+def test_duplicate_inbound_port_in_toml_names_its_table():
+    with pytest.raises(ConfigError) as ei:
+        parse_toml('[[inbound]]\nproto = "tcp"\nport = 80\nto = "198.18.0.2:80"\n'
+                   '[[inbound]]\nproto = "tcp"\nport = 80\nto = "198.18.0.3:80"\n')
+    assert ei.value.where == "nat.toml: inbound #2" and "first at nat.toml: inbound #1" in ei.value.message
+
+
+def test_forward_outside_the_internal_network_warns():
+    cfg = parse_nat_conf("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n[incomingtcp]\n"
+                         "8080 = 198.18.0.2:80\n8081 = 10.9.9.9:80\n")
+    outside = [w for w in cfg.warnings if "outside the internal network" in w]
+    assert outside == ["TCP port 8081 forwards to 10.9.9.9, outside the internal network (198.18.0.0/24)"]
+    t = parse_toml('internal = ["198.18.0.0/24"]\n[[inbound]]\nproto = "udp"\nport = 53\nto = "192.0.2.1:53"\n')
+    assert any("UDP port 53 forwards to 192.0.2.1, outside" in w for w in t.warnings)

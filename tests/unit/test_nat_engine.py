@@ -104,6 +104,8 @@ def test_full_pool_drops_new_flow_keeps_existing():
     e = engine('[ports]\nrange = "30000-30001"\n')
     a = out(e, udp(VM, PEER, 30000, 1))
     b = out(e, udp(VM2, PEER, 30000, 1))
+    for v in (a, b):  # answered flows hold the pool: nothing to reclaim
+        inn(e, udp(PEER, EXT, 1, IP(v.data)[UDP].sport))
     c = out(e, udp(VM2, PEER, 40000, 1))
     assert a.action == b.action == Action.ACCEPT
     assert c.action == Action.DROP and c.reason == NatReason.POOL_FULL
@@ -406,6 +408,7 @@ def test_pool_full_event_is_loud_at_powers_of_two():
     from nat.events import WARNING, PoolFull
     e = engine('[ports]\nrange = "30000-30000"\n')
     out(e, udp(VM, PEER, 30000, 1))
+    inn(e, udp(PEER, EXT, 1, 30000))  # answered: not reclaimable
     levels = []
     for i in range(4):
         a = out(e, udp(VM2, PEER, 40000 + i, 1))

@@ -112,3 +112,72 @@ def test_answer_events_are_logged_by_the_driver(caplog):
     caplog.set_level(logging.DEBUG, logger="roam.nat")
     p._answer(HOOK_POSTROUTING, INT_IF, EXT_IF, raw(IP(src=VM, dst=PEER) / UDP(sport=7000, dport=53)), 0)
     assert [r.getMessage() for r in caplog.records] == [f"mapping created: UDP {VM}:7000 -> {EXT}:7000"]
+
+
+class _RecordingRules:
+    """Rules that record what the plugin asks, with the SIGTERM handler in force at each step."""
+
+    def __init__(self, plugin, log):
+        self.plugin, self.log = plugin, log
+
+    def _note(self, what):
+        import signal
+        self.log.append((what, signal.getsignal(signal.SIGTERM) == self.plugin._sig_stop))
+
+    def check_owners(self):
+        self._note("check_owners")
+
+    def install(self, external_ip):
+        self._note("install")
+        self.plugin._stop = True  # a SIGTERM right after the rules went in
+
+    def remove_stale(self):
+        self._note("remove_stale")
+        return 0
+
+    def remove(self):
+        self._note("remove")
+        return 4
+
+
+class _FakeQueue:
+    def __init__(self, queue, gso=True):
+        import socket
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.batch = False
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+class _FakeAddressEvents:
+    def close(self):
+        pass
+
+
+def test_signal_handlers_cover_every_instant_with_rules(monkeypatch, tmp_path):
+    """Issue 10: a SIGTERM during start-up left drop-everything rules (installed before the
+    handlers), and the handlers went back to the default before the rules came out.  The
+    handlers must be the plugin's before the first rule and until the last one is gone;
+    ours go in before a dead run's come out."""
+    import signal
+
+    from nat.netfilter import plugin as plugin_mod
+
+    monkeypatch.setattr(plugin_mod, "NfQueue", _FakeQueue)
+    monkeypatch.setattr(plugin_mod, "AddressEvents", _FakeAddressEvents)
+    p = _plugin()
+    log = []
+    p.rules = _RecordingRules(p, log)
+    p.restore, p.gso, p.queue, p.external, p.cfg = False, True, 3, "ext0", p.engine.config
+    p.status_path, p.snapshot_path = str(tmp_path / "st.json"), str(tmp_path / "snap.json")
+    p.wall, p._stop, p._reload, p._snap_mark = (lambda: 0.0), False, False, None
+    p._stop_packets, p._packet_error = False, None
+    p._refresh_address = lambda: None
+    before = signal.getsignal(signal.SIGTERM)
+    assert p.run() == 0
+    assert log == [("check_owners", True), ("install", True), ("remove_stale", True), ("remove", True)]
+    assert signal.getsignal(signal.SIGTERM) == before  # given back, after the rules went
+    assert (tmp_path / "snap.json").exists()

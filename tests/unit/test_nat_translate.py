@@ -84,3 +84,51 @@ def test_translate_config_error_names_line(tmp_path, capsys):
         assert f"{conf}:2" in str(exc.code)
     else:
         raise AssertionError("a bad config must stop the run")
+
+
+def test_translate_writes_the_format_it_read_gzip_pcapng(tmp_path, capsys):
+    """Issue 12: a gzip'd pcapng in gives a gzip'd pcapng out (it used to be plain pcap)."""
+    import gzip
+
+    from conntrack.pcap import open_capture, write_capture
+
+    conf = tmp_path / "nat.toml"
+    conf.write_text('internal = ["198.18.0.0/24"]\nexternal_ip = "203.0.113.1"\n')
+    pkts = [(1000.5, raw(IP(src=VM, dst=PEER) / UDP(sport=5000, dport=53) / b"q"), LinkType.RAW),
+            (1000.75, raw(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=PEER, dst=EXT) /
+                          UDP(sport=53, dport=5000) / b"a"), LinkType.ETHERNET)]
+    a, b = tmp_path / "a.pcapng.gz", tmp_path / "b.pcapng.gz"
+    with open(a, "wb") as f:
+        write_capture(f, pkts, LinkType.RAW, fmt="pcapng", compressed=True)
+    assert main(["nat", "translate", "--config", str(conf), "--in", str(a), "--out", str(b)]) == 0
+    assert open(b, "rb").read(2) == b"\x1f\x8b"
+    assert gzip.open(b).read(4) == b"\x0a\x0d\x0d\x0a"  # a pcapng section header inside
+    with open(b, "rb") as f:
+        cap = open_capture(f)
+        recs = list(cap)
+    assert (cap.format, cap.compressed) == ("pcapng", True)
+    assert [(r.time, r.linktype) for r in recs] == [(1000.5, LinkType.RAW), (1000.75, LinkType.ETHERNET)]
+    assert IP(recs[0].data).src == EXT and Ether(recs[1].data)[IP].dst == VM
+    assert checksums_ok(recs[0].data) and checksums_ok(raw(Ether(recs[1].data)[IP]))
+    assert "2 records, 2 written" in capsys.readouterr().err
+
+
+def test_translate_rst_before_any_reply_no_traceback(tmp_path, capsys):
+    """Issue 10: an RST before any reply (outbound, and inbound through a mapping) used to
+    crash the packet path; translate printed a traceback."""
+    conf = tmp_path / "nat.conf"
+    conf.write_text(CONF)
+    rst = bytes.fromhex("45000028000100004006f2b1c6120002c00002099c4001bb00000002000000005004200069c50000")
+    pkts = [raw(IP(src=VM, dst=PEER) / TCP(sport=40000, dport=443, flags="S")), rst,
+            raw(IP(src=PEER, dst=EXT) / TCP(sport=3333, dport=8080, flags="S")),
+            raw(IP(src=VM, dst=PEER) / TCP(sport=80, dport=3333, flags="RA")),
+            raw(IP(src=PEER, dst=EXT) / TCP(sport=3333, dport=8080, flags="R"))]
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    _capture(a, pkts)
+    assert main(["nat", "translate", "--config", str(conf), "--in", str(a), "--out", str(b),
+                 "--external-ip", EXT]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err and "5 records" in err
+    got = [IP(d) for d in _read(b)]
+    assert [(p.src, p.dst, str(p[TCP].flags)) for p in got[:4]] == [
+        (EXT, PEER, "S"), (EXT, PEER, "R"), (PEER, VM, "S"), (EXT, PEER, "RA")]
