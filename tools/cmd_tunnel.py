@@ -19,8 +19,8 @@ import time
 DEFAULT_STATUS_DIR = "/run/roam/tunnel"
 
 _MTU_HELP = ("MTU of the TAP device (default 1500). Each frame costs 32 bytes of tunnel overhead plus "
-             "UDP/IPv4 28 (IPv6 48); outer UDP datagrams above the path MTU are fragmented by the kernel. "
-             "Use 1426 (IPv4 underlay of 1500) on the TAP, the VM and the LAN to avoid fragmentation.")
+             "UDP/IPv4 28 (IPv6 48); over UDP a message larger than --path-mtu allows leaves as tunnel "
+             "segments that each fit (never as IP fragments).")
 
 
 def register(subparsers, help_text: str) -> None:
@@ -60,10 +60,15 @@ def register(subparsers, help_text: str) -> None:
                        f"(default {DEFAULT_STATUS_DIR})")
         q.add_argument("--plaintext", action="store_true",
                        help="BENCHMARKS ONLY: no encryption, no authentication (prints a warning)")
-        q.add_argument("--offload", action="store_true",
-                       help="carry TCP GSO super-frames (up to ~64 KiB) with their virtio-net header instead of "
-                       "1500-byte frames (TAP with IFF_VNET_HDR and offloads); the proxy and every host end must "
-                       "all use it. Best with --transport tcp: over UDP each super-frame is one IP-fragmented datagram")
+        q.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                       help="carry TCP GSO super-frames (up to ~64 KiB, the VM's own TSO output) with their "
+                       "virtio-net header instead of 1500-byte frames: on by default, negotiated per session "
+                       "(on when both ends can; a TAP without virtio-net headers, or an end given --no-offload, "
+                       "makes it off); `roam tunnel status` shows what was negotiated")
+        q.add_argument("--path-mtu", type=int, default=1500, metavar="BYTES",
+                       help="--transport udp: the underlay's MTU (default 1500; a host end also takes its "
+                       "route's MTU if smaller): larger messages are cut into tunnel segments that fit it, "
+                       "sent with UDP GSO and received with UDP GRO")
 
     pr = sub.add_parser("proxy", help="run the proxy end on the home LAN",
                         description="Run the proxy end: make a TAP device, enslave it to the existing "
@@ -190,9 +195,34 @@ def _max_frame(args) -> int:
     return OFFLOAD_MAX_FRAME if args.offload else args.mtu + 14 + 8
 
 
+def _segment_size(args, fam: int, peer: tuple[str, int] | None = None) -> int:
+    """Over UDP, the largest datagram the path takes (0 over TCP: the stream carries any message)."""
+    from tunnel.io.transport import route_mtu, segment_size
+    from tunnel.segment import MIN_SEGMENT_SIZE
+    if args.transport != "udp":
+        return 0
+    mtu = args.path_mtu
+    if peer is not None:
+        mtu = min(mtu, route_mtu(fam, peer) or mtu)
+    return max(MIN_SEGMENT_SIZE, segment_size(fam, mtu))
+
+
+def _make_tap(name: str, args, what: str):
+    """The TAP (with virtio-net headers unless --no-offload; without them if the kernel refuses)."""
+    from tunnel.io.tap import Tap
+    try:
+        tap = Tap(name, args.mtu, args.bridge, offload=args.offload)
+    except OSError as exc:
+        print(f"roam tunnel {what}: cannot make the TAP: {exc}", file=sys.stderr)
+        return None
+    if args.offload and not tap.offload:
+        logging.getLogger("roam.tunnel").warning("%s: TAP %s has no virtio-net headers: offload off", what, name)
+    return tap
+
+
 def cmd_proxy(args) -> int:
     from tunnel.io import ProxyDriver, parse_endpoint
-    from tunnel.io.tap import Tap
+    from tunnel.io.transport import family
     from tunnel.proxy import ProxyEnd
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     cipher = _cipher(args)
@@ -203,13 +233,16 @@ def cmd_proxy(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"roam tunnel proxy: --listen: {exc}", file=sys.stderr)
         return 2
-    engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
-                      max_frame=_max_frame(args), offload=args.offload)
-    try:
-        tap = Tap(args.tap or f"roamp{listen[1]}", args.mtu, args.bridge, offload=args.offload)
-    except OSError as exc:
-        print(f"roam tunnel proxy: cannot make the TAP: {exc}", file=sys.stderr)
+    if args.path_mtu < 576:
+        print("roam tunnel proxy: --path-mtu: at least 576", file=sys.stderr)
+        return 2
+    tap = _make_tap(args.tap or f"roamp{listen[1]}", args, "proxy")
+    if tap is None:
         return 1
+    args.offload = tap.offload
+    engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
+                      max_frame=_max_frame(args), offload=tap.offload,
+                      segment_size=_segment_size(args, family(listen[0])))
     try:
         driver = ProxyDriver(engine, tap, listen, args.transport, time.monotonic, args.status_dir,
                              max_tcp_conns=args.max_tcp_connections, tcp_auth_timeout=args.tcp_auth_timeout)
@@ -229,7 +262,7 @@ def cmd_proxy(args) -> int:
 def cmd_host(args) -> int:
     from tunnel.host import HostEnd
     from tunnel.io import HostDriver, parse_endpoint
-    from tunnel.io.tap import Tap
+    from tunnel.io.transport import family
     from tunnel.wire import parse_mac
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     cipher = _cipher(args)
@@ -241,13 +274,16 @@ def cmd_host(args) -> int:
     except (ValueError, OSError) as exc:
         print(f"roam tunnel host: {exc}", file=sys.stderr)
         return 2
-    engine = HostEnd(cipher, macs, learn_macs=not args.no_learn, keepalive=args.keepalive,
-                     dead_after=args.dead_after, max_frame=_max_frame(args), offload=args.offload)
-    try:
-        tap = Tap(args.tap, args.mtu, args.bridge, offload=args.offload)
-    except OSError as exc:
-        print(f"roam tunnel host: cannot make the TAP: {exc}", file=sys.stderr)
+    if args.path_mtu < 576:
+        print("roam tunnel host: --path-mtu: at least 576", file=sys.stderr)
+        return 2
+    tap = _make_tap(args.tap, args, "host")
+    if tap is None:
         return 1
+    args.offload = tap.offload
+    engine = HostEnd(cipher, macs, learn_macs=not args.no_learn, keepalive=args.keepalive,
+                     dead_after=args.dead_after, max_frame=_max_frame(args), offload=tap.offload,
+                     segment_size=_segment_size(args, family(proxy[0]), proxy))
     try:
         driver = HostDriver(engine, tap, proxy, args.transport, time.monotonic, args.status_dir)
     except OSError as exc:
@@ -274,10 +310,14 @@ def cmd_status(args) -> int:
               f"{st.get('cipher')}  up {'?' if st.get('uptime') is None else st['uptime']}s")
         if st.get("role") == "host":
             print(f"  session {st.get('session')} {_state(st.get('state'), alive)}  "
-                  f"macs {', '.join(st.get('macs') or []) or '-'}  last heard {_ago(st.get('last_heard_ago'))}")
+                  f"macs {', '.join(st.get('macs') or []) or '-'}  last heard {_ago(st.get('last_heard_ago'))}  "
+                  f"{_offload(st)}")
+        elif st.get("role") == "proxy":
+            print(f"  {_offload(st)}")
         for s in st.get("sessions", []):
             print(f"  session {s['session']} {_state(s['state'], alive)}  endpoint {s['endpoint']}  "
-                  f"last seen {_ago(s['last_heard_ago'])}  macs {', '.join(s['named_macs']) or '-'}  {_fmt(s['counters'])}")
+                  f"last seen {_ago(s['last_heard_ago'])}  macs {', '.join(s['named_macs']) or '-'}  "
+                  f"offload {'on' if s.get('offload') else 'off'}  {_fmt(s['counters'])}")
         if st.get("macs") and st.get("role") == "proxy":
             print("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
         print(f"  counters: {_fmt(st.get('counters', {}))}")
@@ -322,6 +362,19 @@ def _alive(pid, started) -> bool:
     except (TypeError, ValueError, OverflowError):
         return False  # no pid recorded: nothing says it runs
     return started is None or process_start(pid) in (None, started)
+
+
+def _offload(st: dict) -> str:
+    """What offload this end can do and (host end) what its session negotiated, and how UDP is cut."""
+    seg = st.get("segment_size")
+    cut = f", udp segments of {seg} bytes (lost super-frames {st.get('superframes_lost', 0)})" if seg else ""
+    if st.get("role") == "proxy":
+        return f"offload {'capable' if st.get('offload') else 'not capable'} (negotiated per session){cut}"
+    if not st.get("offload_capable", st.get("offload")):
+        return f"offload off (this end cannot: --no-offload or no virtio-net headers){cut}"
+    if st.get("offload"):
+        return f"offload on (negotiated){cut}"
+    return f"offload {'off (the proxy cannot)' if st.get('state') == 'ATTACHED' else 'not negotiated yet'}{cut}"
 
 
 def _state(state, alive: bool) -> str:

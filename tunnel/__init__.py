@@ -10,6 +10,9 @@ input, timer or call (the input going on as ``data``, the end's own messages as
 * :mod:`tunnel.session`  session states: one IntEnum, one transition table
 * :mod:`tunnel.host`     the host end (attach, keepalives, roaming re-attach)
 * :mod:`tunnel.proxy`    the proxy end (sessions, MAC learning, flooding, announcements)
+* :mod:`tunnel.attach`    the proxy's side of attaching (the challenge, RESETs, offload negotiated)
+* :mod:`tunnel.segment`  a sealed message cut into UDP segments that fit the path, and put back
+* :mod:`tunnel.vnet`     the virtio-net header of an offloading TAP, taken off for a plain session
 * :mod:`tunnel.mactable`, :mod:`tunnel.announce`, :mod:`tunnel.stream` (TCP length framing)
 
 Thin I/O drivers around them, in their own sub-package :mod:`tunnel.io` (TAP devices,
@@ -17,13 +20,13 @@ sockets, the selector loop).  Only the drivers touch the kernel or the clock.
 
 Encapsulation overhead, per Ethernet frame: 16-byte header + 16-byte tag = 32
 bytes, plus UDP/IPv4 (28) or UDP/IPv6 (48); over TCP, 2 bytes of length prefix
-inside the stream.  So a full 1514-byte frame from a 1500-MTU TAP becomes a
-1574-byte IPv4 datagram.  MTU choice (see :mod:`tunnel.io.transport`): the TAP keeps
-MTU 1500 so the VM and the home LAN need no change, and the UDP socket lets the
-kernel fragment outer datagrams above the path MTU (``IP_PMTUDISC_DONT``);
-``--mtu 1426`` on the TAP, the VM and the LAN avoids fragmentation instead.
-Frames above the TAP MTU are counted (OVERSIZED) and dropped, never truncated.
-``--offload`` (both ends) carries TCP GSO super-frames with their virtio-net header.
+inside the stream.  The TAP keeps MTU 1500 so the VM and the home LAN need no
+change.  Fast by default: each session negotiates offload in ATTACH/EPOCH (on when
+both ends' TAPs carry virtio-net headers; ``--no-offload`` turns it off), and then
+carries the VM's own TCP GSO super-frames (~64 KiB) with one AEAD call each.  Over
+UDP a message larger than the path takes (``--path-mtu``) leaves as segments that
+each fit (:mod:`tunnel.segment`; UDP GSO out, UDP GRO in), never as IP fragments.
+Frames above the maximum are counted (OVERSIZED) and dropped, never truncated.
 
 Security model: one pre-shared key for the proxy and all its host ends, from
 which every session derives its own key (HKDF over both ends' random nonces,

@@ -24,12 +24,14 @@ class Cause(IntEnum):
     CLOSE = 6  # CONSUME: close(now)
     CHALLENGE = 7  # CONSUME: an authentic ATTACH for no session we know, answered with EPOCH and nothing else:
     #                 a replayed ATTACH draws the same answer as a fresh one, so it proves nothing
+    SEGMENT = 8  # CONSUME: a segment held until its message is whole (not authenticated yet: proves nothing)
 
 
 def proves_peer(answer: Answer) -> bool:
     """Whether an end's answer to a message proves its sender holds the key *now*: authentic and
-    fresh, so a driver may trust the connection it came on.  Any ACCEPT or CONSUME but a CHALLENGE."""
-    return answer.action != Action.DROP and answer.reason != Cause.CHALLENGE
+    fresh, so a driver may trust the connection it came on.  Any ACCEPT or CONSUME but a CHALLENGE
+    or a SEGMENT held for reassembly."""
+    return answer.action != Action.DROP and answer.reason != Cause.CHALLENGE and answer.reason != Cause.SEGMENT
 
 
 class EventKind(IntEnum):
@@ -42,6 +44,7 @@ class EventKind(IntEnum):
     ANNOUNCED = 7  # proxy: gratuitous ARP / unsolicited NA sent for a VM address
     NEW_SESSION_ID = 8  # host: proxy silent too long, re-attaching under a new id
     MAC_LEARNED = 9  # host: a new VM MAC seen on the TAP, named in a new ATTACH
+    OFFLOAD = 10  # either end: a session's offload was negotiated (detail "on" or "off"); the TAP follows
 
 
 @dataclass(frozen=True, slots=True)

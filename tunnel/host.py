@@ -41,17 +41,20 @@ from .crypto import (
     Cipher, ReplayWindow, clear_part, hello_cipher, nonce, open_body, reset_tag, seal_parts, session_cipher,
 )
 from .events import Cause, EventKind, TunnelEvent
+from .segment import MAX_PENDING, SEGMENT_HEAD, SEGMENT_TYPE, Budget, Reassembly, run, split
 from .session import SessionEvent as E, SessionState, transition
 from .wire import (
     DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_MACS, MAX_SEQ, NONCE_LEN, RESET_LEN, VERSION, VNET_HDR_LEN,
     ZERO_NONCE, Attach, Drop, Flag, Handshake, Header, MsgType, WireError, build_attach, build_handshake, check_empty,
     check_frame, format_mac, is_multicast, parse_attach_ack, parse_challenge, parse_header,
 )
+from .vnet import NO_OFFLOAD, strip
 
 
 _LIVE = (SessionState.ATTACHING, SessionState.ATTACHED)
 _ACCEPT, _DROP, _CONSUME = Action.ACCEPT, Action.DROP, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
+_OFFLOAD, _FROM_PROXY, _PLAINTEXT = int(Flag.OFFLOAD), int(Flag.FROM_PROXY), int(Flag.PLAINTEXT)
 #: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
 #: ``__new__`` is a Python function, and skipping it saves 40% of an answer's cost (measured).
 _new = tuple.__new__
@@ -73,6 +76,7 @@ class HostEnd:
         learned_mac_age: float = 300.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         offload: bool = False,
+        segment_size: int = 0,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.cipher = cipher
@@ -87,12 +91,19 @@ class HostEnd:
         self.retry_max = retry_max
         self.learned_mac_age = learned_mac_age
         self.max_frame = max_frame
+        #: Whether this end *can* carry offload: its TAP's frames start with a virtio-net header.
+        #: Whether the session does is negotiated (:attr:`session_offload`): both ends must be able to.
         self.offload = offload
-        self.vnet = VNET_HDR_LEN if offload else 0  # DATA payloads start with a virtio-net header
-        self._flag_bits = int(Flag.OFFLOAD) if offload else 0
+        self.vnet = VNET_HDR_LEN if offload else 0  # frames from and to the TAP start with a virtio-net header
+        self.session_offload = False
+        self._flag_bits = 0  # the session's OFFLOAD bit on what we send, once negotiated
         #: The exact flags of a DATA message from the proxy to this end (the fast path's key).
-        self._rx_data_flags = int(Flag.FROM_PROXY) | self._flag_bits | (int(Flag.PLAINTEXT) if cipher.plaintext else 0)
+        self._rx_data_flags = _FROM_PROXY | (_PLAINTEXT if cipher.plaintext else 0)
         self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
+        #: Over UDP, the largest datagram the path takes: larger DATA messages go as segments
+        #: (:mod:`tunnel.segment`) laid end to end in ``data``; 0 (TCP, the simulator): never cut.
+        self.segment_size = segment_size
+        self._reassembly = Reassembly(Budget(MAX_PENDING * self.max_message), self.max_message)
         self._random = random_bytes
         #: Pre-shared keys of earlier loads (:meth:`rekey`): a RESET under one of them still counts.
         self.old_ciphers: tuple[Cipher, ...] = ()
@@ -184,11 +195,20 @@ class HostEnd:
             return self._drop(Drop.NOT_ATTACHED)  # no session key yet: nothing can carry it
         if self._seq > MAX_SEQ:
             return self._drop(Drop.SEQ_EXHAUSTED)
-        message = seal_parts(self._key, MsgType.DATA, self._flag_bits, self.session, self._seq, frame)
+        n = len(frame) - self.vnet
+        payload = frame
+        if v and not self.session_offload:  # a session without offload carries the plain frame
+            try:
+                payload = strip(frame)
+            except WireError as exc:
+                return self._drop(exc.reason)
+        message = seal_parts(self._key, MsgType.DATA, self._flag_bits, self.session, self._seq, payload)
+        if self.segment_size and len(message) > self.segment_size:
+            message = split(message, self.segment_size)
+            self.counters["tx_segmented"] += 1
         self._seq += 1
         self.last_sent = now
         c = self.counters
-        n = len(frame) - self.vnet
         c["tx_frames"] += 1
         c["tx_bytes"] += n
         if n > c["tx_largest_frame"]:  # with --offload: shows whether GSO super-frames arrive whole
@@ -207,28 +227,34 @@ class HostEnd:
             # The data path: a DATA message of our session with exactly the flags expected passes
             # the same checks as below in fewer steps; anything else takes the long way.
             version, mtype, flags, reserved, session, seq = HEADER.unpack_from(message, 0)
-            if (mtype == 1 and flags == self._rx_data_flags and version == VERSION and not reserved
-                    and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
+            if ((mtype == 1 or mtype == SEGMENT_TYPE) and flags == self._rx_data_flags and version == VERSION
+                    and not reserved and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
                     and self._key is not None and self._window.check(seq)):
-                return self._receive_data(message, flags, seq, now)
+                if mtype == 1:
+                    return self._receive_data(message, flags, seq, now)
+                return self._receive_segment(message, flags, seq, now)
         try:
             if len(message) > self.max_message:
                 raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
             h = parse_header(message)
             if not h.from_proxy:
                 raise WireError(Drop.WRONG_DIRECTION, "a host end's message")
-            if h.offload != self.offload:
-                raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the proxy's")
             if self.state not in (SessionState.ATTACHING, SessionState.ATTACHED) or h.session != self.session:
                 raise WireError(Drop.UNKNOWN_SESSION, f"session {h.session:08x}")
-            if h.type == MsgType.EPOCH:  # under a key of its own: no window, no liveness
+            if h.type == MsgType.EPOCH:  # under a key of its own: no window, no liveness; it negotiates offload
                 return self._on_epoch(h, message, now)
             if h.type == MsgType.RESET:
                 return self._on_reset(h, message, now)
             if self._key is None:
                 raise WireError(Drop.UNKNOWN_SESSION, "no session key yet")
+            if h.offload != self.session_offload:
+                raise WireError(Drop.MODE_MISMATCH, "offload differs from what the session negotiated")
             if not self._window.check(h.seq):
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
+            if h.type == MsgType.SEGMENT:
+                if h.plaintext != self.cipher.plaintext:
+                    raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
+                return self._receive_segment(message, int(h.flags), h.seq, now)
             payload = open_body(self._key, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
@@ -245,12 +271,49 @@ class HostEnd:
             return self._answer(_CONSUME, _CONTROL)
         return self._answer(_ACCEPT, _DATA, frame)
 
+    def receive_whole(self, buf: bytes, size: int, now: float) -> Answer | None:
+        """A UDP GRO read: datagrams of ``size`` bytes laid end to end.  When they are consecutive
+        segments of one message of ours (all of it, or what one GSO send carried), one answer for them:
+        held (CONSUME), or the message's as :meth:`receive` gives it; else None, and the driver hands
+        the datagrams to :meth:`receive` one by one."""
+        if len(buf) <= size or len(buf) > self.max_message + 255 * SEGMENT_HEAD:
+            return None
+        version, mtype, flags, reserved, session, seq = HEADER.unpack_from(buf, 0)
+        if not (mtype == SEGMENT_TYPE and flags == self._rx_data_flags and version == VERSION and not reserved
+                and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
+                and self._key is not None and self._window.check(seq)):
+            return None
+        r = run(buf, size)
+        if r is None:
+            return None
+        try:
+            body = self._reassembly.add_run(seq, *r)
+        except WireError as exc:
+            return self._drop(exc.reason)
+        if body is None:
+            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
+        return self._receive_data(HEADER.pack(VERSION, 1, flags, 0, session, seq) + body, flags, seq, now)
+
+    def _receive_segment(self, segment, flags: int, seq: int, now: float) -> Answer:
+        """A piece of a DATA message: held (CONSUME, proving nothing yet) until the last one makes it
+        whole, then opened as the DATA message it was (see :mod:`tunnel.segment`)."""
+        try:
+            body = self._reassembly.add(segment, seq)
+        except WireError as exc:
+            return self._drop(exc.reason)
+        if body is None:
+            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
+        header = HEADER.pack(VERSION, 1, flags, 0, self.session, seq)
+        return self._receive_data(header + body, flags, seq, now)
+
     def _receive_data(self, message: bytes, flags: int, seq: int, now: float) -> Answer:
         mv = memoryview(message)
         try:
             payload = self._key.open(mv[:HEADER_LEN], nonce(flags, self.session, seq), mv[HEADER_LEN:])
         except WireError as exc:
             return self._drop(exc.reason)
+        if self.vnet and not self.session_offload:
+            payload = NO_OFFLOAD + payload  # the TAP wants a header; a plain frame wants nothing done
         self._window.update(seq)  # only now, authenticated: a forgery cannot move the window
         c = self.counters
         c["rx_messages"] += 1
@@ -268,6 +331,8 @@ class HostEnd:
     def _dispatch(self, h: Header, payload: bytes, now: float) -> bytes | None:
         """Act on an authentic message; the frame for the TAP, or None for a control message."""
         if h.type == MsgType.DATA:
+            if self.vnet and not self.session_offload:
+                payload = NO_OFFLOAD + payload
             check_frame(payload, self.max_frame, self.vnet)
             self._step(E.PEER_HEARD)
             self.counters["rx_frames"] += 1
@@ -310,6 +375,14 @@ class HostEnd:
         self.counters["epochs_received"] += 1
         if self._key is None:  # the answer to our hello: the session key, and the ATTACH that opens it
             self._key, self._key_first = key, self._seq
+            # Offload: we asked for it in the hello if we can; the proxy's EPOCH (authenticated,
+            # header included) says whether it can too.  Both: on for the whole session.
+            self.session_offload = bool(self.offload and h.offload)
+            self._flag_bits = _OFFLOAD if self.session_offload else 0
+            self._rx_data_flags = _FROM_PROXY | self._flag_bits | (_PLAINTEXT if self.cipher.plaintext else 0)
+            if self.offload:  # an end that cannot carry offload has nothing to negotiate (nor tell)
+                self._events.append(TunnelEvent(EventKind.OFFLOAD, self.session, now,
+                                                detail="on" if self.session_offload else "off"))
             self._handshake = Handshake(self._nonce, proxy_nonce, c.issued, c.cookie)
             self.proxy_epoch = c.epoch
             self._window = ReplayWindow()
@@ -404,8 +477,17 @@ class HostEnd:
             "counters": dict(self.counters),
             "drops": {d.name.lower(): n for d, n in self.drops.items()},
             "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
-            "offload": self.offload,
+            "offload": self.session_offload,
+            "offload_capable": self.offload,
+            "segment_size": self.segment_size,
+            "superframes_lost": self._reassembly.lost,
         }
+
+    @property
+    def tap_offload(self) -> bool:
+        """Whether the TAP should hand us GSO super-frames and partial checksums now: only while a
+        session negotiated offload (else the kernel segments and checksums before the TAP)."""
+        return self.session_offload and self._key is not None and self.state in _LIVE
 
     # -- internals --------------------------------------------------------------------------
 
@@ -428,6 +510,9 @@ class HostEnd:
                 break
         self._hello = hello_cipher(self.cipher, sid, self._nonce)
         self._key, self._handshake, self._acked = None, None, False
+        self.session_offload, self._flag_bits = False, 0
+        self._rx_data_flags = _FROM_PROXY | (_PLAINTEXT if self.cipher.plaintext else 0)
+        self._reassembly.clear()
         self._seq = 0
         self._window = ReplayWindow()
         self.counters["sessions"] += 1
@@ -468,7 +553,9 @@ class HostEnd:
             self.counters["seq_exhausted"] += 1  # not a drop of any input: the session needs replacing
             return False
         key = self._key or self._hello
-        self._sends.append((PROXY, seal_parts(key, mtype, self._flag_bits, self.session, self._seq, payload, clear)))
+        # A hello asks for offload when we can carry it; the session's messages say what was agreed.
+        flags = self._flag_bits if self._key is not None else (_OFFLOAD if self.offload else 0)
+        self._sends.append((PROXY, seal_parts(key, mtype, flags, self.session, self._seq, payload, clear)))
         self._seq += 1
         self.last_sent = now
         return True

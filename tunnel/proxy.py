@@ -44,31 +44,30 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from .announce import announcement, neighbour_binding, source_address
 from conntrack.answer import Action, Answer
 
-from .crypto import (
-    Cipher, ReplayWindow, clear_part, cookie, hello_cipher, nonce, open_body, reset_tag, seal_parts, session_cipher,
-)
+from .announce import announcement, neighbour_binding, source_address
+from .attach import RESET_RATE, ProxyHandshake, ProxySession
+from .crypto import Cipher, clear_part, nonce, open_body, seal_parts
 from .events import Cause, EventKind, TunnelEvent
 from .mactable import LAN, MacTable
+from .segment import SEGMENT_HEAD, SEGMENT_TYPE, Budget, run, split
 from .session import SessionEvent as E, SessionState, transition
 from .wire import (
-    COOKIE_LIFETIME, DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_SEQ, NONCE_LEN, RESET_LEN, VERSION,
-    VNET_HDR_LEN, ZERO_NONCE, Attach, Challenge, Drop, Flag, Header, MsgType, WireError, build_attach_ack,
-    build_challenge, check_empty, check_frame, format_mac, is_multicast, parse_attach, parse_handshake, parse_header,
+    COOKIE_LIFETIME, DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_SEQ, VERSION, VNET_HDR_LEN, Attach, Drop,
+    Header, MsgType, WireError, build_attach_ack, check_empty, check_frame, format_mac, is_multicast, parse_attach,
+    parse_handshake, parse_header,
 )
+from .vnet import NO_OFFLOAD, strip
+
+__all__ = ["ProxyEnd", "ProxySession", "RESET_RATE", "TO_LAN"]
 
 MAX_ADDRESSES_PER_MAC = 8
 #: LAN neighbour bindings kept (latest first out), and told to a VM that moved.
 MAX_LAN_NEIGHBOURS = 256
 NEIGHBOURS_TOLD = 16
-#: RESETs sent at most this many per second (and in a burst): they answer messages nobody can
-#: authenticate, so they must not make the proxy a reflector at any rate a sender likes.
-RESET_RATE = 100.0
 #: Closed session ids remembered at least this long (a replayed ATTACH with a cookie still good
 #: must not reopen one), and at most this many.
 CLOSED_KEEP = COOKIE_LIFETIME + 2.0
@@ -77,27 +76,14 @@ CLOSED_MAX = 65536
 TO_LAN = "lan"
 _ACCEPT, _DROP, _CONSUME = Action.ACCEPT, Action.DROP, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
-_RESET_TYPES = (MsgType.DATA, MsgType.KEEPALIVE)  # what a host end sends under a session key we may have lost
 #: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
 #: ``__new__`` is a Python function, and skipping it saves 40% of an answer's cost (measured).
 _new = tuple.__new__
+#: Bytes held in reassembly for all sessions together (each session holds at most MAX_PENDING messages).
+REASSEMBLY_BUDGET = 16 << 20
 
 
-@dataclass(slots=True)
-class ProxySession:
-    id: int
-    endpoint: Hashable
-    created: float
-    last_heard: float
-    window: ReplayWindow
-    send_seq: int
-    state: SessionState = SessionState.IDLE
-    named: tuple[bytes, ...] = ()
-    counters: Counter = field(default_factory=Counter)
-    cipher: Cipher | None = None  # the session key
-
-
-class ProxyEnd:
+class ProxyEnd(ProxyHandshake):
     def __init__(
         self,
         cipher: Cipher,
@@ -108,6 +94,7 @@ class ProxyEnd:
         max_sessions: int = 256,
         max_frame: int = DEFAULT_MAX_FRAME,
         offload: bool = False,
+        segment_size: int = 0,
         announce: bool = True,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -115,12 +102,16 @@ class ProxyEnd:
         self.session_timeout = session_timeout
         self.max_sessions = max_sessions
         self.max_frame = max_frame
+        #: Whether this end *can* carry offload (its TAP's frames start with a virtio-net header);
+        #: each session negotiates it (:attr:`ProxySession.offload`): on when its host end can too.
         self.offload = offload
-        self.vnet = VNET_HDR_LEN if offload else 0  # DATA payloads start with a virtio-net header
-        self._flag_bits = int(Flag.FROM_PROXY) | (int(Flag.OFFLOAD) if offload else 0)
-        #: The exact flags of a DATA message from a host end (the fast path's key).
-        self._rx_data_flags = (int(Flag.OFFLOAD) if offload else 0) | (int(Flag.PLAINTEXT) if cipher.plaintext else 0)
+        self.vnet = VNET_HDR_LEN if offload else 0  # frames from and to the TAP start with a virtio-net header
         self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
+        #: Over UDP, the largest datagram the path takes: larger DATA messages go as segments
+        #: (:mod:`tunnel.segment`) laid end to end; 0 (TCP, the simulator): never cut.
+        self.segment_size = segment_size
+        self._budget = Budget(REASSEMBLY_BUDGET)
+        self._lost_closed = 0  # superframes lost by sessions that closed
         self.announce = announce
         self._random = random_bytes
         #: Pre-shared keys of earlier loads (:meth:`rekey`): hellos under them are still answered.
@@ -157,18 +148,18 @@ class ProxyEnd:
             # the flags expected passes the same checks as below in fewer steps; anything else
             # (roaming included) takes the long way.
             version, mtype, flags, reserved, sid, seq = HEADER.unpack_from(message, 0)
-            if mtype == 1 and flags == self._rx_data_flags and version == VERSION and not reserved and seq <= MAX_SEQ:
+            if (mtype == 1 or mtype == SEGMENT_TYPE) and version == VERSION and not reserved and seq <= MAX_SEQ:
                 s = self.sessions.get(sid)
-                if s is not None and s.endpoint == endpoint and s.window.check(seq):
-                    return self._receive_data(s, message, flags, seq, now)
+                if s is not None and flags == s.rx_flags and s.endpoint == endpoint and s.window.check(seq):
+                    if mtype == 1:
+                        return self._receive_data(s, message, flags, seq, now)
+                    return self._receive_segment(s, message, flags, seq, endpoint, now)
         try:
             if len(message) > self.max_message:
                 raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
             h = parse_header(message)
             if h.from_proxy:
                 raise WireError(Drop.WRONG_DIRECTION, "a proxy's message")
-            if h.offload != self.offload:
-                raise WireError(Drop.MODE_MISMATCH, "offload mode differs from the host end's")
             s = self.sessions.get(h.session)
             if s is None:
                 if h.type == MsgType.ATTACH:
@@ -178,6 +169,12 @@ class ProxyEnd:
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
             if h.type == MsgType.ATTACH and parse_handshake(clear_part(h, message)).hello:
                 raise WireError(Drop.REPLAYED, f"hello for live session {h.session:08x}")
+            if h.offload != s.offload:
+                raise WireError(Drop.MODE_MISMATCH, "offload differs from what the session negotiated")
+            if h.type == MsgType.SEGMENT:
+                if h.plaintext != self.cipher.plaintext:
+                    raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
+                return self._receive_segment(s, message, int(h.flags), h.seq, endpoint, now)
             payload = open_body(s.cipher, h, message)
             attach = parse_attach(payload) if h.type == MsgType.ATTACH else None
         except WireError as exc:
@@ -201,68 +198,6 @@ class ProxyEnd:
         except WireError as exc:  # authentic but malformed: a counted drop, state kept
             return self._drop(exc.reason)
 
-    # -- the handshake ----------------------------------------------------------------------
-
-    def _handshake(self, h: Header, message: bytes, endpoint: Hashable, now: float) -> Answer:
-        """An ATTACH for a session we do not know.  It opens one only if it carries a cookie of this run
-        that is still good and is sealed under the session key that cookie's nonces make; any other
-        authentic ATTACH (a hello, an old cookie, a replay) draws a challenge and changes nothing."""
-        if h.session in self._closed or h.session == 0:
-            raise WireError(Drop.REPLAYED, f"attach for closed session {h.session:08x}")
-        if len(self.sessions) >= self.max_sessions:
-            raise WireError(Drop.UNKNOWN_SESSION, "session table full")
-        hs = parse_handshake(clear_part(h, message))
-        sid = h.session
-        if hs.hello:
-            keys = [(psk, hello_cipher(psk, sid, hs.host_nonce)) for psk in (self.cipher, *self.old_ciphers)]
-        else:
-            keys = [(psk, session_cipher(psk, sid, hs.host_nonce, hs.proxy_nonce))
-                    for psk in (self.cipher, *self.old_ciphers)]
-        for psk, key in keys:
-            try:
-                attach = parse_attach(open_body(key, h, message))
-            except WireError as exc:
-                if exc.reason == Drop.AUTH_FAILED:
-                    continue  # maybe under the key before the last reload
-                raise
-            age = (int(now) - hs.issued) & 0xFFFFFFFF
-            if (not hs.hello and age <= COOKIE_LIFETIME and attach.epoch == self.epoch
-                    and cookie(self._secret, sid, hs.host_nonce, hs.proxy_nonce, hs.issued) == hs.cookie):
-                s = ProxySession(sid, endpoint, now, now, ReplayWindow(), 1, cipher=key)  # 0 was the EPOCH's
-                self.sessions[sid] = s
-                self.counters["sessions_opened"] += 1
-                self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))
-                return self._authentic(s, h, b"", attach, endpoint, True, now)
-            return self._challenge(psk, sid, hs.host_nonce, endpoint, now)
-        raise WireError(Drop.AUTH_FAILED, "attach does not verify")
-
-    def _challenge(self, psk: Cipher, sid: int, host_nonce: bytes, endpoint: Hashable, now: float) -> Answer:
-        """EPOCH: a fresh nonce (so a fresh session key, whose sequence 0 it takes) and a cookie."""
-        while True:
-            proxy_nonce = self._random(NONCE_LEN)
-            if proxy_nonce != ZERO_NONCE:
-                break
-        issued = int(now) & 0xFFFFFFFF
-        c = Challenge(self.epoch, issued, cookie(self._secret, sid, host_nonce, proxy_nonce, issued))
-        key = session_cipher(psk, sid, host_nonce, proxy_nonce)
-        self._sends.append((endpoint, seal_parts(key, MsgType.EPOCH, self._flag_bits, sid, 0, build_challenge(c),
-                                                 proxy_nonce)))
-        self.counters["epochs_sent"] += 1
-        return self._answer(_CONSUME, Cause.CHALLENGE)
-
-    def _unknown(self, h: Header, message: bytes, endpoint: Hashable, now: float) -> Answer:
-        """A message of a session we do not know (we restarted, or it expired): a counted drop, with a
-        RESET naming it when the message is no smaller and the rate allows."""
-        self._reset_tokens = min(RESET_RATE, self._reset_tokens + max(0.0, now - self._reset_at) * RESET_RATE)
-        self._reset_at = now
-        if h.type in _RESET_TYPES and len(message) >= RESET_LEN and self._reset_tokens >= 1.0:
-            self._reset_tokens -= 1.0
-            flags = self._flag_bits | (int(Flag.PLAINTEXT) if self.cipher.plaintext else 0)
-            header = HEADER.pack(VERSION, MsgType.RESET, flags, 0, h.session, h.seq)
-            self._sends.append((endpoint, header + reset_tag(self.cipher, header)))
-            self.counters["resets_sent"] += 1
-        return self._drop(Drop.UNKNOWN_SESSION)
-
     def rekey(self, cipher: Cipher) -> None:
         """A new pre-shared key (key rotation): new sessions derive from it, live ones keep their keys,
         and hellos under the previous key are still answered until the next reload."""
@@ -272,12 +207,58 @@ class ProxyEnd:
         self.cipher = cipher
         self.counters["key_reloads"] += 1
 
+    def receive_whole(self, buf: bytes, size: int, endpoint: Hashable, now: float) -> Answer | None:
+        """A UDP GRO read: datagrams of ``size`` bytes laid end to end.  When they are consecutive
+        segments of one message of a session, from its endpoint (all of it, or what one GSO send
+        carried), one answer for them: held (CONSUME), or the message's as :meth:`receive` gives it;
+        else None, and the driver hands the datagrams over one by one."""
+        if len(buf) <= size or len(buf) > self.max_message + 255 * SEGMENT_HEAD:
+            return None
+        version, mtype, flags, reserved, sid, seq = HEADER.unpack_from(buf, 0)
+        if mtype != SEGMENT_TYPE or version != VERSION or reserved or seq > MAX_SEQ:
+            return None
+        s = self.sessions.get(sid)
+        if s is None or flags != s.rx_flags or s.endpoint != endpoint or not s.window.check(seq):
+            return None
+        r = run(buf, size)
+        if r is None:
+            return None
+        try:
+            body = s.reassembly.add_run(seq, *r)
+        except WireError as exc:
+            return self._drop(exc.reason)
+        if body is None:
+            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
+        return self._receive_data(s, HEADER.pack(VERSION, 1, flags, 0, sid, seq) + body, flags, seq, now)
+
+    def _receive_segment(self, s: ProxySession, segment, flags: int, seq: int, endpoint: Hashable,
+                         now: float) -> Answer:
+        """A piece of a DATA message: held (CONSUME, proving nothing yet) until the last one makes it
+        whole, then opened as the DATA message it was (see :mod:`tunnel.segment`)."""
+        try:
+            body = s.reassembly.add(segment, seq)
+        except WireError as exc:
+            return self._drop(exc.reason)
+        if body is None:
+            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
+        message = HEADER.pack(VERSION, 1, flags, 0, s.id, seq) + body
+        if endpoint == s.endpoint:
+            return self._receive_data(s, message, flags, seq, now)
+        try:  # whole and from elsewhere: authentic and fresh, it moves the endpoint (the long way)
+            h = parse_header(message)
+            payload = open_body(s.cipher, h, message)
+        except WireError as exc:
+            return self._drop(exc.reason)
+        return self._authentic(s, h, payload, None, endpoint, False, now)
+
     def _receive_data(self, s: ProxySession, message: bytes, flags: int, seq: int, now: float) -> Answer:
         mv = memoryview(message)
         try:
             payload = s.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
         except WireError as exc:
             return self._drop(exc.reason)
+        if self.vnet and not s.offload:
+            payload = NO_OFFLOAD + payload  # the TAP wants a header; a plain frame wants nothing done
         s.window.update(seq)  # only now, authenticated: a forgery cannot move the window
         s.last_heard = now
         c = s.counters
@@ -294,6 +275,8 @@ class ProxyEnd:
     def _dispatch(self, s: ProxySession, h: Header, payload: bytes, attach: Attach | None,
                   moved: bool, now: float) -> Answer:
         if h.type == MsgType.DATA:
+            if self.vnet and not s.offload:
+                payload = NO_OFFLOAD + payload
             check_frame(payload, self.max_frame, self.vnet)
             self._step(s, E.PEER_HEARD)
             s.counters["rx_frames"] += 1
@@ -451,7 +434,10 @@ class ProxyEnd:
 
     def _forward(self, s: ProxySession, frame: bytes) -> Answer:
         """A frame for one session (unicast): the data path, one message and nothing else in most answers."""
-        message = self._seal(s, MsgType.DATA, frame)
+        try:
+            message = self._seal(s, MsgType.DATA, frame)
+        except WireError as exc:
+            return self._drop(exc.reason)
         if message is None:
             return self._drop(Drop.SEQ_EXHAUSTED)
         if self._sends or self._events:
@@ -515,6 +501,9 @@ class ProxyEnd:
             "role": "proxy",
             "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
             "offload": self.offload,
+            "segment_size": self.segment_size,
+            "superframes_lost": self._lost_closed + sum(s.reassembly.lost for s in self.sessions.values()
+                                                        if s.reassembly is not None),
             "epoch": f"{self.epoch:016x}",
             "key": self.cipher.fingerprint,
             "sessions": [
@@ -525,6 +514,7 @@ class ProxyEnd:
                     "last_heard_ago": round(now - s.last_heard, 3),
                     "age": round(now - s.created, 3),
                     "named_macs": [format_mac(m) for m in s.named],
+                    "offload": s.offload,
                     "counters": dict(s.counters),
                 }
                 for s in self.sessions.values()
@@ -542,6 +532,9 @@ class ProxyEnd:
     def _close(self, s: ProxySession, event: E, now: float, why: str) -> None:
         self._step(s, event)
         del self.sessions[s.id]
+        if s.reassembly is not None:
+            s.reassembly.clear()  # give its bytes back to the budget
+            self._lost_closed += s.reassembly.lost
         self._closed.pop(s.id, None)
         self._closed[s.id] = now
         while len(self._closed) > CLOSED_MAX:
@@ -551,24 +544,43 @@ class ProxyEnd:
         self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, s.id, now, s.endpoint, why))
 
     def _send(self, s: ProxySession, mtype: MsgType, payload: bytes) -> bool:
-        """Seal a message for session ``s`` into ``sends``; False when its counter ran out."""
-        message = self._seal(s, mtype, payload)
+        """Seal a message for session ``s`` into ``sends``; False when its counter ran out (or a frame
+        needs an offload the session lacks: counted)."""
+        try:
+            message = self._seal(s, mtype, payload)
+        except WireError as exc:
+            self.counters[exc.reason.name.lower()] += 1
+            return False
         if message is None:
             return False
         self._sends.append((s.endpoint, message))
         return True
 
     def _seal(self, s: ProxySession, mtype: MsgType, payload: bytes) -> bytes | None:
-        """The next message of session ``s``; None when its counter ran out."""
+        """The next message of session ``s``; None when its counter ran out.  A DATA payload is a frame
+        as the TAP has it: without offload in the session its virtio-net header comes off first (a GSO
+        super-frame cannot: WireError NEEDS_OFFLOAD); a message too large for one datagram is cut."""
         if s.send_seq > MAX_SEQ:
             self.counters["seq_exhausted"] += 1  # not a drop by itself: the caller decides
             return None
-        message = seal_parts(s.cipher, mtype, self._flag_bits, s.id, s.send_seq, payload)
+        n = len(payload) - self.vnet
+        if mtype == MsgType.DATA and self.vnet and not s.offload:
+            payload = strip(payload)
+        message = seal_parts(s.cipher, mtype, s.tx_flags, s.id, s.send_seq, payload)
         s.send_seq += 1
         if mtype == MsgType.DATA:
             s.counters["tx_frames"] += 1
-            s.counters["tx_bytes"] += len(payload) - self.vnet
+            s.counters["tx_bytes"] += n
+            if self.segment_size and len(message) > self.segment_size:
+                message = split(message, self.segment_size)
+                s.counters["tx_segmented"] += 1
         return message
+
+    @property
+    def tap_offload(self) -> bool:
+        """Whether the TAP should hand us GSO super-frames and partial checksums: when we can carry them
+        and every session negotiated offload (else the kernel segments and checksums before the TAP)."""
+        return self.offload and all(s.offload for s in self.sessions.values())
 
 
 def _port_name(port: int | None) -> str:

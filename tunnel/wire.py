@@ -16,9 +16,13 @@ Every tunnel message, over UDP (one per datagram) or TCP (length-framed, see
 * ``flags``: :attr:`Flag.FROM_PROXY` says which end sent it (each end accepts only
   the other's messages, and the direction is part of the nonce);
   :attr:`Flag.PLAINTEXT` marks the benchmark-only unencrypted mode;
-  :attr:`Flag.OFFLOAD` says DATA payloads start with a 10-byte virtio-net header
-  (little-endian ``struct virtio_net_hdr``) and may be GSO super-frames: both
-  ends must run with ``--offload``, a mismatch is a counted MODE_MISMATCH drop.
+  :attr:`Flag.OFFLOAD` is negotiated: on a hello ATTACH it says the host end can
+  carry offload (its TAP has virtio-net headers), on the EPOCH that the proxy can
+  too and agrees; every later message of the session carries it iff both could,
+  and then DATA payloads start with a 10-byte virtio-net header (little-endian
+  ``struct virtio_net_hdr``) and may be GSO super-frames.  A session message whose
+  flag differs from what its session negotiated is a counted MODE_MISMATCH drop.
+  The flags are associated data: nobody can flip the choice on the way.
 * ``session id`` names one attachment of a host end to the proxy; ``sequence`` is
   the sender's per-session counter, from 0 (below 2**56, see :mod:`tunnel.crypto`).
 * The whole header is the AEAD's associated data: changing any bit of it fails
@@ -55,6 +59,8 @@ Payloads by type (after decryption):
   message it answers.
 * ``ATTACH_ACK``: ``u64`` sequence number of the ATTACH it answers.
 * ``KEEPALIVE``, ``KEEPALIVE_ACK``, ``DETACH``: empty.
+* ``SEGMENT``: a piece of a sealed DATA message, over UDP when the message is larger
+  than the path takes (see :mod:`tunnel.segment`).
 
 Codecs come in ``parse_*`` / ``build_*`` pairs.  Parsing fails only with
 :class:`WireError` (a :class:`~conntrack.errors.ParseError`: the peer's fault, a
@@ -96,20 +102,23 @@ class MsgType(IntEnum):
     DETACH = 6
     EPOCH = 7  # proxy -> host: the challenge ("attach again with this nonce and cookie")
     RESET = 8  # proxy -> host: "I know no such session" (echoes the message's session and sequence)
+    SEGMENT = 9  # a piece of a DATA message too large for one datagram (see tunnel.segment)
 
 
 class Flag(IntFlag):
     NONE = 0
     FROM_PROXY = 0x01
     PLAINTEXT = 0x02
-    OFFLOAD = 0x04  # DATA payloads start with a 10-byte virtio-net header (``--offload`` ends)
+    OFFLOAD = 0x04  # on ATTACH/EPOCH: "I can carry offload"; on a session's messages: it was negotiated
 
 
 _KNOWN_FLAGS = int(Flag.FROM_PROXY | Flag.PLAINTEXT | Flag.OFFLOAD)
 #: Length of the virtio-net header (struct virtio_net_hdr, little-endian) in offload mode.
 VNET_HDR_LEN = 10
-#: Largest frame in offload mode: a GSO super-frame that still fits a 65535-byte TCP-framed message.
-OFFLOAD_MAX_FRAME = 0xFFFF - 16 - 16 - VNET_HDR_LEN
+#: Largest frame in offload mode: a GSO super-frame whose sealed message (with its virtio-net header)
+#: is at most 65507 bytes, what one UDP send carries; the TAP's ``gso_max_size`` keeps them below it
+#: (see :mod:`tunnel.io.tap`).  So a TCP length prefix of 65508 or more is never a message (BAD_LENGTH).
+OFFLOAD_MAX_FRAME = 65507 - 16 - 16 - VNET_HDR_LEN
 
 
 class Drop(IntEnum):
@@ -133,6 +142,7 @@ class Drop(IntEnum):
     NO_ROUTE = 16  # proxy: destination is on the LAN, frame came from the LAN
     NO_SESSION = 17  # proxy: a LAN frame to flood, and no session to take it
     STALE = 18  # host: an authentic EPOCH or RESET that no longer applies (a late duplicate or a replay)
+    NEEDS_OFFLOAD = 19  # a GSO super-frame from the TAP for a session that negotiated no offload
 
 
 class WireError(ParseError):

@@ -19,7 +19,7 @@ from typing import Callable, Hashable
 from ..host import PROXY, HostEnd
 from ..wire import WireError
 from .loop import BATCH, Driver, log
-from .transport import TcpConn, family, same_ip, udp_socket
+from .transport import Datagrams, TcpConn, family, same_ip, udp_socket
 
 ADDRESS_CHECK_EVERY = 0.25
 TAP = "tap"
@@ -53,6 +53,7 @@ class HostDriver(Driver):
         if transport == "udp":
             self.udp = sock if sock is not None else udp_socket(self.family)
             self.udp.setblocking(False)
+            self.dgram = Datagrams(self.udp)
             self.sel.register(self.udp, selectors.EVENT_READ, self._on_udp)
 
     def deadline(self) -> float | None:
@@ -77,7 +78,10 @@ class HostDriver(Driver):
                 self.counters["tap_tx_dropped"] += 1
         elif self.udp is not None:
             try:
-                if self.given:
+                seg = self.engine.segment_size
+                if seg and len(data) > seg:  # a message cut into segments: one GSO send
+                    self.counters["udp_tx_datagrams"] += self.dgram.send(data, seg, None if self.given else self.proxy)
+                elif self.given:
                     self.udp.send(data)
                 else:
                     self.udp.sendto(data, self.proxy)
@@ -97,10 +101,10 @@ class HostDriver(Driver):
 
     def _on_udp(self, _mask: int) -> None:
         now = self.clock()
-        carry, receive = self.carry, self.engine.receive
+        carry, receive, read = self.carry, self.engine.receive, self.dgram.receive
         for _ in range(BATCH):
             try:
-                data, addr = self.udp.recvfrom(65535)
+                data, addr, size = read()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...): counted, not fatal
@@ -109,7 +113,17 @@ class HostDriver(Driver):
             if not self.given and addr[0] != self.proxy[0] and not same_ip(addr[0], self.proxy[0]):
                 self.counters["rx_not_from_proxy"] += 1
                 continue
-            carry(receive(data, now), now, TAP)
+            if size and len(data) > size:  # UDP GRO: datagrams of ``size`` bytes laid end to end
+                answer = self.engine.receive_whole(data, size, now)  # consecutive segments of one message: one step
+                if answer is not None:
+                    self.counters["udp_rx_runs"] += 1
+                    carry(answer, now, TAP)
+                    continue
+                mv = memoryview(data)
+                for i in range(0, len(data), size):
+                    carry(receive(mv[i:i + size], now), now, TAP)
+            else:
+                carry(receive(data, now), now, TAP)
         self.flush(now)
 
     # -- TCP ---------------------------------------------------------------------------------

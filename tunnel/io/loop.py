@@ -105,9 +105,25 @@ class Driver:
             self._out.append((data_to, answer.data))
         if answer.events:
             self.log_events(answer.events)
+            self.sync_tap_offload(now)
         if answer.action == _DROP:
             self.drop(answer.reason.name.lower(), now)
         return answer
+
+    def sync_tap_offload(self, now: float) -> None:
+        """Let the TAP hand us GSO super-frames and partial checksums only while the engine can carry
+        them (:attr:`HostEnd.tap_offload`, :attr:`ProxyEnd.tap_offload`): else the kernel segments and
+        checksums before the TAP, which is cheaper than anything we could do."""
+        want = bool(getattr(self.engine, "tap_offload", False))
+        if not getattr(self.tap, "offload", False) or want == getattr(self.tap, "offloads_on", want):
+            return
+        try:
+            self.tap.set_offload(want)
+        except OSError as exc:
+            self.note("tap_offload_errors", now, "cannot turn the TAP's offloads %s: %s", "on" if want else "off", exc)
+            return
+        self._status_dirty = True
+        log.info("%s: TAP offloads %s", self.role, "on (GSO super-frames)" if want else "off (the kernel segments)")
 
     def drop(self, name: str, now: float) -> None:
         self.drops[name] += 1
@@ -210,6 +226,7 @@ class Driver:
     def run(self) -> None:
         """Until :meth:`request_stop`: begin, one pass per wake-up, then shut down."""
         try:
+            self.sync_tap_offload(self.clock())
             self.begin(self.clock())
             while not self.stopping:
                 self.run_once()

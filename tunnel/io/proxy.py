@@ -29,7 +29,7 @@ from ..events import proves_peer
 from ..proxy import TO_LAN, ProxyEnd
 from ..wire import WireError
 from .loop import BATCH, Driver
-from .transport import CONNECTED_PEER, TcpConn, endpoint_text, family, udp_socket
+from .transport import CONNECTED_PEER, Datagrams, TcpConn, endpoint_text, family, udp_socket
 
 #: TCP proxy defaults: connections held at once, and seconds a connection may stay without
 #: an authentic message (before its first one; the idle bound after it defaults to the
@@ -79,6 +79,7 @@ class ProxyDriver(Driver):
             else:
                 self.udp = udp_socket(family(listen[0]))
                 self.udp.bind(listen)
+            self.dgram = Datagrams(self.udp)
             self.sel.register(self.udp, selectors.EVENT_READ, self._on_udp)
         elif listen is not None:
             self.listener = socket.socket(family(listen[0]), socket.SOCK_STREAM)
@@ -112,7 +113,10 @@ class ProxyDriver(Driver):
                 self.counters["tap_tx_dropped"] += 1
         elif self.udp is not None:
             try:
-                if self._connected_udp:
+                seg = self.engine.segment_size
+                if seg and len(data) > seg:  # a message cut into segments: one GSO send
+                    self.counters["udp_tx_datagrams"] += self.dgram.send(data, seg, None if self._connected_udp else to)
+                elif self._connected_udp:
                     self.udp.send(data)
                 else:
                     self.udp.sendto(data, to)
@@ -132,16 +136,27 @@ class ProxyDriver(Driver):
 
     def _on_udp(self, _mask: int) -> None:
         now = self.clock()
-        carry, receive = self.carry, self.engine.receive
+        carry, receive, read = self.carry, self.engine.receive, self.dgram.receive
         for _ in range(BATCH):
             try:
-                data, addr = self.udp.recvfrom(65535)
+                data, addr, size = read()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # a pending ICMP error (ECONNREFUSED...): counted, the next read goes on
                 self.note("udp_rx_errors", now, "udp receive: %s", exc)
                 continue
-            carry(receive(data, addr[:2] if addr else CONNECTED_PEER, now), now, TO_LAN)
+            ep = addr[:2] if addr else CONNECTED_PEER
+            if size and len(data) > size:  # UDP GRO: datagrams of ``size`` bytes laid end to end
+                answer = self.engine.receive_whole(data, size, ep, now)  # consecutive segments of one message: one step
+                if answer is not None:
+                    self.counters["udp_rx_runs"] += 1
+                    carry(answer, now, TO_LAN)
+                    continue
+                mv = memoryview(data)
+                for i in range(0, len(data), size):
+                    carry(receive(mv[i:i + size], ep, now), now, TO_LAN)
+            else:
+                carry(receive(data, ep, now), now, TO_LAN)
         self.flush(now)
 
     # -- TCP: accept, read, limits -----------------------------------------------------------

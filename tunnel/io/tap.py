@@ -65,23 +65,35 @@ class Tap:
             raise TapError(errno.EINVAL, f"interface name {name!r} must be 1..15 bytes")
         self.name = name
         self.mtu = mtu
+        #: Whether frames carry a virtio-net header (asked for, and the kernel agreed): an end whose
+        #: TAP cannot falls back to plain frames, and its sessions negotiate no offload.
         self.offload = offload
-        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.offloads_on = False  # the kernel may hand us GSO super-frames and partial checksums now
+        self.fd = -1
         try:
-            flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
-            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-            if offload:
-                # Frames carry a little-endian virtio-net header; the kernel may hand us (and take
-                # from us) TCP GSO super-frames with partial checksums instead of segmenting them.
-                fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-                fcntl.ioctl(self.fd, TUNSETVNETLE, struct.pack("i", 1))
-                fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+            self._open(name, offload)
+        except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            if not offload:
+                raise TapError(exc.errno, f"making {name}: {exc.strerror or exc}") from exc
+            self.offload = False  # no virtio-net headers here: plain frames
+            try:
+                self._open(name, False)
+            except OSError as exc2:
+                if self.fd >= 0:
+                    os.close(self.fd)
+                raise TapError(exc2.errno, f"making {name}: {exc2.strerror or exc2}") from exc2
+        try:
+            if self.offload:
+                self.set_offload(True)
             _quiet_ipv6(name)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
                 ifname = name.encode()
                 self.index = _ioctl_int(ctl, SIOCGIFINDEX, ifname, 0)
                 _ioctl_int(ctl, SIOCSIFMTU, ifname, mtu)
-                if offload:
+                if self.offload:
                     _set_link_u32(self.index, IFLA_GSO_MAX_SIZE, OFFLOAD_GSO_MAX_SIZE)
                 if bridge:
                     try:
@@ -102,6 +114,20 @@ class Tap:
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _open(self, name: str, vnet: bool) -> None:
+        self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI
+                                                    | (IFF_VNET_HDR if vnet else 0)))
+        if vnet:  # frames carry a little-endian virtio-net header
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(self.fd, TUNSETVNETLE, struct.pack("i", 1))
+
+    def set_offload(self, on: bool) -> None:
+        """On: the kernel may hand us (TCP GSO super-frames, partial checksums) instead of segmenting
+        and checksumming before the TAP.  Frames keep their virtio-net header either way."""
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN) if on else 0)
+        self.offloads_on = on
 
     def fileno(self) -> int:
         return self.fd
