@@ -1,4 +1,4 @@
-"""`roam replay SCENARIO [--backend sim|netns] [--json] [--plot FILE]`."""
+"""`roam replay SCENARIO [--backend sim|netns|qemu] [--json] [--plot FILE]`."""
 from __future__ import annotations
 
 import argparse
@@ -25,11 +25,12 @@ def register(sub, help_text: str) -> None:
         epilog="example: roam replay examples/scenarios/basic.toml --plot timeline.html",
     )
     p.add_argument("scenario", metavar="SCENARIO", help="a scenario file (TOML)")
-    p.add_argument("--backend", choices=("sim", "netns"), default="sim",
+    p.add_argument("--backend", choices=("sim", "netns", "qemu"), default="sim",
                    help="sim: the discrete-event simulator (default); netns: the namespace lab, with real "
-                   "kernel TCP/UDP, `roam nat` and `roam tunnel` (root; same report)")
+                   "kernel TCP/UDP, `roam nat` and `roam tunnel` (root; same report); qemu: the same lab with a "
+                   "real Linux guest live-migrated by QEMU (root; QEMU's own downtime and migration time per move)")
     p.add_argument("--parallel", action="store_true",
-                   help="netns: run the modes at once, each in its own lab")
+                   help="netns, qemu: run the modes at once, each in its own lab (qemu: at most one guest per core)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--plot", metavar="FILE", help="also write a timeline of every connection per mode (HTML)")
     p.add_argument("--pcap", metavar="PREFIX", help="also write every simulated packet of each mode to "
@@ -90,15 +91,18 @@ def run(args: argparse.Namespace) -> int:
         from dataclasses import replace
         sc = replace(sc, seed=args.seed)
     run_netns = None
-    if args.backend == "netns":
+    if args.backend in ("netns", "qemu"):
         if args.pcap:
             print("roam replay: --pcap works with --backend sim only (capture in the lab with tcpdump)",
                   file=sys.stderr)
             return 2
         if os.geteuid() != 0:
-            print("roam replay: --backend netns needs root (it builds network namespaces)", file=sys.stderr)
+            print(f"roam replay: --backend {args.backend} needs root (it builds network namespaces)", file=sys.stderr)
             return 2
-        from .lab.netns import run_netns
+        if args.backend == "netns":
+            from .lab.netns import run_netns
+        else:
+            from .lab.qemu_play import run_qemu as run_netns
     tty = sys.stderr.isatty()
     bar = _Bar(modes, not args.quiet and tty, None if args.quiet else tty)
     captures: dict[str, list] = {}
@@ -134,5 +138,15 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if not args.json:
             print(f"timeline written to {os.path.abspath(args.plot)}", file=sys.stderr)
-    sys.stdout.write(report.as_json(rep) if args.json else report.table(rep))
+    if args.backend == "qemu":  # QEMU's own figures per move, after the common report
+        from .lab.qemu_play import moves_dict, moves_text
+        if args.json:
+            import json
+            doc = json.loads(report.as_json(rep))
+            doc["qemu_migrations"] = moves_dict(rep)
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            sys.stdout.write(report.table(rep) + moves_text(rep))
+    else:
+        sys.stdout.write(report.as_json(rep) if args.json else report.table(rep))
     return 1 if any(r.error for r in rep.runs) else 0

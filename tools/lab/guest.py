@@ -8,8 +8,9 @@ What goes in, and why each:
   ``apt-get download`` and unpacked with ``dpkg-deb -x`` (never installed: the host's
   own kernel is not touched): ``vmlinuz`` and the few virtio modules the guest needs;
 * ``busybox`` from ``busybox-static``: the guest's shell, ``ip`` and ``insmod``;
-* ``roam-ep``, the endpoint program (``guest_endpoint.c``), built with Debian's
-  ``gcc -static`` so it needs nothing from the guest;
+* ``roam-ep``, the endpoint program (``guest_endpoint.c``; its socket executor
+  ``roam-ep serve``, ``guest_executor.c``, is what ``roam replay --backend qemu`` drives),
+  built with Debian's ``gcc -static`` so it needs nothing from the guest;
 * ``/init`` (:data:`INIT`): load the modules, address ``eth0`` from the kernel command
   line (``roam.ip=``, ``roam.gw=``), then serve a shell on the virtio-serial port
   ``ctl``: the driver sends command lines, and what the commands print (the endpoint's
@@ -40,7 +41,9 @@ BUSYBOX_PACKAGE = "busybox-static"
 #: Loaded in this order by /init (the unpacked modules have no modules.dep).
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
            "failover", "net_failover", "virtio_net", "virtio_console")
-ENDPOINT_SOURCE = Path(__file__).with_name("guest_endpoint.c")
+#: The endpoint program's sources: the line programs and main, the executor (``roam-ep serve``), what they share.
+ENDPOINT_SOURCES = tuple(Path(__file__).with_name(n) for n in ("guest_endpoint.c", "guest_executor.c",
+                                                                "guest_common.h"))
 CTL_PORT = "ctl"  # the virtio-serial port's name
 READY = "roam-guest ready"  # the first line /init writes on the control port
 
@@ -162,7 +165,7 @@ def inputs() -> dict:
         "busybox": [BUSYBOX_PACKAGE, _candidate(BUSYBOX_PACKAGE)],
         "gcc": _gcc_version(),
         "init": hashlib.sha256(INIT.encode()).hexdigest(),
-        "endpoint": hashlib.sha256(ENDPOINT_SOURCE.read_bytes()).hexdigest(),
+        "endpoint": hashlib.sha256(b"".join(p.read_bytes() for p in ENDPOINT_SOURCES)).hexdigest(),
         "modules": list(MODULES),
     }
 
@@ -214,8 +217,9 @@ def _build_into(tmp: Path, ins: dict) -> str:
     for d in ("bin", "dev", "proc", "sys", "tmp", "lib/modules"):
         (root / d).mkdir(parents=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    _run(["gcc", "-static", "-O2", "-s", "-o", str(root / "bin" / "roam-ep"), str(ENDPOINT_SOURCE)],
-         what="gcc -static guest_endpoint.c (needs gcc and libc6-dev)")
+    _run(["gcc", "-static", "-O2", "-s", "-o", str(root / "bin" / "roam-ep"),
+          *(str(p) for p in ENDPOINT_SOURCES if p.suffix == ".c")],
+         what="gcc -static guest_endpoint.c guest_executor.c (needs gcc and libc6-dev)")
     found = {}
     for path in (unpacked / "lib" / "modules" / release).rglob("*.ko*"):
         name = path.name.split(".ko")[0].replace("-", "_")

@@ -1,111 +1,37 @@
 /* The endpoint program of a real guest (tools/lab/guest.py builds it with gcc -static).
  *
+ *   roam-ep serve                       a thin socket executor driven over the control port
  *   roam-ep client IDX DST PORT INTERVAL_MS TIMEOUT_MS DURATION_MS
  *   roam-ep server IDX PORT TIMEOUT_MS
  *
- * The client sends one numbered line every INTERVAL_MS for DURATION_MS to an echo server
- * and checks that every byte comes back, in order; the server echoes what a peer sends.
- * Both log each thing they observe as one JSON line on stdout (the guest's virtio-serial
- * control port), in the event vocabulary of tools/lab/endpoint.py (start, established,
- * answer, error, broken, saw, done; "closed" for a client's orderly close) so the driver
- * hands them to the one judge unchanged.
- * "t" is the guest's own monotonic clock: it stops while the guest is paused, so the
- * driver stamps each line with the host's clock when it arrives.  It never judges.
+ * serve (what `roam replay --backend qemu` runs): the guest has no Python, and there is ONE
+ * client schedule (sim/schedule.py), so the schedule runs on the host (tools/lab/qemu_play.py)
+ * and this program only does what it is told, on stdin, one command a line:
+ *
+ *   L T PORT TIMEOUT_MS            TCP server: answer each request (tools/lab/endpoint.py's
+ *   L U PORT SESSION               _REQ/_DGRAM headers) with RESP bytes; UDP: SESSION=1 ignores
+ *                                  a mid-session datagram from a source it never met
+ *   C T IDX DST PORT SPORT TIMEOUT_MS   TCP client: connect (TCP_USER_TIMEOUT, IP_RECVERR)
+ *   C U IDX DST PORT SPORT         UDP client: a connected socket
+ *   S IDX LEN RESP MARK            send one request (MARK R: TCP; H first / D later: UDP)
+ *   B IDX ERR WHY                  the host gave up on client IDX: close it, report broken
+ *   A CIDR|- GW|-                  re-address eth0 (a DHCP lease), then report "addressed"
+ *   Q                              exit
+ *
+ * and reports what its sockets see as JSON lines in tools/lab/endpoint.py's vocabulary
+ * (established, rx, error, broken with address_gone, saw, ignored).  The host stamps each
+ * line with its own clock on arrival: the guest's clock stops while it is paused.
+ *
+ * client/server (tests/vm/test_qemu_migration.py): a numbered line every INTERVAL_MS for
+ * DURATION_MS to an echo server, every byte checked in order; the server echoes.
+ * It never judges.
  */
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
+#include "guest_common.h"
 
-#ifndef TCP_USER_TIMEOUT
-#define TCP_USER_TIMEOUT 18
-#endif
 #define LINE 32          /* bytes per request line, newline included */
 #define MAXCONN 16
-#define TCP_CLOSE_STATE 7
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-/* One JSON line, written with one write(): lines of several writers never interleave. */
-static void emit(const char *fmt, ...) {
-    char buf[512];
-    int n = snprintf(buf, sizeof buf, "{\"t\": %.6f, ", now());
-    va_list ap;
-    va_start(ap, fmt);
-    n += vsnprintf(buf + n, sizeof buf - n - 2, fmt, ap);
-    va_end(ap);
-    buf[n++] = '}';
-    buf[n++] = '\n';
-    for (int off = 0; off < n;) {
-        ssize_t w = write(1, buf + off, n - off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return;
-        off += w;
-    }
-}
-
-static const char *errname(int e) {
-    switch (e) {
-    case ECONNRESET: return "ECONNRESET";
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ETIMEDOUT: return "ETIMEDOUT";
-    case EHOSTUNREACH: return "EHOSTUNREACH";
-    case ENETUNREACH: return "ENETUNREACH";
-    case EHOSTDOWN: return "EHOSTDOWN";
-    case ENETDOWN: return "ENETDOWN";
-    case EPIPE: return "EPIPE";
-    case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
-    case EINVAL: return "EINVAL";
-    case 0: return "EOF";
-    default: return "EOTHER";
-    }
-}
-
-static int soft(int e) { return e == EHOSTUNREACH || e == ENETUNREACH || e == EHOSTDOWN || e == ENETDOWN; }
-
-/* Has the kernel ended this connection?  (An error then is its death, not an ICMP report.) */
-static int dead(int fd) {
-    unsigned char info[8];
-    socklen_t len = sizeof info;
-    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0) return 1;
-    return info[0] == TCP_CLOSE_STATE;
-}
-
-static void drain_errqueue(int fd) {
-    char b[512], c[512];
-    for (int i = 0; i < 64; i++) {
-        struct iovec iov = {b, sizeof b};
-        struct msghdr m = {0};
-        m.msg_iov = &iov;
-        m.msg_iovlen = 1;
-        m.msg_control = c;
-        m.msg_controllen = sizeof c;
-        if (recvmsg(fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) break;
-    }
-}
-
-static void tune(int fd, int timeout_ms) {
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms, sizeof timeout_ms);
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    setsockopt(fd, IPPROTO_IP, IP_RECVERR, &one, sizeof one);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-}
+int serve(void); /* guest_executor.c */
 
 static void line_for(char *out, int idx, long seq) {
     /* "IDX SEQ" padded with a pattern that depends on seq, then '\n': a lost or
@@ -283,11 +209,13 @@ static int server(int idx, int port, int timeout) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
+    if (argc == 2 && strcmp(argv[1], "serve") == 0) return serve();
     if (argc == 8 && strcmp(argv[1], "client") == 0)
         return client(atoi(argv[2]), argv[3], atoi(argv[4]), atoi(argv[5]), atoi(argv[6]), atoi(argv[7]));
     if (argc == 5 && strcmp(argv[1], "server") == 0)
         return server(atoi(argv[2]), atoi(argv[3]), atoi(argv[4]));
-    fprintf(stderr, "usage: roam-ep client IDX DST PORT INTERVAL_MS TIMEOUT_MS DURATION_MS\n"
+    fprintf(stderr, "usage: roam-ep serve\n"
+                    "       roam-ep client IDX DST PORT INTERVAL_MS TIMEOUT_MS DURATION_MS\n"
                     "       roam-ep server IDX PORT TIMEOUT_MS\n");
     return 2;
 }

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tools.netlab import Lab
 
@@ -37,6 +37,10 @@ from .qmp import Qmp, QmpError
 
 QEMU = "qemu-system-x86_64"
 MEMORY_MIB = 128  # 64 does not boot the cloud kernel, 80 does
+#: A held migration's pre-copy rate while the guest runs: slow enough that the ~50 MiB a 128 MiB guest
+#: sends cannot all go (and QEMU converge) within the pre-copy's lead, so the guest pauses when asked.
+PRECOPY_BPS = 32 << 20
+FULL_BPS = 10 << 30  # once paused: as fast as it goes
 
 
 class QemuError(RuntimeError):
@@ -72,7 +76,7 @@ class GuestSpec:
     memory_mib: int = MEMORY_MIB
     accel: str = "tcg"
 
-    def argv(self, tap: str, qmp: str, ctl: str, console: str, incoming: bool) -> list[str]:
+    def argv(self, tap: str, qmp: str, ctl: str, console: str, incoming: bool, hold: bool = False) -> list[str]:
         append = ["console=ttyS0", "quiet", "panic=-1", "init_on_free=1"]
         if self.address:
             append.append(f"roam.ip={self.address}")
@@ -92,6 +96,8 @@ class GuestSpec:
                 "-qmp", f"unix:{qmp},server=on,wait=off"]
         if incoming:
             argv += ["-incoming", "defer"]
+        if hold:  # a destination that stays paused after the migration until `cont`
+            argv.append("-S")
         return argv
 
 
@@ -185,13 +191,13 @@ class Qemu:
     """One QEMU process in one host namespace (a guest has one, two during a migration)."""
 
     def __init__(self, lab: Lab, ns: str, tap: str, spec: GuestSpec, workdir: str, name: str,
-                 incoming: bool, sink: list, lock: threading.Lock) -> None:
+                 incoming: bool, sink: list, lock: threading.Lock, hold: bool = False) -> None:
         self.lab, self.ns, self.tap, self.name = lab, ns, tap, name
         self.qmp_path = os.path.join(workdir, f"{name}.qmp")
         self.ctl_path = os.path.join(workdir, f"{name}.ctl")
         self.console = os.path.join(workdir, f"{name}.console")
         self.stderr_path = os.path.join(workdir, f"{name}.stderr")
-        argv = spec.argv(tap, self.qmp_path, self.ctl_path, self.console, incoming)
+        argv = spec.argv(tap, self.qmp_path, self.ctl_path, self.console, incoming, hold)
         self._stderr = open(self.stderr_path, "wb")
         self.proc = lab.popen(ns, argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
         self.pid = self.proc.pid
@@ -252,10 +258,13 @@ class Guest:
         self.current: Qemu | None = None
         self.migrations: list[Migration] = []
         self._n = 0
+        self._pending: tuple[Qemu, Qemu, float] | None = None  # (source, destination, started): a held migration
+        self._paused: float | None = None  # the held migration's pause (host monotonic)
 
-    def _start(self, ns: str, tap: str, incoming: bool) -> Qemu:
+    def _start(self, ns: str, tap: str, incoming: bool, hold: bool = False) -> Qemu:
         self._n += 1
-        return Qemu(self.lab, ns, tap, self.spec, self.workdir, f"q{self._n}", incoming, self.events, self.lock)
+        return Qemu(self.lab, ns, tap, self.spec, self.workdir, f"q{self._n}", incoming, self.events, self.lock,
+                    hold)
 
     def boot(self, ns: str, tap: str, timeout: float = 90.0) -> float:
         """Boot on host ``ns`` with its NIC on ``tap``; returns the seconds until the guest's shell was ready."""
@@ -324,6 +333,122 @@ class Guest:
         self.migrations.append(m)
         return m
 
+    # -- a migration whose pause and resume the caller times (roam replay --backend qemu) ------------
+    def begin_migration(self, ns: str, tap: str) -> None:
+        """Start a live migration to host ``ns`` that will not switch over until :meth:`pause` and :meth:`resume`.
+
+        The pre-copy runs while the guest runs (QEMU's own), held back (:data:`PRECOPY_BPS`,
+        a ``downtime-limit`` of 1 ms) so that QEMU cannot converge and pause the guest on its
+        own before the caller's :meth:`pause`; ``pause-before-switchover`` holds the switch-over
+        until :meth:`switch_over` (so the destination's link can be readied while the guest is
+        paused, as a hypervisor would); the destination starts with ``-S`` so that the guest
+        resumes at the caller's ``cont`` (:meth:`resume`), not at the end of the copy.
+        """
+        src = self.current
+        if src is None or src.qmp is None:
+            raise QemuError("the guest is not running")
+        if self._pending is not None:
+            raise QemuError("a migration is already under way")
+        dst = self._start(ns, tap, incoming=True, hold=True)
+        uri = f"unix:{os.path.join(self.workdir, f'mig-{dst.name}.sock')}"
+        try:
+            dst.qmp.execute("migrate-incoming", {"uri": uri})
+            src.qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "pause-before-switchover", "state": True}]})
+            src.qmp.execute("migrate-set-parameters", {"downtime-limit": 1, "max-bandwidth": PRECOPY_BPS})
+            started = time.monotonic()
+            src.qmp.execute("migrate", {"uri": uri})
+        except (QmpError, QemuError) as exc:
+            dst.kill()
+            raise QemuError(f"migration {src.name}@{src.ns} -> {dst.name}@{ns} did not start: {exc}; "
+                            f"{dst.stderr_tail()}") from exc
+        self._pending = (src, dst, started)
+
+    def pause(self, timeout: float = 30.0) -> float:
+        """Pause the guest (``stop`` on the source) mid pre-copy; the host clock at its STOP event."""
+        src, dst, _ = self._need_pending()
+        try:
+            src.qmp.execute("stop")
+            self._paused = _event_time(src.qmp.wait_event("STOP", timeout=timeout))
+            # the guest is paused: copy the rest at full speed and converge
+            src.qmp.execute("migrate-set-parameters", {"downtime-limit": 300, "max-bandwidth": FULL_BPS})
+            return self._paused
+        except QmpError as exc:
+            self._abort()
+            raise QemuError(f"pausing {src.name} failed: {exc}") from exc
+
+    def switch_over(self, timeout: float = 120.0) -> None:
+        """Wait for the copy to reach the switch-over (the guest paused), then let it complete."""
+        src, dst, _ = self._need_pending()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                status = src.qmp.execute("query-migrate").get("status")
+                if status == "pre-switchover":
+                    break
+                if status in ("failed", "cancelled", None) or time.monotonic() > deadline:
+                    raise QmpError(f"migration {status} before its switch-over")
+                time.sleep(0.01)
+            src.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        except QmpError as exc:
+            self._abort()
+            raise QemuError(f"switch-over {src.name} -> {dst.name} failed: {exc}") from exc
+
+    def resume(self, at: float | None = None, timeout: float = 120.0, on_resume=None) -> Migration:
+        """Wait for the copy to end, then ``cont`` the destination (not before monotonic ``at``); quit the source.
+
+        Returns QEMU's figures: ``downtime_ms`` is QEMU's own (its switch-over); the guest
+        was paused from ``paused`` to ``resumed``, which the caller chose.
+        """
+        src, dst, started = self._need_pending()
+        try:
+            info = src.qmp.wait_migration(timeout=timeout)
+            paused = self._paused if self._paused is not None else _event_time(src.qmp.wait_event("STOP", 5))
+            # the source's "completed" can come before the destination has loaded the state; a `cont` then
+            # only sets autostart, which QEMU ignores for a guest that left paused: wait for it to be loaded
+            deadline = time.monotonic() + timeout
+            while dst.qmp.execute("query-status").get("status") == "inmigrate":
+                if time.monotonic() > deadline:
+                    raise QemuError("the destination did not finish loading the guest")
+                time.sleep(0.005)
+            if at is not None and at > time.monotonic():
+                time.sleep(at - time.monotonic())
+            dst.qmp.execute("cont")
+            resumed = _event_time(dst.qmp.wait_event("RESUME", timeout=timeout))
+        except (QmpError, QemuError) as exc:
+            self._abort()
+            raise QemuError(f"migration {src.name}@{src.ns} -> {dst.name}@{dst.ns} failed: {exc}; "
+                            f"{dst.stderr_tail()}") from exc
+        self._pending = self._paused = None
+        self.current = dst
+        if on_resume is not None:
+            on_resume()
+        src.quit()
+        ram = info.get("ram", {})
+        m = Migration(src.ns, dst.ns, float(info.get("total-time", 0)), float(info.get("downtime", 0)),
+                      float(info.get("setup-time", 0)), int(ram.get("transferred", 0)), started, paused, resumed)
+        self.migrations.append(m)
+        return m
+
+    def _need_pending(self):
+        if self._pending is None:
+            raise QemuError("no migration under way")
+        return self._pending
+
+    def _abort(self) -> None:
+        """A failed migration: the destination goes, the source (if paused) runs on."""
+        if self._pending is None:
+            return
+        src, dst, _ = self._pending
+        self._pending = self._paused = None
+        dst.kill()
+        if src.qmp is not None:
+            for cmd in ("migrate_cancel", "cont"):
+                try:
+                    src.qmp.execute(cmd)
+                except QmpError:
+                    pass
+
     def release(self) -> dict:
         """Let the running QEMU outlive this process (``roam lab up --vm qemu``): close our sockets, say where it is.
 
@@ -342,6 +467,9 @@ class Guest:
 
     def close(self) -> None:
         """Quit the running QEMU (kill it if it will not go) and remove the work directory."""
+        if self._pending is not None:
+            self._pending[1].kill()
+            self._pending = None
         if self.current is not None:
             self.current.quit()
             self.current = None
