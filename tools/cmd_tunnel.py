@@ -220,43 +220,63 @@ def _make_tap(name: str, args, what: str):
     return tap
 
 
-def cmd_proxy(args) -> int:
-    from tunnel.io import ProxyDriver, parse_endpoint
-    from tunnel.io.transport import family
-    from tunnel.proxy import ProxyEnd
+def _prepare(args, what: str, parse, tap_name, label: str = ""):
+    """What both ends do before their engine: the key, the addresses the command line gives
+    (``parse()``, its errors prefixed by ``label``), the TAP (named ``tap_name(parsed)``).
+    ``(cipher, parsed, tap)``, or the exit status."""
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     cipher = _cipher(args)
     if cipher is None:
         return 2
     try:
-        listen = parse_endpoint(args.listen)
+        parsed = parse()
     except (ValueError, OSError) as exc:
-        print(f"roam tunnel proxy: --listen: {exc}", file=sys.stderr)
+        print(f"roam tunnel {what}: {label}{exc}", file=sys.stderr)
         return 2
     if args.path_mtu < 576:
-        print("roam tunnel proxy: --path-mtu: at least 576", file=sys.stderr)
+        print(f"roam tunnel {what}: --path-mtu: at least 576", file=sys.stderr)
         return 2
-    tap = _make_tap(args.tap or f"roamp{listen[1]}", args, "proxy")
+    tap = _make_tap(tap_name(parsed), args, what)
     if tap is None:
         return 1
     args.offload = tap.offload
-    engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
-                      max_frame=_max_frame(args), offload=tap.offload,
-                      segment_size=_segment_size(args, family(listen[0])))
+    return cipher, parsed, tap
+
+
+def _serve(args, what: str, tap, make_driver, started: str, os_error: str = "") -> int:
+    """Make the driver (its errors closing the TAP, prefixed by ``os_error`` when the system's), say
+    it ``started``, and run it until a signal stops it."""
     try:
-        driver = ProxyDriver(engine, tap, listen, args.transport, time.monotonic, args.status_dir,
-                             max_tcp_conns=args.max_tcp_connections, tcp_auth_timeout=args.tcp_auth_timeout)
+        driver = make_driver()
     except ValueError as exc:
         tap.close()
-        print(f"roam tunnel proxy: {exc}", file=sys.stderr)
+        print(f"roam tunnel {what}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         tap.close()
-        print(f"roam tunnel proxy: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        print(f"roam tunnel {what}: {os_error}{exc}", file=sys.stderr)
         return 1
-    logging.getLogger("roam.tunnel").info("proxy on %s (%s), tap %s in bridge %s", args.listen,
-                                          args.transport, tap.name, args.bridge)
+    logging.getLogger("roam.tunnel").info("%s", started)
     return _run(driver, args)
+
+
+def cmd_proxy(args) -> int:
+    from tunnel.io import ProxyDriver, parse_endpoint
+    from tunnel.io.transport import family
+    from tunnel.proxy import ProxyEnd
+    ready = _prepare(args, "proxy", lambda: parse_endpoint(args.listen), lambda listen: args.tap or f"roamp{listen[1]}",
+                     "--listen: ")
+    if isinstance(ready, int):
+        return ready
+    cipher, listen, tap = ready
+    engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
+                      max_frame=_max_frame(args), offload=tap.offload,
+                      segment_size=_segment_size(args, family(listen[0])))
+    return _serve(args, "proxy", tap, lambda: ProxyDriver(
+        engine, tap, listen, args.transport, time.monotonic, args.status_dir,
+        max_tcp_conns=args.max_tcp_connections, tcp_auth_timeout=args.tcp_auth_timeout),
+        f"proxy on {args.listen} ({args.transport}), tap {tap.name} in bridge {args.bridge}",
+        f"cannot listen on {args.listen}: ")
 
 
 def cmd_host(args) -> int:
@@ -264,34 +284,17 @@ def cmd_host(args) -> int:
     from tunnel.io import HostDriver, parse_endpoint
     from tunnel.io.transport import family
     from tunnel.wire import parse_mac
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
-    cipher = _cipher(args)
-    if cipher is None:
-        return 2
-    try:
-        proxy = parse_endpoint(args.proxy)
-        macs = [parse_mac(m) for m in args.mac]
-    except (ValueError, OSError) as exc:
-        print(f"roam tunnel host: {exc}", file=sys.stderr)
-        return 2
-    if args.path_mtu < 576:
-        print("roam tunnel host: --path-mtu: at least 576", file=sys.stderr)
-        return 2
-    tap = _make_tap(args.tap, args, "host")
-    if tap is None:
-        return 1
-    args.offload = tap.offload
+    ready = _prepare(args, "host", lambda: (parse_endpoint(args.proxy), [parse_mac(m) for m in args.mac]),
+                     lambda _: args.tap)
+    if isinstance(ready, int):
+        return ready
+    cipher, (proxy, macs), tap = ready
     engine = HostEnd(cipher, macs, learn_macs=not args.no_learn, keepalive=args.keepalive,
                      dead_after=args.dead_after, max_frame=_max_frame(args), offload=tap.offload,
                      segment_size=_segment_size(args, family(proxy[0]), proxy))
-    try:
-        driver = HostDriver(engine, tap, proxy, args.transport, time.monotonic, args.status_dir)
-    except OSError as exc:
-        tap.close()
-        print(f"roam tunnel host: {exc}", file=sys.stderr)
-        return 1
-    logging.getLogger("roam.tunnel").info("host end to %s (%s), tap %s", args.proxy, args.transport, tap.name)
-    return _run(driver, args)
+    return _serve(args, "host", tap, lambda: HostDriver(engine, tap, proxy, args.transport, time.monotonic,
+                                                        args.status_dir),
+                  f"host end to {args.proxy} ({args.transport}), tap {tap.name}")
 
 
 def cmd_status(args) -> int:

@@ -8,6 +8,7 @@ input, timer or call (the input going on as ``data``, the end's own messages as
                          (a ``conntrack.errors.ParseError``; our own misuse: ``LocalProtocolError``)
 * :mod:`tunnel.crypto`   ChaCha20-Poly1305 with a pre-shared key, nonces, the replay window
 * :mod:`tunnel.session`  session states: one IntEnum, one transition table
+* :mod:`tunnel.end`      what both ends share: the session record, the answer, the DATA receive path
 * :mod:`tunnel.host`     the host end (attach, keepalives, roaming re-attach)
 * :mod:`tunnel.proxy`    the proxy end (sessions, MAC learning, flooding, announcements)
 * :mod:`tunnel.attach`    the proxy's side of attaching (the challenge, RESETs, offload negotiated)

@@ -1,4 +1,4 @@
-"""The proxy's side of attaching: the session record, the challenge that opens one, the RESET.
+"""The proxy's side of attaching: the challenge that opens a session, and the RESET.
 
 Split from :mod:`tunnel.proxy` (one idea per module): everything here runs for a
 message of a session the proxy does not (yet) know.  An ATTACH opens a session only
@@ -11,8 +11,6 @@ them associated data: nobody on the way can flip the choice).
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Hashable
 
 from conntrack.answer import Action, Answer
@@ -20,11 +18,11 @@ from conntrack.answer import Action, Answer
 from .crypto import (
     Cipher, ReplayWindow, clear_part, cookie, hello_cipher, open_body, reset_tag, seal_parts, session_cipher,
 )
+from .end import Session
 from .events import Cause, EventKind, TunnelEvent
 from .segment import Reassembly
-from .session import SessionState
 from .wire import (
-    COOKIE_LIFETIME, HEADER, NONCE_LEN, RESET_LEN, VERSION, ZERO_NONCE, Challenge, Drop, Flag, Header, MsgType,
+    COOKIE_LIFETIME, HEADER, RESET_LEN, VERSION, Challenge, Drop, Flag, Header, MsgType,
     WireError, build_challenge, parse_attach, parse_handshake,
 )
 
@@ -36,22 +34,8 @@ _OFFLOAD, _FROM_PROXY, _PLAINTEXT = int(Flag.OFFLOAD), int(Flag.FROM_PROXY), int
 _CONSUME = Action.CONSUME
 
 
-@dataclass(slots=True)
-class ProxySession:
-    id: int
-    endpoint: Hashable
-    created: float
-    last_heard: float
-    window: ReplayWindow
-    send_seq: int
-    state: SessionState = SessionState.IDLE
-    named: tuple[bytes, ...] = ()
-    counters: Counter = field(default_factory=Counter)
-    cipher: Cipher | None = None  # the session key
-    offload: bool = False  # negotiated: DATA payloads carry the virtio-net header (GSO super-frames)
-    tx_flags: int = _FROM_PROXY  # the flags of our messages in this session
-    rx_flags: int = 0  # the exact flags of the host end's DATA messages (the fast path's key)
-    reassembly: Reassembly | None = None
+#: The proxy's record of a host end's session: the one record both ends keep (see :mod:`tunnel.end`).
+ProxySession = Session
 
 
 class ProxyHandshake:
@@ -87,7 +71,8 @@ class ProxyHandshake:
                 if h.offload and not self.offload:  # our EPOCH said no: only a broken host end asks again
                     raise WireError(Drop.MODE_MISMATCH, "offload asked of a proxy that cannot carry it")
                 s = ProxySession(sid, endpoint, now, now, ReplayWindow(), 1, cipher=key)  # 0 was the EPOCH's
-                self._negotiated(s, h.offload)
+                self._negotiate(s, h.offload)
+                s.reassembly = Reassembly(self._budget, self.max_message)
                 self.sessions[sid] = s
                 self.counters["sessions_opened"] += 1
                 self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))
@@ -99,19 +84,10 @@ class ProxyHandshake:
             return self._challenge(psk, sid, hs.host_nonce, endpoint, now, h.offload and self.offload)
         raise WireError(Drop.AUTH_FAILED, "attach does not verify")
 
-    def _negotiated(self, s: ProxySession, offload: bool) -> None:
-        s.offload = offload
-        s.tx_flags = _FROM_PROXY | (_OFFLOAD if offload else 0)
-        s.rx_flags = (_OFFLOAD if offload else 0) | (_PLAINTEXT if self.cipher.plaintext else 0)
-        s.reassembly = Reassembly(self._budget, self.max_message)
-
     def _challenge(self, psk: Cipher, sid: int, host_nonce: bytes, endpoint: Hashable, now: float,
                    offload: bool = False) -> Answer:
         """EPOCH: a fresh nonce (so a fresh session key, whose sequence 0 it takes) and a cookie."""
-        while True:
-            proxy_nonce = self._random(NONCE_LEN)
-            if proxy_nonce != ZERO_NONCE:
-                break
+        proxy_nonce = self._fresh_nonce()
         issued = int(now) & 0xFFFFFFFF
         c = Challenge(self.epoch, issued, cookie(self._secret, sid, host_nonce, proxy_nonce, issued))
         key = session_cipher(psk, sid, host_nonce, proxy_nonce)

@@ -31,38 +31,33 @@ messages the end originates, each ``("proxy", message)``, ``events`` what happen
 """
 from __future__ import annotations
 
-import os
-from collections import Counter
-from typing import Callable, Iterable
+from operator import attrgetter
+from typing import Iterable
 
 from conntrack.answer import Action, Answer
 
-from .crypto import (
-    Cipher, ReplayWindow, clear_part, hello_cipher, nonce, open_body, reset_tag, seal_parts, session_cipher,
-)
+from .crypto import Cipher, ReplayWindow, clear_part, hello_cipher, open_body, reset_tag, seal_parts, session_cipher
+from .end import End, Session, new_answer as _new
 from .events import Cause, EventKind, TunnelEvent
-from .segment import MAX_PENDING, SEGMENT_HEAD, SEGMENT_TYPE, Budget, Reassembly, run, split
-from .session import SessionEvent as E, SessionState, transition
+from .segment import MAX_PENDING, Budget, Reassembly, split
+from .session import SessionEvent as E, SessionState
 from .wire import (
-    DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_MACS, MAX_SEQ, NONCE_LEN, RESET_LEN, VERSION, VNET_HDR_LEN,
-    ZERO_NONCE, Attach, Drop, Flag, Handshake, Header, MsgType, WireError, build_attach, build_handshake, check_empty,
-    check_frame, format_mac, is_multicast, parse_attach_ack, parse_challenge, parse_header,
+    HEADER_LEN, MAX_MACS, MAX_SEQ, NONCE_LEN, RESET_LEN, ZERO_NONCE, Attach, Drop,
+    Flag, Handshake, Header, MsgType, WireError, build_attach, build_handshake, check_empty, check_frame, format_mac,
+    is_multicast, parse_attach_ack, parse_challenge, parse_header,
 )
-from .vnet import NO_OFFLOAD, strip
+from .vnet import strip
 
 
 _LIVE = (SessionState.ATTACHING, SessionState.ATTACHED)
-_ACCEPT, _DROP, _CONSUME = Action.ACCEPT, Action.DROP, Action.CONSUME
+_ACCEPT, _CONSUME = Action.ACCEPT, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
-_OFFLOAD, _FROM_PROXY, _PLAINTEXT = int(Flag.OFFLOAD), int(Flag.FROM_PROXY), int(Flag.PLAINTEXT)
-#: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
-#: ``__new__`` is a Python function, and skipping it saves 40% of an answer's cost (measured).
-_new = tuple.__new__
+_OFFLOAD = int(Flag.OFFLOAD)
 #: Where the host end's own messages go: its one peer.
 PROXY = "proxy"
 
 
-class HostEnd:
+class HostEnd(End):
     def __init__(
         self,
         cipher: Cipher,
@@ -74,12 +69,11 @@ class HostEnd:
         retry: float = 0.1,
         retry_max: float = 2.0,
         learned_mac_age: float = 300.0,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        offload: bool = False,
-        segment_size: int = 0,
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        **end,
     ) -> None:
-        self.cipher = cipher
+        """``end``: what every end takes (:class:`~tunnel.end.End`: max_frame, offload, segment_size,
+        random_bytes)."""
+        super().__init__(cipher, **end)
         self.fixed_macs: tuple[bytes, ...] = tuple(dict.fromkeys(bytes(m) for m in macs))
         for m in self.fixed_macs:
             if len(m) != 6 or is_multicast(m):
@@ -90,26 +84,11 @@ class HostEnd:
         self.retry = retry
         self.retry_max = retry_max
         self.learned_mac_age = learned_mac_age
-        self.max_frame = max_frame
-        #: Whether this end *can* carry offload: its TAP's frames start with a virtio-net header.
-        #: Whether the session does is negotiated (:attr:`session_offload`): both ends must be able to.
-        self.offload = offload
-        self.vnet = VNET_HDR_LEN if offload else 0  # frames from and to the TAP start with a virtio-net header
-        self.session_offload = False
-        self._flag_bits = 0  # the session's OFFLOAD bit on what we send, once negotiated
-        #: The exact flags of a DATA message from the proxy to this end (the fast path's key).
-        self._rx_data_flags = _FROM_PROXY | (_PLAINTEXT if cipher.plaintext else 0)
-        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
-        #: Over UDP, the largest datagram the path takes: larger DATA messages go as segments
-        #: (:mod:`tunnel.segment`) laid end to end in ``data``; 0 (TCP, the simulator): never cut.
-        self.segment_size = segment_size
+        # Over UDP, DATA messages larger than ``segment_size`` go as segments laid end to end in ``data``.
         self._reassembly = Reassembly(Budget(MAX_PENDING * self.max_message), self.max_message)
-        self._random = random_bytes
-        #: Pre-shared keys of earlier loads (:meth:`rekey`): a RESET under one of them still counts.
-        self.old_ciphers: tuple[Cipher, ...] = ()
-
-        self.state = SessionState.IDLE
-        self.session = 0
+        #: The session we attach under (id 0: none yet).  Its record also holds the end's state and
+        #: when the proxy was last heard, both carried on to the next session (:meth:`_new_session`).
+        self._s = self._record(0, SessionState.IDLE, None, 0.0)
         self.previous = 0
         self.proxy_epoch = 0  # the proxy's current epoch, learned from its EPOCH answer
         # The handshake of the current session: our nonce, the key of our hellos, then (after the
@@ -117,27 +96,37 @@ class HostEnd:
         self._nonce = ZERO_NONCE
         self._hello: Cipher | None = None
         self._handshake: Handshake | None = None
-        self._key: Cipher | None = None
         self._key_first = 0  # our first sequence number under the session key
         self._acked = False
         self.learned: dict[bytes, float] = {}  # MAC -> last seen (oldest first)
-        self._seq = 0
-        self._window = ReplayWindow()
         self._round_first = 0  # sequence number of the first ATTACH of this round
         self._attach_seq = -1  # ... and of the latest
         self._retry_delay = retry
         self._retry_at: float | None = None
         self._keepalive_at: float | None = None
-        self._dead_at: float | None = None
-        self.last_heard: float | None = None
+        self._round_at: float | None = None  # when this round of ATTACHes began: the dead timer runs from it
         self.last_sent: float | None = None
         self.attached_at: float | None = None
 
-        self.counters: Counter[str] = Counter()
-        self.drops: Counter[Drop] = Counter()
-        # What the call under way sends and causes; drained into its answer.
-        self._sends: list[tuple[str, bytes]] = []
-        self._events: list[TunnelEvent] = []
+    # -- the session's fields, under the names the API (and the tests) have always used -------
+
+    session = property(attrgetter("_s.id"))
+    state = property(attrgetter("_s.state"))
+    session_offload = property(attrgetter("_s.offload"), doc="Whether the session negotiated offload "
+                               "(:attr:`offload`: whether this end can).")
+    last_heard = property(attrgetter("_s.last_heard"))
+    _key = property(attrgetter("_s.cipher"))
+    _window = property(attrgetter("_s.window"))
+    _seq = property(attrgetter("_s.send_seq"), lambda self, seq: setattr(self._s, "send_seq", seq))
+
+    @property
+    def _dead_at(self) -> float | None:
+        """When the proxy counts as lost: ``dead_after`` past the start of the round or the last
+        authentic message, whichever is later (None while no round runs)."""
+        if self._round_at is None:
+            return None
+        heard = self.last_heard
+        return (self._round_at if heard is None or heard < self._round_at else heard) + self.dead_after
 
     # -- what the VM has ------------------------------------------------------------------
 
@@ -151,7 +140,7 @@ class HostEnd:
 
     def start(self, now: float) -> Answer:
         """Begin attaching: CONSUME, the first ATTACH in ``sends``."""
-        self._step(E.START)
+        self._step(self._s, E.START)
         self._new_session(now)
         self._begin_round(now)
         return self._answer(_CONSUME, Cause.START)
@@ -159,7 +148,7 @@ class HostEnd:
     def roamed(self, now: float) -> Answer:
         """Our address (or transport connection) changed: re-attach from where we are now."""
         if self.state in (SessionState.ATTACHING, SessionState.ATTACHED):
-            self._step(E.ROAMED)
+            self._step(self._s, E.ROAMED)
             self.counters["roams"] += 1
             self._begin_round(now)
         return self._answer(_CONSUME, Cause.ROAMED)
@@ -169,9 +158,10 @@ class HostEnd:
         if self.state in _LIVE and self._key is not None:  # before the EPOCH the proxy knows nothing to detach
             self._send(MsgType.DETACH, b"", now)
         if self.state != SessionState.CLOSED:
-            self._step(E.DETACH)
+            self._step(self._s, E.DETACH)
+            self.sessions = {}
             self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, self.session, now, detail="closed"))
-        self._retry_at = self._keepalive_at = self._dead_at = None
+        self._retry_at = self._keepalive_at = self._round_at = None
         return self._answer(_CONSUME, Cause.CLOSE)
 
     def send_frame(self, frame: bytes, now: float) -> Answer:
@@ -191,22 +181,23 @@ class HostEnd:
                 self.counters["macs_learned"] += 1
                 self._events.append(TunnelEvent(EventKind.MAC_LEARNED, self.session, now, detail=format_mac(src)))
                 self._send_attach(now)  # name it at once
-        if self._key is None or self.state not in _LIVE:
+        s = self._s
+        if s.cipher is None or s.state not in _LIVE:
             return self._drop(Drop.NOT_ATTACHED)  # no session key yet: nothing can carry it
-        if self._seq > MAX_SEQ:
+        if s.send_seq > MAX_SEQ:
             return self._drop(Drop.SEQ_EXHAUSTED)
         n = len(frame) - self.vnet
         payload = frame
-        if v and not self.session_offload:  # a session without offload carries the plain frame
+        if v and not s.offload:  # a session without offload carries the plain frame
             try:
                 payload = strip(frame)
             except WireError as exc:
                 return self._drop(exc.reason)
-        message = seal_parts(self._key, MsgType.DATA, self._flag_bits, self.session, self._seq, payload)
+        message = seal_parts(s.cipher, MsgType.DATA, s.tx_flags, s.id, s.send_seq, payload)
         if self.segment_size and len(message) > self.segment_size:
             message = split(message, self.segment_size)
             self.counters["tx_segmented"] += 1
-        self._seq += 1
+        s.send_seq += 1
         self.last_sent = now
         c = self.counters
         c["tx_frames"] += 1
@@ -222,17 +213,15 @@ class HostEnd:
     def receive(self, message: bytes, now: float) -> Answer:
         """A message from the proxy: ACCEPT with the frame for the TAP in ``data``; CONSUME for a
         control message (any reply in ``sends``); DROP unless authentic, fresh and well formed."""
-        n = len(message)
-        if HEADER_LEN <= n <= self.max_message:
-            # The data path: a DATA message of our session with exactly the flags expected passes
-            # the same checks as below in fewer steps; anything else takes the long way.
-            version, mtype, flags, reserved, session, seq = HEADER.unpack_from(message, 0)
-            if ((mtype == 1 or mtype == SEGMENT_TYPE) and flags == self._rx_data_flags and version == VERSION
-                    and not reserved and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
-                    and self._key is not None and self._window.check(seq)):
-                if mtype == 1:
-                    return self._receive_data(message, flags, seq, now)
-                return self._receive_segment(message, flags, seq, now)
+        return self.receive_from(message, PROXY, now)
+
+    def receive_whole(self, buf: bytes, size: int, now: float) -> Answer | None:
+        """A UDP GRO read (see :meth:`~tunnel.end.End.receive_whole_from`): one answer for the consecutive
+        segments of one message of ours, or None, and the driver hands the datagrams to :meth:`receive`."""
+        return self.receive_whole_from(buf, size, PROXY, now)
+
+    def _receive_other(self, message: bytes, endpoint, now: float) -> Answer:
+        s = self._s
         try:
             if len(message) > self.max_message:
                 raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
@@ -254,15 +243,14 @@ class HostEnd:
             if h.type == MsgType.SEGMENT:
                 if h.plaintext != self.cipher.plaintext:
                     raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
-                return self._receive_segment(message, int(h.flags), h.seq, now)
-            payload = open_body(self._key, h, message)
+                return self._receive_segment(s, message, int(h.flags), h.seq, PROXY, now)
+            payload = open_body(s.cipher, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
         # Authentic from here on.
-        self._window.update(h.seq)
+        s.window.update(h.seq)
         self.counters["rx_messages"] += 1
-        self.last_heard = now
-        self._dead_at = now + self.dead_after
+        s.last_heard = now  # which also puts off the dead timer (:attr:`_dead_at`)
         try:
             frame = self._dispatch(h, payload, now)
         except WireError as exc:  # authentic but malformed: the peer's bug, still a counted drop
@@ -271,77 +259,17 @@ class HostEnd:
             return self._answer(_CONSUME, _CONTROL)
         return self._answer(_ACCEPT, _DATA, frame)
 
-    def receive_whole(self, buf: bytes, size: int, now: float) -> Answer | None:
-        """A UDP GRO read: datagrams of ``size`` bytes laid end to end.  When they are consecutive
-        segments of one message of ours (all of it, or what one GSO send carried), one answer for them:
-        held (CONSUME), or the message's as :meth:`receive` gives it; else None, and the driver hands
-        the datagrams to :meth:`receive` one by one."""
-        if len(buf) <= size or len(buf) > self.max_message + 255 * SEGMENT_HEAD:
-            return None
-        version, mtype, flags, reserved, session, seq = HEADER.unpack_from(buf, 0)
-        if not (mtype == SEGMENT_TYPE and flags == self._rx_data_flags and version == VERSION and not reserved
-                and session == self.session and seq <= MAX_SEQ and self.state in _LIVE
-                and self._key is not None and self._window.check(seq)):
-            return None
-        r = run(buf, size)
-        if r is None:
-            return None
-        try:
-            body = self._reassembly.add_run(seq, *r)
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if body is None:
-            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
-        return self._receive_data(HEADER.pack(VERSION, 1, flags, 0, session, seq) + body, flags, seq, now)
-
-    def _receive_segment(self, segment, flags: int, seq: int, now: float) -> Answer:
-        """A piece of a DATA message: held (CONSUME, proving nothing yet) until the last one makes it
-        whole, then opened as the DATA message it was (see :mod:`tunnel.segment`)."""
-        try:
-            body = self._reassembly.add(segment, seq)
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if body is None:
-            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
-        header = HEADER.pack(VERSION, 1, flags, 0, self.session, seq)
-        return self._receive_data(header + body, flags, seq, now)
-
-    def _receive_data(self, message: bytes, flags: int, seq: int, now: float) -> Answer:
-        mv = memoryview(message)
-        try:
-            payload = self._key.open(mv[:HEADER_LEN], nonce(flags, self.session, seq), mv[HEADER_LEN:])
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if self.vnet and not self.session_offload:
-            payload = NO_OFFLOAD + payload  # the TAP wants a header; a plain frame wants nothing done
-        self._window.update(seq)  # only now, authenticated: a forgery cannot move the window
-        c = self.counters
-        c["rx_messages"] += 1
-        self.last_heard = now
-        self._dead_at = now + self.dead_after
-        try:
-            check_frame(payload, self.max_frame, self.vnet)
-        except WireError as exc:  # authentic but malformed: the peer's bug, still a counted drop
-            return self._drop(exc.reason)
-        self._step(E.PEER_HEARD)
-        c["rx_frames"] += 1
-        c["rx_bytes"] += len(payload) - self.vnet
-        return _new(Answer, (_ACCEPT, _DATA, payload, (), ()))
+    def _deliver(self, s: Session, frame: bytes, now: float) -> Answer:
+        return _new(Answer, (_ACCEPT, _DATA, frame, (), ()))  # the data path: nothing else to carry
 
     def _dispatch(self, h: Header, payload: bytes, now: float) -> bytes | None:
         """Act on an authentic message; the frame for the TAP, or None for a control message."""
         if h.type == MsgType.DATA:
-            if self.vnet and not self.session_offload:
-                payload = NO_OFFLOAD + payload
-            check_frame(payload, self.max_frame, self.vnet)
-            self._step(E.PEER_HEARD)
-            self.counters["rx_frames"] += 1
-            self.counters["rx_bytes"] += len(payload) - self.vnet
-            return payload
+            return self._frame_in(self._s, payload)
         if h.type == MsgType.ATTACH_ACK:
             acked = parse_attach_ack(payload)
             if self.state == SessionState.ATTACHING and self._round_first <= acked <= self._attach_seq:
-                self._step(E.ATTACH_ACKED)
+                self._step(self._s, E.ATTACH_ACKED)
                 self._acked = True
                 self.attached_at = now
                 self._retry_at = None
@@ -349,10 +277,10 @@ class HostEnd:
                 self._keepalive_at = now + self.keepalive
                 self._events.append(TunnelEvent(EventKind.ATTACHED, self.session, now))
             else:
-                self._step(E.PEER_HEARD)
+                self._step(self._s, E.PEER_HEARD)
         elif h.type == MsgType.KEEPALIVE_ACK:
             check_empty(payload, h.type)
-            self._step(E.PEER_HEARD)
+            self._step(self._s, E.PEER_HEARD)
         elif h.type == MsgType.DETACH:
             # The proxy dropped our session: attach again under a new one.
             check_empty(payload, h.type)
@@ -374,19 +302,19 @@ class HostEnd:
         c = parse_challenge(open_body(key, h, message))
         self.counters["epochs_received"] += 1
         if self._key is None:  # the answer to our hello: the session key, and the ATTACH that opens it
-            self._key, self._key_first = key, self._seq
+            s = self._s
+            s.cipher, self._key_first = key, s.send_seq
+            self.sessions = {s.id: s}  # keyed: DATA may come
             # Offload: we asked for it in the hello if we can; the proxy's EPOCH (authenticated,
             # header included) says whether it can too.  Both: on for the whole session.
-            self.session_offload = bool(self.offload and h.offload)
-            self._flag_bits = _OFFLOAD if self.session_offload else 0
-            self._rx_data_flags = _FROM_PROXY | self._flag_bits | (_PLAINTEXT if self.cipher.plaintext else 0)
+            self._negotiate(s, bool(self.offload and h.offload))
             if self.offload:  # an end that cannot carry offload has nothing to negotiate (nor tell)
                 self._events.append(TunnelEvent(EventKind.OFFLOAD, self.session, now,
                                                 detail="on" if self.session_offload else "off"))
             self._handshake = Handshake(self._nonce, proxy_nonce, c.issued, c.cookie)
             self.proxy_epoch = c.epoch
-            self._window = ReplayWindow()
-            self._window.update(h.seq)
+            s.window = ReplayWindow()
+            s.window.update(h.seq)
             self._send_attach(now)
         elif c.epoch != self.proxy_epoch:
             # A proxy run that never saw this session answered it: the proxy restarted under us.
@@ -410,15 +338,6 @@ class HostEnd:
         self._lose_session(now, "proxy knows no such session")
         return self._answer(_CONSUME, _CONTROL)
 
-    def rekey(self, cipher: Cipher) -> None:
-        """A new pre-shared key (key rotation): the next session derives from it; the live one keeps
-        its own key, so nothing is interrupted."""
-        if cipher.plaintext != self.cipher.plaintext:
-            raise ValueError("cannot switch between plaintext and encryption by reloading the key")
-        self.old_ciphers = (self.cipher, *self.old_ciphers)[:1]
-        self.cipher = cipher
-        self.counters["key_reloads"] += 1
-
     # -- timers -----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
@@ -440,29 +359,17 @@ class HostEnd:
             self._lose_session(now, "proxy silent")
             return self._answer(_CONSUME, Cause.TIMER)
         if self.state == SessionState.ATTACHING and self._retry_at is not None and now >= self._retry_at:
-            self._step(E.RETRY_TIMER)
+            self._step(self._s, E.RETRY_TIMER)
             self.counters["attach_retries"] += 1
             self._send_attach(now)
         if self.state == SessionState.ATTACHED and self._keepalive_at is not None and now >= self._keepalive_at:
-            self._step(E.KEEPALIVE_TIMER)
+            self._step(self._s, E.KEEPALIVE_TIMER)
             self._send(MsgType.KEEPALIVE, b"", now)
             self.counters["keepalives"] += 1
             self._keepalive_at = now + self.keepalive
         return self._answer(_CONSUME, Cause.TIMER)
 
-    # -- answers ----------------------------------------------------------------------------
-
-    def _answer(self, action: Action, reason, data: bytes | None = None) -> Answer:
-        """The call's answer, with what it sent and caused (drained: the next call starts empty)."""
-        sends, events = self._sends, self._events
-        if not sends and not events:
-            return Answer(action, reason, data)
-        self._sends, self._events = [], []
-        return Answer(action, reason, data, tuple(sends), tuple(events))
-
-    def _drop(self, reason: Drop) -> Answer:
-        self.drops[reason] += 1
-        return self._answer(_DROP, reason)
+    # -- status -----------------------------------------------------------------------------
 
     def status(self, now: float) -> dict:
         return {
@@ -491,35 +398,33 @@ class HostEnd:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _step(self, event: E) -> None:
-        self.state = transition(self.state, event)
+    def _record(self, sid: int, state: SessionState, last_heard: float | None, now: float) -> Session:
+        """A new session's record: no key yet (so no offload agreed), sequence numbers from 0."""
+        s = Session(sid, PROXY, now, last_heard, ReplayWindow(), 0, state, counters=self.counters,
+                    reassembly=self._reassembly)
+        self._negotiate(s, False)
+        return s
 
     def _new_session(self, now: float) -> None:
-        old = self.session
+        old = self._s
         while True:
             sid = int.from_bytes(self._random(4), "big")
-            if sid and sid != old:
+            if sid and sid != old.id:
                 break
-        if old:
-            self.previous = old
-        self.session = sid
-        # A fresh nonce, hence fresh keys: sequence numbers can start at 0 (see tunnel.crypto).
-        while True:
-            self._nonce = self._random(NONCE_LEN)
-            if self._nonce != ZERO_NONCE:
-                break
-        self._hello = hello_cipher(self.cipher, sid, self._nonce)
-        self._key, self._handshake, self._acked = None, None, False
-        self.session_offload, self._flag_bits = False, 0
-        self._rx_data_flags = _FROM_PROXY | (_PLAINTEXT if self.cipher.plaintext else 0)
+        if old.id:
+            self.previous = old.id
         self._reassembly.clear()
-        self._seq = 0
-        self._window = ReplayWindow()
+        self._s = self._record(sid, old.state, old.last_heard, now)
+        self.sessions = {}  # no key yet
+        # A fresh nonce, hence fresh keys: sequence numbers can start at 0 (see tunnel.crypto).
+        self._nonce = self._fresh_nonce()
+        self._hello = hello_cipher(self.cipher, sid, self._nonce)
+        self._handshake, self._acked = None, False
         self.counters["sessions"] += 1
 
     def _lose_session(self, now: float, why: str) -> None:
         old = self.session
-        self._step(E.DEAD_TIMER)
+        self._step(self._s, E.DEAD_TIMER)
         self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, old, now, detail=why))
         self._new_session(now)
         self._events.append(TunnelEvent(EventKind.NEW_SESSION_ID, self.session, now, detail=f"after {old:08x}: {why}"))
@@ -528,7 +433,7 @@ class HostEnd:
     def _begin_round(self, now: float) -> None:
         self._retry_delay = self.retry
         self._keepalive_at = None
-        self._dead_at = now + self.dead_after
+        self._round_at = now
         self._round_first = self._seq
         self._send_attach(now)
         self._events.append(TunnelEvent(EventKind.ATTACHING, self.session, now))
@@ -554,7 +459,7 @@ class HostEnd:
             return False
         key = self._key or self._hello
         # A hello asks for offload when we can carry it; the session's messages say what was agreed.
-        flags = self._flag_bits if self._key is not None else (_OFFLOAD if self.offload else 0)
+        flags = self._s.tx_flags if self._key is not None else (_OFFLOAD if self.offload else 0)
         self._sends.append((PROXY, seal_parts(key, mtype, flags, self.session, self._seq, payload, clear)))
         self._seq += 1
         self.last_sent = now

@@ -42,25 +42,24 @@ happened.
 """
 from __future__ import annotations
 
-import os
-from collections import Counter, OrderedDict
-from typing import Callable, Hashable
+from collections import OrderedDict
+from typing import Hashable
 
 from conntrack.answer import Action, Answer
 
 from .announce import announcement, neighbour_binding, source_address
 from .attach import RESET_RATE, ProxyHandshake, ProxySession
-from .crypto import Cipher, clear_part, nonce, open_body, seal_parts
+from .crypto import Cipher, clear_part, open_body, seal_parts
+from .end import End, new_answer as _new
 from .events import Cause, EventKind, TunnelEvent
 from .mactable import LAN, MacTable
-from .segment import SEGMENT_HEAD, SEGMENT_TYPE, Budget, run, split
-from .session import SessionEvent as E, SessionState, transition
+from .segment import Budget, split
+from .session import SessionEvent as E, SessionState
 from .wire import (
-    COOKIE_LIFETIME, DEFAULT_MAX_FRAME, HEADER, HEADER_LEN, MAX_CONTROL, MAX_SEQ, VERSION, VNET_HDR_LEN, Attach, Drop,
-    Header, MsgType, WireError, build_attach_ack, check_empty, check_frame, format_mac, is_multicast, parse_attach,
-    parse_handshake, parse_header,
+    COOKIE_LIFETIME, MAX_SEQ, Attach, Drop, Flag, Header, MsgType, WireError,
+    build_attach_ack, check_empty, check_frame, format_mac, is_multicast, parse_attach, parse_handshake, parse_header,
 )
-from .vnet import NO_OFFLOAD, strip
+from .vnet import strip
 
 __all__ = ["ProxyEnd", "ProxySession", "RESET_RATE", "TO_LAN"]
 
@@ -74,16 +73,15 @@ CLOSED_KEEP = COOKIE_LIFETIME + 2.0
 CLOSED_MAX = 65536
 #: The destination of the proxy's own frames for the home LAN in an answer's ``sends``.
 TO_LAN = "lan"
-_ACCEPT, _DROP, _CONSUME = Action.ACCEPT, Action.DROP, Action.CONSUME
+_ACCEPT, _CONSUME = Action.ACCEPT, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
-#: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
-#: ``__new__`` is a Python function, and skipping it saves 40% of an answer's cost (measured).
-_new = tuple.__new__
 #: Bytes held in reassembly for all sessions together (each session holds at most MAX_PENDING messages).
 REASSEMBLY_BUDGET = 16 << 20
 
 
-class ProxyEnd(ProxyHandshake):
+class ProxyEnd(ProxyHandshake, End):
+    from_bits = int(Flag.FROM_PROXY)
+
     def __init__(
         self,
         cipher: Cipher,
@@ -92,68 +90,41 @@ class ProxyEnd(ProxyHandshake):
         mac_age: float = 300.0,
         mac_capacity: int = 4096,
         max_sessions: int = 256,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        offload: bool = False,
-        segment_size: int = 0,
         announce: bool = True,
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        **end,
     ) -> None:
-        self.cipher = cipher
+        """``end``: what every end takes (:class:`~tunnel.end.End`: max_frame, offload, segment_size,
+        random_bytes).  Each session negotiates offload (:attr:`Session.offload`): on when its host end
+        can too."""
+        super().__init__(cipher, **end)
         self.session_timeout = session_timeout
         self.max_sessions = max_sessions
-        self.max_frame = max_frame
-        #: Whether this end *can* carry offload (its TAP's frames start with a virtio-net header);
-        #: each session negotiates it (:attr:`ProxySession.offload`): on when its host end can too.
-        self.offload = offload
-        self.vnet = VNET_HDR_LEN if offload else 0  # frames from and to the TAP start with a virtio-net header
-        self.max_message = HEADER_LEN + cipher.overhead + max(max_frame + self.vnet, MAX_CONTROL)
-        #: Over UDP, the largest datagram the path takes: larger DATA messages go as segments
-        #: (:mod:`tunnel.segment`) laid end to end; 0 (TCP, the simulator): never cut.
-        self.segment_size = segment_size
         self._budget = Budget(REASSEMBLY_BUDGET)
         self._lost_closed = 0  # superframes lost by sessions that closed
         self.announce = announce
-        self._random = random_bytes
-        #: Pre-shared keys of earlier loads (:meth:`rekey`): hellos under them are still answered.
-        self.old_ciphers: tuple[Cipher, ...] = ()
         #: This run's cookie secret: a restart invalidates every cookie issued before it.
-        self._secret = random_bytes(32)
+        self._secret = self._random(32)
         self._reset_tokens = RESET_RATE
         self._reset_at = 0.0
-        self.sessions: dict[int, ProxySession] = {}
         #: Drawn at start and told in every EPOCH: a host end that hears another one knows we restarted.
         self.epoch = 0
         while not self.epoch:
-            self.epoch = int.from_bytes(random_bytes(8), "big")
+            self.epoch = int.from_bytes(self._random(8), "big")
         self.macs = MacTable(mac_age, mac_capacity)
         self.addresses: dict[bytes, OrderedDict[bytes, None]] = {}
         #: address -> MAC, as LAN hosts stated them about themselves (ARP, NS/NA); latest last.
         self.lan_neighbours: OrderedDict[bytes, bytes] = OrderedDict()
         self._closed: OrderedDict[int, float] = OrderedDict()  # recently closed ids -> when: refuse their ATTACHes
-        self.counters: Counter[str] = Counter()
-        self.drops: Counter[Drop] = Counter()
-        # What the call under way sends and causes; drained into its answer.
-        self._sends: list[tuple[Hashable, bytes]] = []
-        self._events: list[TunnelEvent] = []
 
     # -- messages from host ends ------------------------------------------------------------
 
-    def receive(self, message: bytes, endpoint: Hashable, now: float) -> Answer:
-        """One message from a host end: ACCEPT with the frame for the LAN in ``data`` (None when it
-        goes only to other sessions, in ``sends``); CONSUME for a control message (replies in
-        ``sends``); DROP unless authentic, fresh and well formed."""
-        n = len(message)
-        if HEADER_LEN <= n <= self.max_message:
-            # The data path: a DATA message of a live session, from its known endpoint, with exactly
-            # the flags expected passes the same checks as below in fewer steps; anything else
-            # (roaming included) takes the long way.
-            version, mtype, flags, reserved, sid, seq = HEADER.unpack_from(message, 0)
-            if (mtype == 1 or mtype == SEGMENT_TYPE) and version == VERSION and not reserved and seq <= MAX_SEQ:
-                s = self.sessions.get(sid)
-                if s is not None and flags == s.rx_flags and s.endpoint == endpoint and s.window.check(seq):
-                    if mtype == 1:
-                        return self._receive_data(s, message, flags, seq, now)
-                    return self._receive_segment(s, message, flags, seq, endpoint, now)
+    #: One message from a host end: ACCEPT with the frame for the LAN in ``data`` (None when it goes
+    #: only to other sessions, in ``sends``); CONSUME for a control message (replies in ``sends``);
+    #: DROP unless authentic, fresh and well formed.
+    receive = End.receive_from
+    receive_whole = End.receive_whole_from
+
+    def _receive_other(self, message: bytes, endpoint: Hashable, now: float) -> Answer:
         try:
             if len(message) > self.max_message:
                 raise WireError(Drop.OVERSIZED, f"{len(message)} bytes")
@@ -198,90 +169,20 @@ class ProxyEnd(ProxyHandshake):
         except WireError as exc:  # authentic but malformed: a counted drop, state kept
             return self._drop(exc.reason)
 
-    def rekey(self, cipher: Cipher) -> None:
-        """A new pre-shared key (key rotation): new sessions derive from it, live ones keep their keys,
-        and hellos under the previous key are still answered until the next reload."""
-        if cipher.plaintext != self.cipher.plaintext:
-            raise ValueError("cannot switch between plaintext and encryption by reloading the key")
-        self.old_ciphers = (self.cipher, *self.old_ciphers)[:1]
-        self.cipher = cipher
-        self.counters["key_reloads"] += 1
-
-    def receive_whole(self, buf: bytes, size: int, endpoint: Hashable, now: float) -> Answer | None:
-        """A UDP GRO read: datagrams of ``size`` bytes laid end to end.  When they are consecutive
-        segments of one message of a session, from its endpoint (all of it, or what one GSO send
-        carried), one answer for them: held (CONSUME), or the message's as :meth:`receive` gives it;
-        else None, and the driver hands the datagrams over one by one."""
-        if len(buf) <= size or len(buf) > self.max_message + 255 * SEGMENT_HEAD:
-            return None
-        version, mtype, flags, reserved, sid, seq = HEADER.unpack_from(buf, 0)
-        if mtype != SEGMENT_TYPE or version != VERSION or reserved or seq > MAX_SEQ:
-            return None
-        s = self.sessions.get(sid)
-        if s is None or flags != s.rx_flags or s.endpoint != endpoint or not s.window.check(seq):
-            return None
-        r = run(buf, size)
-        if r is None:
-            return None
+    def _moved(self, s: ProxySession, message: bytes, endpoint: Hashable, now: float) -> Answer:
+        """A DATA message made whole from segments, from another endpoint than ``s``'s: authentic and
+        fresh, it moves the endpoint (the long way)."""
         try:
-            body = s.reassembly.add_run(seq, *r)
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if body is None:
-            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
-        return self._receive_data(s, HEADER.pack(VERSION, 1, flags, 0, sid, seq) + body, flags, seq, now)
-
-    def _receive_segment(self, s: ProxySession, segment, flags: int, seq: int, endpoint: Hashable,
-                         now: float) -> Answer:
-        """A piece of a DATA message: held (CONSUME, proving nothing yet) until the last one makes it
-        whole, then opened as the DATA message it was (see :mod:`tunnel.segment`)."""
-        try:
-            body = s.reassembly.add(segment, seq)
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if body is None:
-            return _new(Answer, (_CONSUME, Cause.SEGMENT, None, (), ()))
-        message = HEADER.pack(VERSION, 1, flags, 0, s.id, seq) + body
-        if endpoint == s.endpoint:
-            return self._receive_data(s, message, flags, seq, now)
-        try:  # whole and from elsewhere: authentic and fresh, it moves the endpoint (the long way)
             h = parse_header(message)
             payload = open_body(s.cipher, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
         return self._authentic(s, h, payload, None, endpoint, False, now)
 
-    def _receive_data(self, s: ProxySession, message: bytes, flags: int, seq: int, now: float) -> Answer:
-        mv = memoryview(message)
-        try:
-            payload = s.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
-        except WireError as exc:
-            return self._drop(exc.reason)
-        if self.vnet and not s.offload:
-            payload = NO_OFFLOAD + payload  # the TAP wants a header; a plain frame wants nothing done
-        s.window.update(seq)  # only now, authenticated: a forgery cannot move the window
-        s.last_heard = now
-        c = s.counters
-        c["rx_messages"] += 1
-        try:
-            check_frame(payload, self.max_frame, self.vnet)
-        except WireError as exc:  # authentic but malformed: a counted drop, state kept
-            return self._drop(exc.reason)
-        self._step(s, E.PEER_HEARD)
-        c["rx_frames"] += 1
-        c["rx_bytes"] += len(payload) - self.vnet
-        return self._from_session(s, payload, now)
-
     def _dispatch(self, s: ProxySession, h: Header, payload: bytes, attach: Attach | None,
                   moved: bool, now: float) -> Answer:
         if h.type == MsgType.DATA:
-            if self.vnet and not s.offload:
-                payload = NO_OFFLOAD + payload
-            check_frame(payload, self.max_frame, self.vnet)
-            self._step(s, E.PEER_HEARD)
-            s.counters["rx_frames"] += 1
-            s.counters["rx_bytes"] += len(payload) - self.vnet
-            return self._from_session(s, payload, now)
+            return self._from_session(s, self._frame_in(s, payload), now)
         if h.type == MsgType.ATTACH:
             assert attach is not None
             self._step(s, E.ATTACH_RECEIVED)
@@ -383,6 +284,8 @@ class ProxyEnd(ProxyHandshake):
             return self._drop(Drop.HAIRPIN)
         return self._forward(self.sessions[port], frame)
 
+    _deliver = _from_session  # the data path's authentic frames go where the long way's do
+
     def from_lan(self, frame: bytes, now: float) -> Answer:
         """A frame from the home LAN (read from the proxy's TAP): ACCEPT with the sealed messages
         for the sessions that take it in ``sends``; DROP when none does."""
@@ -482,19 +385,7 @@ class ProxyEnd(ProxyHandshake):
             self._close(s, E.DETACH, now, "proxy shutting down")
         return self._answer(_CONSUME, Cause.CLOSE)
 
-    # -- answers ----------------------------------------------------------------------------
-
-    def _answer(self, action: Action, reason, data: bytes | None = None) -> Answer:
-        """The call's answer, with what it sent and caused (drained: the next call starts empty)."""
-        sends, events = self._sends, self._events
-        if not sends and not events:
-            return Answer(action, reason, data)
-        self._sends, self._events = [], []
-        return Answer(action, reason, data, tuple(sends), tuple(events))
-
-    def _drop(self, reason: Drop) -> Answer:
-        self.drops[reason] += 1
-        return self._answer(_DROP, reason)
+    # -- status -----------------------------------------------------------------------------
 
     def status(self, now: float) -> dict:
         return {
@@ -525,9 +416,6 @@ class ProxyEnd(ProxyHandshake):
         }
 
     # -- internals --------------------------------------------------------------------------
-
-    def _step(self, s: ProxySession, event: E) -> None:
-        s.state = transition(s.state, event)
 
     def _close(self, s: ProxySession, event: E, now: float, why: str) -> None:
         self._step(s, event)

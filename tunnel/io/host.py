@@ -17,8 +17,7 @@ from typing import Callable, Hashable
 
 
 from ..host import PROXY, HostEnd
-from ..wire import WireError
-from .loop import BATCH, Driver, log
+from .loop import Driver, log
 from .transport import Datagrams, TcpConn, family, same_ip, udp_socket
 
 ADDRESS_CHECK_EVERY = 0.25
@@ -30,7 +29,9 @@ class HostDriver(Driver):
     the driver then makes none, never reconnects and does not watch the local address."""
 
     role = "host"
+    peer_name = "proxy"
     tap_data_to = PROXY  # a frame from the TAP goes on sealed, to the proxy
+    tap_out = TAP
 
     def __init__(self, engine: HostEnd, tap, proxy: tuple[str, int], transport: str,
                  clock: Callable[[], float], status_dir: str | None = None, *,
@@ -38,6 +39,9 @@ class HostDriver(Driver):
         super().__init__(tap, clock, status_dir)
         self.engine = engine
         self.tap_input = engine.send_frame
+        receive, whole = engine.receive, engine.receive_whole
+        self.net_input = lambda m, _ep, now: receive(m, now)  # our one peer: no endpoint to name
+        self.net_input_whole = lambda buf, size, _ep, now: whole(buf, size, now)
         self.proxy = proxy
         self.family = family(proxy[0])
         self.transport = transport
@@ -72,59 +76,23 @@ class HostDriver(Driver):
             self._connect(now)
         self.flush(now)
 
-    def send_to(self, to: Hashable, data: bytes, now: float) -> None:
-        if to == TAP:
-            if not self.tap.write(data):
-                self.counters["tap_tx_dropped"] += 1
-        elif self.udp is not None:
-            try:
-                seg = self.engine.segment_size
-                if seg and len(data) > seg:  # a message cut into segments: one GSO send
-                    self.counters["udp_tx_datagrams"] += self.dgram.send(data, seg, None if self.given else self.proxy)
-                elif self.given:
-                    self.udp.send(data)
-                else:
-                    self.udp.sendto(data, self.proxy)
-            except (BlockingIOError, InterruptedError):
-                self.counters["udp_tx_dropped"] += 1
-            except OSError as exc:  # ENETUNREACH while the address changes, ECONNREFUSED after an ICMP error
-                self.note("udp_tx_errors", now, "udp send to the proxy: %s", exc)
-        elif self.conn is not None and self.conn.connected:
+    def udp_address(self, to: Hashable) -> tuple | None:
+        return None if self.given else self.proxy
+
+    def udp_peer(self, addr) -> Hashable | None:
+        if not self.given and addr[0] != self.proxy[0] and not same_ip(addr[0], self.proxy[0]):
+            self.counters["rx_not_from_proxy"] += 1
+            return None
+        return PROXY
+
+    def send_stream(self, to: Hashable, data: bytes, now: float) -> None:
+        if self.conn is not None and self.conn.connected:
             try:
                 self.conn.queue(data, self.counters)
             except OSError as exc:
                 self._schedule_reconnect(now, str(exc))
         else:
             self.counters["tx_no_transport"] += 1
-
-    # -- UDP ---------------------------------------------------------------------------------
-
-    def _on_udp(self, _mask: int) -> None:
-        now = self.clock()
-        carry, receive, read = self.carry, self.engine.receive, self.dgram.receive
-        for _ in range(BATCH):
-            try:
-                data, addr, size = read()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...): counted, not fatal
-                self.note("udp_rx_errors", now, "udp receive: %s", exc)
-                continue
-            if not self.given and addr[0] != self.proxy[0] and not same_ip(addr[0], self.proxy[0]):
-                self.counters["rx_not_from_proxy"] += 1
-                continue
-            if size and len(data) > size:  # UDP GRO: datagrams of ``size`` bytes laid end to end
-                answer = self.engine.receive_whole(data, size, now)  # consecutive segments of one message: one step
-                if answer is not None:
-                    self.counters["udp_rx_runs"] += 1
-                    carry(answer, now, TAP)
-                    continue
-                mv = memoryview(data)
-                for i in range(0, len(data), size):
-                    carry(receive(mv[i:i + size], now), now, TAP)
-            else:
-                carry(receive(data, now), now, TAP)
-        self.flush(now)
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -195,31 +163,15 @@ class HostDriver(Driver):
             self._connected(now)
             self.flush(now)
             return
-        if mask & selectors.EVENT_WRITE:
-            try:
-                c.flush()
-            except OSError as exc:
-                self._schedule_reconnect(now, str(exc))
-                return
-        if mask & selectors.EVENT_READ:
-            try:
-                data = c.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError as exc:
-                self._schedule_reconnect(now, str(exc))
-                return
-            if data == b"":
-                self._schedule_reconnect(now, "closed by proxy")
-                return
-            if data:
-                try:
-                    for m in c.decoder.feed(data):
-                        self.carry(self.engine.receive(m, now), now, TAP)
-                except WireError as exc:  # the stream cannot be resynchronised: a counted drop, reconnect
-                    self.drop(exc.reason.name.lower(), now)
-                    self._schedule_reconnect(now, str(exc))
+        messages = self.stream_io(c, mask, now)
+        if messages is None:
+            return
+        for m in messages:
+            self.carry(self.engine.receive(m, now), now, TAP)
         self.flush(now)
+
+    def stream_lost(self, c: TcpConn, now: float, key: str, why: str) -> None:
+        self._schedule_reconnect(now, why)
 
     # -- timers and output -------------------------------------------------------------------
 

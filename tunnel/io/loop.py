@@ -41,6 +41,8 @@ from conntrack.answer import Action, Answer
 from conntrack.errors import LocalProtocolError
 
 from ..events import TunnelEvent
+from ..wire import WireError
+from .transport import TcpConn, endpoint_text
 
 log = logging.getLogger("roam.tunnel")
 
@@ -58,11 +60,19 @@ class Driver:
     """
 
     role = "?"
+    peer_name = "?"  # what the other end is called in the logs
     engine = None  # the HostEnd or ProxyEnd; set by the subclass
     #: The engine's method that takes a frame the TAP gave us (``send_frame``, ``from_lan``).
     tap_input: Callable[[bytes, float], Answer]
     #: Where the ``data`` of an answer to a TAP frame goes (the proxy end's LAN frames have none).
     tap_data_to: Hashable = None
+    #: The destination, in answers, of frames for the TAP (and of ``data`` answering a peer's message).
+    tap_out: Hashable = None
+    #: The engine's methods that take a message from a peer, ``(message, endpoint, now)``, and a UDP GRO
+    #: read, ``(buf, size, endpoint, now)``.
+    net_input: Callable[..., Answer]
+    net_input_whole: Callable[..., Answer | None]
+    udp: socket.socket | None = None
 
     def __init__(self, tap, clock: Callable[[], float], status_dir: str | None) -> None:
         self.tap = tap
@@ -130,7 +140,101 @@ class Driver:
         log.debug("%s: dropped (%s)", self.role, name)
 
     def send_to(self, to: Hashable, data: bytes, now: float) -> None:
-        """Send ``data`` to an answer's destination (the proxy, the TAP, a host end's endpoint...)."""
+        """Send ``data`` to an answer's destination: the TAP, or a peer over UDP or TCP."""
+        if to == self.tap_out:
+            if not self.tap.write(data):
+                self.counters["tap_tx_dropped"] += 1
+            return
+        udp = self.udp
+        if udp is None:
+            self.send_stream(to, data, now)
+            return
+        addr = self.udp_address(to)
+        try:
+            seg = self.engine.segment_size
+            if seg and len(data) > seg:  # a message cut into segments: one GSO send
+                self.counters["udp_tx_datagrams"] += self.dgram.send(data, seg, addr)
+            elif addr is None:
+                udp.send(data)
+            else:
+                udp.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.counters["udp_tx_dropped"] += 1
+        except OSError as exc:  # ENETUNREACH, EHOSTUNREACH, ECONNREFUSED after an ICMP error...
+            self.note("udp_tx_errors", now, "udp send to %s: %s", self.peer_name if addr is None else
+                      endpoint_text(addr), exc)
+
+    def udp_address(self, to: Hashable) -> Hashable | None:
+        """Where a message for ``to`` goes over UDP (None: the socket is connected to its one peer)."""
+        raise NotImplementedError
+
+    def send_stream(self, to: Hashable, data: bytes, now: float) -> None:
+        """Queue a message for ``to`` on its TCP connection."""
+        raise NotImplementedError
+
+    def udp_peer(self, addr) -> Hashable | None:
+        """The endpoint a datagram from ``addr`` comes from, as the engine knows it; None: not a peer
+        of ours (counted by the driver, dropped)."""
+        raise NotImplementedError
+
+    def _on_udp(self, _mask: int) -> None:
+        now = self.clock()
+        carry, read, peer, to = self.carry, self.dgram.receive, self.udp_peer, self.tap_out
+        receive, whole = self.net_input, self.net_input_whole
+        for _ in range(BATCH):
+            try:
+                data, addr, size = read()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP errors surface here (ECONNREFUSED...): counted, the next read goes on
+                self.note("udp_rx_errors", now, "udp receive: %s", exc)
+                continue
+            ep = peer(addr)
+            if ep is None:
+                continue
+            if size and len(data) > size:  # UDP GRO: datagrams of ``size`` bytes laid end to end
+                answer = whole(data, size, ep, now)  # consecutive segments of one message: one step
+                if answer is not None:
+                    self.counters["udp_rx_runs"] += 1
+                    carry(answer, now, to)
+                    continue
+                mv = memoryview(data)
+                for i in range(0, len(data), size):
+                    carry(receive(mv[i:i + size], ep, now), now, to)
+            else:
+                carry(receive(data, ep, now), now, to)
+        self.flush(now)
+
+    def stream_io(self, c: TcpConn, mask: int, now: float) -> list[bytes] | None:
+        """One readiness event of a TCP connection: flush what waits, read what came.  The messages
+        read; None when the connection is lost (:meth:`stream_lost` was told why)."""
+        if mask & selectors.EVENT_WRITE:
+            try:
+                c.flush()
+            except OSError as exc:
+                self.stream_lost(c, now, "tcp_errors", str(exc))
+                return None
+        if not mask & selectors.EVENT_READ:
+            return []
+        try:
+            data = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as exc:
+            self.stream_lost(c, now, "tcp_errors", str(exc))
+            return None
+        if data == b"":
+            self.stream_lost(c, now, "tcp_closed_by_peer", f"closed by the {self.peer_name}")
+            return None
+        try:
+            return c.decoder.feed(data)
+        except WireError as exc:  # the stream cannot be resynchronised: a counted drop, the connection lost
+            self.drop(exc.reason.name.lower(), now)
+            self.stream_lost(c, now, "tcp_bad_framing", str(exc))
+            return None
+
+    def stream_lost(self, c: TcpConn, now: float, key: str, why: str) -> None:
+        """Connection ``c`` failed (``key`` names how, for the counters; ``why`` for the log)."""
         raise NotImplementedError
 
     def flush(self, now: float) -> None:
@@ -163,19 +267,18 @@ class Driver:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    # signal-safe: sets a flag and wakes the selector
+    # Signal handlers: each only sets a flag and wakes the selector (signal-safe).
     def request_stop(self, *_args) -> None:
         self.stopping = True
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._wake()
 
-    # signal-safe: sets a flag and wakes the selector
     def request_reload(self, *_args) -> None:
         self._reload = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
-            self._wake_w.send(b"r")
+            self._wake_w.send(b"x")
         except OSError:
             pass
 

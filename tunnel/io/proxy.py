@@ -27,7 +27,6 @@ from conntrack.answer import Action
 
 from ..events import proves_peer
 from ..proxy import TO_LAN, ProxyEnd
-from ..wire import WireError
 from .loop import BATCH, Driver
 from .transport import CONNECTED_PEER, Datagrams, TcpConn, endpoint_text, family, udp_socket
 
@@ -47,6 +46,8 @@ class ProxyDriver(Driver):
     :data:`~tunnel.io.transport.CONNECTED_PEER`); for TCP, streams are handed in with :meth:`adopt`."""
 
     role = "proxy"
+    peer_name = "host end"
+    tap_out = TO_LAN
 
     def __init__(self, engine: ProxyEnd, tap, listen: tuple[str, int] | None, transport: str,
                  clock: Callable[[], float], status_dir: str | None = None, *,
@@ -57,6 +58,7 @@ class ProxyDriver(Driver):
         super().__init__(tap, clock, status_dir)
         self.engine = engine
         self.tap_input = engine.from_lan
+        self.net_input, self.net_input_whole = engine.receive, engine.receive_whole
         self.transport = transport
         self.max_tcp_conns = max_tcp_conns
         self.tcp_auth_timeout = tcp_auth_timeout
@@ -107,57 +109,21 @@ class ProxyDriver(Driver):
                     self._drop_conn(c, "tcp_idle_timeouts", now, "nothing authentic for %.1fs", self.tcp_idle_timeout)
             self._next_sweep = now + self._sweep_every if self.conns else None
 
-    def send_to(self, to: Hashable, data: bytes, now: float) -> None:
-        if to == TO_LAN:
-            if not self.tap.write(data):
-                self.counters["tap_tx_dropped"] += 1
-        elif self.udp is not None:
-            try:
-                seg = self.engine.segment_size
-                if seg and len(data) > seg:  # a message cut into segments: one GSO send
-                    self.counters["udp_tx_datagrams"] += self.dgram.send(data, seg, None if self._connected_udp else to)
-                elif self._connected_udp:
-                    self.udp.send(data)
-                else:
-                    self.udp.sendto(data, to)
-            except (BlockingIOError, InterruptedError):
-                self.counters["udp_tx_dropped"] += 1
-            except OSError as exc:  # ENETUNREACH, EHOSTUNREACH, ECONNREFUSED after an ICMP error...
-                self.note("udp_tx_errors", now, "udp send to %s: %s", endpoint_text(to), exc)
-        else:
-            c = self.conns.get(to)
-            if c is None:
-                self.counters["tx_no_connection"] += 1
-                return
-            try:
-                c.queue(data, self.counters)
-            except OSError as exc:
-                self._drop_conn(c, "tcp_errors", now, "%s", exc)
+    def udp_address(self, to: Hashable) -> Hashable | None:
+        return None if self._connected_udp else to
 
-    def _on_udp(self, _mask: int) -> None:
-        now = self.clock()
-        carry, receive, read = self.carry, self.engine.receive, self.dgram.receive
-        for _ in range(BATCH):
-            try:
-                data, addr, size = read()
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:  # a pending ICMP error (ECONNREFUSED...): counted, the next read goes on
-                self.note("udp_rx_errors", now, "udp receive: %s", exc)
-                continue
-            ep = addr[:2] if addr else CONNECTED_PEER
-            if size and len(data) > size:  # UDP GRO: datagrams of ``size`` bytes laid end to end
-                answer = self.engine.receive_whole(data, size, ep, now)  # consecutive segments of one message: one step
-                if answer is not None:
-                    self.counters["udp_rx_runs"] += 1
-                    carry(answer, now, TO_LAN)
-                    continue
-                mv = memoryview(data)
-                for i in range(0, len(data), size):
-                    carry(receive(mv[i:i + size], ep, now), now, TO_LAN)
-            else:
-                carry(receive(data, ep, now), now, TO_LAN)
-        self.flush(now)
+    def udp_peer(self, addr) -> Hashable:
+        return addr[:2] if addr else CONNECTED_PEER
+
+    def send_stream(self, to: Hashable, data: bytes, now: float) -> None:
+        c = self.conns.get(to)
+        if c is None:
+            self.counters["tx_no_connection"] += 1
+            return
+        try:
+            c.queue(data, self.counters)
+        except OSError as exc:
+            self._drop_conn(c, "tcp_errors", now, "%s", exc)
 
     # -- TCP: accept, read, limits -----------------------------------------------------------
 
@@ -233,32 +199,16 @@ class ProxyDriver(Driver):
         if c.closed:  # dropped earlier in the same round of events
             return
         now = self.clock()
-        if mask & selectors.EVENT_WRITE:
-            try:
-                c.flush()
-            except OSError as exc:
-                self._drop_conn(c, "tcp_errors", now, "%s", exc)
-                return
-        if mask & selectors.EVENT_READ:
-            try:
-                data = c.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError as exc:
-                self._drop_conn(c, "tcp_errors", now, "%s", exc)
-                return
-            if data == b"":
-                self._drop_conn(c, "tcp_closed_by_peer", now, "closed by the host end")
-                return
-            if data:
-                try:
-                    for m in c.decoder.feed(data):
-                        if proves_peer(self.carry(self.engine.receive(m, c.endpoint, now), now, TO_LAN)):
-                            c.last_authentic = now
-                except WireError as exc:  # the stream cannot be resynchronised: a counted drop, closed
-                    self.drop(exc.reason.name.lower(), now)
-                    self._drop_conn(c, "tcp_bad_framing", now, "%s", exc)
+        messages = self.stream_io(c, mask, now)
+        if messages is None:
+            return
+        for m in messages:
+            if proves_peer(self.carry(self.engine.receive(m, c.endpoint, now), now, TO_LAN)):
+                c.last_authentic = now
         self.flush(now)
+
+    def stream_lost(self, c: TcpConn, now: float, key: str, why: str) -> None:
+        self._drop_conn(c, key, now, "%s", why)
 
     def flush_transport(self, now: float) -> None:
         for c in list(self.conns.values()):
