@@ -96,6 +96,9 @@ class Connection:
     def tick(conn: "Connection", _=None) -> None:
         now = conn.clock.now
         sock = conn.sock
+        if sock.stack.holds(now):  # the client's machine is paused: its timer runs when it runs again
+            sock.stack.defer(Connection.tick, conn)
+            return
         if conn.broken_at is not None:
             transport = Transport.BROKEN
         elif conn.udp or sock.state == SockState.ESTABLISHED:

@@ -72,6 +72,7 @@ class ModeRun:
     drops: dict[str, int] = field(default_factory=dict)
     end: float = 0.0
     warnings: tuple[str, ...] = ()  # e.g. engine exceptions: results stand, but look
+    moves: tuple = ()  # the qemu backend: QEMU's own figures per move (tools.lab.qemu.Migration)
 
 
 @dataclass(frozen=True, slots=True)

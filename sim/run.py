@@ -78,6 +78,9 @@ class World:
     def _start(world: "World", conn: Connection) -> None:
         c = conn.spec
         mode = world.mode
+        if c.direction == "outbound" and world.vm.holds(world.clock.now):  # started once the VM runs again
+            world.vm.defer(World._start, world, conn)
+            return
         if c.direction == "outbound":
             client, local, lport = world.vm, mode.vm_address(), VM_EPHEMERAL + conn.tag % 20000
             remote, rport = wire.addr(world.sc.peer(c.peer).address), c.port
@@ -94,7 +97,7 @@ class World:
 
     @staticmethod
     def _migrate(world: "World", m) -> None:
-        world.vm.paused = True
+        world.vm.pause(world.clock.now)
         world.mode.detach()
         world.clock.after(m.downtime, World._arrive, world, m)
 

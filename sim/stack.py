@@ -399,7 +399,7 @@ class Stack:
     """One machine's sockets.  ``output(bytes, tag, src)`` is where its packets go."""
 
     __slots__ = ("name", "clock", "addresses", "out", "tcp", "udp", "listeners", "ident", "lose_fn",
-                 "observe", "paused", "conn_of", "icmp_limit")
+                 "observe", "paused", "conn_of", "icmp_limit", "paused_at", "deferred")
 
     def __init__(self, name: str, clock: Clock, lose: Callable[[int, Loss], None]) -> None:
         self.name = name
@@ -415,6 +415,9 @@ class Stack:
         self.conn_of: Callable[[int], "Connection | None"] = lambda tag: None
         self.observe = False  # a remote peer notes the source its connections arrive from
         self.paused = False
+        self.paused_at = 0.0
+        #: the applications' timers that came due while paused: a frozen process runs them when it runs again
+        self.deferred: list[tuple] = []
         self.icmp_limit = linux.IcmpLimiter()  # Linux's default ICMP rate limit (per destination)
 
     def lose(self, tag: int, why: Loss) -> None:
@@ -487,10 +490,24 @@ class Stack:
         self.udp[lport] = s
         return s
 
+    def pause(self, now: float) -> None:
+        self.paused, self.paused_at = True, now
+
+    def holds(self, now: float) -> bool:
+        """Is an application timer due at ``now`` held?  Paused, and after the pause's instant (what is due at
+        the move itself ran before it: the lab freezes the VM's processes just after the move's time)."""
+        return self.paused and now > self.paused_at + 1e-6
+
+    def defer(self, fn, a=None, b=None) -> None:
+        self.deferred.append((fn, a, b))
+
     def resume(self) -> None:
         self.paused = False
         for s in list(self.tcp.values()):
             s.kick()
+        held, self.deferred = self.deferred, []
+        for fn, a, b in held:
+            fn(a, b)
 
     # -------------------------------------------------------------- input
     def receive(self, data: bytes, tag: int) -> None:

@@ -10,6 +10,7 @@ from conntrack.pcap import write_pcap
 from sim import MODES, ScenarioError, load_scenario, replay
 
 from . import report
+from .compare import add_compare_argument, run_compare
 
 
 def register(sub, help_text: str) -> None:
@@ -39,6 +40,7 @@ def register(sub, help_text: str) -> None:
                    f"(from {', '.join(MODES)})")
     p.add_argument("--seed", type=int, help="override the scenario's random seed (link loss)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    add_compare_argument(p)
     p.set_defaults(func=run)
 
 
@@ -90,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         from dataclasses import replace
         sc = replace(sc, seed=args.seed)
+    if getattr(args, "compare", None):  # several backends side by side; 1 when verdicts disagree
+        if os.geteuid() != 0 and any(b in args.compare for b in ("netns", "qemu")):
+            print("roam replay: --compare with netns or qemu needs root (it builds network namespaces)",
+                  file=sys.stderr)
+            return 2
+        return run_compare(args, sc)
     run_netns = None
     if args.backend in ("netns", "qemu"):
         if args.pcap:
@@ -138,15 +146,5 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if not args.json:
             print(f"timeline written to {os.path.abspath(args.plot)}", file=sys.stderr)
-    if args.backend == "qemu":  # QEMU's own figures per move, after the common report
-        from .lab.qemu_play import moves_dict, moves_text
-        if args.json:
-            import json
-            doc = json.loads(report.as_json(rep))
-            doc["qemu_migrations"] = moves_dict(rep)
-            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        else:
-            sys.stdout.write(report.table(rep) + moves_text(rep))
-    else:
-        sys.stdout.write(report.as_json(rep) if args.json else report.table(rep))
+    sys.stdout.write(report.as_json(rep) if args.json else report.table(rep))  # with QEMU's figures per move
     return 1 if any(r.error for r in rep.runs) else 0

@@ -62,9 +62,8 @@ def _runner(backend: str) -> Callable:
         from tools.lab.netns import run_netns
         return lambda sc, modes, parallel: run_netns(sc, modes, parallel=parallel)
     if backend == "qemu":
-        from tools.lab import qemu
-        run = getattr(qemu, "run_qemu")
-        return lambda sc, modes, parallel: run(sc, modes, parallel=parallel)
+        from tools.lab.qemu_play import run_qemu
+        return lambda sc, modes, parallel: run_qemu(sc, modes, parallel=parallel)
     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 

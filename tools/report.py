@@ -53,11 +53,32 @@ def table(rep: Report) -> str:
     if notes:
         lines.append("")
         lines += [f"note: {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + moves_text(rep)
+
+
+def moves_text(rep: Report) -> str:
+    """The qemu backend's own figures per mode and move (``ModeRun.moves``), for the table's foot."""
+    lines = []
+    for r in rep.runs:
+        for i, m in enumerate(r.moves, 1):
+            lines.append(f"  {r.mode:<10} move {i}: QEMU total {m.total_ms:.0f} ms, "
+                         f"QEMU downtime {m.downtime_ms:.0f} ms, guest paused {(m.resumed - m.paused) * 1000:.0f} ms, "
+                         f"{m.ram_bytes / 2**20:.1f} MiB sent")
+    return ("QEMU live migrations:\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def moves_dict(rep: Report) -> dict:
+    """The same for the JSON report."""
+    return {r.mode: [{"total_ms": m.total_ms, "qemu_downtime_ms": m.downtime_ms, "setup_ms": m.setup_ms,
+                      "paused_ms": round((m.resumed - m.paused) * 1000, 1), "ram_bytes": m.ram_bytes}
+                     for m in r.moves] for r in rep.runs}
 
 
 def as_json(rep: Report) -> str:
-    return json.dumps(rep.as_dict(), indent=2) + "\n"
+    doc = rep.as_dict()
+    if any(r.moves for r in rep.runs):
+        doc["qemu_migrations"] = moves_dict(rep)
+    return json.dumps(doc, indent=2) + "\n"
 
 
 # ------------------------------------------------------------------ HTML timeline

@@ -19,7 +19,9 @@ a verdict.
 """
 from __future__ import annotations
 
+import glob
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -35,11 +37,22 @@ class ModeUnavailable(RuntimeError):
     """A mode this backend cannot run (yet): reported as the ModeRun's error, never a verdict."""
 
 
+def _counters(into: dict[str, int], prefix: str, counts: dict) -> None:
+    for k, v in (counts or {}).items():
+        if isinstance(v, int) and v:
+            into[f"{prefix}{k}"] = into.get(f"{prefix}{k}", 0) + v
+
+
 class Driver:
     """How the VM is plugged in, per mode.  Never decides an outcome."""
 
     name = ""
     logdir: str | None = None
+
+    def drops(self) -> tuple[list[dict], dict[str, int]]:
+        """Stop the mode's components and return what they dropped: each drop they logged (``t`` on the
+        monotonic clock) and their drop counters by reason (kept in the log dir too)."""
+        return [], {}
 
     def __init__(self, sc, topo) -> None:
         self.sc, self.topo = sc, topo
@@ -184,7 +197,8 @@ class Nat(Driver):
             os.remove(status)
         lab.sysctl(ns, "net.ipv4.ip_forward", "1")
         log = open(os.path.join(d, "nat.log"), "a")
-        p = lab.popen(ns, ["roam", "-v", "nat", "--config", cfg, "--external", "br0", "--state-dir", d],
+        p = lab.popen(ns, ["roam", "-v", "nat", "--config", cfg, "--external", "br0", "--state-dir", d,
+                           "--drop-log", os.path.join(d, "drops.jsonl")],
                       stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs[host] = p
@@ -265,15 +279,39 @@ class Nat(Driver):
                 return self.topo.hosts[host].address, f.external_port
         return self.topo.hosts[host].address, port
 
+    def drops(self) -> tuple[list[dict], dict[str, int]]:
+        """Every host's ``roam nat --drop-log`` lines and its final ``roam nat status`` drop counters."""
+        for h in list(self.procs):
+            self._stop(h)  # its final status is written on exit
+        events, counters = [], {}
+        for h in self.topo.hosts:
+            d, status, _ = self._paths(h)
+            try:
+                with open(os.path.join(d, "drops.jsonl")) as f:
+                    events += [dict(json.loads(line), host=h) for line in f if line.strip()]
+            except (OSError, ValueError):
+                pass
+            try:
+                with open(status) as f:
+                    st = json.load(f)
+            except (OSError, ValueError):
+                continue
+            _counters(counters, "nat_", {k[len("dropped_"):]: v for k, v in st.get("engine", {}).get("counters", {}).items()
+                                         if k.startswith("dropped_")})
+        return events, counters
+
     def close(self) -> None:
         for h in list(self.procs):
             self._stop(h)
-        if self.logdir:  # keep each host's `roam nat` log with the endpoints' logs
+        if self.logdir:  # keep each host's `roam nat` log, drops and status with the endpoints' logs
             os.makedirs(self.logdir, exist_ok=True)
             for h in self.topo.hosts:
-                src = os.path.join(self._paths(h)[0], "nat.log")
-                if os.path.exists(src):
-                    shutil.copy(src, os.path.join(self.logdir, f"nat-{h}.log"))
+                d, status, _ = self._paths(h)
+                for src, name in ((os.path.join(d, "nat.log"), f"nat-{h}.log"),
+                                  (os.path.join(d, "drops.jsonl"), f"nat-{h}.drops.jsonl"),
+                                  (status, f"nat-{h}.status.json")):
+                    if os.path.exists(src):
+                        shutil.copy(src, os.path.join(self.logdir, name))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -310,6 +348,7 @@ class Tunnel(Driver):
         self.warnings: list[str] = []
         self.proxy = None
         self.here: str | None = None
+        self.counters: dict[str, int] = {}  # drops of the ends stopped so far, from their status
         self.dir = tempfile.mkdtemp(prefix="roam-netns-tunnel-")
         try:
             self.key = os.path.join(self.dir, "tunnel.key")
@@ -362,10 +401,31 @@ class Tunnel(Driver):
             topo.vm_readdress(f"{self.sc.vm.home_address}/{self.home.prefixlen}", self.home.gateway)
             self._wait_attached(host, p)
 
+    def _status(self, role: str) -> None:
+        """A running end's ``roam tunnel status`` (its status file, removed when it exits): its drops counted,
+        the file kept in the log dir."""
+        for path in glob.glob(os.path.join(self.dir, f"status-{role}", "*.json")):
+            try:
+                with open(path) as f:
+                    st = json.load(f)
+            except (OSError, ValueError):
+                continue
+            _counters(self.counters, "tunnel_", st.get("drops", {}))
+            if self.logdir:
+                os.makedirs(self.logdir, exist_ok=True)
+                with open(os.path.join(self.logdir, f"tunnel-{role}.status.json"), "a") as f:
+                    f.write(json.dumps(st, default=str) + "\n")
+
+    def drops(self) -> tuple[list[dict], dict[str, int]]:
+        for role in [f"host-{h}" for h in self.procs] + ["proxy"]:
+            self._status(role)
+        return [], dict(self.counters)
+
     def detach(self) -> None:
         host = self.topo.vm_host
         p = self.procs.pop(host, None) if host else None
         if p is not None:
+            self._status(f"host-{host}")
             self.topo.lab.stop(p, wait=5.0)
             # the TAP is the host end's: it goes with it; the bridge stays for a return
         self.here = None

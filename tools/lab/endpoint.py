@@ -40,6 +40,22 @@ RESET_ERRORS = {"ECONNRESET", "ECONNREFUSED"}
 UNREACHABLE_ERRORS = {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL", "ENONET"}
 
 
+#: A tick this late (a frozen process thawed) re-arms from when it ran, as the simulator's deferred tick
+#: does; an on-time one from when it was due, so that ticks do not drift from the simulator's.
+SLIP = 0.02
+
+
+class _Ticking:
+    """A client's tick times: every ``interval`` from its start, on the scenario's clock."""
+
+    due = 0.0
+    interval = 1.0
+
+    def next_due(self, now: float) -> float:
+        self.due = (self.due if now - self.due < SLIP else now) + self.interval
+        return self.due
+
+
 def _errname(e: int | str) -> str:
     if isinstance(e, str):
         return e
@@ -159,10 +175,11 @@ def _drain_errqueue(sock) -> None:
 _TCP_TRANSPORT = {"connecting": Transport.CONNECTING, "up": Transport.UP, "broken": Transport.BROKEN}
 
 
-class _TcpClient:
+class _TcpClient(_Ticking):
     def __init__(self, ep: _Endpoint, c: dict) -> None:
         self.ep, self.idx = ep, c["idx"]
         self.interval, self.timeout = c["interval"], c["timeout"]
+        self.due = c.get("start", ep.now())
         # the last migration's arrival ("settle"): be answered after it before stopping
         self.schedule = Schedule(False, self.interval, self.timeout, c["end"], c.get("settle"))
         self.request = max(c["request"], _REQ.size)
@@ -250,7 +267,7 @@ class _TcpClient:
             except OSError as exc:
                 self.broken(exc.errno)
                 return
-        self.ep.at(now + self.interval, self.tick)
+        self.ep.at(self.next_due(now), self.tick)
 
     def broken(self, err, why: str = "") -> None:
         if self.state == "broken":
@@ -331,10 +348,11 @@ class _TcpServer:
         conn.close()
 
 
-class _UdpClient:
+class _UdpClient(_Ticking):
     def __init__(self, ep: _Endpoint, c: dict) -> None:
         self.ep, self.idx = ep, c["idx"]
         self.interval, self.timeout = c["interval"], c["timeout"]
+        self.due = c.get("start", ep.now())
         self.schedule = Schedule(True, self.interval, self.timeout, c["end"], c.get("settle"))
         self.request = max(c["request"], _DGRAM.size)
         self.response = c["response"]
@@ -403,7 +421,7 @@ class _UdpClient:
             pass
         except OSError as exc:
             self.error(exc.errno)
-        self.ep.at(now + self.interval, self.tick)
+        self.ep.at(self.next_due(now), self.tick)
 
 
 class _UdpServer:

@@ -1,0 +1,248 @@
+"""The VM's link in the lab backends: up on every host it may use, switched at a move; the VM paused meanwhile.
+
+A migration must not add the lab's own delays to the scenario's downtime.  Moving a veth
+between host namespaces (what the lab once did) flaps its carrier, and the VM's kernel then
+holds its frames in the qdisc and skips retransmissions (``tcp_retransmit_skb`` -> -EBUSY)
+for up to a second: interruptions that were the lab's, not the migration's.  So, as QEMU's
+TAP is up on the destination before the guest resumes:
+
+* every host has the host end of the VM's link from the start, all with one MAC (the netns
+  backend: veth ``vm0``, whose other end is a port of the switch namespace's bridge; the
+  qemu backend: two TAPs, one per QEMU of a migration); the mode's driver plugs the one on
+  the VM's host (a bridge, or the host's side of a routed net) as before;
+* a move unplugs the old host's end (it leaves its bridge and addresses, stays up) and the
+  driver readies the new one while the VM is paused; at the resume the switch connects the
+  VM to it (netns) or QEMU switches over (qemu);
+* the netns VM is paused for the downtime: its processes are frozen (:class:`Freezer`: the
+  cgroup v2 freezer, else SIGSTOP/SIGCONT).  Its kernel is not: its TCP timers run on and
+  what it sends meanwhile is lost at the switch, as the simulator's paused VM
+  (``sim.stack``) does.  Its re-addressing is held until the resume, as a guest's DHCP runs
+  only once it runs.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from ..topology import VM_IF, Topology, TopologyError
+
+HOST_LINK = "vm0"  # the host end of the VM's link, on every host
+#: One MAC for the host end on every host (a moved veth carried its MAC; a NAT or host-only gateway with
+#: another MAC on the new host is one the VM's ARP cache does not know).  "fe:" (as libvirt's TAPs) so
+#: that a bridge never takes it as its own address.
+HOST_LINK_MAC = "fe:72:6f:61:6d:00"
+SWITCH = "sw"  # the bridge of the netns backend's switch namespace
+
+
+class SwitchedTopology(Topology):
+    """The lab whose VM link has a host end on every host; ``link`` is the one in use on ``vm_host``."""
+
+    link: str = HOST_LINK
+
+    def vm_link_down(self) -> None:
+        """The VM leaves (it is paused): the old host's end leaves its bridge and its addresses, and stays up."""
+        if self.vm_host is None:
+            return
+        ns = self.host_ns(self.vm_host)
+        self.lab.ipr(ns).link("set", index=self.lab.index(ns, self.link), master=0)
+        self.lab.flush_addr(ns, self.link)
+
+    def move_vm(self, to: str, link: str | None = None) -> None:
+        """The VM's host end is now ``link`` (default: the one link) on ``to``; the driver plugs it."""
+        if self.vm_host is None:
+            raise TopologyError("the VM is not attached anywhere")
+        self.vm_link_down()
+        self.vm_host, self.link = to, link or self.link
+
+    def plug_bridge(self, bridge: str = "br0") -> None:
+        ns = self.host_ns(self.vm_host)
+        self.lab.ipr(ns).link("set", index=self.lab.index(ns, self.link), master=self.lab.index(ns, bridge))
+        self.lab.up(ns, self.link)
+
+    def plug_routed(self, cidr: str) -> None:
+        ns = self.host_ns(self.vm_host)
+        self.lab.flush_addr(ns, self.link)
+        self.lab.addr(ns, self.link, cidr)
+        self.lab.up(ns, self.link)
+
+
+def add_host_links(lab, hosts, names: tuple[str, ...], make) -> None:
+    """``make(host, name)`` each host end ``names`` on every host, then give it the one MAC, up and unplugged."""
+    for h in hosts:
+        for name in names:
+            make(h, name)
+            lab.ipr(h.ns).link("set", index=lab.index(h.ns, name), address=HOST_LINK_MAC, state="up")
+
+
+class NetnsTopology(SwitchedTopology):
+    """The netns backend's VM: a namespace whose ``eth0`` reaches a switch with one port per host.
+
+    The switch (its own namespace, a bridge) connects the VM's port to the current host's
+    port only while the VM runs: between :meth:`pause` and :meth:`resume` nothing of the
+    VM's goes anywhere, and no carrier changes on its side.
+    """
+
+    switch_ns: str = ""
+    freezer: "Freezer | None" = None
+    held: tuple | None = None  # a re-addressing waiting for the resume
+    paused: bool = False
+
+    def port(self, host: str) -> str:
+        return f"h{list(self.hosts).index(host)}"
+
+    def _connect(self, on: bool) -> None:
+        lab, sw = self.lab, self.switch_ns
+        master = lab.index(sw, SWITCH) if on else 0
+        lab.ipr(sw).link("set", index=lab.index(sw, self.port(self.vm_host)), master=master)
+
+    def cut(self) -> None:
+        """The move begins: the switch cuts the VM off (its kernel runs on, its frames are lost)."""
+        self._connect(False)
+
+    def pause(self, pids: list[int]) -> None:
+        """Freeze the VM's processes (just after the move's instant: what was due at it ran, as in the
+        simulator, whose ``Stack.holds`` this is)."""
+        self.paused = True
+        if self.freezer is not None:
+            self.freezer.freeze(pids)
+
+    def resume(self) -> None:
+        """Apply the held re-addressing, connect the VM to its (new) host's port, thaw it."""
+        if self.held is not None:
+            Topology.vm_readdress(self, *self.held)
+            self.held = None
+        self._connect(True)
+        self.paused = False
+        if self.freezer is not None:
+            self.freezer.thaw()
+
+    def vm_readdress(self, cidr: str | None, gateway: str | None) -> None:
+        if self.paused:
+            self.held = (cidr, gateway)
+        else:
+            Topology.vm_readdress(self, cidr, gateway)
+
+    def close(self) -> None:
+        if self.freezer is not None:
+            self.freezer.close()
+
+
+def netns_topology(lab, sc) -> NetnsTopology:
+    """The scenario's lab (:func:`tools.topology.build`) with the VM behind a switch and a host end on every host."""
+    from dataclasses import fields
+
+    from ..topology import build
+
+    base = build(lab, sc.sites, sc.hosts, sc.peers)
+    topo = NetnsTopology(**{f.name: getattr(base, f.name) for f in fields(base)})
+    sw = topo.switch_ns = lab.ns("vsw")
+    lab.bridge(sw, SWITCH)
+    vm = lab.ns("vm")
+    lab.veth(vm, VM_IF, sw, "vm")
+    lab.ipr(vm).link("set", index=lab.index(vm, VM_IF), address=sc.vm.mac)
+    lab.ipr(sw).link("set", index=lab.index(sw, "vm"), master=lab.index(sw, SWITCH))
+    add_host_links(lab, topo.hosts.values(), (HOST_LINK,),
+                   lambda h, name: lab.veth(h.ns, name, sw, topo.port(h.name)))
+    if sc.vm.host not in topo.hosts:
+        raise TopologyError(f"the VM's host {sc.vm.host!r} is not a host of the lab")
+    topo.vm, topo.vm_mac, topo.vm_host = vm, sc.vm.mac, sc.vm.host
+    topo._connect(True)
+    topo.freezer = Freezer(lab.suffix)
+    return topo
+
+
+def _cgroup2_root() -> str | None:
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                dev, where, kind = line.split()[:3]
+                if kind == "cgroup2" and os.path.exists(os.path.join(where, "cgroup.procs")):
+                    return where
+    except OSError:
+        pass
+    return None
+
+
+class Freezer:
+    """Pause a namespace's processes as a hypervisor pauses its guest: cgroup v2 ``cgroup.freeze``, else SIGSTOP.
+
+    The freezer stops a process wherever it is without it noticing (no signal it can see,
+    no EINTR); SIGSTOP is the fallback where no writable cgroup v2 hierarchy exists.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.dir: str | None = None
+        self.pids: list[int] = []
+        root = _cgroup2_root()
+        if root is not None:
+            path = os.path.join(root, f"roam-lab-{name}-vm")
+            try:
+                os.makedirs(path, exist_ok=True)
+                if os.path.exists(os.path.join(path, "cgroup.freeze")):
+                    self.dir = path
+                else:
+                    os.rmdir(path)
+            except OSError:
+                self.dir = None
+
+    @property
+    def how(self) -> str:
+        return "cgroup" if self.dir else "sigstop"
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.dir, name), "w") as f:
+            f.write(value)
+
+    def freeze(self, pids: list[int], wait: float = 1.0) -> None:
+        self.pids = [p for p in pids if p]
+        if self.dir is None:
+            for p in self.pids:
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            return
+        for p in self.pids:
+            try:
+                self._write("cgroup.procs", str(p))
+            except OSError:
+                pass  # gone already
+        self._write("cgroup.freeze", "1")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with open(os.path.join(self.dir, "cgroup.events")) as f:
+                if "frozen 1" in f.read():
+                    return
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        if self.dir is None:
+            for p in self.pids:
+                try:
+                    os.kill(p, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            return
+        self._write("cgroup.freeze", "0")
+
+    def close(self) -> None:
+        """Thaw, hand the processes back to the root cgroup and remove ours (the lab then stops them)."""
+        if self.dir is None:
+            self.thaw()
+            return
+        try:
+            self._write("cgroup.freeze", "0")
+            root = os.path.dirname(self.dir)
+            with open(os.path.join(self.dir, "cgroup.procs")) as f:
+                left = [line.strip() for line in f if line.strip()]
+            for p in left:
+                try:
+                    with open(os.path.join(root, "cgroup.procs"), "w") as g:
+                        g.write(p)
+                except OSError:
+                    pass
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+        self.dir = None
