@@ -62,3 +62,37 @@ def test_l4_checksum_under_the_pseudo_header():
     c = l4_checksum(src, dst, 17, seg)
     seg[6:8] = struct.pack("!H", c)
     assert internet_checksum(seg, pseudo_sum(src, dst, 17, len(seg))) == 0
+
+
+def test_an_all_zero_sum_is_zero_and_a_nonzero_one_never_is():
+    # end-around carry never turns a non-zero sum into 0: it is 0xFFFF ("negative zero")
+    assert ones_sum(b"") == 0 and ones_sum(bytes(6)) == 0 and internet_checksum(bytes(4)) == 0xFFFF
+    assert ones_sum(b"\xff\xff") == 0xFFFF and ones_sum(b"\x80\x00\x80\x00") == 1
+    assert ones_sum(b"\x00\x01", 0xFFFE) == 0xFFFF
+
+
+def test_fold_carries_from_the_first_value_over_16_bits():
+    assert fold(0x10000) == 1 and fold(0x1FFFF) == 1 and fold(0x2FFFD) == 0xFFFF
+
+
+def test_pseudo_sum_of_a_jumbo_ipv6_length():
+    """RFC 8200 8.1: the IPv6 pseudo-header carries a 32-bit upper-layer length."""
+    src, dst = bytes(range(16)), bytes(range(16, 32))
+    for length in (0x28, 0x12345, 0xFFFFFFFF):
+        header = src + dst + struct.pack("!IxxxB", length, 6)
+        assert fold(pseudo_sum(src, dst, 6, length)) == ones_sum(header)
+
+
+def _with_checksum_zero(src, dst, proto):
+    """A segment whose checksum computes to 0: a filler word chosen to make the sum 0xFFFF."""
+    seg = bytearray(struct.pack("!HHHH", 5000, 53, 10, 0) + b"\0\0")
+    partial = ones_sum(seg, pseudo_sum(src, dst, proto, len(seg)))
+    seg[8:10] = struct.pack("!H", 0xFFFF - partial)
+    assert internet_checksum(seg, pseudo_sum(src, dst, proto, len(seg))) == 0
+    return seg
+
+
+def test_udp_sends_a_computed_zero_as_ffff_other_protocols_do_not():
+    src, dst = bytes([198, 18, 0, 2]), bytes([192, 0, 2, 9])
+    assert l4_checksum(src, dst, 17, _with_checksum_zero(src, dst, 17)) == 0xFFFF  # RFC 768
+    assert l4_checksum(src, dst, 6, _with_checksum_zero(src, dst, 6)) == 0  # TCP has no "none"

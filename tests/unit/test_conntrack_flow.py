@@ -93,6 +93,17 @@ def test_unpaired_icmp_type_reverses_to_itself_and_stays_an_involution():
     assert t.reversed().reversed() == t
 
 
+def test_fast_reversal_of_unpaired_icmp_types_agrees():
+    """``reverse_key`` (the table's, on packed keys) reverses as ``FlowTuple.reversed`` does."""
+    for t in (FlowTuple.make(Proto.ICMP, A4, B4, 3, 200), FlowTuple.make(Proto.ICMPV6, A6, B6, 3, 200)):
+        assert reverse_key(t.key()) == t.reversed().key() == FlowTuple(t.proto, t.dst, t.src, 3, 200).key()
+
+
+def test_portless_tuple_by_default():
+    """A generic protocol's tuple has no ports: ``make`` without them gives zeros, as its key does."""
+    assert FlowTuple.make(Proto.GRE, A4, B4) == FlowTuple.make(Proto.GRE, A4, B4, 0, 0)
+
+
 def test_tuples_are_frozen_values():
     t = FlowTuple.make(Proto.TCP, A4, B4, 1, 2)
     with pytest.raises(AttributeError):

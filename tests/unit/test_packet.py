@@ -271,6 +271,13 @@ def test_8023_length_field_is_not_ethernet_ii():
     with pytest.raises(ParseError) as e:
         parse_frame(b)
     assert e.value.reason is Malformed.BAD_ETHERTYPE
+    assert "802.3 length field 0x0026" in str(e.value)  # the user reading a capture is told why
+
+
+def test_0600_is_the_first_ethertype_not_a_length():
+    """IEEE 802.3: a type/length field of 0x0600 or more is an EtherType (here XNS, not IP)."""
+    f = parse_frame(raw(Ether(type=0x0600) / bytes(46)))
+    assert (f.ethertype, f.packet, f.l3) == (0x0600, None, 14)
 
 
 def test_too_many_vlan_tags():
@@ -279,6 +286,7 @@ def test_too_many_vlan_tags():
     with pytest.raises(ParseError) as e:
         parse_frame(b)
     assert e.value.reason is Malformed.BAD_VLAN
+    assert "more than 4 VLAN tags" in str(e.value)
 
 
 def test_ethertype_and_ip_version_disagree():
@@ -286,6 +294,7 @@ def test_ethertype_and_ip_version_disagree():
     with pytest.raises(ParseError) as e:
         parse_frame(b)
     assert e.value.reason is Malformed.BAD_IP_VERSION
+    assert "IPv4 under ethertype 0x86dd" in str(e.value)
 
 
 def test_ethernet_padding_is_not_part_of_the_packet():

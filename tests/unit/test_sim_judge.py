@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sim.judge import Move, Observation, Seen, judge, settle
+from sim.judge import LATE, Move, Observation, Seen, judge, settle, timeline_runs
 from sim.results import Cause, Outcome
 
 MOVE = (Move(10.0, 0.5),)  # the VM leaves at 10 s and is back at 10.5 s
@@ -115,3 +115,32 @@ def test_the_order_observations_come_in_does_not_matter():
         shuffled = script[:]
         random.Random(seed).shuffle(shuffled)
         assert judge("c", shuffled, MOVE, 1.0) == want
+
+
+def test_an_answer_at_the_instant_the_downtime_ends_is_not_after_it():
+    assert verdict(*UP, O(10.5, Seen.ANSWERED)).outcome == Outcome.BROKEN
+    assert verdict(*UP, O(10.5, Seen.ANSWERED), O(10.51, Seen.ANSWERED)).outcome == Outcome.SURVIVED
+
+
+def test_the_verdict_names_the_connection_and_when_it_came_up():
+    r = judge("tcp-1", (O(1.5, Seen.ESTABLISHED), O(2.0, Seen.ANSWERED)), (), 1.0)
+    assert (r.id, r.established, r.established_at) == ("tcp-1", True, 1.5)
+    r = judge("udp-2", (O(3.0, Seen.LOST),), (), 1.0)
+    assert (r.id, r.established, r.established_at) == ("udp-2", False, None)
+
+
+def test_an_answer_at_the_instant_of_the_move_is_after_it():
+    """The VM leaves at ``at``: progress seen at that instant ends the stall (as the timeline draws it)."""
+    r = verdict(*UP, O(10.0, Seen.ANSWERED), O(12.0, Seen.ANSWERED))
+    assert r.interruption_ms == pytest.approx(1000)  # 9.0 -> 10.0, not 10.0 -> 12.0
+    assert r.runs == ((1.0, 2.0), (9.0, 9.0), (10.0, 10.0), (12.0, 12.0))
+
+
+def test_timeline_runs_split_at_late_answers_and_at_every_move():
+    assert timeline_runs([1.0, 2.0, 2.0 + LATE, 3.0 + 2 * LATE], (), 1.0) == ((1.0, 2.0 + LATE), (3.0 + 2 * LATE,) * 2)
+    assert timeline_runs([0.0, 0.5, 1.0], (), 0.4) == ((0.0, 1.0),)  # late is counted in intervals
+    assert timeline_runs([0.0, 0.5, 1.0], (), 0.36) == ((0.0, 0.0), (0.5, 0.5), (1.0, 1.0))
+    # a move splits a run even where answers kept coming on time; a move at the very answer splits before it
+    assert timeline_runs([1.0, 2.0, 3.0, 4.0], (Move(2.5, 0.1), Move(4.0, 0.1)), 1.0) == (
+        (1.0, 2.0), (3.0, 3.0), (4.0, 4.0))
+    assert timeline_runs([3.0, 1.0, 2.0], (Move(1.0, 0.1),), 1.0) == ((1.0, 3.0),)  # a move at the first answer

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import pytest
-from scapy.all import ICMP, IP, TCP, UDP, ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
+from scapy.all import ICMP, IP, TCP, UDP, Ether, ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.all import fragment, raw
 
-from conntrack import ConnTable, CtState, Direction, EventKind, FlowTuple, Proto, TcpState, Timeouts, Why, parse_ip
+from conntrack import (ConnTable, CtState, Direction, EventKind, FlowTuple, Proto, TcpState, Timeouts, Why, parse_frame,
+                       parse_ip)
+from conntrack.table import Conn
 from tests.property.strategies import quote
 
 A, B, R = "192.0.2.1", "198.51.100.2", "203.0.113.254"
@@ -350,3 +352,120 @@ def test_reply_tuple_held_by_a_timed_out_entry_is_free():
     t = table.track(udp(1001), 31.0, reply=nat_reply)  # nobody called expire since 30 s
     assert t.ctstate is CtState.NEW and t.conn is not old and table.get(nat_reply) is t.conn
     assert kinds(table) == [(EventKind.DESTROY, Why.TIMEOUT), (EventKind.NEW, None)]
+
+
+def test_remove_flush_and_early_drop_stamp_the_time():
+    table = ConnTable(capacity=3)
+    a, b = table.track(udp(1), 0.0).conn, table.track(udp(2), 0.0).conn
+    table.track(udp(3), 0.0)
+    table.pop_events()
+    table.remove(a, 1.5)
+    table.track(udp(4), 2.0)
+    table.track(udp(5), 2.5)  # full: the oldest unassured entry (b) makes room
+    table.flush(3.5)
+    destroys = [(e.why, e.now) for e in table.pop_events() if e.kind is EventKind.DESTROY]
+    assert destroys == [(Why.REMOVED, 1.5), (Why.EARLY_DROP, 2.5)] + [(Why.REMOVED, 3.5)] * 3
+    assert table.stats().early_drops == 1 and b not in list(table)
+
+
+def test_stats_count_what_happened():
+    table = ConnTable(Timeouts().with_(udp=10), capacity=8)
+    assure_udp(table, 0.0, 1)
+    table.track(udp(2), 0.0)
+    table.track(tcp("F"), 0.0)  # a FIN opens nothing: invalid
+    unknown = IP(src=A, dst=B) / UDP(sport=7, dport=8)
+    table.track(parse_ip(raw(IP(src=R, dst=A) / ICMP(type=3, code=3) / quote(raw(unknown)))), 0.0)  # no flow
+    table.track(tcp("S"), 0.0)
+    table.track(tcp("F"), 0.0)  # FIN answering nothing in SYN_SENT: invalid, on the entry
+    table.expire(10.0)
+    st = table.stats()
+    assert (st.entries, st.capacity, st.new, st.invalid, st.expired, st.dropped_full, st.early_drops) == (
+        2, 8, 3, 3, 1, 0, 0)
+
+
+def test_timeout_left():
+    table = ConnTable()
+    c = table.track(udp(), 10.0).conn
+    assert table.timeout_left(c, 12.5) == 27.5 and table.timeout_left(c, 40.0) == 0.0
+    assert table.timeout_left(c, 99.0) == 0.0
+
+
+def test_early_drop_looks_at_a_bounded_number_of_entries():
+    """When full, a new flow costs a bounded scan: the 64 oldest entries (Linux: 8 per bucket)."""
+    table = ConnTable(capacity=65)
+    for port in range(1, 65):
+        assure_udp(table, 0.0, port)
+    table.track(udp(100), 0.0)  # unassured, but the 65th
+    assert table.track(udp(101), 1.0).why is Why.TABLE_FULL
+    table = ConnTable(capacity=64)
+    for port in range(1, 64):
+        assure_udp(table, 0.0, port)
+    table.track(udp(100), 0.0)  # unassured and the 64th: in reach
+    assert table.track(udp(101), 1.0).ctstate is CtState.NEW
+    assert table.track(udp(102), 2.0).ctstate is CtState.NEW  # and now udp(101) makes room
+    assert table.stats().early_drops == 2 and len(table) == 64
+
+
+def test_fragment_heads_are_bounded_oldest_forgotten_first():
+    table = ConnTable(fragment_capacity=1)
+    first, second = _frags(sport=1, ident=1), _frags(sport=2, ident=2)
+    table.track(first[0], 0.0)
+    table.track(second[0], 0.0)
+    assert table.track(first[1], 0.0).why is Why.FRAGMENT_WITHOUT_HEAD
+    assert table.track(second[1], 0.0).conn is not None
+
+
+def test_fragment_at_its_entrys_deadline_is_untracked():
+    table = ConnTable(Timeouts().with_(udp=5, fragment=30))
+    frags = _frags()
+    table.track(frags[0], 0.0)
+    assert table.track(frags[1], 4.99).conn is not None
+    assert table.track(frags[2], 5.0).why is Why.FRAGMENT_WITHOUT_HEAD
+
+
+def test_bytes_counted_are_ip_lengths_whatever_the_link_header():
+    """Packets parsed from Ethernet frames (the IP header 14 bytes in) count the same bytes."""
+    def framed(pkt):
+        return [parse_frame(raw(Ether() / f)).packet for f in pkt]
+
+    table = ConnTable()
+    frags = framed(fragment(IP(src=A, dst=B, id=7) / UDP(sport=5, dport=6) / bytes(300), fragsize=128))
+    back = framed(fragment(IP(src=B, dst=A, id=8) / UDP(sport=6, dport=5) / bytes(300), fragsize=128))
+    for f in frags + back:
+        c = table.track(f, 1.0).conn
+    assert (c.orig_packets, c.reply_packets) == (len(frags), len(back))
+    assert (c.orig_bytes, c.reply_bytes) == (sum(f.length for f in frags), sum(f.length for f in back))
+    assert frags[0].l3 == 14
+    syn, ack_back, rst = framed([IP(src=A, dst=B) / TCP(sport=9, dport=80, flags="S"),
+                                 IP(src=B, dst=A) / TCP(sport=80, dport=9, flags="A") / bytes(5),  # ignored
+                                 IP(src=A, dst=B) / TCP(sport=9, dport=80, flags="R")])  # RST before a reply
+    t = table.track(syn, 2.0).conn
+    table.track(ack_back, 2.0)
+    table2 = ConnTable()
+    t2 = table2.track(syn, 2.0).conn
+    table2.track(rst, 2.0)
+    assert (t.orig_bytes, t.reply_bytes) == (40, 45) and (t2.orig_bytes, len(table2)) == (80, 0)
+
+
+def test_adopt_takes_a_restored_entry_silently_and_refuses_clashes_and_a_full_table():
+    src = ConnTable()
+    c = assure_udp(src, 0.0, 1)
+    src.remove(c, 1.0)  # a snapshot's entry, no longer in its old table
+    table = ConnTable(capacity=2)
+    table.adopt(c)
+    assert list(table) == [c] and table.get(FlowTuple.make(Proto.UDP, B, A, 53, 1)) is c
+    assert table.pop_events() == [] and table.stats().entries == 1
+    assert table.track(udp(1), 2.0).ctstate is CtState.ESTABLISHED  # alive again, not dead
+    assert table.expire(2.0 + 120) == 1 and len(table) == 0  # and filed for expiry
+    table.adopt(c)
+    k = FlowTuple.make(Proto.UDP, A, B, 1, 53).key()
+    free = FlowTuple.make(Proto.UDP, B, "203.0.113.1", 53, 9).key()
+    for clash in (Conn(k, free, 17, 0, 0.0), Conn(free, k, 17, 0, 0.0)):  # one tuple taken is enough
+        with pytest.raises(ValueError, match="^a tuple of this connection is already tracked$"):
+            table.adopt(clash)
+    table.adopt(Conn(FlowTuple.make(Proto.UDP, A, B, 2, 53).key(), FlowTuple.make(Proto.UDP, B, A, 53, 2).key(),
+                     17, 0, 50.0))
+    assert len(table) == 2
+    with pytest.raises(ValueError, match="^table full$"):
+        table.adopt(Conn(free, FlowTuple.make(Proto.UDP, A, B, 3, 53).key(), 17, 0, 50.0))
+    assert len(table) == 2

@@ -10,7 +10,8 @@ import pytest
 from scapy.all import IP, TCP, IPv6, raw
 
 from conntrack import ConnTable, CtState, Direction, EventKind, TcpState, Timeouts, Why, parse_ip
-from conntrack.tcp_states import TRANSITIONS, Segment, classify, mermaid, next_state
+from conntrack import FlowTuple, Proto
+from conntrack.tcp_states import NEXT, TRANSITIONS, Segment, _classify, _row, classify, mermaid, next_state
 from conntrack.timeouts import DAY
 
 S = TcpState
@@ -67,7 +68,36 @@ def test_judgements_are_not_states():
 ])
 def test_classify_in_linux_precedence(flags, segment):
     """Linux get_conntrack_index: RST, then SYN (with ACK: SYN/ACK), then FIN, then ACK."""
-    assert classify(parse_ip(raw(IP() / TCP(flags=flags))).tcp_flags) is segment
+    bits = parse_ip(raw(IP() / TCP(flags=flags))).tcp_flags
+    assert classify(bits) is segment
+
+
+def _linux_index(flags: int) -> Segment:
+    """get_conntrack_index, written out again: the precedence RST > SYN(/ACK) > FIN > ACK."""
+    if flags & 0x04:
+        return Segment.RST
+    if flags & 0x02:
+        return Segment.SYNACK if flags & 0x10 else Segment.SYN
+    if flags & 0x01:
+        return Segment.FIN
+    return Segment.ACK if flags & 0x10 else Segment.NONE
+
+
+def test_flat_table_is_the_readable_table_for_every_flag_combination():
+    """NEXT (what each packet reads) says what TRANSITIONS (what people read) says, for all 64
+    combinations of the six flag bits, and classification follows Linux for each of them."""
+    for flags in range(64):
+        assert _classify(flags) is classify(flags) is _linux_index(flags), flags
+        for d in Direction:
+            for i, state in enumerate(COLUMNS):
+                assert NEXT[d][flags][i] == LINUX[d][_linux_index(flags)][i], (d, flags, state)
+
+
+def test_a_row_of_the_readable_table_names_every_state_once():
+    row = _row(*COLUMNS)
+    assert list(row) == list(COLUMNS) and list(row.values()) == list(COLUMNS)
+    with pytest.raises(AssertionError):
+        _row(sSS, sSS)  # a row missing cells is an editing mistake, caught at import
 
 
 def test_state_diagram_is_drawn_from_the_table():
@@ -79,6 +109,8 @@ def test_state_diagram_is_drawn_from_the_table():
     drawn = {tuple(line.split(":")[0].split()[::2]) for line in lines[1:]}
     assert drawn == {(s.name, n.name) for s, n in pairs} and len(lines) == 1 + len(pairs)
     assert "    SYN_SENT --> SYN_SENT2: SYN (reply)" in lines
+    # an edge taken in both directions is drawn once, without a direction
+    assert "    ESTABLISHED --> FIN_WAIT: FIN" in lines and "    NONE --> SYN_SENT: SYN (original)" in lines
 
 
 # ------------------------------------------------------------------ through the table
@@ -249,12 +281,66 @@ def test_ignored_reply_still_counts_as_a_reply():
     t = c.reply("A", 2)  # a half-open connection's ACK: sSS -> sIG
     assert t.ctstate is CtState.ESTABLISHED and t.direction is Direction.REPLY
     assert conn.tcp_state is sSS and conn.seen_reply and conn.deadline == 121
+    assert (conn.orig_packets, conn.reply_packets) == (1, 1)
 
 
 def test_client_synack_in_established_is_invalid():
     table, c = fresh()
     c.orig("S", 1), c.reply("SA", 2), c.orig("A", 3)
     assert c.orig("SA", 4).ctstate is CtState.INVALID
+
+
+def test_invalid_reply_segment_is_reported_in_its_direction_and_counted():
+    table, c = fresh()
+    conn = c.orig("S", 1).conn
+    t = c.reply("F", 2)  # FIN answering a SYN: sSS -> sIV
+    assert (t.ctstate, t.why, t.direction, t.conn) == (CtState.INVALID, Why.TCP_INVALID, Direction.REPLY, conn)
+    c.reply("F", 3)
+    assert table.stats().invalid == 2 and not conn.seen_reply and conn.reply_packets == 0
+
+
+def test_ignored_segment_before_any_reply_is_still_new():
+    table, c = fresh()
+    conn = c.orig("A", 1).conn  # picked up mid-stream: sES, nothing seen from the server yet
+    t = c.orig("S", 2)  # SYN in ESTABLISHED: ignored
+    assert (t.ctstate, t.conn, conn.tcp_state, conn.orig_packets) == (CtState.NEW, conn, sES, 2)
+
+
+def test_reply_synack_in_time_wait_is_ignored_not_a_reopening():
+    table, c = fresh()
+    for who, flags in [("orig", "S"), ("reply", "SA"), ("orig", "A"), ("orig", "FA"), ("reply", "FA"),
+                       ("orig", "A")]:
+        conn = getattr(c, who)(flags, 1).conn
+    assert conn.tcp_state is sTW
+    table.pop_events()
+    t = c.reply("SA", 2)  # a late retransmitted SYN/ACK: sTW -> sIG
+    assert (t.ctstate, t.conn, conn.tcp_state, len(table)) == (CtState.ESTABLISHED, conn, sTW, 1)
+    assert table.pop_events() == [] and conn.reply_packets == 3
+
+
+def test_reopening_keeps_the_nat_reply_tuple_and_reports_when():
+    """A NAT gave the first connection its reply tuple; the SYN that reopens the tuple in
+    TIME_WAIT gets the same one (the mapping stays), and the old entry's end is stamped."""
+    table = ConnTable()
+    nat = FlowTuple.make(Proto.TCP, SERVER, "203.0.113.1", 80, 61000)
+
+    def orig(flags, now, reply=None):
+        return table.track(parse_ip(raw(IP(src=CLIENT, dst=SERVER) / TCP(sport=40000, dport=80, flags=flags))),
+                           now, reply)
+
+    def back(flags, now):
+        return table.track(parse_ip(raw(IP(src=SERVER, dst="203.0.113.1") / TCP(sport=80, dport=61000,
+                                                                               flags=flags))), now)
+
+    old = orig("S", 1, nat).conn
+    back("SA", 1), orig("A", 1), orig("FA", 1), back("FA", 1)
+    assert orig("A", 1).conn.tcp_state is sTW
+    table.pop_events()
+    t = orig("S", 3)
+    assert t.ctstate is CtState.NEW and t.conn is not old and t.conn.tuples()[1] == nat
+    assert back("SA", 4).conn is t.conn
+    assert [(e.kind, e.why, e.now) for e in table.pop_events()][:2] == [
+        (EventKind.DESTROY, Why.REOPEN, 3), (EventKind.NEW, None, 3)]
 
 
 def test_ipv6_connection_uses_the_same_table():
@@ -287,3 +373,13 @@ def test_bad_timeout_names_and_values():
         Timeouts().with_(establised=1)
     with pytest.raises(ValueError, match="non-negative"):
         Timeouts().with_(udp=-1)
+    # every offending name is listed, and the known ones shown, separated for reading
+    with pytest.raises(ValueError, match=r"unknown timeout\(s\): tcp, udb; known: close, close_wait, "):
+        Timeouts().with_(udb=1, tcp=2)
+    with pytest.raises(ValueError, match=r"non-negative numbers: icmp, udp$"):
+        Timeouts().with_(icmp=-1, udp="30")
+
+
+def test_a_zero_timeout_is_allowed():
+    """nat.conf's ``timeout 0`` is honoured: zero is a timeout (gone at once), not an error."""
+    assert Timeouts().with_(udp=0).udp == 0
