@@ -242,13 +242,7 @@ class ConnTable:
                 self._note_head(pkt, c, direction, now)
             return Tracked(_EST if c._ss & _SEEN else _NEW, _DIRS[direction], c)
         self.counters["searched"] += 1
-        res = self._tcp(c, pkt, _DIRS[direction], now)  # only TCP declines track_conn
-        if res is not None:
-            return res
-        self._account(c, pkt.end - pkt.l3, direction)
-        if pkt.fragment is not None:
-            self._note_head(pkt, c, direction, now)
-        return Tracked(_EST if c._ss & _SEEN else _NEW, _DIRS[direction], c)
+        return self._tcp(c, pkt, _DIRS[direction], now)  # only TCP declines track_conn
 
     def track_conn(self, c: Conn, direction: int, tcp_flags: int, nbytes: int, now: float) -> bool:
         """The common case of ``track`` for a packet of a known, live entry (from ``lookup``):
@@ -399,8 +393,9 @@ class ConnTable:
             return t.icmp
         return t.generic
 
-    def _tcp(self, c: Conn, pkt: Packet, direction: Direction, now: float) -> Tracked | None:
-        """The whole TCP step (``track_conn`` does the common cases and declines the rest)."""
+    def _tcp(self, c: Conn, pkt: Packet, direction: Direction, now: float) -> Tracked:
+        """The TCP segments ``track_conn`` declines: a reopening SYN, an INVALID or IGNOREd
+        segment, an RST before any reply (it takes every other one)."""
         flags = pkt.tcp_flags & 0x3F
         old = c._ss & _STATE_MASK
         new = NEXT[direction][flags][old]
@@ -413,28 +408,15 @@ class ConnTable:
         if new == _INVALID:
             self.counters["invalid"] += 1
             return Tracked(_INV, direction, c, Why.TCP_INVALID)
+        self._account(c, pkt.end - pkt.l3, direction)
         if new == _IGNORE:
-            self._account(c, pkt.end - pkt.l3, direction)
             if direction is _REPLY:  # still a reply: Linux sets SEEN_REPLY for accepted packets
                 c._ss |= _SEEN
             return Tracked(_EST if c._ss & _SEEN else _NEW, direction, c)
-        if flags & 4 and not c._ss & _SEEN:  # RST before any reply
-            self._account(c, pkt.end - pkt.l3, direction)
-            c._ss = (c._ss & ~_STATE_MASK) | new  # CLOSE, as the kernel's DESTROY event reports it
-            self._destroy(c, now, Why.RESET)
-            return Tracked(_EST if direction is _REPLY else _NEW, direction, c)
-        changed = new != old
-        ss = c._ss
-        if not ss & _ASSURED and ss & _SEEN and old in (_SYN_RECV, _ESTABLISHED) and new == _ESTABLISHED:
-            ss |= _ASSURED
-            changed = True
-        if direction is _REPLY:
-            ss |= _SEEN
-        c._ss = (ss & ~_STATE_MASK) | new
-        self._set_deadline(c, now + self._tcp_timeout[new])
-        if changed:
-            self._emit(EventKind.UPDATE, c, now)
-        return None
+        # what is left: an RST before any reply
+        c._ss = (c._ss & ~_STATE_MASK) | new  # CLOSE, as the kernel's DESTROY event reports it
+        self._destroy(c, now, Why.RESET)
+        return Tracked(_EST if direction is _REPLY else _NEW, direction, c)
 
     def _track_related(self, pkt: Packet, now: float) -> Tracked:
         inner = pkt.inner
