@@ -48,8 +48,25 @@ def test_nat_outbound_tcp_survives_exactly_when_the_peer_sees_the_same_address_a
         for c in sc.connections:
             r = run.results[c.id]
             assert r.established, (mode, c, r)
+            if _handshake_meets_a_move(sc, c.start, r.established_at):
+                # the SYN retransmitted from the new host opens a new connection at the peer (the
+                # first one's SYN-ACK died at the old host): two addresses seen, and survival, both right
+                event(f"{mode}: a handshake across a move")
+                continue
             same = len({(a, p) for _, a, p in r.peer_saw}) == 1
             assert (r.outcome == Outcome.SURVIVED) == same, (mode, c, r)
+
+
+#: How long a LAN gateway takes to give up resolving a neighbour that does not answer
+#: (the routers' 3 probes 250 ms apart, sim.linux.ROUTER_NEIGH) plus a margin for latency.
+_NEIGH_GIVE_UP = 1.0
+
+
+def _handshake_meets_a_move(sc, start: float, end: float | None) -> bool:
+    """Whether a connection's handshake (from its start to its establishment, or a neighbour
+    resolution's time past its start) overlaps a move's downtime."""
+    end = start + _NEIGH_GIVE_UP if end is None else end
+    return any(m.at <= end and start <= m.at + m.downtime for m in sc.migrations)
 
 
 def _mapped_inbound() -> Scenario:
@@ -146,6 +163,11 @@ def test_bridged_survives_exactly_when_the_moves_stay_on_the_same_lan(sc):
     assert run.error is None, run.error
     for c in sc.connections:
         r = run.results[c.id]
+        if _handshake_meets_a_move(sc, c.start, r.established_at):
+            # a SYN that reaches the LAN while the VM is paused: the gateway's neighbour resolution
+            # can fail, and ICMP host unreachable in SYN_SENT is a hard error (tcp_v4_err)
+            event("bridged: a handshake across a move")
+            continue
         where = sc.vm.host
         left_lan = False
         for m in sc.migrations:
