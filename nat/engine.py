@@ -98,6 +98,7 @@ class NatEngine:
         ip = external_ip or config.external_ip
         self.mapping_table = MappingTable(config, _packed(ip), seed, self.counters, self._events)
         self._mid: dict[bytes, tuple] = {}  # half-translated hairpin tuple key -> (Binding, direction)
+        self.ended: list | None = None  # a list: keys of ended flows, for a driver mirroring them (offload)
         self._set_address(self.mapping_table.external_ip)
 
     def _set_address(self, ext: bytes | None) -> None:
@@ -124,6 +125,15 @@ class NatEngine:
         self._drain()
         self._to_journal()
         return n
+
+    def end_flow(self, key: bytes, now: float, why: Why = Why.TIMEOUT) -> bool:
+        """End the flow holding ``key`` (its kernel entry died: offload), mappings let go; False: none."""
+        c = self.table.lookup(key)
+        if c is not None:
+            self.table.remove(c, now, why)
+            self._drain()
+            self._to_journal()
+        return c is not None
 
     def pop_events(self) -> tuple:
         """The events no packet caused (expiries, address changes, reloads, restores), oldest
@@ -248,6 +258,10 @@ class NatEngine:
         if b is not None and bool(b.internal >> (0 if key == c.original else 1) & 1) != (side == Side.INTERNAL):
             return self._drop(NatReason.WRONG_SIDE)  # before the tracker sees it: no state change
         tr = self.table.track(pkt, now)
+        if tr.conn is not c and tr.conn is not None and tr.ctstate != CtState.INVALID:  # a SYN reopened it
+            self.table.remove(tr.conn, now, Why.REOPEN)  # (RFC 1122, as Linux): a new flow, mapped anew
+            self._drain()
+            return self._new_outbound(buf, pkt, now, stage) if side == Side.INTERNAL else self._new_inbound(buf, pkt, now)
         if tr.ctstate == CtState.INVALID or tr.conn is None or tr.conn.extra is None:
             self._drain()
             return self._drop(_DROP_WHY.get(tr.why, NatReason.INVALID))
@@ -456,6 +470,8 @@ class NatEngine:
                     continue
                 ev.conn.extra = None
                 b.fx = None  # marks it dead for half-way lookups
+                if self.ended is not None:
+                    self.ended.append(ev.conn.original)
                 for k in b.mids:
                     self._mid.pop(k, None)
                 for e, rip, rport in b.attached:

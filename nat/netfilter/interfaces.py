@@ -63,16 +63,47 @@ def resolve_internal(specs: list[str], cfg: NatConfig) -> tuple[str, ...]:
     return tuple(nets) or cfg.internal
 
 
-class AddressEvents:
-    """A netlink socket subscribed to IPv4 address and link changes (select()-able)."""
+class RouteCache:
+    """Which interface the kernel routes a destination out of, cached (cleared on any address,
+    link or route event): offload decides a new flow before routing, and only flows that leave
+    the external interface are NATed, as MASQUERADE ``-o EXT`` would."""
 
     def __init__(self) -> None:
         from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+
+        self._ipr = IPRoute()
+        self._oif: dict[bytes, int] = {}
+
+    def oif(self, dst: bytes) -> int:
+        o = self._oif.get(dst)
+        if o is None:
+            try:
+                r = self._ipr.route("get", dst=socket.inet_ntoa(dst))
+                o = r[0].get_attr("RTA_OIF") or 0 if r else 0
+            except Exception:  # no route: nothing leaves through the external interface
+                o = 0
+            if len(self._oif) > 65536:
+                self._oif.clear()
+            self._oif[dst] = o
+        return o
+
+    def clear(self) -> None:
+        self._oif.clear()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+
+class AddressEvents:
+    """A netlink socket subscribed to IPv4 address, link and route changes (select()-able)."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK
 
         self._ipr = IPRoute()
         try:
-            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK)
+            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK | RTMGRP_IPV4_ROUTE)
         except BaseException:
             self._ipr.close()
             raise

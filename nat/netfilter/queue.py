@@ -31,7 +31,7 @@ NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 # enum nfqnl_attr_type
-NFQA_PACKET_HDR, NFQA_VERDICT_HDR = 1, 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
 NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV = 5, 6
 NFQA_PAYLOAD, NFQA_CAP_LEN, NFQA_SKB_INFO = 10, 13, 14
 # enum nfqnl_attr_config
@@ -55,13 +55,14 @@ _RECV_SIZE = 0x10000 + 4096  # one 64 KiB packet and its attributes
 
 
 class QueuedPacket:
-    """One queued packet: id, hook, in/out ifindex, payload (bytes), skb info flags."""
+    """One queued packet: id, hook, in/out ifindex, payload (bytes), skb info flags, packet mark."""
 
-    __slots__ = ("id", "hook", "indev", "outdev", "payload", "skbinfo")
+    __slots__ = ("id", "hook", "indev", "outdev", "payload", "skbinfo", "mark")
 
-    def __init__(self, pid: int, hook: int, indev: int, outdev: int, payload: bytes, skbinfo: int) -> None:
+    def __init__(self, pid: int, hook: int, indev: int, outdev: int, payload: bytes, skbinfo: int,
+                 mark: int = 0) -> None:
         self.id, self.hook, self.indev, self.outdev = pid, hook, indev, outdev
-        self.payload, self.skbinfo = payload, skbinfo
+        self.payload, self.skbinfo, self.mark = payload, skbinfo, mark
 
 
 def _attr(kind: int, data: bytes) -> bytes:
@@ -159,7 +160,7 @@ class NfQueue:
                 break
             if kind == MSG_PACKET:
                 # the attributes inline (per packet: no dict, no call)
-                pid = hook = indev = outdev = info = 0
+                pid = hook = indev = outdev = info = mark = 0
                 data = None
                 at = off + 20  # nlmsghdr + nfgenmsg
                 end = off + length
@@ -178,9 +179,11 @@ class NfQueue:
                         outdev = unpack_u32(buf, at + 4)[0]
                     elif t == NFQA_SKB_INFO:
                         info = unpack_u32(buf, at + 4)[0]
+                    elif t == NFQA_MARK:
+                        mark = unpack_u32(buf, at + 4)[0]
                     at += (m + 3) & ~3
                 if pid or data is not None:
-                    out.append(QueuedPacket(pid, hook, indev, outdev, data or b"", info))
+                    out.append(QueuedPacket(pid, hook, indev, outdev, data or b"", info, mark))
             off += (length + 3) & ~3
         return out
 

@@ -8,7 +8,9 @@ Where the packets come from:
   the kernel's conntrack attached its entry (made with the internal addresses).
 
 So the kernel's own tracker sees only internal-side tuples in both directions and stays
-consistent, and no kernel NAT is involved.  No ``--queue-bypass``: with no listener the
+consistent, and no kernel NAT is involved.  That is ``--no-offload``; with offload (the
+default) the kernel's entries carry the NAT and only flows without one are queued
+(:meth:`Rules._install_offload`).  No ``--queue-bypass``: with no listener the
 kernel drops queued packets, so nothing leaves untranslated while the rules exist
 (running, crashed or killed).  Rules carry the comment ``roam-nat qN pid P``; a start
 refuses to run beside a live owner (of this queue, or of any queue on this external
@@ -34,8 +36,10 @@ class Rules:
     ! -o EXT`` (second half, source) to the same queue.
     """
 
-    def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False) -> None:
+    def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False,
+                 offload_mark: int = 0) -> None:
         self.external = external
+        self.offload_mark = offload_mark  # 0: the per-packet rules (--no-offload)
         self.queue = queue
         self.internal = internal
         self.hairpin = hairpin
@@ -45,7 +49,7 @@ class Rules:
     def _chain(self, tname: str, cname: str):
         import iptc
 
-        t = iptc.Table(iptc.Table.RAW if tname == "raw" else iptc.Table.MANGLE)
+        t = iptc.Table({"raw": iptc.Table.RAW, "nat": iptc.Table.NAT}.get(tname, iptc.Table.MANGLE))
         t.refresh()
         return iptc.Chain(t, cname)
 
@@ -59,7 +63,7 @@ class Rules:
     def _each(self, prefix: str | None = None):
         """(table, chain name, chain, rule, comment) of every rule whose comment starts with
         ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's)."""
-        for tname, cname in (("raw", "PREROUTING"), ("mangle", "POSTROUTING")):
+        for tname, cname in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("mangle", "POSTROUTING")):
             chain = self._chain(tname, cname)
             for rule in list(chain.rules):
                 c = self._comments(rule, prefix)
@@ -118,10 +122,16 @@ class Rules:
                 return n
 
     def _add(self, tname: str, cname: str, comment: str, *, in_if: str | None = None, out_if: str | None = None,
-             src: str | None = None, dst: str | None = None) -> None:
+             src: str | None = None, dst: str | None = None, proto: str | None = None, matches=(),
+             mark_target: int = 0) -> None:
+        """Insert one rule at the top: the comment comes first among the matches (so the
+        listing reads ``... -m comment --comment "roam-nat ..." ...``); ``matches`` are
+        (name, {option: value}); the target is NFQUEUE N, or MARK --or-mark ``mark_target``."""
         import iptc
 
         rule = iptc.Rule()
+        if proto:
+            rule.protocol = proto
         if in_if:
             rule.in_interface = in_if
         if out_if:
@@ -132,11 +142,21 @@ class Rules:
             rule.dst = dst
         m = rule.create_match("comment")
         m.comment = comment
-        target = rule.create_target("NFQUEUE")
-        target.queue_num = str(self.queue)  # no --queue-bypass: fail-closed
+        for name, opts in matches:
+            m = rule.create_match(name)
+            for k, v in opts.items():
+                setattr(m, k, v)
+        if mark_target:
+            target = rule.create_target("MARK")
+            target.or_mark = hex(mark_target)
+        else:
+            target = rule.create_target("NFQUEUE")
+            target.queue_num = str(self.queue)  # no --queue-bypass: fail-closed
         self._chain(tname, cname).insert_rule(rule)
 
     def install(self, external_ip: str | None) -> None:
+        if self.offload_mark:
+            return self._install_offload(external_ip)
         self._add("raw", "PREROUTING", self.mine, in_if=self.external)
         self._add("mangle", "POSTROUTING", self.mine, out_if=self.external)
         if self.hairpin:
@@ -144,16 +164,77 @@ class Rules:
                 self._add("mangle", "POSTROUTING", self.mine + " hairpin-src", out_if="!" + self.external, src=net)
             self.set_address(external_ip)
 
+    def _unmarked(self) -> list:
+        """The two post-conntrack conditions under which a packet reaches the queue: no
+        connection (invalid, untracked), or one without roam's mark (no offloaded entry).
+        (A connmark match alone would let a packet without a connection through.)"""
+        m = hex(self.offload_mark)
+        return [[("conntrack", {"ctstate": "INVALID,UNTRACKED"})], [("connmark", {"mark": f"!{m}/{m}"})]]
+
+    def _install_offload(self, external_ip: str | None) -> None:
+        """Offload: the kernel's conntrack entries carry the decided flows' NAT.
+
+        * ``raw PREROUTING`` (before conntrack): a new TCP flow's SYN and an echo request
+          -- inbound on EXT, hairpin to the external address, outbound from the internal
+          networks to non-local, non-internal destinations -- get the packet mark and are
+          queued: the entry is made before conntrack looks, which then finds it (the SYN
+          itself is translated by the kernel; made after, the kernel's own new entry
+          would clash with it and TCP would lose the SYN);
+        * ``mangle PREROUTING -i EXT`` / hairpin-dst and ``mangle POSTROUTING -o EXT`` /
+          hairpin-src (after conntrack): only packets of connections without roam's mark
+          (no offloaded entry) or with none: the first packet of other flows, translated
+          in user space as with --no-offload, whose entry is made meanwhile.
+        No --queue-bypass anywhere: with no plugin, new flows are dropped; offloaded
+        flows go on in the kernel."""
+        self._chain("nat", "POSTROUTING")  # the nat table's hooks: nf_nat applies the entries' NAT
+        mk = self.offload_mark
+        pm = [("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})]
+        for cond in self._unmarked():
+            self._add("mangle", "POSTROUTING", self.mine, out_if=self.external, matches=cond)
+            self._add("mangle", "PREROUTING", self.mine, in_if=self.external, matches=pm + cond)
+        self._add("raw", "PREROUTING", self.mine + " pre-ct", matches=[("mark", {"mark": f"{hex(mk)}/{hex(mk)}"})])
+        syn = [("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})]
+        echo = [("icmp", {"icmp_type": "echo-request"})]
+        for proto, m in (("tcp", syn), ("icmp", echo)):
+            self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if=self.external, proto=proto, matches=m,
+                      mark_target=mk)
+            for net in self.internal:
+                self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if="!" + self.external, src=net,
+                          dst="!" + net, proto=proto, matches=m + [("addrtype", {"dst_type": "!LOCAL"})],
+                          mark_target=mk)
+        if self.hairpin:
+            for net in self.internal:
+                for cond in self._unmarked():
+                    self._add("mangle", "POSTROUTING", self.mine + " hairpin-src", out_if="!" + self.external,
+                              src=net, matches=cond)
+            self.set_address(external_ip)
+
     def set_address(self, external_ip: str | None) -> None:
         """Point the hairpin rules at the external address (none while there is no address)."""
         if not self.hairpin:
             return
+        if self.offload_mark:
+            return self._set_address_offload(external_ip)
         # the new ones first, then the old ones (by their other address): never none in between
         have = {rule.dst.split("/")[0] for _, _, _, rule, _ in self._each(self.mine + " hairpin-dst")}
         if external_ip and external_ip not in have:
             for net in self.internal:
                 self._add("raw", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external, src=net,
                           dst=external_ip)
+        self._delete_where(lambda rule, c: c.endswith("hairpin-dst") and rule.dst.split("/")[0] != external_ip)
+
+    def _set_address_offload(self, external_ip: str | None) -> None:
+        mk = self.offload_mark
+        have = {rule.dst.split("/")[0] for _, _, _, rule, _ in self._each(self.mine + " hairpin-dst")}
+        if external_ip and external_ip not in have:
+            for net in self.internal:
+                for cond in self._unmarked():
+                    self._add("mangle", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external,
+                              src=net, dst=external_ip,
+                              matches=[("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})] + cond)
+                self._add("raw", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external, src=net,
+                          dst=external_ip, proto="tcp", matches=[("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})],
+                          mark_target=mk)
         self._delete_where(lambda rule, c: c.endswith("hairpin-dst") and rule.dst.split("/")[0] != external_ip)
 
     def remove(self) -> int:

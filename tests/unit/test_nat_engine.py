@@ -516,3 +516,20 @@ def test_zero_udp_checksum_stays_zero_on_later_packets():
         assert a.reason == NatReason.TRANSLATED and IP(a.data).src == EXT and checksums_ok(a.data)
         p = parse_ip(a.data)
         assert a.data[p.l4 + 6:p.l4 + 8] == b"\0\0"
+
+
+def test_a_syn_on_a_time_wait_tuple_reopens_the_flow_with_its_mapping():
+    """RFC 1122 reopening, as Linux: a client that reuses its port while the NAT still has the
+    old connection in TIME_WAIT gets a new flow (it used to be dropped as invalid: a 1 s
+    SYN retransmission per reused port)."""
+    e = engine()
+    for p, side in ((tcp(VM, PEER, 6000, 80, "S"), Side.INTERNAL), (tcp(PEER, EXT, 80, 6000, "SA"), Side.EXTERNAL),
+                    (tcp(VM, PEER, 6000, 80, "A"), Side.INTERNAL), (tcp(PEER, EXT, 80, 6000, "FA"), Side.EXTERNAL),
+                    (tcp(VM, PEER, 6000, 80, "FA"), Side.INTERNAL), (tcp(PEER, EXT, 80, 6000, "A"), Side.EXTERNAL)):
+        assert e.process(p, side, 0.5).action == Action.ACCEPT
+    assert e.status()["counters"].get("dropped_invalid", 0) == 0
+    a = e.process(tcp(VM, PEER, 6000, 80, "S"), Side.INTERNAL, 3.0)
+    assert a.action == Action.ACCEPT and a.reason == NatReason.TRANSLATED
+    assert a.data[12:16] == bytes([203, 0, 113, 1]) and a.data[20:22] == (6000).to_bytes(2, "big")
+    assert e.process(tcp(PEER, EXT, 80, 6000, "SA"), Side.EXTERNAL, 3.1).action == Action.ACCEPT
+    assert len(e.table) == 1 and e.status()["mappings_live"] == 1

@@ -22,7 +22,8 @@ def _plugin() -> Plugin:
     p.engine = NatEngine(parse_toml('internal = ["198.18.0.0/24"]\n'), EXT, seed=1)
     p._process = p.engine.process
     p.ext_index, p.clock, p._lock = EXT_IF, lambda: 1.0, threading.Lock()
-    p.bugs = p.csum_filled = p.largest_packet = p.gso_packets = 0
+    p.bugs = p.csum_filled = p.largest_packet = p.gso_packets = p.queued = 0
+    p.offload, p.offloader, p.routes = False, None, None  # the per-packet path (offload: tests/netns/test_nat_offload.py)
     return p
 
 

@@ -1,15 +1,16 @@
 """NAT speed: the engine alone in-process (established-flow translations/s), and in a namespace
-lab (VM -> host -> internet) kernel MASQUERADE, a bare NFQUEUE accept-all loop (with
-MASQUERADE doing the NAT) and `roam nat`, each measured with iperf3 (TCP throughput and
-64-byte UDP packets/s received). Every figure is also given as a ratio to kernel MASQUERADE
-(lab) or to a bare parse loop (engine). Printed, never asserted."""
+lab (VM -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, the
+default), `roam nat --no-offload` and `--no-offload --gso`, each measured the same way: iperf3
+TCP throughput, 64-byte UDP packets/s received (one iperf3 client per core, so one sender is
+not the bottleneck) and new TCP connections/s (the same connect/close client against each).
+Every figure is also given as a ratio to kernel MASQUERADE (lab) or to a bare parse loop
+(engine). Printed, never asserted."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -103,24 +104,94 @@ def _bench_engine_tcp(flows: int, packets: int, seed: int) -> float:
 
 
 # ----------------------------------------------------------------------------- lab
-_BARE = ("import sys\nfrom netfilterqueue import NetfilterQueue\nq = NetfilterQueue()\n"
-         "q.bind(int(sys.argv[1]), lambda p: p.accept(), max_len=4096)\n"
-         "try:\n    q.run()\nexcept KeyboardInterrupt:\n    pass\n")
-
-
-def _iperf(lab, vm, seconds: float, udp: bool) -> float:
-    argv = ["iperf3", "-c", "203.0.113.2", "-t", str(seconds), "-J"]
-    if udp:
-        argv += ["-u", "-l", "64", "-b", "0"]
-    cp = lab.run(vm, argv, timeout=seconds + 30, check=False)
+_UDP_SENDERS = 2  # iperf3 3.12 runs one thread: one client process per core, each to its own server
+_IN_FLIGHT = 64  # connects each client keeps going at once: the rate is the NAT's, not one round trip's
+_CONN_CLIENT = """
+import errno, selectors, socket, sys, time
+port, seconds, width = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+sel = selectors.DefaultSelector()
+done = failed = 0
+end = time.monotonic() + seconds
+def start():
+    s = socket.socket()
+    s.setblocking(False)
     try:
-        d = json.loads(cp.stdout)
-        s = d["end"]["sum"] if udp else d["end"]["sum_received"]
+        s.connect(("203.0.113.2", port))
+    except BlockingIOError:
+        pass
+    sel.register(s, selectors.EVENT_WRITE, time.monotonic())
+for _ in range(width):
+    start()
+while time.monotonic() < end:
+    for key, _ in sel.select(0.5):
+        s = key.fileobj
+        sel.unregister(s)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            done += 1
+        else:
+            failed += 1
+        s.close()
+        start()
+print(done, failed)
+"""
+_CONN_SERVER = """
+import selectors, socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("203.0.113.2", int(sys.argv[1])))
+srv.listen(4096)
+srv.setblocking(False)
+sel = selectors.DefaultSelector()
+sel.register(srv, selectors.EVENT_READ)
+while True:
+    sel.select()
+    while True:
+        try:
+            c, _ = srv.accept()
+        except BlockingIOError:
+            break
+        c.close()
+"""
+
+
+def _iperf_tcp(lab, vm, seconds: float) -> float:
+    cp = lab.run(vm, ["iperf3", "-c", "203.0.113.2", "-p", "5201", "-t", str(seconds), "-J"], timeout=seconds + 30,
+                 check=False)
+    try:
+        return json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
     except (ValueError, KeyError):
         return float("nan")
-    if udp:
-        return (s["packets"] - s["lost_packets"]) / s["seconds"]
-    return s["bits_per_second"] / 1e6
+
+
+def _iperf_udp(lab, vm, seconds: float) -> float:
+    """64-byte UDP datagrams/s received, summed over _UDP_SENDERS iperf3 clients at full rate."""
+    procs = [lab.popen(vm, ["iperf3", "-c", "203.0.113.2", "-p", str(5202 + i), "-t", str(seconds), "-J", "-u",
+                            "-l", "64", "-b", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for i in range(_UDP_SENDERS)]
+    total = 0.0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 30)
+        try:
+            s = json.loads(out)["end"]["sum"]
+            total += (s["packets"] - s["lost_packets"]) / s["seconds"]
+        except (ValueError, KeyError):
+            return float("nan")
+    return total
+
+
+def _conn_rate(lab, vm, port: int, seconds: float) -> float:
+    """New TCP connections/s: _UDP_SENDERS connect/close clients (one per core), each keeping
+    _IN_FLIGHT connects going, for ``seconds``; connects that failed are not counted."""
+    procs = [lab.popen(vm, [sys.executable, "-c", _CONN_CLIENT, str(port), str(seconds), str(_IN_FLIGHT)],
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(_UDP_SENDERS)]
+    n = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 30)
+        try:
+            n += int(out.split()[0])
+        except (ValueError, IndexError):
+            return float("nan")
+    return n / seconds
 
 
 def bench_lab(seconds: float) -> list[list]:
@@ -132,6 +203,18 @@ def bench_lab(seconds: float) -> list[list]:
         return []
     with tempfile.TemporaryDirectory(prefix="roam-bench-nat-") as d:
         return _bench_lab(Lab, d, seconds)
+
+
+def _start_nat(lab, host, conf: str, d: str, queue: int, extra: list[str]):
+    sd = os.path.join(d, f"q{queue}")
+    os.makedirs(sd)
+    nat = lab.popen(host, [sys.executable, "-m", "tools.cli", "nat", "--config", conf, "--external", "ext0",
+                           "--queue", str(queue), "--state-dir", sd, "--no-restore", *extra], cwd=ROOT,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while not os.path.exists(os.path.join(sd, f"nat-q{queue}.status.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return nat
 
 
 def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
@@ -149,55 +232,39 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
         lab.addr(host, "ext0", "203.0.113.1/24")
         lab.addr(inet, "inet0", "203.0.113.2/24")
         lab.sysctl(host, "net.ipv4.ip_forward", "1")
-        srv = lab.popen(inet, ["iperf3", "-s", "-B", "203.0.113.2"], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+        lab.sysctl(vm, "net.ipv4.ip_local_port_range", "1024 65000")
+        servers = [lab.popen(inet, ["iperf3", "-s", "-B", "203.0.113.2", "-p", str(5201 + i)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(1 + _UDP_SENDERS)]
+        ports = {}
+        for i, name in enumerate(("kernel MASQUERADE", "roam nat", "roam nat --no-offload",
+                                  "roam nat --no-offload --gso")):
+            ports[name] = 6000 + i  # one server each: no tuple of one run meets another's
+            servers.append(lab.popen(inet, [sys.executable, "-c", _CONN_SERVER, str(ports[name])],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
-        masq = ["-t", "nat", "-A", "POSTROUTING", "-o", "ext0", "-j", "MASQUERADE"]
+
+        def measure(name):
+            return (_iperf_tcp(lab, vm, seconds), _iperf_udp(lab, vm, seconds), _conn_rate(lab, vm, ports[name],
+                                                                                            seconds))
         results = {}
-        # 1. kernel MASQUERADE
-        lab.run(host, ["iptables-legacy", *masq])
-        results["kernel MASQUERADE"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
-        # 2. bare NFQUEUE accept-all on the same hooks as roam nat, MASQUERADE doing the NAT
-        q = ["-j", "NFQUEUE", "--queue-num", "7"]
-        lab.run(host, ["iptables-legacy", "-t", "raw", "-A", "PREROUTING", "-i", "ext0", *q])
-        lab.run(host, ["iptables-legacy", "-t", "mangle", "-A", "POSTROUTING", "-o", "ext0", *q])
-        bare = lab.popen(host, [sys.executable, "-c", _BARE, "7"])
-        time.sleep(0.5)
-        results["bare NFQUEUE accept loop"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
-        lab.stop(bare, sig=signal.SIGINT)
-        lab.run(host, ["iptables-legacy", "-t", "raw", "-F"])
-        lab.run(host, ["iptables-legacy", "-t", "mangle", "-F"])
+        lab.run(host, ["iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-o", "ext0", "-j", "MASQUERADE"])
+        results["kernel MASQUERADE"] = measure("kernel MASQUERADE")
         lab.run(host, ["iptables-legacy", "-t", "nat", "-F"])
-        # 3. roam nat
-        nat = lab.popen(host, [sys.executable, "-m", "tools.cli", "nat", "--config", conf, "--external", "ext0",
-                               "--queue", "8", "--state-dir", d, "--no-restore"], cwd=ROOT,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(os.path.join(d, "nat-q8.status.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        results["roam nat"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
-        lab.stop(nat)
-        # 4. roam nat --gso: our own NFQUEUE client, GSO super-packets (NFQA_CFG_F_GSO)
-        gd = os.path.join(d, "gso")
-        os.makedirs(gd)
-        nat = lab.popen(host, [sys.executable, "-m", "tools.cli", "nat", "--config", conf, "--external", "ext0",
-                               "--queue", "9", "--state-dir", gd, "--no-restore", "--gso"], cwd=ROOT,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(os.path.join(gd, "nat-q9.status.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        results["roam nat --gso"] = (_iperf(lab, vm, seconds, False), _iperf(lab, vm, seconds, True))
-        lab.stop(nat)
-        lab.stop(srv)
-        ref_t, ref_u = results["kernel MASQUERADE"]
-        for name, (t, u) in results.items():
-            rows.append([name, t, t / ref_t if ref_t else float("nan"), u, u / ref_u if ref_u else float("nan")])
-        bt, bu = results["bare NFQUEUE accept loop"]
-        rt, ru = results["roam nat"]
-        rows.append(["roam nat / bare loop", "", rt / bt if bt else float("nan"), "", ru / bu if bu else float("nan")])
-        gt, gu = results["roam nat --gso"]
-        rows.append(["roam nat --gso / bare loop", "", gt / bt if bt else float("nan"), "",
-                     gu / bu if bu else float("nan")])
+        lab.run(host, ["conntrack", "-F"], check=False)
+        for q, (name, extra) in enumerate((("roam nat", []), ("roam nat --no-offload", ["--no-offload"]),
+                                           ("roam nat --no-offload --gso", ["--no-offload", "--gso"])), start=8):
+            nat = _start_nat(lab, host, conf, d, q, extra)
+            results[name] = measure(name)
+            lab.stop(nat)
+            lab.run(host, ["conntrack", "-F"], check=False)
+        for s in servers:
+            lab.stop(s)
+        ref = results["kernel MASQUERADE"]
+        for name, vals in results.items():
+            row = [name]
+            for v, r in zip(vals, ref):
+                row += [v, v / r if r else float("nan")]
+            rows.append(row)
     return rows
 
 
@@ -210,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
         lab = bench_lab(args.seconds)
         if lab:
             print()
-            print(f"Lab: VM -> host -> internet, iperf3 {args.seconds:g} s per figure (2-core machine: noisy)")
-            print(render(["path", "TCP Mbit/s", "x MASQUERADE", "UDP 64 B pkt/s", "x MASQUERADE"], lab))
+            print(f"Lab: VM -> host -> internet, {args.seconds:g} s per figure (2-core machine: noisy). TCP: one "
+                  f"iperf3 stream; UDP: {_UDP_SENDERS} iperf3 clients (one per core, -l 64 -b 0), packets received; "
+                  f"new connections: {_UDP_SENDERS} Python connect/close clients with {_IN_FLIGHT} connects in "
+                  "flight each, the same against each")
+            print(render(["path", "TCP Mbit/s", "x MASQ", "UDP 64 B pkt/s", "x MASQ", "new TCP conn/s", "x MASQ"],
+                         lab))
     return 0

@@ -1,0 +1,321 @@
+"""A small ctnetlink client over a plain netlink socket: the kernel's conntrack entries.
+
+Why not pyroute2's NFCTSocket: it knows CTA_NAT_SRC/CTA_NAT_DST, but every call runs
+an asyncio round of its own (milliseconds), and creating one entry per new flow is on
+the path of the new-connection rate.  This is one sendmsg and one recv per request.
+Constants from linux include/uapi/linux/netfilter/nfnetlink_conntrack.h.
+
+What roam needs: create an entry carrying the NAT (``create``), delete one (``delete``),
+list its own (``dump`` by mark, with packet counters) and hear the kernel destroy them
+(:class:`Events`, group NFNLGRP_CONNTRACK_DESTROY).  An entry is a :class:`KEntry`.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import NamedTuple
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+MSG_NEW, MSG_GET, MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | 0, (NFNL_SUBSYS_CTNETLINK << 8) | 1, \
+    (NFNL_SUBSYS_CTNETLINK << 8) | 2
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 1, 2, 4, 0x200, 0x400
+NLM_F_DUMP = 0x300
+NLA_F_NESTED = 0x8000
+NFNLGRP_CONNTRACK_DESTROY = 3
+# enum ctattr_type
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_NAT_SRC, CTA_TIMEOUT, CTA_MARK = 1, 2, 3, 4, 6, 7, 8
+CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_NAT_DST, CTA_MARK_MASK = 9, 10, 13, 21
+CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = \
+    1, 2, 3, 4, 5, 6
+CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
+CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
+CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 4, 5
+CTA_COUNTERS_PACKETS = 1
+IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
+IPS_SEEN_REPLY, IPS_ASSURED = 1 << 1, 1 << 2
+TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_ESTABLISHED = 1, 3
+
+_NLH = struct.Struct("=IHHII")
+_NFG = struct.Struct("!BBH")
+_NLA = struct.Struct("=HH")
+
+
+class Tuple(NamedTuple):
+    """One direction of an entry: (proto, src, dst, sport, dport), addresses packed; for
+    ICMP ``sport`` is the identifier and ``dport`` the type (8: echo request)."""
+
+    proto: int
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
+
+
+class KEntry(NamedTuple):
+    """A kernel conntrack entry as roam reads it."""
+
+    original: Tuple
+    reply: Tuple
+    mark: int
+    packets_orig: int
+    packets_reply: int
+    status: int = 0  # IPS_* bits
+    tcp_state: int = 0  # TCP_CONNTRACK_* (roam's TcpState numbers)
+    timeout: int = 0  # seconds left
+
+
+def inverse(t: Tuple) -> Tuple:
+    """The tuple a reply to ``t`` travels on (an echo request's answer is an echo reply)."""
+    if t.proto == 1:
+        return Tuple(1, t.dst, t.src, t.sport, {8: 0, 13: 14, 15: 16, 17: 18}.get(t.dport, t.dport))
+    return Tuple(t.proto, t.dst, t.src, t.dport, t.sport)
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    n = _NLA.size + len(data)
+    return _NLA.pack(n, kind) + data + b"\0" * (-n & 3)
+
+
+def _nest(kind: int, *parts: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, b"".join(parts))
+
+
+def _tuple(kind: int, t: Tuple) -> bytes:
+    if t.proto == 1:
+        proto = (_attr(CTA_PROTO_NUM, bytes([1])) + _attr(CTA_PROTO_ICMP_ID, struct.pack("!H", t.sport))
+                 + _attr(CTA_PROTO_ICMP_TYPE, bytes([t.dport])) + _attr(CTA_PROTO_ICMP_CODE, b"\0"))
+    else:
+        proto = (_attr(CTA_PROTO_NUM, bytes([t.proto])) + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", t.sport))
+                 + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", t.dport)))
+    return _nest(kind, _nest(CTA_TUPLE_IP, _attr(CTA_IP_V4_SRC, t.src), _attr(CTA_IP_V4_DST, t.dst)),
+                 _nest(CTA_TUPLE_PROTO, proto))
+
+
+def _nat(kind: int, ip: bytes, port: int) -> bytes:
+    pr = struct.pack("!H", port)
+    return _nest(kind, _attr(CTA_NAT_V4_MINIP, ip), _attr(CTA_NAT_V4_MAXIP, ip),
+                 _nest(CTA_NAT_PROTO, _attr(CTA_PROTONAT_PORT_MIN, pr), _attr(CTA_PROTONAT_PORT_MAX, pr)))
+
+
+def _attrs(buf, start: int, end: int) -> dict:
+    out = {}
+    off = start
+    while off + 4 <= end:
+        n, kind = _NLA.unpack_from(buf, off)
+        if n < 4 or off + n > end:
+            break
+        out[kind & 0x3FFF] = (off + 4, off + n)
+        off += (n + 3) & ~3
+    return out
+
+
+def _parse_tuple(buf, span) -> Tuple | None:
+    a = _attrs(buf, *span)
+    if CTA_TUPLE_IP not in a or CTA_TUPLE_PROTO not in a:
+        return None
+    ip = _attrs(buf, *a[CTA_TUPLE_IP])
+    pr = _attrs(buf, *a[CTA_TUPLE_PROTO])
+    if CTA_IP_V4_SRC not in ip or CTA_PROTO_NUM not in pr:
+        return None
+    src = bytes(buf[ip[CTA_IP_V4_SRC][0]:ip[CTA_IP_V4_SRC][0] + 4])
+    dst = bytes(buf[ip[CTA_IP_V4_DST][0]:ip[CTA_IP_V4_DST][0] + 4])
+    proto = buf[pr[CTA_PROTO_NUM][0]]
+
+    def u16(k):
+        return struct.unpack_from("!H", buf, pr[k][0])[0] if k in pr else 0
+    if proto == 1:
+        return Tuple(1, src, dst, u16(CTA_PROTO_ICMP_ID), buf[pr[CTA_PROTO_ICMP_TYPE][0]] if CTA_PROTO_ICMP_TYPE in pr
+                     else 0)
+    return Tuple(proto, src, dst, u16(CTA_PROTO_SRC_PORT), u16(CTA_PROTO_DST_PORT))
+
+
+def parse_entry(buf, off: int, end: int) -> KEntry | None:
+    """The entry in one ctnetlink message (``off`` at its nlmsghdr)."""
+    a = _attrs(buf, off + _NLH.size + _NFG.size, end)
+    if CTA_TUPLE_ORIG not in a or CTA_TUPLE_REPLY not in a:
+        return None
+    o, r = _parse_tuple(buf, a[CTA_TUPLE_ORIG]), _parse_tuple(buf, a[CTA_TUPLE_REPLY])
+    if o is None or r is None:
+        return None
+    mark = struct.unpack_from("!I", buf, a[CTA_MARK][0])[0] if CTA_MARK in a else 0
+
+    def packets(k):
+        if k not in a:
+            return 0
+        c = _attrs(buf, *a[k])
+        return struct.unpack_from("!Q", buf, c[CTA_COUNTERS_PACKETS][0])[0] if CTA_COUNTERS_PACKETS in c else 0
+    status = struct.unpack_from("!I", buf, a[CTA_STATUS][0])[0] if CTA_STATUS in a else 0
+    state = 0
+    if CTA_PROTOINFO in a:
+        pi = _attrs(buf, *a[CTA_PROTOINFO])
+        if CTA_PROTOINFO_TCP in pi:
+            t = _attrs(buf, *pi[CTA_PROTOINFO_TCP])
+            if CTA_PROTOINFO_TCP_STATE in t:
+                state = buf[t[CTA_PROTOINFO_TCP_STATE][0]]
+    left = struct.unpack_from("!I", buf, a[CTA_TIMEOUT][0])[0] if CTA_TIMEOUT in a else 0
+    return KEntry(o, r, mark, packets(CTA_COUNTERS_ORIG), packets(CTA_COUNTERS_REPLY), status, state, left)
+
+
+class CtSocket:
+    """Requests to the kernel's conntrack table (one socket, answers read in line)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._buf = bytearray(1 << 16)
+
+    def _send(self, kind: int, flags: int, body: bytes) -> int:
+        self._seq += 1
+        nfg = _NFG.pack(socket.AF_INET, 0, 0)
+        self.sock.send(_NLH.pack(_NLH.size + len(nfg) + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0)
+                       + nfg + body)
+        return self._seq
+
+    def _ack(self, seq: int) -> int:
+        """Wait for the answer to ``seq``: 0 or the errno."""
+        while True:
+            n = self.sock.recv_into(self._buf)
+            off = 0
+            while off + _NLH.size <= n:
+                length, kind, _, mseq, _ = _NLH.unpack_from(self._buf, off)
+                if length < _NLH.size:
+                    break
+                if kind == NLMSG_ERROR and mseq == seq:
+                    return -struct.unpack_from("=i", self._buf, off + _NLH.size)[0]
+                off += (length + 3) & ~3
+
+    def create(self, original: Tuple, timeout: int, mark: int, snat: tuple | None = None,
+               dnat: tuple | None = None, tcp_state: int = 0, status: int = 0) -> int:
+        """Create an entry (0, or the errno: EEXIST when the kernel has one).  ``snat``/``dnat``
+        are (address, port) the kernel rewrites to.  The reply tuple given is the original's
+        inverse: the kernel's NAT set-up derives the translated one from it (given already
+        translated, it would see nothing to do and set no NAT).  TCP entries are liberal (no
+        window checks): roam's tracker judged the segments."""
+        body = [_tuple(CTA_TUPLE_ORIG, original), _tuple(CTA_TUPLE_REPLY, inverse(original)),
+                _attr(CTA_TIMEOUT, struct.pack("!I", max(1, int(timeout)))), _attr(CTA_MARK, struct.pack("!I", mark))]
+        if status:
+            body.append(_attr(CTA_STATUS, struct.pack("!I", status)))
+        if original.proto == 6:
+            lib = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)
+            body.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP,
+                                                   _attr(CTA_PROTOINFO_TCP_STATE, bytes([tcp_state or 1])),
+                                                   _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, lib),
+                                                   _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, lib))))
+        if dnat is not None:
+            body.append(_nat(CTA_NAT_DST, *dnat))
+        if snat is not None:
+            body.append(_nat(CTA_NAT_SRC, *snat))
+        return self._ack(self._send(MSG_NEW, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, b"".join(body)))
+
+    def get(self, original: Tuple) -> KEntry | None:
+        """The kernel's entry for ``original`` (None if it has none)."""
+        seq = self._send(MSG_GET, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original))
+        found = None
+        while True:
+            n = self.sock.recv_into(self._buf)
+            off = 0
+            while off + _NLH.size <= n:
+                length, kind, _, mseq, _ = _NLH.unpack_from(self._buf, off)
+                if length < _NLH.size:
+                    break
+                if mseq == seq:
+                    if kind == NLMSG_ERROR:
+                        return found
+                    if kind == MSG_NEW:
+                        found = parse_entry(self._buf, off, off + length)
+                off += (length + 3) & ~3
+
+    def delete(self, original: Tuple) -> int:
+        return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original)))
+
+    def flush(self, mark: int, mask: int) -> int:
+        """Delete every entry whose mark & ``mask`` == ``mark`` (0, or the errno)."""
+        return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _attr(CTA_MARK, struct.pack("!I", mark))
+                                    + _attr(CTA_MARK_MASK, struct.pack("!I", mask))))
+
+    def dump(self, mark: int, mask: int) -> list[KEntry]:
+        """Every entry whose mark & ``mask`` == ``mark`` (a dump also reaps expired entries)."""
+        seq = self._send(MSG_GET, NLM_F_DUMP, _attr(CTA_MARK, struct.pack("!I", mark))
+                         + _attr(CTA_MARK_MASK, struct.pack("!I", mask)))
+        out = []
+        buf = bytearray(1 << 20)
+        while True:
+            n = self.sock.recv_into(buf)
+            off = 0
+            while off + _NLH.size <= n:
+                length, kind, _, mseq, _ = _NLH.unpack_from(buf, off)
+                if length < _NLH.size:
+                    break
+                if mseq == seq:
+                    if kind == NLMSG_DONE:
+                        return out
+                    if kind == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
+                        if err:
+                            raise OSError(err, f"conntrack dump: {errno.errorcode.get(err, err)}")
+                        return out
+                    e = parse_entry(buf, off, off + length)
+                    if e is not None and e.mark & mask == mark:
+                        out.append(e)
+                off += (length + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Events:
+    """The kernel's DESTROY events (select()-able); ``read`` returns the entries that died."""
+
+    def __init__(self, rcvbuf: int = 4 << 20) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.lost = 0  # ENOBUFS: events the kernel could not deliver (the reconciliation finds them)
+        try:
+            for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) then the capped one
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                    break
+                except OSError:
+                    continue
+            self.sock.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._buf = bytearray(1 << 16)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> list[KEntry]:
+        out = []
+        buf = self._buf
+        while True:
+            try:
+                n = self.sock.recv_into(buf)
+            except BlockingIOError:
+                return out
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.lost += 1
+                    continue
+                raise
+            off = 0
+            while off + _NLH.size <= n:
+                length, kind, _, _, _ = _NLH.unpack_from(buf, off)
+                if length < _NLH.size or off + length > n:
+                    break
+                if kind == MSG_DELETE:
+                    e = parse_entry(buf, off, off + length)
+                    if e is not None:
+                        out.append(e)
+                off += (length + 3) & ~3
+
+    def close(self) -> None:
+        self.sock.close()

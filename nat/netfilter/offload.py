@@ -1,0 +1,265 @@
+"""Offload, the driver half: the engine's decided flows as kernel conntrack entries.
+
+Each flow the engine opened with a translation gets a conntrack entry carrying its NAT
+(ctnetlink, :mod:`.ctnetlink`) and the mark ``MARK``; the rules (:mod:`.rules`) queue only
+packets whose connection lacks that mark, so every later packet of the flow is translated
+by the kernel's nf_nat (ICMP errors about it included) and never reaches user space.
+The engine stays the one truth: its offloaded flows are held (not timed) while the kernel
+has their entries; a DESTROY event, or an entry missing at a reconciliation, ends the
+flow in the engine and frees its mapping.  The kernel times the entries with roam's
+lifetimes: the namespace's conntrack timeout sysctls are set from the config (measured
+choice: timeout policies attach only through a CT template rule on a packet, never to an
+entry made over ctnetlink).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from conntrack.flow import FlowTuple, packet_key
+from conntrack.packet import parse_ip
+
+from .. import offload
+from ..config import NatConfig
+from .ctnetlink import CtSocket, Events, KEntry, Tuple
+
+log = logging.getLogger("roam.nat")
+
+MARK = 0x20000000  # the conntrack mark bit of roam's entries (and the packet mark of pre-conntrack queueing)
+RECONCILE = 2.0  # seconds between reconciliations (kernel entries vs engine flows), at least
+_PER_SECOND = 5000  # entries a reconciliation may read per second of its interval (a dump costs ~20 us each)
+_SYSCTL = "/proc/sys/net/netfilter/"
+
+
+def apply_sysctls(cfg: NatConfig) -> dict[str, int]:
+    """roam's timeouts as this namespace's conntrack timeouts; events and accounting on."""
+    values = dict(offload.kernel_timeouts(cfg), nf_conntrack_events=1, nf_conntrack_acct=1)
+    for k, v in values.items():
+        try:
+            with open(_SYSCTL + k, "w") as f:
+                f.write(str(v))
+        except OSError as exc:
+            log.warning("cannot set %s: %s", k, exc)
+    return values
+
+
+class Offloader:
+    """The engine's flows in the kernel's conntrack table (owned by the plugin's lock holder)."""
+
+    def __init__(self, engine, cfg: NatConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.ct = CtSocket()
+        self.ct_dump = CtSocket()  # the main loop's, for dumps (self.ct is the packet thread's)
+        self.events = Events()
+        engine.ended = []  # flows the engine ends (reclaim, expiry): their kernel entries go at once
+        self.flows: dict[bytes, object] = {}  # original key -> engine Conn, offloaded
+        self._gen = 0  # dump generation: a flow installed after a dump began is not judged by it
+        self._born: dict[bytes, int] = {}  # original key -> the generation it was installed in
+        self._replaced: dict[bytes, int] = {}  # entries roam deleted itself: their DESTROY events are no news
+        self.kernel_packets = [0, 0]  # packets the kernel translated: out, in (entries alive at the last dump)
+        self._dead_packets = [0, 0]  # ... of entries that died
+        self.changes = 0  # kernel-side moves of offloaded flows (a new snapshot is due)
+        self.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
+
+    def close(self) -> None:
+        self.ct.close()
+        self.ct_dump.close()
+        self.events.close()
+
+    # -- flows in ------------------------------------------------------------------
+    @property
+    def interval(self) -> float:
+        """Seconds between reconciliations: events do the work, the dumps are the safety net, so
+        a big table is read less often (its cost stays a few percent of a core)."""
+        return max(RECONCILE, len(self.flows) / _PER_SECOND)
+
+    def _hold(self) -> float:
+        """How long an offloaded flow lives in the engine without a reconciliation seeing it."""
+        return 3 * self.interval + 5
+
+    def install(self, data, now: float) -> bool:
+        """The packet's flow into the kernel, unless it is there already.  False: it could not
+        be (the caller drops the packet: the kernel would not translate it)."""
+        if len(data) >= 28 and data[0] == 0x45 and data[9] in (6, 17) and not data[6] & 0x3F and not data[7]:
+            key = bytes(data[9:10]) + bytes(data[12:24])  # = packet_key() of an option-less TCP/UDP head
+        else:
+            try:
+                key = packet_key(parse_ip(data))
+            except Exception:
+                return False
+        c = self.engine.table.lookup(key) if key is not None else None
+        if c is None:
+            return False
+        ok = c.original
+        if ok in self.flows:
+            return True
+        d = offload.decision(c)
+        if d is None:
+            return True  # nothing to translate: the kernel tracks it as its own
+        err = self.ct.create(Tuple(d.proto, d.src, d.dst, d.sport, d.dport),
+                             offload.initial_timeout(self.cfg, d.proto), MARK,
+                             snat=d.snat, dnat=d.dnat)
+        if err == errno.EEXIST:  # an older entry for the tuple (a reopened connection): replace it
+            log.debug("conntrack entry exists, replaced: %s", d)
+            if self.ct.delete(Tuple(d.proto, d.src, d.dst, d.sport, d.dport)) == 0:
+                self._replaced[ok] = self._replaced.get(ok, 0) + 1
+            err = self.ct.create(Tuple(d.proto, d.src, d.dst, d.sport, d.dport),
+                                 offload.initial_timeout(self.cfg, d.proto), MARK, snat=d.snat, dnat=d.dnat)
+        if err:
+            self.counters["offload_failed"] += 1
+            if self.counters["offload_failed"] & (self.counters["offload_failed"] - 1) == 0:
+                log.warning("conntrack entry not created: %s (%d so far)", os.strerror(err),
+                            self.counters["offload_failed"])
+            return False
+        self.flows[ok] = c
+        self._born[ok] = self._gen
+        self.changes += 1
+        offload.hold(c, now + self._hold())
+        self.counters["offloaded"] += 1
+        return True
+
+    def refresh(self, data) -> bool:
+        """The kernel's current state of the packet's offloaded flow into the engine (which saw
+        none of its packets since the first): True if it moved, so the packet is judged again
+        (a SYN reusing the tuple of a connection the kernel has in TIME_WAIT reopens it)."""
+        try:
+            key = packet_key(parse_ip(data))
+        except Exception:
+            return False
+        c = self.flows.get(key)
+        if c is None:
+            return False
+        f = FlowTuple.from_key(c.original)
+        e = self.ct.get(Tuple(f.proto, f.src, f.dst, f.sport, f.dport))
+        return e is not None and offload.sync(c, e.status, e.tcp_state)
+
+    # -- flows out -----------------------------------------------------------------
+    def sweep(self) -> None:
+        """Delete the kernel entries of flows the engine ended (a reclaimed port must not stay
+        translated in the kernel while the engine gives it to another flow)."""
+        ended = self.engine.ended
+        if not ended:
+            return
+        for k in ended:
+            c = self.flows.pop(k, None)
+            self._born.pop(k, None)
+            if c is not None:
+                self.changes += 1
+                self.counters["offload_ended"] += 1
+                f = FlowTuple.from_key(k)
+                if self.ct.delete(Tuple(f.proto, f.src, f.dst, f.sport, f.dport)) == 0:
+                    self._replaced[k] = self._replaced.get(k, 0) + 1
+        ended.clear()
+
+    def _gone(self, key: bytes, now: float) -> None:
+        c = self.flows.pop(key, None)
+        self._born.pop(key, None)
+        if c is not None:
+            self.changes += 1
+            self.counters["offload_ended"] += 1
+            if c.extra is not None:
+                self.engine.end_flow(key, now)
+
+    def on_events(self, now: float) -> int:
+        """Read the kernel's DESTROY events: each of ours ends its engine flow."""
+        n = 0
+        for e in self.events.read():
+            if e.mark & MARK:
+                k = _key(e.original)
+                log.debug("kernel entry destroyed: %s", _text(e))
+                if self._replaced.get(k):  # the one roam replaced, not the live one
+                    self._replaced[k] -= 1
+                    if not self._replaced[k]:
+                        del self._replaced[k]
+                    continue
+                if k in self.flows:
+                    self._count_dead(self.flows[k], e)
+                    self._gone(k, now)
+                    n += 1
+        return n
+
+    def fetch(self) -> tuple[int, list[KEntry]]:
+        """roam's entries in the kernel, and the generation of the dump (no engine state touched:
+        call it without the lock; flows installed meanwhile are newer than the dump)."""
+        self._gen += 1
+        return self._gen, self.ct_dump.dump(MARK, MARK)
+
+    def reconcile(self, now: float, adopt: bool = False, fetched: tuple | None = None) -> None:
+        """Engine flows vs kernel entries: held while there, ended when gone (a lost event);
+        an engine flow that died (address change, reclaim) loses its kernel entry.  With
+        ``adopt``, marked entries the engine lacks become engine flows (a restart)."""
+        gen, entries = fetched if fetched is not None else self.fetch()
+        seen = set()
+        live = [0, 0]
+        for e in entries:
+            k = _key(e.original)
+            c = self.flows.get(k)
+            if c is None and adopt:
+                c = self.engine.table.lookup(k)
+                if c is None:
+                    o, r = e.original, e.reply
+                    c = offload.adopt(self.engine, o.proto, o.src, o.dst, o.sport, o.dport, r.src, r.dst, r.sport,
+                                      r.dport, now, now + self._hold())
+                    if c is not None:
+                        self.counters["adopted"] += 1
+                        log.info("adopted the kernel's entry of an earlier run: %s", _text(e))
+                if c is not None:
+                    self.flows[k] = c
+                else:  # not on this address (it changed while roam was down), or its port is taken
+                    log.info("removed the kernel's entry of an earlier run: %s", _text(e))
+                    self.ct.delete(e.original)
+            if c is None:
+                continue
+            if c.extra is None:  # the engine ended it: the kernel follows
+                self.ct.delete(e.original)
+                continue
+            seen.add(k)
+            offload.hold(c, now + max(self._hold(), e.timeout))
+            if offload.sync(c, e.status, e.tcp_state):
+                self.changes += 1
+            out_first = c.extra.internal & 1
+            live[0 if out_first else 1] += e.packets_orig
+            live[1 if out_first else 0] += e.packets_reply
+        born = self._born
+        for k in [k for k in self.flows if k not in seen and born.get(k, 0) < gen]:
+            self._gone(k, now)
+        if len(self._replaced) > 4096:  # their events were lost: the dumps judge instead
+            self._replaced.clear()
+        self.kernel_packets = [live[0] + self._dead_packets[0], live[1] + self._dead_packets[1]]
+
+    def _count_dead(self, c, e: KEntry) -> None:
+        if c.extra is None:
+            return
+        out_first = c.extra.internal & 1
+        self._dead_packets[0 if out_first else 1] += e.packets_orig
+        self._dead_packets[1 if out_first else 0] += e.packets_reply
+
+    def flush(self) -> int:
+        """Remove every roam entry at once (the external address changed: all were on the old one)."""
+        n = len(self.flows)
+        self.flows.clear()
+        self._born.clear()
+        self._replaced.clear()
+        err = self.ct.flush(MARK, MARK)
+        if err:
+            log.error("conntrack flush failed: %s", os.strerror(err))
+        return n
+
+    def status(self) -> dict:
+        return dict(self.counters, flows=len(self.flows), kernel_translated_out=self.kernel_packets[0],
+                    kernel_translated_in=self.kernel_packets[1], events_lost=self.events.lost)
+
+
+def _text(e: KEntry) -> str:
+    import ipaddress
+
+    o, r = e.original, e.reply
+    ip = ipaddress.IPv4Address
+    return f"proto {o.proto} {ip(o.src)}:{o.sport} -> {ip(o.dst)}:{o.dport} (reply {ip(r.src)}:{r.sport} -> " \
+           f"{ip(r.dst)}:{r.dport})"
+
+
+def _key(t: Tuple) -> bytes:
+    return FlowTuple(t.proto, t.src, t.dst, t.sport, t.dport).key()

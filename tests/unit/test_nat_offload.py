@@ -1,0 +1,211 @@
+"""Offload without a kernel: an engine flow as the kernel entry that carries its NAT and
+back (nat.offload), the ctnetlink messages (nat.netfilter.ctnetlink), and the driver's
+reconciliation against a fake conntrack table (nat.netfilter.offload)."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from conntrack.flow import FlowTuple, packet_key
+from conntrack.packet import parse_ip
+from nat import Action, Side, offload, parse_toml
+from nat.netfilter import ctnetlink
+from nat.netfilter.ctnetlink import KEntry, Tuple
+
+from .nat_support import EXT, PEER, VM, engine, ping, tcp, udp
+
+ip = lambda s: ipaddress.IPv4Address(s).packed  # noqa: E731
+VM_B = "198.18.0.3"
+
+
+def _conn(e, data):
+    return e.table.lookup(packet_key(parse_ip(data)))
+
+
+def test_outbound_inbound_hairpin_and_icmp_decisions():
+    e = engine('[[inbound]]\nproto = "tcp"\nport = 8080\nto = "198.18.0.2:80"\n')
+    p = udp(VM, PEER, 5000, 53)
+    assert e.process(p, Side.INTERNAL, 0.0).action == Action.ACCEPT
+    d = offload.decision(_conn(e, p))
+    assert (d.proto, d.src, d.dst, d.sport, d.dport) == (17, ip(VM), ip(PEER), 5000, 53)
+    assert d.snat == (ip(EXT), 5000) and d.dnat is None  # the port preserved
+    s = tcp(PEER, EXT, 40000, 8080)
+    assert e.process(s, Side.EXTERNAL, 0.0).action == Action.ACCEPT
+    d = offload.decision(_conn(e, s))
+    assert d.snat is None and d.dnat == (ip(VM), 80)
+    h = tcp(VM_B, EXT, 41000, 8080)
+    assert e.process(h, Side.INTERNAL, 0.0).action == Action.ACCEPT
+    d = offload.decision(_conn(e, h))
+    assert d.snat == (ip(EXT), 41000) and d.dnat == (ip(VM), 80)
+    q = ping(VM, PEER, 77)
+    assert e.process(q, Side.INTERNAL, 0.0).action == Action.ACCEPT
+    d = offload.decision(_conn(e, q))
+    assert (d.proto, d.sport, d.dport) == (1, 77, 8) and d.snat == (ip(EXT), 77)
+
+
+def test_the_hosts_own_flows_are_not_offloaded():
+    e = engine()
+    e.host_stack = True
+    p = tcp(PEER, EXT, 40000, 22)
+    a = e.process(p, Side.EXTERNAL, 0.0)
+    assert a.action == Action.ACCEPT
+    assert offload.decision(_conn(e, p)) is None  # nothing to translate: the kernel's own
+    o = tcp(EXT, PEER, 40001, 443)
+    assert e.process(o, Side.INTERNAL, 0.0).action == Action.ACCEPT
+    assert offload.decision(_conn(e, o)) is None
+
+
+def test_kernel_timeouts_are_roams():
+    t = offload.kernel_timeouts(parse_toml('internal = ["198.18.0.0/24"]\n'))
+    assert t["nf_conntrack_udp_timeout"] == t["nf_conntrack_udp_timeout_stream"] == 300
+    assert t["nf_conntrack_tcp_timeout_established"] == 7440
+    assert t["nf_conntrack_tcp_timeout_syn_sent"] == t["nf_conntrack_tcp_timeout_fin_wait"] == 240
+    short = parse_toml('internal = ["198.18.0.0/24"]\n[timeouts]\nudp = 4\n')
+    assert offload.kernel_timeouts(short)["nf_conntrack_udp_timeout"] == 4
+    huge = parse_toml('internal = ["198.18.0.0/24"]\n[timeouts]\nudp = 1e9\n')
+    assert offload.kernel_timeouts(huge)["nf_conntrack_udp_timeout"] == offload.KERNEL_TIMEOUT_MAX
+
+
+def test_a_kernel_entry_adopted_after_a_restart_holds_the_same_mapping():
+    e = engine()
+    p = udp(VM, PEER, 5000, 53)
+    e.process(p, Side.INTERNAL, 0.0)
+    c = _conn(e, p)
+    o, r = FlowTuple.from_key(c.original), FlowTuple.from_key(c.reply)
+    fresh = engine()
+    a = offload.adopt(fresh, o.proto, o.src, o.dst, o.sport, o.dport, r.src, r.dst, r.sport, r.dport, 1.0, 50.0)
+    assert a is not None and a.deadline == 50.0
+    assert fresh.mapping_rows() == e.mapping_rows()
+    back = udp(PEER, EXT, 53, 5000)
+    assert fresh.process(back, Side.EXTERNAL, 2.0).data == e.process(back, Side.EXTERNAL, 2.0).data
+    # the kernel's entry dies: the flow ends and the mapping is freed
+    assert fresh.end_flow(a.original, 3.0)
+    assert fresh.status()["mappings_live"] == 0
+    assert not fresh.end_flow(a.original, 3.0)
+
+
+def test_sync_takes_the_kernels_state():
+    e = engine()
+    s = tcp(VM, PEER, 5000, 80)
+    e.process(s, Side.INTERNAL, 0.0)
+    c = _conn(e, s)
+    assert c.state == 1 and not c.seen_reply
+    assert offload.sync(c, 0x2 | 0x4 | 0x8, 3)
+    assert c.state == 3 and c.seen_reply and c.assured
+    assert not offload.sync(c, 0x2 | 0x4 | 0x8, 3)
+
+
+def test_create_message_carries_tuples_nat_and_mark():
+    sent = []
+
+    class Sock:
+        def send(self, b):
+            sent.append(bytes(b))
+
+        def recv_into(self, buf):
+            seq = struct.unpack_from("=I", sent[-1], 8)[0]
+            msg = struct.pack("=IHHII", 36, ctnetlink.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", 0) + b"\0" * 16
+            buf[:len(msg)] = msg
+            return len(msg)
+
+    ct = object.__new__(ctnetlink.CtSocket)
+    ct.sock, ct._seq, ct._buf = Sock(), 0, bytearray(1 << 16)
+    o = Tuple(17, ip(VM), ip(PEER), 5000, 53)
+    assert ct.create(o, 300, 0x20000000, snat=(ip(EXT), 5001)) == 0
+    m = sent[0]
+    assert struct.unpack_from("=H", m, 4)[0] == ctnetlink.MSG_NEW
+    parsed = ctnetlink.parse_entry(m, 0, len(m))
+    assert parsed.original == o and parsed.reply == ctnetlink.inverse(o)  # the kernel derives the NAT'd reply
+    assert parsed.mark == 0x20000000
+    assert ip(EXT) in m and struct.pack("!H", 5001) in m
+
+
+class FakeCt:
+    """The kernel's conntrack table as the driver sees it."""
+
+    def __init__(self):
+        self.entries: dict[Tuple, KEntry] = {}
+        self.deleted = []
+
+    def create(self, original, timeout, mark, snat=None, dnat=None, **kw):
+        src, sport = snat or (original.src, original.sport)
+        dst, dport = dnat or (original.dst, original.dport)
+        self.entries[original] = KEntry(original, ctnetlink.inverse(Tuple(original.proto, src, dst, sport, dport)),
+                                        mark, 1, 0, 0x8, 0)
+        return 0
+
+    def delete(self, original):
+        self.deleted.append(original)
+        return 0 if self.entries.pop(original, None) else 2
+
+    def dump(self, mark, mask):
+        return [e for e in self.entries.values() if e.mark & mask == mark]
+
+    def flush(self, mark, mask):
+        self.entries.clear()
+        return 0
+
+
+def _offloader(e):
+    from nat.netfilter.offload import Offloader
+
+    o = object.__new__(Offloader)
+    o.engine, o.cfg, o.ct, o.flows, o.changes, o._gen, o._born = e, e.config, FakeCt(), {}, 0, 0, {}
+    o.ct_dump, o._replaced = o.ct, {}
+    o.kernel_packets, o._dead_packets = [0, 0], [0, 0]
+    o.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
+    e.ended = []
+    return o
+
+
+def test_reconciliation_holds_ends_and_adopts():
+    e = engine()
+    off = _offloader(e)
+    flows = [udp(VM, PEER, 5000 + i, 53) for i in range(3)]
+    for p in flows:
+        assert e.process(p, Side.INTERNAL, 0.0).action == Action.ACCEPT
+        assert off.install(p, 0.0)
+    assert len(off.ct.entries) == 3 and len(off.flows) == 3
+    # far past the engine's own UDP lifetime: held while the kernel has the entries
+    for now in range(5, 400, 5):
+        off.reconcile(float(now))
+        e.expire(float(now))
+    assert len(e.table) == 3 and e.status()["mappings_live"] == 3
+    # an entry gone without an event (lost): the next reconciliation ends its flow
+    del off.ct.entries[next(iter(off.ct.entries))]
+    off.reconcile(400.0)
+    assert len(e.table) == 2 and e.status()["mappings_live"] == 2 and off.counters["offload_ended"] == 1
+    # the engine ends a flow (here: the address went): the kernel entry follows at once
+    k = next(iter(off.flows))
+    e.end_flow(k, 401.0)
+    off.sweep()
+    assert len(off.ct.entries) == 1 and off.ct.deleted and k not in off.flows
+    off.reconcile(401.0)
+    assert len(off.ct.entries) == 1
+    # a restart: a fresh engine adopts what the kernel still has
+    e2 = engine()
+    off2 = _offloader(e2)
+    off2.ct = off2.ct_dump = off.ct
+    off2.reconcile(402.0, adopt=True)
+    assert off2.counters["adopted"] == 1 and len(e2.table) == 1 and e2.status()["mappings_live"] == 1
+    # ... what it cannot take (another external address now) leaves the kernel
+    e3 = engine(ext="203.0.113.77")
+    off3 = _offloader(e3)
+    off3.ct.entries = dict(off.ct.entries)
+    off3.reconcile(403.0, adopt=True)
+    assert off.ct.entries and off3.counters["adopted"] == 0 and not off3.ct.entries and len(e3.table) == 0
+    # a flow installed while a dump was under way is not judged by that dump
+    fetched = off.fetch()
+    late = udp(VM, PEER, 6000, 53)
+    e.process(late, Side.INTERNAL, 402.0)
+    assert off.install(late, 402.0)
+    off.reconcile(402.0, fetched=(fetched[0], [x for x in fetched[1]]))
+    assert _conn(e, late) is not None and len(off.flows) == 2
+    off.reconcile(403.0)  # the next one sees it in the kernel
+    assert len(off.flows) == 2
+    # without offloading, the engine alone would have ended them all long ago
+    e4 = engine()
+    for p in flows:
+        e4.process(p, Side.INTERNAL, 0.0)
+    e4.expire(400.0)
+    assert len(e4.table) == 0
