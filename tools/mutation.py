@@ -59,18 +59,21 @@ def report(rows: list[tuple[str, str]], equivalent: dict[str, str]) -> int:
         per[_module(name)][st] += 1
         if st == "survived":
             survivors.append(name)
-    print(f"{'module':<28} {'killed':>7} {'survived':>9} {'equiv.':>7} {'timeout':>8} {'no tests':>9} {'score':>7}")
+    print(f"{'module':<28} {'killed':>7} {'survived':>9} {'equiv.':>7} {'timeout':>8} {'no tests':>9} {'not run':>8} "
+          f"{'score':>7}")
     tk = ts = 0
     for mod in sorted(per):
         c = per[mod]
         k, s = c["killed"] + c["timeout"], c["survived"]
         tk, ts = tk + k, ts + s
         score = f"{100 * k / (k + s):.1f}%" if k + s else "-"
-        print(f"{mod:<28} {c['killed']:>7} {s:>9} {c['equivalent']:>7} {c['timeout']:>8} {c['no tests']:>9} {score:>7}")
+        print(f"{mod:<28} {c['killed']:>7} {s:>9} {c['equivalent']:>7} {c['timeout']:>8} {c['no tests']:>9} "
+              f"{c['not checked']:>8} {score:>7}")
     total = f"{100 * tk / (tk + ts):.1f}%" if tk + ts else "-"
-    print(f"{'all':<28} {'':>7} {ts:>9} {'':>7} {'':>8} {'':>9} {total:>7}")
+    print(f"{'all':<28} {'':>7} {ts:>9} {'':>7} {'':>8} {'':>9} {'':>8} {total:>7}")
     print("score = killed (timeouts count as killed) / (killed + survived); equivalent survivors are "
-          "listed in tests/mutation-equivalent.txt; 'no tests': no unit or property test reaches the function")
+          "listed in tests/mutation-equivalent.txt; 'no tests': no unit or property test reaches the function; "
+          "'not run': not tested yet (the time box ended first: run again to go on)")
     if survivors:
         print(f"\n{len(survivors)} survivors (`mutmut show NAME` prints the change):")
         for name in survivors:
