@@ -7,7 +7,8 @@ or RFC it follows.  Nothing here reads a clock: time is passed in.
 * the retransmission timeout: ``tcp_rtt_estimator`` / ``__tcp_set_rto`` (RFC 6298 with a
   200 ms floor on the variance term), initial 1 s, back-off doubling up to 120 s
   (``tcp_retransmit_timer``), linear SYN timeouts (``tcp_syn_linear_timeouts``), the
-  last timer cut to TCP_USER_TIMEOUT (``tcp_clamp_rto_to_user_timeout``);
+  last timer cut to TCP_USER_TIMEOUT (``tcp_clamp_rto_to_user_timeout``), the tail loss
+  probe before the first RTO (``tcp_schedule_loss_probe``);
 * ICMP errors: ``icmp_err_convert`` (errno, fatal) per destination-unreachable code,
   RFC 1122 4.2.3.9 soft errors, RFC 6069 back-off revert (``tcp_ld_RTO_revert``);
 * neighbour resolution (``neigh_timer_handler``): how long a router keeps sending to a
@@ -74,9 +75,20 @@ class Rto:
         return True
 
 
+def loss_probe_timeout(srtt: float, rto: float) -> float:
+    """``tcp_schedule_loss_probe`` (RFC 8985 7.2, net.ipv4.tcp_early_retrans = 3): a tail loss probe
+    2 srtt + TCP_RTO_MIN after the last segment when it is the only one in flight, never later than
+    the RTO would fire.  The probe neither backs off nor counts as a retransmission: the RTO is
+    re-armed from it, and TCP_USER_TIMEOUT counts from the first RTO retransmission (measured on
+    Linux 6.18: data sent at T, probe T+0.21, RTO retransmissions T+0.42, 0.85, 1.68, 3.35)."""
+    if not srtt:
+        return TCP_TIMEOUT_INIT
+    return min(2 * srtt + TCP_RTO_MIN, rto)
+
+
 def clamp_to_user_timeout(rto: float, first_sent: float, user_timeout: float, now: float) -> float:
     """``tcp_clamp_rto_to_user_timeout``: the next timer never waits past the user timeout
-    (counted from the first transmission of the oldest unacknowledged segment)."""
+    (counted from retrans_stamp: a SYN's first transmission, data's first RTO retransmission)."""
     remaining = first_sent + user_timeout - now
     if remaining <= 0:
         return 0.001  # "fire ASAP": one jiffy

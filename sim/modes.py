@@ -145,6 +145,9 @@ class Bridged(Mode):
         super().__init__(*a)
         self.address: bytes | None = None
         self.site: Site | None = None
+        self.lease_site: Site | None = None  # where its address and its gateway came from (DHCP)
+        self.left_at = 0.0  # when it left that LAN (its gateway's neighbour entry last confirmed)
+        self.probe_end: float | None = None  # that entry's probes (DELAY, PROBE) end then
 
     def attach(self, host: Host) -> None:
         super().attach(host)
@@ -153,6 +156,9 @@ class Bridged(Mode):
             new = site.lease(self.mac)  # DHCP: the same address again on a LAN that knows the VM
             self.vm.addresses.discard(self.address)
             self.address = new
+            self.lease_site = site
+        if site is not self.lease_site and self.site is self.lease_site:
+            self.left_at, self.probe_end = self.clock.now, None
         self.vm.addresses.add(self.address)
         self.site = site
         site.holders[self.address] = self.to_vm  # the VM answers ARP on its new LAN
@@ -166,7 +172,26 @@ class Bridged(Mode):
         if self.host is None:
             self.net.lose(tag, Loss.VM_DOWN)
             return
+        if self.site is not self.lease_site:
+            self._off_link(data, tag)
+            return
         self.net.send(data, tag, self.site)
+
+    def _off_link(self, data: bytes, tag: int) -> None:
+        """A VM that kept its address on another LAN still sends to its old gateway's MAC, which nobody
+        here takes: lost without a word while the neighbour entry is REACHABLE (Linux's base reachable
+        time from when it left), then DELAY and unicast PROBEs (``neigh_timer_handler``), also lost; once
+        it has FAILED, a packet starts a resolution that fails too and the VM tells itself host
+        unreachable (``ipv4_link_failure``).  (Measured: the lab's VM kept its gateway REACHABLE and
+        timed out; the simulator routed it through the new LAN's gateway and heard "unreachable".)"""
+        self.net.lose(tag, Loss.OFF_LINK)
+        now, p = self.clock.now, LINUX_NEIGH
+        if self.probe_end is None:
+            if now >= self.left_at + p.reachable:  # STALE: this packet starts DELAY, then PROBE
+                self.probe_end = now + p.delay_first_probe + p.probe_probes() * p.retrans
+            return
+        if now >= self.probe_end:  # FAILED: INCOMPLETE with this packet queued, failing in turn
+            self.vm.unreachable(data, tag, ICMP_HOST_UNREACH, p.incomplete_probes() * p.retrans)
 
     def vm_address(self) -> bytes:
         return self.address

@@ -92,7 +92,7 @@ def _observe(conn: "Connection | None", now: float, client: bool, seen: Seen) ->
 class TcpSock:
     __slots__ = ("stack", "local", "lport", "remote", "rport", "state", "snd_una", "snd_nxt", "rcv_nxt",
                  "out_seq", "out_len", "out_flags", "out_first", "out_sent", "retransmitted", "queue",
-                 "rtt", "retransmits", "gen", "conn", "client", "timeout")
+                 "rtt", "retransmits", "gen", "conn", "client", "timeout", "rtx_stamp", "probe")
 
     def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes, rport: int,
                  conn: "Connection | None", client: bool, timeout: float, iss: int) -> None:
@@ -102,7 +102,11 @@ class TcpSock:
         self.snd_una = self.snd_nxt = iss
         self.rcv_nxt = 0
         self.out_seq = self.out_len = self.out_flags = 0
-        self.out_first = self.out_sent = -1.0  # -1: nothing outstanding (out_first: Linux's retrans_stamp)
+        self.out_first = self.out_sent = -1.0  # -1: nothing outstanding
+        # Linux's retrans_stamp, what TCP_USER_TIMEOUT counts from: the SYN's first transmission (tcp_connect);
+        # for data the first RTO retransmission (tcp_retransmit_skb; not the tail loss probe); -1: none yet
+        self.rtx_stamp = -1.0
+        self.probe = False  # the next timer is the tail loss probe's (tcp_schedule_loss_probe)
         self.retransmitted = False
         self.queue: list[int] = []  # payload lengths waiting to be sent
         self.rtt = Rto()
@@ -141,17 +145,27 @@ class TcpSock:
         self.out_seq, self.out_len, self.out_flags = self.snd_nxt, length, flags
         self.snd_nxt = (self.snd_nxt + length + (1 if flags & SYN else 0)) & _M32
         self.out_first = self.out_sent = now
+        self.rtx_stamp = now if flags & SYN else -1.0
         self.retransmitted = False
         self.retransmits = 0
         self._emit(self.out_seq, self.rcv_nxt, flags, length)
-        self._arm(self.rto)
+        # data on an established connection: a tail loss probe first (RFC 8985 7; SACK is on between Linux
+        # stacks), then the RTO from the probe on (tcp_send_loss_probe -> tcp_rearm_rto)
+        self.probe = self.state == _S.ESTABLISHED and not flags & SYN and bool(self.rtt.srtt)
+        self._arm(linux.loss_probe_timeout(self.rtt.srtt, self.rto) if self.probe else self.rto)
 
     def _arm(self, delay: float) -> None:
-        """(Re)start the retransmission timer, never past the user timeout (``tcp_clamp_rto_to_user_timeout``)."""
+        """(Re)start the retransmission timer, never past the user timeout once it counts
+        (``tcp_clamp_rto_to_user_timeout``, from retrans_stamp)."""
         self.gen += 1
         clock = self.stack.clock
-        clock.after(clamp_to_user_timeout(delay, self.out_first, self.timeout, clock.now), self._on_timer, self,
-                    self.gen)
+        if self.rtx_stamp >= 0:
+            delay = clamp_to_user_timeout(delay, self.rtx_stamp, self.timeout, clock.now)
+        clock.after(delay, self._on_timer, self, self.gen)
+
+    def _timed_out(self, now: float) -> bool:
+        """``retransmits_timed_out``: the user timeout has run since retrans_stamp."""
+        return self.rtx_stamp >= 0 and now >= self.rtx_stamp + self.timeout - 1e-9
 
     @staticmethod
     def _on_timer(sock: "TcpSock", gen: int) -> None:
@@ -164,10 +178,16 @@ class TcpSock:
     def _expire(self, now: float) -> None:
         """``tcp_retransmit_timer``: give up past the user timeout (``tcp_write_timeout``), else
         retransmit the oldest segment and back off."""
-        if now >= self.out_first + self.timeout - 1e-9:
+        if self.probe:  # ``tcp_send_loss_probe``: the last segment again, no back-off, no retransmission count
+            self.probe = False
+            self._retransmit(now)
+            return
+        if self._timed_out(now):
             self._die(_E.GIVE_UP)
             return
         self.retransmits += 1
+        if self.rtx_stamp < 0:
+            self.rtx_stamp = now
         self.rtt.back_off(self.state == _S.SYN_SENT, self.retransmits)
         self._retransmit(now)
 
@@ -181,7 +201,7 @@ class TcpSock:
         """Resume after a pause: a retransmission whose timer ran out meanwhile goes now."""
         now = self.stack.clock.now
         if self.alive and self.out_first >= 0 and now - self.out_sent >= self.rto:
-            if now >= self.out_first + self.timeout - 1e-9:
+            if self._timed_out(now):
                 self._die(_E.GIVE_UP)
             else:
                 self._retransmit(now)
@@ -316,7 +336,8 @@ class TcpSock:
             self.rtt.sample(now - self.out_sent)
             self.rtt.acked()
             self.retransmits = 0
-            self.out_first = -1.0
+            self.out_first = self.rtx_stamp = -1.0
+            self.probe = False
             self.gen += 1
 
     def _next(self) -> None:

@@ -48,6 +48,7 @@ class Loss(IntEnum):
     PARSE = 11  # bytes that do not parse as a packet
     VM_ABSENT = 12  # translated for a VM that is no longer on this host
     ENGINE_ERROR = 13  # an engine raised instead of giving a verdict (a bug, reported)
+    OFF_LINK = 14  # sent to the MAC of a gateway that is not on the sender's LAN (a VM that kept its address)
 
 
 #: Losses that make a timed-out connection "unreachable" rather than plain "timed out".

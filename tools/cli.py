@@ -65,6 +65,35 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _LinesFormatter(argparse.HelpFormatter):
+    """Paragraphs (runs of unindented lines) wrapped, blank lines kept, an indented line (an example) as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        para: list[str] = []
+        for line in text.strip("\n").splitlines() + [""]:
+            if line and not line.startswith(" "):
+                para.append(line)
+                continue
+            if para:
+                out.append(super()._fill_text(" ".join(para), width, indent))
+                para = []
+            out.append(indent + line if line else "")
+        return "\n".join(out).rstrip("\n")
+
+
+def add_command(sub, name: str, help_text: str, description: str,
+                examples: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """A subcommand's parser, every one alike: its one-line help (from ``SUBCOMMANDS``), its description
+    (a triple-quoted text: paragraphs wrapped to the terminal), its example command lines under
+    "example(s):", one a line."""
+    epilog = None
+    if examples:
+        epilog = ("examples:" if len(examples) > 1 else "example:") + "".join(f"\n  {e}" for e in examples)
+    return sub.add_parser(name, help=help_text, description=description, epilog=epilog,
+                          formatter_class=_LinesFormatter)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from .cli import add_command
+
 TARGETS = {
     "conntrack": "packets/s tracked from memory and from a capture; memory per entry at 1,000,000 entries",
     "nat": "kernel MASQUERADE vs bare NFQUEUE vs roam nat in the lab; the engine alone in-process",
@@ -17,8 +19,8 @@ TARGETS = {
 
 
 def register(sub, help_text: str) -> None:
-    p = sub.add_parser("bench", help=help_text, description="Benchmarks. Each prints a table with ratios to a "
-                       "reference measured in the same run; none is a pass/fail test.")
+    p = add_command(sub, "bench", help_text, "Benchmarks. Each prints a table with ratios to a reference measured "
+                    "in the same run; none is a pass/fail test.")
     targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
     for name, text in TARGETS.items():
         try:

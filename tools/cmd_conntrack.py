@@ -20,6 +20,7 @@ from conntrack.events import ConnEvent, Why
 from conntrack.pcap import CaptureError, open_capture, record_packet
 
 from .conntrack_view import as_dict, event_line, line, proto_name
+from .cli import add_command
 
 _OUTPUTS = ("extended", "timestamp")
 
@@ -94,19 +95,21 @@ def _outputs(text: str) -> frozenset[str]:
     return frozenset(got)
 
 
+DESCRIPTION = """\
+Track every IP packet of a capture (pcap or pcapng, gzip-compressed or not; Ethernet with VLAN tags, raw
+IP, Linux cooked or loopback link types) through roam's connection tracker, with the capture's own
+timestamps as the clock, and print what conntrack-tools would: the table left at the last packet in
+`conntrack -L`'s layout (timeouts are the whole seconds left at that moment), or with -E every
+NEW/UPDATE/DESTROY event as `conntrack -E -o timestamp` prints it, stamped with the capture's time.
+Packets that do not parse are counted by reason on stderr; a damaged capture is an error naming the
+record (pcap) or block (pcapng) and its byte offset.
+"""
+EXAMPLES = ("roam conntrack examples/captures/lab-mixed.pcap -p tcp --state ESTABLISHED",
+            "roam conntrack capture.pcapng.gz -E -o extended", "roam conntrack capture.pcap -C -s 198.18.0.0/24")
+
+
 def register(sub, help_text: str) -> None:
-    p = sub.add_parser(
-        "conntrack", help=help_text,
-        description="Track every IP packet of a capture (pcap or pcapng, gzip-compressed or not; Ethernet "
-        "with VLAN tags, raw IP, Linux cooked or loopback link types) through roam's connection tracker, "
-        "with the capture's own timestamps as the clock, and print what conntrack-tools would: the table "
-        "left at the last packet in `conntrack -L`'s layout (timeouts are the whole seconds left at that "
-        "moment), or with -E every NEW/UPDATE/DESTROY event as `conntrack -E -o timestamp` prints it, "
-        "stamped with the capture's time. Packets that do not parse are counted by reason on stderr; a "
-        "damaged capture is an error naming the record (pcap) or block (pcapng) and its byte offset.",
-        epilog="examples: roam conntrack examples/captures/lab-mixed.pcap -p tcp --state ESTABLISHED; "
-        "roam conntrack capture.pcapng.gz -E -o extended; roam conntrack capture.pcap -C -s 198.18.0.0/24",
-    )
+    p = add_command(sub, "conntrack", help_text, DESCRIPTION, EXAMPLES)
     p.add_argument("capture", metavar="CAPTURE", help="a pcap or pcapng file, gzip-compressed or not; "
                    "'-' reads standard input")
     what = p.add_mutually_exclusive_group()

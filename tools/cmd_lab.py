@@ -12,22 +12,25 @@ import os
 import sys
 import time
 
+from .cli import add_command
+
 STATE_DIR = "/run/roam"
 
 
+DESCRIPTION = f"""\
+Build, show or remove the namespace lab: a home site (LAN with the tunnel proxy's machine and a home
+PC), N remote sites each with a hypervisor host, two remote peers, an 'internet' namespace routing
+between them, and a VM whose link sits on the first host's LAN bridge (bridged). Every address is in the
+documentation ranges (192.0.2.0/24 home, 203.0.113.0/24 sites, 198.51.100.0/24 peers, 198.19.0.0/16
+transit); nothing is attached to the root namespace. Namespaces are named roamlab-ROLE-SUFFIX; the lab
+is recorded in {STATE_DIR}/lab-SUFFIX.json. Needs root.
+"""
+EXAMPLES = ("roam lab up --sites 3", "roam lab up --vm qemu", "ip netns exec roamlab-vm-SUFFIX bash",
+            "roam lab status", "roam lab down --all")
+
+
 def register(sub, help_text: str) -> None:
-    p = sub.add_parser(
-        "lab", help=help_text,
-        description="Build, show or remove the namespace lab: a home site (LAN with the tunnel proxy's machine and a "
-        "home PC), N remote sites each with a hypervisor host, two remote peers, an 'internet' namespace routing "
-        "between them, and a VM whose link sits on the first host's LAN bridge (bridged). Every address is in the "
-        "documentation ranges (192.0.2.0/24 home, 203.0.113.0/24 sites, 198.51.100.0/24 peers, 198.19.0.0/16 "
-        "transit); nothing is attached to the root namespace. Namespaces are named roamlab-ROLE-SUFFIX; the "
-        f"lab is recorded in {STATE_DIR}/lab-SUFFIX.json. Needs root.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  roam lab up --sites 3\n  roam lab up --vm qemu\n  ip netns exec roamlab-vm-SUFFIX bash\n  roam lab status\n"
-        "  roam lab down --all",
-    )
+    p = add_command(sub, "lab", help_text, DESCRIPTION, EXAMPLES)
     s = p.add_subparsers(dest="lab_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

@@ -10,21 +10,23 @@ from conntrack.pcap import write_pcap
 from sim import MODES, ScenarioError, load_scenario, replay
 
 from . import report
+from .cli import add_command
 from .compare import add_compare_argument, run_compare
 
 
+DESCRIPTION = """\
+Play a migration scenario (TOML: sites, hosts, the VM, its connections, its moves) under each attachment
+mode -- bridged, host-only, nat, nat+state, tunnel -- and print one row per connection and one column
+per mode: survived (answered after the last move; with the longest stall across the moves, in ms) or
+broken, with the reason its endpoints saw (reset by peer, unreachable, no inbound mapping, timed out).
+The simulator moves real packets through roam's own conntrack, NAT and tunnel engines; TCP endpoints
+decide survival. examples/scenarios/example.toml documents every field of a scenario.
+"""
+EXAMPLES = ("roam replay examples/scenarios/basic.toml --plot timeline.html",)
+
+
 def register(sub, help_text: str) -> None:
-    p = sub.add_parser(
-        "replay", help=help_text,
-        description="Play a migration scenario (TOML: sites, hosts, the VM, its connections, its moves) under "
-        "each attachment mode -- bridged, host-only, nat, nat+state, tunnel -- and print one row per connection "
-        "and one column per mode: survived (answered after the last move; with the longest stall across the "
-        "moves, in ms) or broken, with the "
-        "reason its endpoints saw (reset by peer, unreachable, no inbound mapping, timed out). The simulator moves "
-        "real packets through roam's own conntrack, NAT and tunnel engines; TCP endpoints decide survival. "
-        "examples/scenarios/example.toml documents every field of a scenario.",
-        epilog="example: roam replay examples/scenarios/basic.toml --plot timeline.html",
-    )
+    p = add_command(sub, "replay", help_text, DESCRIPTION, EXAMPLES)
     p.add_argument("scenario", metavar="SCENARIO", help="a scenario file (TOML)")
     p.add_argument("--backend", choices=("sim", "netns", "qemu"), default="sim",
                    help="sim: the discrete-event simulator (default); netns: the namespace lab, with real "

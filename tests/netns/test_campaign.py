@@ -65,10 +65,11 @@ def test_sample_is_fixed_and_reaches_the_cases_users_meet():
 def test_simulator_and_kernel_agree_on_every_verdict_and_reason():
     if os.geteuid() != 0:
         pytest.skip("the netns backend needs root")
-    rows_all, bad = [], []
+    rows_all, bad, where = [], [], []
     for i, sc in enumerate(_sample()):
         rows = compare(sc, ("sim", "netns"), parallel=True)
         rows_all += rows
+        where += [i] * len(rows)
         errors = [r for r in rows if r.cells["netns"].error is not None]
         assert not errors, (i, errors[0].cells["netns"].error)
         for r in rows:
@@ -78,4 +79,11 @@ def test_simulator_and_kernel_agree_on_every_verdict_and_reason():
     k, med, worst = interruption_summary(rows_all)
     print(f"\ncampaign: {len(rows_all)} cells over {N} scenarios; interruption |sim - netns| over {k} surviving "
           f"cells: median {med} ms, worst {worst} ms")
+    agree = sum(r.verdicts_agree for r in rows_all), sum(r.reasons_agree for r in rows_all)
+    print(f"campaign: verdicts agree in {agree[0]}/{len(rows_all)} cells, reasons in {agree[1]}/{len(rows_all)}")
+    if worst is not None:  # where the interruptions differ most: a place to look, not a failure
+        j, r = max(((j, r) for j, r in enumerate(rows_all) if r.interruption_diff_ms() is not None),
+                   key=lambda jr: jr[1].interruption_diff_ms())
+        print(f"campaign: worst interruption difference in scenario {where[j]}, {r.conn} under {r.mode}: "
+              + ", ".join(f"{b} {c.interruption_ms:.0f} ms" for b, c in r.cells.items()))
     assert not bad, [(i, r.conn, r.mode, {b: (c.verdict, c.reason) for b, c in r.cells.items()}) for i, _, r in bad]

@@ -231,3 +231,18 @@ def test_pcap_option_writes_the_simulated_packets(tmp_path, capsys):
         assert len(pkts) > 100
         assert all(p.family == 4 for p in pkts)
     assert "packets of mode nat written" in capsys.readouterr().err
+
+
+def test_against_a_lab_the_simulator_plays_the_labs_network():
+    """``--compare`` with a lab backend: the simulator's links take the lab's 0.1 ms and lose nothing (the
+    lab reproduces neither latency nor loss, and Linux's RTO follows the RTT); nothing else changes."""
+    from tools.compare import LAB_LATENCY, as_the_lab_plays
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "scenarios", "outage_near_give_up_link_down.toml")) as f:
+        sc = parse_scenario(f.read(), "x.toml")
+    lab = as_the_lab_plays(sc)
+    assert {s.latency for s in lab.sites} | {p.latency for p in lab.peers} == {LAB_LATENCY}
+    assert not any(s.loss for s in lab.sites) and not any(p.loss for p in lab.peers)
+    assert [s.name for s in lab.sites] == [s.name for s in sc.sites] and lab.connections == sc.connections
+    assert lab.migrations == sc.migrations and lab.vm == sc.vm
+    assert {s.latency for s in sc.sites} != {LAB_LATENCY}  # the scenario itself is untouched

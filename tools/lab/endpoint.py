@@ -19,6 +19,7 @@ import errno
 import heapq
 import json
 import os
+import select
 import selectors
 import socket
 import struct
@@ -43,13 +44,25 @@ UNREACHABLE_ERRORS = {"EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL", "ENONET"}
 #: A tick this late (a frozen process thawed) re-arms from when it ran, as the simulator's deferred tick
 #: does; an on-time one from when it was due, so that ticks do not drift from the simulator's.
 SLIP = 0.02
+#: A move's barrier runs this long before the move's instant (before any tick due at it), and holds at most
+#: HOLD_MAX seconds for the driver's ``go``.
+BARRIER_BEFORE, HOLD_MAX = 1e-6, 2.0
 
 
-class _Ticking:
-    """A client's tick times: every ``interval`` from its start, on the scenario's clock."""
+class _Client:
+    """What a TCP and a UDP client share: the one client schedule (``sim.schedule``; UDP gives up on it,
+    TCP on its socket), the request and response sizes, and the tick times: every ``interval`` from the
+    start, on the scenario's clock."""
 
-    due = 0.0
-    interval = 1.0
+    def __init__(self, ep: "_Endpoint", c: dict, udp: bool, header: int) -> None:
+        self.ep, self.idx = ep, c["idx"]
+        self.interval, self.timeout = c["interval"], c["timeout"]
+        self.due = c.get("start", ep.now())
+        # the last migration's arrival ("settle"): be answered after it before stopping
+        self.schedule = Schedule(udp, self.interval, self.timeout, c["end"], c.get("settle"))
+        self.request = max(c["request"], header)
+        self.response = c["response"]
+        self.local = ""
 
     def next_due(self, now: float) -> float:
         self.due = (self.due if now - self.due < SLIP else now) + self.interval
@@ -75,6 +88,8 @@ class _Endpoint:
         self.timers: list = []
         self.seq = 0
         self.quit = False
+        self.held = False
+        self._stdin = -1
 
     # -- plumbing -----------------------------------------------------------------
     def now(self) -> float:
@@ -92,6 +107,7 @@ class _Endpoint:
     def run(self) -> None:
         stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
         os.set_blocking(stdin.fileno(), False)
+        self._stdin = stdin.fileno()
         self.sel.register(stdin.fileno(), selectors.EVENT_READ, self._commands)
         self._inbuf = b""
         while not self.quit and time.monotonic() < self.deadline:
@@ -103,6 +119,21 @@ class _Endpoint:
             wait = min(0.5, max(0.0, (self.timers[0][0] - now) if self.timers else 0.5))
             for key, mask in self.sel.select(wait):
                 key.data(key.fileobj, mask)
+
+    def _barrier(self, at: float) -> None:
+        """A move's instant on this endpoint's own clock, however late a busy machine runs it: say so and
+        wait for the driver's ``go`` (the VM's link cut meanwhile), then run what is due at ``at`` and say
+        ``synced`` (the driver freezes the VM after that).  So what was due at the move goes out after the
+        cut and before the pause, as in the simulator, whatever the load."""
+        self.emit(ev="barrier", at=at)
+        self.held = True
+        fd = self._stdin
+        limit = time.monotonic() + HOLD_MAX
+        while self.held and not self.quit and time.monotonic() < limit:
+            if select.select([fd], [], [], 0.05)[0]:
+                self._commands(fd, None)
+        self.held = False
+        self.at(at, lambda: self.emit(ev="synced", at=at))
 
     def _commands(self, fd, mask) -> None:
         try:
@@ -124,6 +155,10 @@ class _Endpoint:
             self.quit = True
         elif op == "clock":  # time zero of the scenario (a monotonic instant shared by the machine)
             self.t0 = c["t0"]
+        elif op == "barrier":  # a move at ``at``: hold there until the driver has cut the link
+            self.at(c["at"] - BARRIER_BEFORE, lambda: self._barrier(c["at"]))
+        elif op == "go":
+            self.held = False
         elif op == "tcp_listen":
             _TcpServer(self, c)
         elif op == "udp_listen":
@@ -171,22 +206,30 @@ def _drain_errqueue(sock) -> None:
             break
 
 
+def _tcp_recv(ep, sock, idx, side: str) -> bytes | int | None:
+    """recv() on a TCP socket: the bytes (b"" at EOF); None when there is nothing to read or the error is an
+    ICMP report the connection lives on (logged as an ``error`` line); the errno that ended the connection."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in SOFT_ERRORS and not _tcp_dead(sock):
+            _drain_errqueue(sock)
+            ep.emit(ev="error", idx=idx, side=side, err=_errname(exc.errno))
+            return None
+        return exc.errno
+
+
 #: The schedule's view of a TCP client's state.
 _TCP_TRANSPORT = {"connecting": Transport.CONNECTING, "up": Transport.UP, "broken": Transport.BROKEN}
 
 
-class _TcpClient(_Ticking):
+class _TcpClient(_Client):
     def __init__(self, ep: _Endpoint, c: dict) -> None:
-        self.ep, self.idx = ep, c["idx"]
-        self.interval, self.timeout = c["interval"], c["timeout"]
-        self.due = c.get("start", ep.now())
-        # the last migration's arrival ("settle"): be answered after it before stopping
-        self.schedule = Schedule(False, self.interval, self.timeout, c["end"], c.get("settle"))
-        self.request = max(c["request"], _REQ.size)
-        self.response = c["response"]
+        super().__init__(ep, c, False, _REQ.size)
         self.state = "connecting"
         self.got = 0
-        self.local = ""
         self.done = False
         s = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,16 +272,11 @@ class _TcpClient(_Ticking):
             self.ep.emit(ev="established", idx=self.idx, side="client", local=list(sock.getsockname()),
                          remote=list(peer))
             return
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
+        data = _tcp_recv(self.ep, sock, self.idx, "client")
+        if data is None:
             return
-        except OSError as exc:
-            if exc.errno in SOFT_ERRORS and not _tcp_dead(sock):
-                _drain_errqueue(sock)
-                self.ep.emit(ev="error", idx=self.idx, side="client", err=_errname(exc.errno))
-                return
-            self.broken(exc.errno)
+        if isinstance(data, int):
+            self.broken(data)
             return
         if not data:
             self.broken("EOF")
@@ -307,16 +345,11 @@ class _TcpServer:
         self.ep.sel.register(conn, selectors.EVENT_READ, lambda s, m: self.io(s, st))
 
     def io(self, conn, st) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
+        data = _tcp_recv(self.ep, conn, st["idx"], "server")
+        if data is None:
             return
-        except OSError as exc:
-            if exc.errno in SOFT_ERRORS and not _tcp_dead(conn):
-                _drain_errqueue(conn)
-                self.ep.emit(ev="error", idx=st["idx"], side="server", err=_errname(exc.errno))
-                return
-            self.close(conn, st, _errname(exc.errno))
+        if isinstance(data, int):
+            self.close(conn, st, _errname(data))
             return
         if not data:
             self.close(conn, st, "EOF")
@@ -348,18 +381,12 @@ class _TcpServer:
         conn.close()
 
 
-class _UdpClient(_Ticking):
+class _UdpClient(_Client):
     def __init__(self, ep: _Endpoint, c: dict) -> None:
-        self.ep, self.idx = ep, c["idx"]
-        self.interval, self.timeout = c["interval"], c["timeout"]
-        self.due = c.get("start", ep.now())
-        self.schedule = Schedule(True, self.interval, self.timeout, c["end"], c.get("settle"))
-        self.request = max(c["request"], _DGRAM.size)
-        self.response = c["response"]
+        super().__init__(ep, c, True, _DGRAM.size)
         self.sent = 0
         self.established = False
         self.state = "up"
-        self.local = ""
         s = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)  # ICMP errors are observations

@@ -40,10 +40,12 @@ from .play import (Collector, EndpointProc, finish, horizon, loss_warning, open_
 from .vmlink import netns_topology
 
 LATE = 0.25  # seconds a resume may come after its time before the report warns
-#: The switch cuts the VM off this long before a move's time (what was under way at the move is lost, as
-#: in the simulator, whose links take milliseconds) and its processes freeze this long after it (what was
-#: due at the move ran: the simulator's ``Stack.holds``).
-CUT_EARLY, FREEZE_LATE = 0.002, 0.005
+#: A move, ordered by the VM endpoint itself (a busy machine runs the driver and the endpoint late, each
+#: by its own amount): the driver sends a barrier BARRIER_EARLY before the move; at the move's instant on
+#: its clock the endpoint stops and says so; the switch cuts the VM off and the endpoint goes on; once it
+#: has run what was due at the move (the simulator's ``Stack.holds``: that ran, and was lost) it says
+#: ``synced`` and the VM is frozen.  CUT_EARLY, FREEZE_LATE: when the driver starts waiting for each.
+BARRIER_EARLY, CUT_EARLY, FREEZE_LATE = 0.2, 0.002, 0.001
 
 
 def run_mode_netns(sc, mode: str, progress: Callable[[float], None] | None = None,
@@ -101,6 +103,7 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
     for i, c in enumerate(sc.connections):
         plan.append((c.start, 1, "start", i))
     for m in sc.migrations:
+        plan.append((m.at - BARRIER_EARLY, 0, "barrier", m))
         plan.append((m.at - CUT_EARLY, 0, "cut", m))
         plan.append((m.at + FREEZE_LATE, 0, "leave", m))
         plan.append((m.at + m.downtime, 0, "arrive", m))
@@ -114,9 +117,16 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
             pi += 1
             if what == "start":
                 start_connection(sc, drv, procs, arg)
+            elif what == "barrier":
+                procs["vm"].send(op="barrier", at=arg.at)
             elif what == "cut":
+                if not col.wait_mark(procs["vm"], "barrier", arg.at):
+                    warnings.append(f"the VM's endpoint did not stop at the move at {arg.at:g} s")
                 topo.cut()
+                procs["vm"].send(op="go")
             elif what == "leave":  # the VM pauses; its destination is readied meanwhile
+                if not col.wait_mark(procs["vm"], "synced", arg.at):
+                    warnings.append(f"the VM's endpoint did not run what was due at the move at {arg.at:g} s")
                 topo.pause([procs["vm"].p.pid])
                 drv.detach()
                 if getattr(drv, "carry_state", False):

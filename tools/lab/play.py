@@ -142,10 +142,14 @@ class Collector:
         self.n = n
         self.events: list[dict] = []
         self.status: dict[int, str] = {}
+        self.marks: set[tuple[str, float]] = set()  # the VM endpoint's ("barrier" | "synced", move time)
 
     def pump(self, procs) -> None:
         for p in procs:
             for ev in p.pump():
+                if ev["ev"] in ("barrier", "synced"):  # the driver's, not the judge's
+                    self.marks.add((ev["ev"], ev["at"]))
+                    continue
                 self.events.append(ev)
                 if ev.get("idx") is not None and ev["ev"] in ("broken", "done"):
                     if ev["ev"] == "broken" or ev["idx"] not in self.status:
@@ -153,6 +157,17 @@ class Collector:
 
     def all_ended(self) -> bool:
         return len(self.status) >= self.n
+
+    def wait_mark(self, vm: "EndpointProc", mark: str, at: float, timeout: float = 2.0) -> bool:
+        """Wait (bounded) for the VM endpoint's ``mark`` of the move at ``at``; False if it never came."""
+        end = time.monotonic() + timeout
+        while (mark, at) not in self.marks:
+            if time.monotonic() > end or vm.p.poll() is not None:
+                return False
+            self.pump([vm])
+            if (mark, at) not in self.marks:
+                time.sleep(0.0005)
+        return True
 
 
 def finish(procs: dict, peers: dict, col: Collector, logdir: str | None, extra=None) -> None:
