@@ -189,7 +189,7 @@ class NeighParams:
 
 #: Linux's defaults (a fresh machine; the VM's and the peers' own stacks).
 LINUX_NEIGH = NeighParams()
-#: The lab's routers (``tools.topology.INET_NEIGH``): a vanished neighbour is given up within
+#: The lab's routers (``tools.lab.topology.INET_NEIGH``): a vanished neighbour is given up within
 #: about two seconds.  The simulator's site gateways use the same, so both backends' routers
 #: answer a machine that left with ICMP host unreachable at the same pace.
 ROUTER_NEIGH = NeighParams(reachable=1.0, delay_first_probe=1.0, retrans=0.25)

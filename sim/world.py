@@ -263,7 +263,7 @@ class Network:
 
     def _icmp(self, site: Site, data: bytes, tag: int, code: int) -> None:
         """The gateway of ``site`` answers ``data`` with ICMP destination unreachable (the lab's routers have
-        no ICMP rate limit: ``tools.topology.INET_SYSCTL``)."""
+        no ICMP rate limit: ``tools.lab.topology.INET_SYSCTL``)."""
         msg = icmp_unreachable(site.gateway, data, code)
         if msg is not None:
             self.send(msg, -1, site)  # its own packet: its fate is no connection's loss

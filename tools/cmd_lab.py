@@ -90,8 +90,8 @@ def _needs_root() -> int | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .netlab import Lab, LabError, list_lab_namespaces
-    from .topology import LAB_PREFIX, TopologyError, build, default_layout, keep
+    from .lab.netlab import Lab, LabError, list_lab_namespaces
+    from .lab.topology import LAB_PREFIX, TopologyError, build, default_layout, keep
 
     if (code := _needs_root()) is not None:
         return code
@@ -181,8 +181,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from .netlab import list_lab_namespaces
-    from .topology import LAB_PREFIX, remove_namespaces
+    from .lab.netlab import list_lab_namespaces
+    from .lab.topology import LAB_PREFIX, remove_namespaces
 
     if (code := _needs_root()) is not None:
         return code
@@ -230,8 +230,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .netlab import list_lab_namespaces
-    from .topology import LAB_PREFIX
+    from .lab.netlab import list_lab_namespaces
+    from .lab.topology import LAB_PREFIX
 
     states = _states(args.state_dir)
     live = set(list_lab_namespaces(LAB_PREFIX))

@@ -1,4 +1,4 @@
-"""Real-kernel tests: every test here runs in namespaces made by tools.netlab.
+"""Real-kernel tests: every test here runs in namespaces made by tools.lab.netlab.
 
 The ``lab`` fixture is the only way a test gets namespaces, so cleanup happens
 in one place whether the test passes, fails or errors.  Tests in this directory
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools import netlab
+from tools.lab import netlab
 
 _probe_result: list[str | None] = []
 

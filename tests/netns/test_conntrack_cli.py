@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from tools import netlab
+from tools.lab import netlab
 
 from .test_kernel_conntrack import (
     C4, C6, CLASSES, S4, S6, build, start_capture, tcp_fin, tcp_rst, udp_exchange, udp_refused, wait_for_marker,

@@ -1,6 +1,6 @@
 """Our tracker against the Linux kernel's own conntrack, on the same real packets.
 
-Topology (all in namespaces made by tools.netlab; nothing in the root namespace)::
+Topology (all in namespaces made by tools.lab.netlab; nothing in the root namespace)::
 
     client 198.18.0.2/24      router 198.18.0.1 | 203.0.113.1      server 203.0.113.2/24
            2001:db8:18::2/64         2001:db8:18::1 | 2001:db8:113::1     2001:db8:113::2/64
@@ -77,7 +77,7 @@ from conntrack.pcap import read_pcap, record_packet
 from conntrack.table import Conn, ConnTable
 from conntrack.tcp_states import Direction, TcpState, classify, next_state
 from conntrack.timeouts import Timeouts
-from tools import netlab
+from tools.lab import netlab
 
 pytestmark = pytest.mark.netns
 

@@ -17,8 +17,8 @@ import os
 import pytest
 
 from sim.scenario import PeerSpec, SiteSpec
-from tools import netlab
-from tools.topology import (LAB_PREFIX, VM_LINK, TopologyError, build, default_layout, remove_namespaces)
+from tools.lab import netlab
+from tools.lab.topology import (LAB_PREFIX, VM_LINK, TopologyError, build, default_layout, remove_namespaces)
 
 pytestmark = pytest.mark.netns
 

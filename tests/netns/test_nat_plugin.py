@@ -1,6 +1,6 @@
 """`roam nat` on real packets: VM namespace -> host namespace running the plugin -> internet.
 
-Topology (all inside namespaces made by tools.netlab):
+Topology (all inside namespaces made by tools.lab.netlab):
 
     vm  [vm0 198.18.0.2/24] -- [hv0 198.18.0.1/24] host [ext0 203.0.113.1/24] -- [inet0 203.0.113.2/24] inet
 

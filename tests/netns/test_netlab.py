@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tools import netlab
+from tools.lab import netlab
 
 
 def _present(names):

@@ -1,6 +1,6 @@
 """The layer-2 tunnel on the real kernel: a VM keeps its home address across a migration.
 
-Lab (every namespace made by tools.netlab, removed also on failure)::
+Lab (every namespace made by tools.lab.netlab, removed also on failure)::
 
     peer (198.18.0.10) --- [br0 198.18.0.1 + proxy TAP] home 192.0.2.1 --- inet --- 198.51.100.1 hosta [brvm + host TAP]
                                                                               \\-- 203.0.113.1  hostb [brvm + host TAP]
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tunnel import AeadCipher, HostEnd
-from tools.topology import (
+from tools.lab.topology import (
     TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
 )
 from tunnel.crypto import Key, seal_parts

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.netns,
 @pytest.fixture
 def lab():
     from tests.netns.conftest import _why_not
-    from tools import netlab
+    from tools.lab import netlab
 
     why = _why_not()
     if why:

@@ -1,4 +1,4 @@
-"""Real-guest tests: QEMU guests in namespaces made by tools.netlab, live-migrated by QEMU.
+"""Real-guest tests: QEMU guests in namespaces made by tools.lab.netlab, live-migrated by QEMU.
 
 Those that boot guests (the ``vmlab`` fixture) are marked ``vm`` (and ``netns``: they need root and namespaces too); ``-m "not vm"``
 deselects them.  They skip, with the reason, only where no guest can run: not root,
@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tools import netlab
+from tools.lab import netlab
 
 _why: list[str | None] = []
 _image: list = []

@@ -195,7 +195,7 @@ def _conn_rate(lab, vm, port: int, seconds: float) -> float:
 
 
 def bench_lab(seconds: float) -> list[list]:
-    from tools.netlab import Lab, probe
+    from tools.lab.netlab import Lab, probe
 
     why = probe()
     if why:

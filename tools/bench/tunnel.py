@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 from tools.bench.table import render
-from tools.topology import (
+from tools.lab.topology import (
     TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
 )
 
@@ -92,7 +92,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from tools.netlab import Lab, probe
+    from tools.lab.netlab import Lab, probe
 
     why = probe()
     if why:

@@ -30,7 +30,7 @@ import time
 
 from conntrack import Proto
 
-from ..topology import host_only_side
+from .topology import host_only_side
 
 
 class ModeUnavailable(RuntimeError):

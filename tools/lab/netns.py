@@ -3,7 +3,7 @@
     from tools.lab.netns import run_netns
     report = run_netns(scenario, ("bridged", "tunnel"), progress, parallel=True)   # same Report as sim.run.replay
 
-For each mode a fresh lab is built from the scenario (:mod:`tools.topology`): the
+For each mode a fresh lab is built from the scenario (:mod:`tools.lab.topology`): the
 internet, the sites and their hosts, the peers and the VM.  Endpoints are small
 socket programs (:mod:`tools.lab.endpoint`) started with ``lab.popen`` in the VM's
 and each peer's namespace.  This driver tells them, on their stdin and at the
@@ -31,8 +31,8 @@ from typing import Callable
 
 from sim.results import ModeRun
 
-from ..netlab import Lab, LabError
-from ..topology import TopologyError
+from .netlab import Lab, LabError
+from .topology import TopologyError
 from .attach import DRIVERS, NOT_YET, ModeUnavailable
 from .logs import collect_drops, verdicts
 from .play import (Collector, EndpointProc, finish, horizon, loss_warning, open_servers, router_packets,

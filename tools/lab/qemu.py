@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from tools.netlab import Lab
+from tools.lab.netlab import Lab
 
 from .guest import CTL_PORT, READY, GuestImage
 from .qmp import Qmp, QmpError

@@ -3,7 +3,7 @@
     from tools.lab.qemu_play import run_qemu
     report = run_qemu(scenario, ("bridged", "tunnel"), progress)   # the Report of sim.run.replay
 
-The netns backend's lab (:mod:`tools.topology`: internet, sites, hosts, peers), its
+The netns backend's lab (:mod:`tools.lab.topology`: internet, sites, hosts, peers), its
 peers' endpoint programs (:mod:`tools.lab.endpoint`) and its mode drivers
 (:mod:`tools.lab.attach`: the real ``roam nat`` and ``roam tunnel``), with a real
 Linux guest (:mod:`tools.lab.guest`) instead of a namespace playing the VM:
@@ -40,8 +40,8 @@ from typing import Callable
 from sim.judge import Move
 from sim.results import ModeRun, Report
 
-from ..netlab import Lab, LabError
-from ..topology import TopologyError, _allowed, build, vm_addresses
+from .netlab import Lab, LabError
+from .topology import TopologyError, _allowed, build, vm_addresses
 from .attach import DRIVERS, ModeUnavailable
 from .guest_vm import GuestVm
 from .logs import collect_drops, verdicts

@@ -25,7 +25,7 @@ import os
 import signal
 import time
 
-from ..topology import VM_IF, Topology, TopologyError
+from .topology import VM_IF, Topology, TopologyError
 
 HOST_LINK = "vm0"  # the host end of the VM's link, on every host
 #: One MAC for the host end on every host (a moved veth carried its MAC; a NAT or host-only gateway with
@@ -129,10 +129,10 @@ class NetnsTopology(SwitchedTopology):
 
 
 def netns_topology(lab, sc) -> NetnsTopology:
-    """The scenario's lab (:func:`tools.topology.build`) with the VM behind a switch and a host end on every host."""
+    """The scenario's lab (:func:`tools.lab.topology.build`) with the VM behind a switch and a host end on every host."""
     from dataclasses import fields
 
-    from ..topology import build
+    from .topology import build
 
     base = build(lab, sc.sites, sc.hosts, sc.peers)
     topo = NetnsTopology(**{f.name: getattr(base, f.name) for f in fields(base)})

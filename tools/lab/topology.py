@@ -1,6 +1,6 @@
 """The lab topology: sites, hosts, peers, an internet and a VM, as network namespaces.
 
-Built on :mod:`tools.netlab` (which owns every lab rule: naming, nothing in the root
+Built on :mod:`tools.lab.netlab` (which owns every lab rule: naming, nothing in the root
 namespace, cleanup).  One namespace per role::
 
     inet        the internet core and every site's gateway router: one bridge per site
