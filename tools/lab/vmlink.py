@@ -194,14 +194,18 @@ class Freezer:
         with open(os.path.join(self.dir, name), "w") as f:
             f.write(value)
 
+    def _signal(self, sig: int) -> None:
+        """Without a cgroup freezer: stop or continue each process (one already gone is skipped)."""
+        for p in self.pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+
     def freeze(self, pids: list[int], wait: float = 1.0) -> None:
         self.pids = [p for p in pids if p]
         if self.dir is None:
-            for p in self.pids:
-                try:
-                    os.kill(p, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
+            self._signal(signal.SIGSTOP)
             return
         for p in self.pids:
             try:
@@ -218,11 +222,7 @@ class Freezer:
 
     def thaw(self) -> None:
         if self.dir is None:
-            for p in self.pids:
-                try:
-                    os.kill(p, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            self._signal(signal.SIGCONT)
             return
         self._write("cgroup.freeze", "0")
 
