@@ -98,15 +98,28 @@ class Offloader:
         d = offload.decision(c)
         if d is None:
             return True  # nothing to translate: the kernel tracks it as its own
+        # the engine's TCP state (same numbering as the kernel's): a flow first seen mid-stream
+        # (a migrated VM, a restart) is ESTABLISHED, and its next segment must not be INVALID
+        state = c.state if d.proto == 6 and 0 < c.state <= 9 else 0
         err = self.ct.create(Tuple(d.proto, d.src, d.dst, d.sport, d.dport),
                              offload.initial_timeout(self.cfg, d.proto), MARK,
-                             snat=d.snat, dnat=d.dnat)
-        if err == errno.EEXIST:  # an older entry for the tuple (a reopened connection): replace it
+                             snat=d.snat, dnat=d.dnat, tcp_state=state)
+        if err == errno.EEXIST:  # an older entry for the tuple: replace it (the kernel's own, made
+            # for this flow's first packet queued after conntrack; ours of a reopened connection)
             log.debug("conntrack entry exists, replaced: %s", d)
-            if self.ct.delete(Tuple(d.proto, d.src, d.dst, d.sport, d.dport)) == 0:
-                self._replaced[ok] = self._replaced.get(ok, 0) + 1
+            t = Tuple(d.proto, d.src, d.dst, d.sport, d.dport)
+            old = self.ct.get(t)
+            if self.ct.delete(t) == 0 and (old is None or old.mark & MARK):
+                self._replaced[ok] = self._replaced.get(ok, 0) + 1  # ours: its DESTROY is no news
+            if d.proto != 1:  # and the kernel's own (unmarked) of a reply that came before ours
+                (rdst, rdport), (rsrc, rsport) = d.snat or (d.src, d.sport), d.dnat or (d.dst, d.dport)
+                t = Tuple(d.proto, rsrc, rdst, rsport, rdport)
+                old = self.ct.get(t)
+                if old is not None and not old.mark & MARK:
+                    self.ct.delete(t)
             err = self.ct.create(Tuple(d.proto, d.src, d.dst, d.sport, d.dport),
-                                 offload.initial_timeout(self.cfg, d.proto), MARK, snat=d.snat, dnat=d.dnat)
+                                 offload.initial_timeout(self.cfg, d.proto), MARK, snat=d.snat, dnat=d.dnat,
+                                 tcp_state=state)
         if err:
             self.counters["offload_failed"] += 1
             if self.counters["offload_failed"] & (self.counters["offload_failed"] - 1) == 0:

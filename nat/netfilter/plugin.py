@@ -107,6 +107,7 @@ class Plugin:
         self._lock = threading.Lock()
         self._stop_packets = False
         self._packet_error: OSError | None = None
+        self._deferred: list = []  # (offload) TCP packets whose flow's entry goes in after their verdicts
 
     # -- packets -----------------------------------------------------------------
     def _answer(self, hook: int, indev: int, outdev: int, data: bytes, info: int,
@@ -141,8 +142,15 @@ class Plugin:
             if self.offloader is not None and a.reason in _DECIDED and not (hook != HOOK_PREROUTING
                                                                             and outdev != self.ext_index):
                 # its entry, so its later packets stay in the kernel (this one's connection
-                # is the kernel's own: translated here, as without offload)
-                self.offloader.install(data, self.clock())
+                # is the kernel's own: translated here, as without offload).  TCP: once this
+                # one's verdict is out (:meth:`_install_deferred`): the packet holds the
+                # kernel's own new, unconfirmed entry, an entry of ours made now would clash
+                # with it at confirmation, and TCP (unlike UDP, ICMP) drops a clashing packet:
+                # a mid-stream first packet (a migrated VM, a restart) was lost.
+                if data[9] == 6:
+                    self._deferred.append(data)
+                else:
+                    self.offloader.install(data, self.clock())
             out = a.data
             if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9] == 6):
                 # CSUMNOTREADY: the field held the pseudo-header sum only; GSO: the field
@@ -188,6 +196,17 @@ class Plugin:
         if a.reason in _DECIDED and not self.offloader.install(data, now):
             return None
         return data
+
+    def _install_deferred(self) -> None:
+        """The entries of TCP flows decided after conntrack, now that their packets' verdicts
+        are out (offload always uses our own queue client): reinjection ran the rest of the
+        hooks, so the kernel's own entry for each is confirmed, and the install replaces it
+        (EEXIST) rather than clashing with it."""
+        if self._deferred:
+            now = self.clock()
+            for data in self._deferred:
+                self.offloader.install(data, now)
+            self._deferred.clear()
 
     def _on_packet(self, p) -> None:
         """NetfilterQueue's callback (in the packet thread)."""
@@ -263,6 +282,7 @@ class Plugin:
                             self._gso_verdict(q, p)
                     finally:
                         q.flush()
+                        self._install_deferred()
                     self.engine.counters["queue_overruns"] = q.overruns
             except OSError as exc:
                 self._fail(exc, wsig)

@@ -20,7 +20,7 @@ import pytest
 
 from conntrack.pcap import read_pcap, record_packet
 
-from .test_nat_plugin import EXT, INTERNAL, PEER, VM, Site, _captured_records, _wait
+from .test_nat_plugin import EXT, INTERNAL, PEER, RULES_OFFLOAD, VM, Site, _captured_records, _wait
 
 MARK = "mark=536870912"  # roam's conntrack mark bit (0x20000000)
 PEER2 = "203.0.113.3"
@@ -497,4 +497,54 @@ def test_an_address_changed_while_down_leaves_no_entry_on_the_old_one(site):
     uc.sendto(b"2", (PEER, 5303))
     assert us.recvfrom(10)[1] == ("203.0.113.5", 45000)
     for s in (us, uc):
+        s.close()
+
+
+def _total_retrans(s: socket.socket) -> int:
+    """tcp_info.tcpi_total_retrans: the segments this socket sent again."""
+    import struct
+
+    return struct.unpack_from("=I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
+
+
+def test_the_first_mid_stream_packet_of_a_connection_the_kernel_never_saw_goes_out(lab, tmp_path):
+    """A migrated VM: an established TCP connection whose next packet reaches a freshly started
+    roam nat with no conntrack entry for it (made with --no-offload, then the host's table
+    flushed).  That first mid-stream packet is queued after conntrack, which made an entry for
+    it: roam's offloaded entry must not clash with it (the kernel dropped the packet). It goes
+    out translated, at once (no retransmission), and the flow is offloaded after it."""
+    site = Site(lab, tmp_path, offload=False)
+    site.start()
+    srv = site.sock(site.inet)
+    srv.bind((PEER, 7300))
+    srv.listen()
+    c = site.sock(site.vm)
+    c.bind((VM, 43210))
+    c.connect((PEER, 7300))
+    conn, _ = srv.accept()
+    c.sendall(b"before")
+    assert conn.recv(10) == b"before"
+    lab.stop(site.proc)  # a clean stop: the snapshot holds the flow (the new host's state, migrated)
+    lab.run(site.host, ["conntrack", "-F"], check=False)  # the kernel never saw the connection
+    assert not [l for l in _entries(site) if "dport=7300" in l]
+    site.offload, site.rule_count = True, RULES_OFFLOAD
+    pcap = os.path.join(site.dir, "mid.pcap")
+    dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "tcp", "port", "7300"])
+    site.start()
+    retrans = _total_retrans(c)
+    c.sendall(b"first")
+    conn.settimeout(10)
+    assert conn.recv(10) == b"first"
+    c.sendall(b"second")
+    assert conn.recv(10) == b"second"
+    _wait(lambda: any(p is not None and p.payload_len == 6 for p in map(record_packet, _captured_records(pcap))),
+          5, "the second segment in the capture")
+    lab.stop_tcpdump(dump)
+    data = [p for p in map(record_packet, _captured_records(pcap)) if p is not None and p.payload_len]
+    assert [(p.src, p.sport, p.payload_len) for p in data] == [(socket.inet_aton(EXT), 43210, 5),
+                                                              (socket.inet_aton(EXT), 43210, 6)], data
+    assert _total_retrans(c) == retrans  # the first one went out: nothing was sent twice
+    line = next(l for l in _entries(site, "-p", "tcp") if "dport=7300" in l)
+    assert MARK in line and f"src={PEER} dst={EXT} sport=7300 dport=43210" in line, line  # offloaded after it
+    for s in (srv, conn, c):
         s.close()

@@ -209,3 +209,47 @@ def test_reconciliation_holds_ends_and_adopts():
         e4.process(p, Side.INTERNAL, 0.0)
     e4.expire(400.0)
     assert len(e4.table) == 0
+
+
+class KernelCt(FakeCt):
+    """FakeCt with the kernel's clash rule: no two entries share a tuple (either direction)."""
+
+    def _holder(self, t):
+        return next((k for k, v in self.entries.items() if t in (v.original, v.reply)), None)
+
+    def create(self, original, timeout, mark, snat=None, dnat=None, tcp_state=0, **kw):
+        src, sport = snat or (original.src, original.sport)
+        dst, dport = dnat or (original.dst, original.dport)
+        reply = ctnetlink.inverse(Tuple(original.proto, src, dst, sport, dport))
+        if self._holder(original) or self._holder(reply):
+            return 17  # EEXIST
+        self.entries[original] = KEntry(original, reply, mark, 1, 0, 0x8, tcp_state)
+        return 0
+
+    def get(self, t):
+        k = self._holder(t)
+        return self.entries[k] if k else None
+
+    def delete(self, t):
+        self.deleted.append(t)
+        k = self._holder(t)
+        return 0 if k and self.entries.pop(k) else 2
+
+
+def test_a_flow_first_seen_mid_stream_replaces_the_kernels_own_entries_established():
+    """A migrated VM's connection: its first packet here is mid-stream, so the kernel made its
+    own (unNATed) entries, for it and for a reply that came before roam's: both give way, and
+    roam's entry is ESTABLISHED (as SYN_SENT its next segment would be INVALID)."""
+    e = engine()
+    off = _offloader(e)
+    off.ct = off.ct_dump = KernelCt()
+    p = tcp(VM, PEER, 43210, 7300, flags="A", payload=b"first")
+    a = e.process(p, Side.INTERNAL, 0.0)
+    assert a.action == Action.ACCEPT
+    out, back = Tuple(6, ip(VM), ip(PEER), 43210, 7300), Tuple(6, ip(PEER), ip(EXT), 7300, 43210)
+    off.ct.create(out, 60, 0)  # the kernel's own, for the forwarded packet
+    off.ct.create(back, 60, 0)  # ... and for the peer's answer, queued before roam's entry existed
+    assert off.install(p, 0.0) and off.counters["offloaded"] == 1
+    mine = off.ct.entries[out]
+    assert mine.mark == 0x20000000 and mine.reply == back and mine.tcp_state == 3
+    assert list(off.ct.entries) == [out] and not off._replaced  # their DESTROY events are not roam's
