@@ -16,6 +16,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+from .netlink import attr as _attr, nest as _nest, parse_attrs
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 MSG_NEW, MSG_GET, MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | 0, (NFNL_SUBSYS_CTNETLINK << 8) | 1, \
@@ -23,7 +25,6 @@ MSG_NEW, MSG_GET, MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | 0, (NFNL_SUBSYS_CT
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 1, 2, 4, 0x200, 0x400
 NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
 NFNLGRP_CONNTRACK_DESTROY = 3
 # enum ctattr_type
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_NAT_SRC, CTA_TIMEOUT, CTA_MARK = 1, 2, 3, 4, 6, 7, 8
@@ -43,7 +44,6 @@ TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_ESTABLISHED = 1, 3
 
 _NLH = struct.Struct("=IHHII")
 _NFG = struct.Struct("!BBH")
-_NLA = struct.Struct("=HH")
 
 
 class Tuple(NamedTuple):
@@ -77,15 +77,6 @@ def inverse(t: Tuple) -> Tuple:
     return Tuple(t.proto, t.dst, t.src, t.dport, t.sport)
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    n = _NLA.size + len(data)
-    return _NLA.pack(n, kind) + data + b"\0" * (-n & 3)
-
-
-def _nest(kind: int, *parts: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
 def _tuple(kind: int, t: Tuple) -> bytes:
     if t.proto == 1:
         proto = (_attr(CTA_PROTO_NUM, bytes([1])) + _attr(CTA_PROTO_ICMP_ID, struct.pack("!H", t.sport))
@@ -104,15 +95,8 @@ def _nat(kind: int, ip: bytes, port: int) -> bytes:
 
 
 def _attrs(buf, start: int, end: int) -> dict:
-    out = {}
-    off = start
-    while off + 4 <= end:
-        n, kind = _NLA.unpack_from(buf, off)
-        if n < 4 or off + n > end:
-            break
-        out[kind & 0x3FFF] = (off + 4, off + n)
-        off += (n + 3) & ~3
-    return out
+    """Attributes as {type: (start, end)}, the spans the parsers below nest into."""
+    return {k: (o, o + n) for k, (o, n) in parse_attrs(buf, start, end).items()}
 
 
 def _parse_tuple(buf, span) -> Tuple | None:

@@ -17,6 +17,9 @@ import errno
 import socket
 import struct
 
+from .netlink import NLA_TYPE_MASK, parse_attrs  # noqa: F401 (both part of this module's API)
+from .netlink import attr as _attr
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET = 0
@@ -28,7 +31,6 @@ MSG_CONFIG = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG
 
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 1, 4
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 # enum nfqnl_attr_type
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK = 1, 2, 3
@@ -63,24 +65,6 @@ class QueuedPacket:
                  mark: int = 0) -> None:
         self.id, self.hook, self.indev, self.outdev = pid, hook, indev, outdev
         self.payload, self.skbinfo, self.mark = payload, skbinfo, mark
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    n = _NLA.size + len(data)
-    return _NLA.pack(n, kind) + data + b"\0" * (-n & 3)
-
-
-def parse_attrs(buf, start: int, end: int) -> dict:
-    """Netlink attributes in ``buf[start:end]`` as {type: (offset, length)}."""
-    out = {}
-    off = start
-    while off + 4 <= end:
-        n, kind = _NLA.unpack_from(buf, off)
-        if n < 4 or off + n > end:
-            break
-        out[kind & NLA_TYPE_MASK] = (off + 4, n - 4)
-        off += (n + 3) & ~3
-    return out
 
 
 class NfQueue:
