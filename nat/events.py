@@ -51,6 +51,12 @@ class MappingFreed:
         return f"mapping freed: {_endpoints(self.mapping)}"
 
 
+def _sparse(n: int) -> int:
+    """WARNING for the 1st, 2nd, 4th, 8th... of a recurring event, DEBUG between: a log line
+    without a flood."""
+    return WARNING if n & (n - 1) == 0 else DEBUG
+
+
 @dataclass(frozen=True, slots=True)
 class PoolFull:
     """A new flow was dropped: no free external port of its class.  ``dropped`` counts such
@@ -63,8 +69,7 @@ class PoolFull:
 
     @property
     def level(self) -> int:
-        n = self.dropped
-        return WARNING if n & (n - 1) == 0 else DEBUG
+        return _sparse(self.dropped)
 
     def __str__(self) -> str:
         return (f"port pool for {Proto(self.proto).name} full: new flow from {_ip(self.internal_ip)}:"
@@ -84,8 +89,7 @@ class Reclaimed:
 
     @property
     def level(self) -> int:
-        n = self.rounds
-        return WARNING if n & (n - 1) == 0 else DEBUG
+        return _sparse(self.rounds)
 
     def __str__(self) -> str:
         return (f"port pool for {Proto(self.proto).name} full: {self.flows} unreplied flows ended to make room "

@@ -16,7 +16,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .netlink import attr as _attr, nest as _nest, parse_attrs
+from .netlink import attr as _attr, error_code, messages, nest as _nest, netfilter_socket, parse_attrs
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -166,14 +166,9 @@ class CtSocket:
         """Wait for the answer to ``seq``: 0 or the errno."""
         while True:
             n = self.sock.recv_into(self._buf)
-            off = 0
-            while off + _NLH.size <= n:
-                length, kind, _, mseq, _ = _NLH.unpack_from(self._buf, off)
-                if length < _NLH.size:
-                    break
+            for off, _, kind, mseq in messages(self._buf, n):
                 if kind == NLMSG_ERROR and mseq == seq:
-                    return -struct.unpack_from("=i", self._buf, off + _NLH.size)[0]
-                off += (length + 3) & ~3
+                    return error_code(self._buf, off)
 
     def create(self, original: Tuple, timeout: int, mark: int, snat: tuple | None = None,
                dnat: tuple | None = None, tcp_state: int = 0, status: int = 0) -> int:
@@ -204,17 +199,12 @@ class CtSocket:
         found = None
         while True:
             n = self.sock.recv_into(self._buf)
-            off = 0
-            while off + _NLH.size <= n:
-                length, kind, _, mseq, _ = _NLH.unpack_from(self._buf, off)
-                if length < _NLH.size:
-                    break
+            for off, length, kind, mseq in messages(self._buf, n):
                 if mseq == seq:
                     if kind == NLMSG_ERROR:
                         return found
                     if kind == MSG_NEW:
                         found = parse_entry(self._buf, off, off + length)
-                off += (length + 3) & ~3
 
     def delete(self, original: Tuple) -> int:
         return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original)))
@@ -232,23 +222,18 @@ class CtSocket:
         buf = bytearray(1 << 20)
         while True:
             n = self.sock.recv_into(buf)
-            off = 0
-            while off + _NLH.size <= n:
-                length, kind, _, mseq, _ = _NLH.unpack_from(buf, off)
-                if length < _NLH.size:
-                    break
+            for off, length, kind, mseq in messages(buf, n):
                 if mseq == seq:
                     if kind == NLMSG_DONE:
                         return out
                     if kind == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
+                        err = error_code(buf, off)
                         if err:
                             raise OSError(err, f"conntrack dump: {errno.errorcode.get(err, err)}")
                         return out
                     e = parse_entry(buf, off, off + length)
                     if e is not None and e.mark & mask == mark:
                         out.append(e)
-                off += (length + 3) & ~3
 
     def close(self) -> None:
         self.sock.close()
@@ -258,20 +243,9 @@ class Events:
     """The kernel's DESTROY events (select()-able); ``read`` returns the entries that died."""
 
     def __init__(self, rcvbuf: int = 4 << 20) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock = netfilter_socket(rcvbuf, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+        self.sock.setblocking(False)
         self.lost = 0  # ENOBUFS: events the kernel could not deliver (the reconciliation finds them)
-        try:
-            for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) then the capped one
-                try:
-                    self.sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-                    break
-                except OSError:
-                    continue
-            self.sock.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
         self._buf = bytearray(1 << 16)
 
     def fileno(self) -> int:
@@ -290,16 +264,11 @@ class Events:
                     self.lost += 1
                     continue
                 raise
-            off = 0
-            while off + _NLH.size <= n:
-                length, kind, _, _, _ = _NLH.unpack_from(buf, off)
-                if length < _NLH.size or off + length > n:
-                    break
+            for off, length, kind, _ in messages(buf, n):
                 if kind == MSG_DELETE:
                     e = parse_entry(buf, off, off + length)
                     if e is not None:
                         out.append(e)
-                off += (length + 3) & ~3
 
     def close(self) -> None:
         self.sock.close()

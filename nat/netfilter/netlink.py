@@ -1,6 +1,7 @@
 """Netlink attributes (TLVs), the one codec the NFQUEUE and ctnetlink clients share."""
 from __future__ import annotations
 
+import socket
 import struct
 
 NLA_F_NESTED = 0x8000
@@ -30,3 +31,45 @@ def parse_attrs(buf, start: int, end: int) -> dict:
         out[kind & NLA_TYPE_MASK] = (off + 4, n - 4)
         off += (n + 3) & ~3
     return out
+
+
+_NLH = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_ERR = struct.Struct("=i")
+
+
+def messages(buf, n: int):
+    """(offset, length, type, seq) of each netlink message in ``buf[:n]``; a malformed header
+    or a message cut short ends the list (the NFQUEUE client's per-packet loop inlines this)."""
+    off = 0
+    while off + _NLH.size <= n:
+        length, kind, _, seq, _ = _NLH.unpack_from(buf, off)
+        if length < _NLH.size or off + length > n:
+            return
+        yield off, length, kind, seq
+        off += (length + 3) & ~3
+
+
+def error_code(buf, off: int) -> int:
+    """The errno an NLMSG_ERROR message at ``off`` carries (0: an acknowledgement)."""
+    return -_ERR.unpack_from(buf, off + _NLH.size)[0]
+
+
+SO_RCVBUFFORCE = 33
+
+
+def netfilter_socket(rcvbuf: int, groups: int = 0):
+    """A bound NETLINK_NETFILTER socket with a receive buffer of ``rcvbuf`` bytes (forced past
+    the sysctl cap where root may; the capped size otherwise), closed again if binding fails."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    try:
+        for opt in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                break
+            except OSError:
+                continue
+        sock.bind((0, groups))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -129,11 +129,7 @@ class Plugin:
                 a = self._process(data, _INTERNAL, self.clock(), _FULL)
             else:
                 a = self._process(data, _INTERNAL, self.clock(), _HAIRPIN_SRC)
-            if a.events:
-                log_events(a.events)
-            if a.action is not _ACCEPT:
-                if self.drop_log is not None:
-                    self._log_drop(a.reason, data)
+            if not self._passes(a, data):
                 return None
             if a.reason is _NOT_OURS:
                 return data
@@ -185,11 +181,7 @@ class Plugin:
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
                               _HAIRPIN_DST if data[16:20] == self.engine.external_ip and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
-        if a.events:
-            log_events(a.events)
-        if a.action is not _ACCEPT:
-            if self.drop_log is not None:
-                self._log_drop(a.reason, data)
+        if not self._passes(a, data):
             return None
         if self.engine.ended:
             self.offloader.sweep()
@@ -229,6 +221,16 @@ class Plugin:
 
     #: opt-in (``roam nat --drop-log FILE``): a JSON line per dropped packet, for the lab's judge
     drop_log = None
+
+    def _passes(self, a, data) -> bool:
+        """Log the answer's events; whether the packet goes on (a drop is logged to --drop-log)."""
+        if a.events:
+            log_events(a.events)
+        if a.action is _ACCEPT:
+            return True
+        if self.drop_log is not None:
+            self._log_drop(a.reason, data)
+        return False
 
     def _log_drop(self, reason, data: bytes) -> None:
         """The drop's time (monotonic), reason, protocol, addresses and ports (0 without ports)."""

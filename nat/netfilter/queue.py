@@ -17,8 +17,8 @@ import errno
 import socket
 import struct
 
-from .netlink import NLA_TYPE_MASK, parse_attrs  # noqa: F401 (both part of this module's API)
-from .netlink import attr as _attr
+from .netlink import NLA_TYPE_MASK
+from .netlink import attr as _attr, error_code, messages, netfilter_socket
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
@@ -78,15 +78,8 @@ class NfQueue:
         self._seq = 0
         self._pending: list = []  # verdict messages not sent yet (see flush)
         self._pending_len = 0
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock = netfilter_socket(rcvbuf)
         try:
-            for opt in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) then the capped one
-                try:
-                    self.sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-                    break
-                except OSError:
-                    continue
-            self.sock.bind((0, 0))
             self._buf = bytearray(_RECV_SIZE)
             self._config(_attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET)))
             self._config(_attr(NFQA_CFG_PARAMS, struct.pack("!IB", 0xFFFF, NFQNL_COPY_PACKET)))
@@ -111,17 +104,12 @@ class NfQueue:
         seq = self._seq
         for _ in range(64):  # packets may already be queued ahead of the ack: bounded
             n = self.sock.recv_into(self._buf)
-            off = 0
-            while off + _NLH.size <= n:
-                length, kind, _, mseq, _ = _NLH.unpack_from(self._buf, off)
-                if length < _NLH.size:
-                    break
+            for off, _, kind, mseq in messages(self._buf, n):
                 if kind == NLMSG_ERROR and mseq == seq:
-                    err = -struct.unpack_from("=i", self._buf, off + _NLH.size)[0]
+                    err = error_code(self._buf, off)
                     if err:
                         raise OSError(err, f"NFQUEUE {self.queue} config: {errno.errorcode.get(err, err)}")
                     return
-                off += (length + 3) & ~3
         raise OSError(errno.ETIMEDOUT, f"NFQUEUE {self.queue} config: no acknowledgement")
 
     def receive(self, flags: int = 0) -> list[QueuedPacket]:

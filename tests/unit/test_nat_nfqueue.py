@@ -14,6 +14,7 @@ from scapy.all import IP, TCP, UDP, raw
 
 from conntrack.build import fill_l4_checksum
 from nat.netfilter import queue as nq
+from nat.netfilter.netlink import parse_attrs
 
 
 def _client(sock):
@@ -53,7 +54,7 @@ def test_verdict_encoding(payload, pid, accept):
     length, kind, flags, _, _ = struct.unpack_from("=IHHII", msg)
     assert length == len(msg) and length % 4 == 0 and kind == (3 << 8 | 1) and flags & nq.NLM_F_REQUEST
     assert struct.unpack_from("!BBH", msg, 16) == (0, 0, 3)
-    attrs = nq.parse_attrs(msg, 20, length)
+    attrs = parse_attrs(msg, 20, length)
     off, n = attrs[nq.NFQA_VERDICT_HDR]
     assert struct.unpack_from("!II", msg, off) == (1 if accept else 0, pid)
     off, n = attrs[nq.NFQA_PAYLOAD]
@@ -109,7 +110,7 @@ def test_batched_verdicts_go_out_in_one_datagram():
     seen, off = [], 0
     while off < len(msg):
         length = struct.unpack_from("=I", msg, off)[0]
-        attrs = nq.parse_attrs(msg, off + 20, off + length)
+        attrs = parse_attrs(msg, off + 20, off + length)
         v, pid = struct.unpack_from("!II", msg, attrs[nq.NFQA_VERDICT_HDR][0])
         p = attrs.get(nq.NFQA_PAYLOAD)
         seen.append((pid, v, msg[p[0]:p[0] + p[1]] if p else None))
