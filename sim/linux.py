@@ -18,7 +18,7 @@ or RFC it follows.  Nothing here reads a clock: time is passed in.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 # ------------------------------------------------------------------ TCP timers (include/net/tcp.h)
@@ -165,11 +165,66 @@ class IcmpLimiter:
         return True
 
 
+# ------------------------------------------------------------------ timers (kernel/time/timer.c)
+#: CONFIG_HZ of Debian's kernels (and of the lab's): the tick that timer_list timers fire on.
+HZ = 250
+#: The timer wheel's levels: a timer ``delta`` ticks away goes to the first level whose start exceeds
+#: it (``LVL_START``), and fires at that level's next bucket boundary (granularity 8**level ticks).
+_WHEEL_STARTS = (63, 504, 4032, 32256)
+
+
+def timer_fires(now: float, expires: float, phase: float = 0.0) -> float:
+    """When a ``timer_list`` armed at ``now`` to expire at ``expires`` really runs (seconds).
+
+    ``calc_wheel_index``/``calc_index``: the expiry is taken in ticks and rounded *up* to its
+    level's granularity, never early: a 250 ms timer (63 ticks) runs after 256-284 ms, a 1 s one
+    1.004-1.032 s later.  Whether a sender hears ICMP before it gives up can hang on those few ms.
+    ``phase``: where time zero falls in the wheel's buckets (a lab run's is not known: the
+    campaign tries several, ``WHEEL_PHASES``).
+    """
+    j_now = int((now + phase) * HZ + 1e-9)
+    j_exp = max(j_now, -int(-((expires + phase) * HZ - 1e-9) // 1))
+    delta = j_exp - j_now
+    level = next((i for i, start in enumerate(_WHEEL_STARTS) if delta < start), len(_WHEEL_STARTS))
+    shift = 3 * level
+    return (((j_exp >> shift) + 1) << shift) / HZ - phase
+
+
+#: Phases of time zero against the wheel to try, one tick apart across a level-1 bucket (8 ticks):
+#: where the most timers of a scenario (0.25-2 s) are rounded.
+WHEEL_PHASES = tuple(k / HZ for k in range(8))
+
+
 # ------------------------------------------------------------------ neighbours (net/core/neighbour.c)
+class ConfirmingSegment(bytes):
+    """A TCP segment sent while its socket had a neighbour confirmation pending (an ACK made forward
+    progress: ``sk_dst_confirm``): ``skb->dst_pending_confirm``.
+
+    Each hop's ``ip_finish_output2`` confirms its next hop's neighbour entry with it
+    (``sock_confirm_neigh``).  On a real network only the sender's own hop sees the skb; between
+    namespaces joined by veths the skb itself travels on (``skb_scrub_packet`` keeps the bit), so
+    the lab's routers keep a TCP peer's neighbour REACHABLE with no ARP probe, and UDP's not
+    (measured with ``ip -s neigh``).  The simulator plays that only on the lab's network
+    (``sim.world.Network.skb_crosses``).
+    """
+
+    __slots__ = ()
+
+
+#: ``neigh_rand_reach_time``: the reachable time in force is drawn in [base/2, 3*base/2).
+DRAW_MIN, DRAW_MAX = 0.5, 1.5
+
+
 @dataclass(frozen=True, slots=True)
 class NeighParams:
-    """``neigh_parms`` of an interface, in seconds.  ``reachable`` is the base reachable time (the
-    kernel draws each entry's in [base/2, 3*base/2]; the simulator uses the mean, base)."""
+    """``neigh_parms`` of an interface, in seconds.  ``reachable`` is the reachable time in force.
+
+    The kernel keeps one per interface, drawn in [base/2, 3*base/2] from base_reachable_time
+    (``neigh_rand_reach_time``: at each write of the sysctl, and again every 300 s for every
+    interface).  Whether a vanished machine's sender hears ICMP host unreachable before its
+    give-up time can hang on that draw, so the simulator plays the mean unless told the draw
+    (:meth:`drawn`; the lab backends read theirs from the kernel).
+    """
 
     reachable: float = 30.0  # base_reachable_time_ms
     delay_first_probe: float = 5.0  # delay_first_probe_time
@@ -177,6 +232,12 @@ class NeighParams:
     ucast_probes: int = 3  # ucast_solicit
     mcast_probes: int = 3  # mcast_solicit
     queue: int = 101  # unres_qlen: packets held while resolving
+
+    def drawn(self, factor: float) -> "NeighParams":
+        """These parameters with the kernel's draw of the reachable time, ``factor`` x base."""
+        if not DRAW_MIN <= factor <= DRAW_MAX:
+            raise ValueError(f"a reachable-time draw is in [{DRAW_MIN}, {DRAW_MAX}] x base, not {factor}")
+        return replace(self, reachable=self.reachable * factor)
 
     def incomplete_probes(self) -> int:
         """Probes sent for a new entry before it fails: ``neigh_max_probes`` minus the ucast start."""

@@ -16,9 +16,9 @@ endpoints find out from the packets, and the judge (``sim.judge``) decides.
                behind another host's NAT, which starts from nothing.
 * nat+state -- as nat, but the old NAT's state is carried to the new host's engine
                (it still has a new external address).
-* tunnel    -- the VM's frames go through a tunnel host end (``tunnel/``) on its
-               host to the proxy on its home LAN; a move starts a host end on the
-               new host, which re-attaches from there.
+* tunnel    -- the VM's frames go through the tunnel agent (``tunnel/``) of its
+               host to the proxy on its home LAN; every host runs one from the start,
+               told nothing: the VM's frames name it where it runs.
 """
 from __future__ import annotations
 
@@ -271,8 +271,8 @@ class Tunnel(Mode):
         self.home.holders[self.proxy_addr] = self._proxy_receive
         self.home.holders[self.address] = self._lan_to_proxy  # the VM's MAC lives behind the proxy's bridge port
         self.home.reserved.update({self.proxy_addr, self.address})
-        self.end = None
-        self.end_timer: EngineTimer | None = None
+        self.agents: dict[str, object] = {}  # host name -> its agent (a tunnel.HostEnd), from the first attach
+        self.timers: dict[str, EngineTimer] = {}
         self.ident = 0
 
     def _randbytes(self, n: int) -> bytes:
@@ -289,39 +289,64 @@ class Tunnel(Mode):
             return None
         return frame[f.l3:f.packet.end]
 
-    # -- the host end ---------------------------------------------------------------
+    # -- the host agents ---------------------------------------------------------------
+    # One host end per host, as operators run them: running (and attached) before the scenario
+    # starts, told no MAC.  The VM's first frame on a host names it there; leaving a host (its TAP
+    # leaves the bridge) makes that agent forget it.  Where the VM's traffic goes is the proxy's to
+    # decide from what the agents send (tunnel.presence), nothing here moves it.
+    def _start_agents(self) -> None:
+        now = self.clock.now
+        for name, host in self.hosts.items():
+            end = self.tun.HostEnd(self.cipher, keepalive=self.sc.tunnel_keepalive,
+                                   dead_after=3 * self.sc.tunnel_keepalive, random_bytes=self._randbytes)
+            self.agents[name] = end
+            self.timers[name] = EngineTimer(self.clock, end, lambda ans, h=host: self._end_answer(h, ans, -1))
+            host.handlers.append(lambda data, tag, h=host: self._host_receive(h, data, tag))
+            self._preattach(host, end, end.start(now), now)
+
+    def _preattach(self, host: Host, end, ans, now: float) -> None:
+        """The attach the agent made before the scenario began: its messages and the proxy's answers
+        handed over directly (bounded), so at time zero every agent is attached, as in the lab."""
+        ep = (host.address, HOST_END_PORT)
+        pending = [m for _, m in ans.sends]
+        for _ in range(8):
+            if not pending:
+                break
+            replies = []
+            for m in pending:
+                pans = self.proxy.receive(m, ep, now)
+                replies += [msg for to, msg in pans.sends if to == ep]
+            pending = []
+            for m in replies:
+                pending += [msg for _, msg in end.receive(m, now).sends]
+        if end.state != self.tun.SessionState.ATTACHED:
+            raise EngineUnavailable(f"the tunnel agent on {host.name} did not attach before the scenario")
+        self.timers[host.name].update()
+        self.proxy_timer.update()
+
     def attach(self, host: Host) -> None:
+        if not self.agents:
+            self._start_agents()
         super().attach(host)
-        end = self.tun.HostEnd(self.cipher, [self.mac], keepalive=self.sc.tunnel_keepalive,
-                               dead_after=3 * self.sc.tunnel_keepalive, random_bytes=self._randbytes)
-        self.end = end
-        self.end_timer = EngineTimer(self.clock, end, lambda ans: self._end_answer(ans, -1))
-        handler = self._host_receive
-        self._handler = handler
-        host.handlers.append(handler)
-        self._end_answer(end.start(self.clock.now), -1)
 
     def detach(self) -> None:
-        if self.end is not None:
-            self._end_answer(self.end.close(self.clock.now), -1)
-            self.end_timer.stop()
-            self.host.handlers.remove(self._handler)
-        self.end = None
+        """The VM stops on its host and its TAP leaves the bridge: that agent forgets it (at once)."""
+        host = self.host
+        if host is not None:
+            self._end_answer(host, self.agents[host.name].forget([self.mac], self.clock.now, "TAP left"), -1)
         super().detach()
 
     def from_vm(self, data: bytes, tag: int) -> None:
-        if self.end is None:
+        host = self.host
+        if host is None:
             self.net.lose(tag, Loss.VM_DOWN)
             return
-        self._end_answer(self.end.send_frame(build.ether(self.gw_mac, self.mac, data), self.clock.now), tag,
-                         to_proxy=True)
+        ans = self.agents[host.name].send_frame(build.ether(self.gw_mac, self.mac, data), self.clock.now)
+        self._end_answer(host, ans, tag, to_proxy=True)
 
-    def _end_answer(self, ans, tag: int, to_proxy: bool = False) -> None:
-        """Carry out a host end's answer: its messages to the proxy, then ``data`` on its way (a sealed
-        message to the proxy for a frame from the VM, else a frame for the VM)."""
-        end, host = self.end, self.host
-        if end is None:
-            return
+    def _end_answer(self, host: Host, ans, tag: int, to_proxy: bool = False) -> None:
+        """Carry out an agent's answer: its messages to the proxy, then ``data`` on its way (a sealed
+        message to the proxy for a frame from the VM, else a frame for the VM, if it is on this host)."""
         if ans.action == self.DROP:
             self.net.lose(tag, Loss.TUNNEL_DROP)
         for _, msg in ans.sends:
@@ -332,24 +357,27 @@ class Tunnel(Mode):
             else:
                 ip = self._ip_of(ans.data, self.mac)
                 if ip is not None:
-                    self.to_vm(ip, tag)
-        self.end_timer.update()
+                    if self.host is host:
+                        self.to_vm(ip, tag)
+                    else:  # the frame dies in the bridge: the VM is not (or no longer) here
+                        self.net.lose(tag, Loss.VM_ABSENT)
+        self.timers[host.name].update()
 
     def _to_proxy(self, host: Host, msg: bytes, tag: int) -> None:
         self.ident += 1
         host.send(build.udp(host.address, self.proxy_addr, HOST_END_PORT, TUNNEL_PORT, msg, self.ident), tag)
 
-    def _host_receive(self, data: bytes, tag: int) -> bool:
+    def _host_receive(self, host: Host, data: bytes, tag: int) -> bool:
         try:
             pkt = parse_ip(data)
         except ParseError:
             return False  # not the tunnel's: the host's own stack counts it
         if pkt.proto != Proto.UDP or pkt.dport != HOST_END_PORT:
             return False
-        if pkt.src != self.proxy_addr or self.end is None:
+        if pkt.src != self.proxy_addr:
             self.net.lose(tag, Loss.TUNNEL_DROP)
             return True
-        self._end_answer(self.end.receive(bytes(data[pkt.l4 + 8:pkt.end]), self.clock.now), tag)
+        self._end_answer(host, self.agents[host.name].receive(bytes(data[pkt.l4 + 8:pkt.end]), self.clock.now), tag)
         return True
 
     # -- the proxy at home --------------------------------------------------------------

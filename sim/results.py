@@ -73,6 +73,9 @@ class ModeRun:
     end: float = 0.0
     warnings: tuple[str, ...] = ()  # e.g. engine exceptions: results stand, but look
     moves: tuple = ()  # the qemu backend: QEMU's own figures per move (tools.lab.qemu.Migration)
+    #: each site router's reachable-time draw, as a factor of its base (``sim.linux.NeighParams.drawn``):
+    #: what the simulator played, or what a lab backend read from its kernel
+    draws: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

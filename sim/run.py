@@ -9,6 +9,7 @@ from conntrack import Proto
 from . import wire
 from .connection import Connection
 from .judge import Move, settle
+from .linux import ROUTER_NEIGH
 from .modes import MODE_CLASSES, EngineUnavailable, Host, Mode
 from .results import ConnInfo, ModeRun, Report
 from .scenario import Scenario
@@ -25,15 +26,20 @@ Progress = Callable[[str, float], None]
 class World:
     """One mode's world for one scenario: built, run, then read."""
 
-    def __init__(self, sc: Scenario, mode: str, *, timeline: bool = True) -> None:
+    def __init__(self, sc: Scenario, mode: str, *, timeline: bool = True, draws: dict[str, float] | None = None,
+                 lab: bool = False, phase: float = 0.0) -> None:
         self.sc = sc
+        #: each site router's reachable-time draw (the mean, 1.0, unless given: see ``NeighParams``)
+        self.draws = {s.name: (draws or {}).get(s.name, 1.0) for s in sc.sites}
         self.mode_name = mode
-        self.clock = clock = Clock()
+        self.clock = clock = Clock(phase)
         self.rng = random.Random(sc.seed)
         self.net = net = Network(clock, self.rng)
+        net.skb_crosses = lab
         self.sites: dict[str, Site] = {}
         for s in sc.sites:
-            self.sites[s.name] = net.add_site(Site(s.name, s.prefix, s.gateway, s.latency, s.loss))
+            self.sites[s.name] = net.add_site(Site(s.name, s.prefix, s.gateway, s.latency, s.loss,
+                                                   neigh=ROUTER_NEIGH.drawn(self.draws[s.name])))
             if s.proxy:
                 self.sites[s.name].reserved.add(wire.addr(s.proxy))
         self.hosts: dict[str, Host] = {}
@@ -125,17 +131,22 @@ class World:
         warnings = tuple(f"{self.mode_name} engine raised {n} time(s) instead of giving a verdict; first: {e}"
                          for n, e in ([(len(errs), errs[0])] if errs else []))
         return ModeRun(self.mode_name, results, None, self.net.packets, clock.events,
-                       {k.name.lower(): v for k, v in sorted(self.net.drops.items())}, clock.now, warnings)
+                       {k.name.lower(): v for k, v in sorted(self.net.drops.items())}, clock.now, warnings,
+                       draws=dict(self.draws))
 
 
 def run_mode(sc: Scenario, mode: str, progress: Callable[[float], None] | None = None,
-             tap: Callable[[float, bytes], None] | None = None) -> ModeRun:
+             tap: Callable[[float, bytes], None] | None = None, draws: dict[str, float] | None = None,
+             lab: bool = False, phase: float = 0.0) -> ModeRun:
     """One mode; a mode whose engine cannot run comes back with ``error`` set, never a verdict.
 
     ``tap(now, packet)`` sees every IPv4 packet handed to the network (e.g. to write a pcap).
+    ``draws``: site name -> the router's reachable-time draw (a lab run's, to replay it exactly).
+    ``lab``: play the lab's network's one kernel quirk that a real network lacks (``ConfirmingSegment``).
+    ``phase``: where time zero falls in the kernel's timer wheel (``sim.linux.timer_fires``).
     """
     try:
-        world = World(sc, mode)
+        world = World(sc, mode, draws=draws, lab=lab, phase=phase)
     except EngineUnavailable as exc:
         return ModeRun(mode, {}, str(exc))
     world.net.tap = tap

@@ -92,7 +92,7 @@ def _observe(conn: "Connection | None", now: float, client: bool, seen: Seen) ->
 class TcpSock:
     __slots__ = ("stack", "local", "lport", "remote", "rport", "state", "snd_una", "snd_nxt", "rcv_nxt",
                  "out_seq", "out_len", "out_flags", "out_first", "out_sent", "retransmitted", "queue",
-                 "rtt", "retransmits", "gen", "conn", "client", "timeout", "rtx_stamp", "probe")
+                 "rtt", "retransmits", "gen", "conn", "client", "timeout", "rtx_stamp", "probe", "confirm")
 
     def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes, rport: int,
                  conn: "Connection | None", client: bool, timeout: float, iss: int) -> None:
@@ -112,6 +112,7 @@ class TcpSock:
         self.rtt = Rto()
         self.retransmits = 0  # of the outstanding segment (icsk_retransmits)
         self.gen = 0  # retransmission timer generation: an older timer is stale
+        self.confirm = False  # sk_dst_pending_confirm: the next segment confirms the next hop's neighbour
         self.conn = conn
         self.client = client
         self.timeout = timeout
@@ -136,8 +137,10 @@ class TcpSock:
     def _emit(self, seq: int, ack: int, flags: int, length: int) -> None:
         st = self.stack
         st.ident += 1
-        st.output(build.tcp(self.local, self.remote, self.lport, self.rport, seq, ack, flags, zeros(length),
-                            st.ident), self.tag, self.local)
+        seg = build.tcp(self.local, self.remote, self.lport, self.rport, seq, ack, flags, zeros(length), st.ident)
+        if self.confirm:  # the first hop takes the socket's pending confirmation (``sock_confirm_neigh``)
+            seg, self.confirm = linux.ConfirmingSegment(seg), False
+        st.output(seg, self.tag, self.local)
 
     def _send_new(self, flags: int, length: int) -> None:
         """Put one segment in flight (stop-and-wait: only when nothing is outstanding)."""
@@ -161,7 +164,7 @@ class TcpSock:
         clock = self.stack.clock
         if self.rtx_stamp >= 0:
             delay = clamp_to_user_timeout(delay, self.rtx_stamp, self.timeout, clock.now)
-        clock.after(delay, self._on_timer, self, self.gen)
+        clock.timer(clock.now + delay, self._on_timer, self, self.gen)
 
     def _timed_out(self, now: float) -> bool:
         """``retransmits_timed_out``: the user timeout has run since retrans_stamp."""
@@ -330,6 +333,7 @@ class TcpSock:
 
     def _acked(self, ack: int, now: float) -> None:
         self.snd_una = ack
+        self.confirm = True  # forward progress: ``tcp_ack`` -> ``sk_dst_confirm``
         if self.out_first >= 0 and ack == self.snd_nxt:
             # TCP timestamps (RFC 7323, on in Linux by default): the echoed timestamp is the last
             # transmission's, so a retransmitted segment gives a sample too (Karn's rule is for stacks without)

@@ -28,7 +28,10 @@ from typing import Callable
 
 from conntrack import ParseError, Proto, build, parse_ip
 
-from .linux import ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ROUTER_NEIGH, NeighParams
+from .linux import HZ, ICMP_DEST_UNREACH, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ROUTER_NEIGH, ConfirmingSegment, NeighParams, timer_fires
+
+#: ``neigh_timer_handler`` never arms its timer sooner than HZ/100 ahead.
+TIMER_MIN = (HZ // 100) / HZ
 
 Receiver = Callable[[bytes, int], None]
 
@@ -79,10 +82,11 @@ def icmp_unreachable(src: bytes, data: bytes, code: int) -> bytes | None:
 class Clock:
     """Simulated time: a heap of ``(time, seq, fn, a, b)``; ``fn(a, b)`` runs at ``time``."""
 
-    __slots__ = ("now", "_heap", "_seq", "events")
+    __slots__ = ("now", "_heap", "_seq", "events", "phase")
 
-    def __init__(self) -> None:
+    def __init__(self, phase: float = 0.0) -> None:
         self.now = 0.0
+        self.phase = phase  # where time zero falls in the kernel's timer wheel (``sim.linux.timer_fires``)
         self._heap: list = []
         self._seq = 0
         self.events = 0
@@ -93,6 +97,10 @@ class Clock:
 
     def after(self, delay: float, fn: Callable, a=None, b=None) -> None:
         self.at(self.now + delay, fn, a, b)
+
+    def timer(self, expires: float, fn: Callable, a=None, b=None) -> None:
+        """A kernel ``timer_list`` due at ``expires``: it runs when the timer wheel runs it."""
+        self.at(timer_fires(self.now, expires, self.phase), fn, a, b)
 
     def next_time(self) -> float | None:
         return self._heap[0][0] if self._heap else None
@@ -205,6 +213,9 @@ class Network:
         self.drops: Counter[Loss] = Counter()
         self.packets = 0  # packets handed to the network
         self.tap: Callable[[float, bytes], None] | None = None  # e.g. a pcap writer
+        #: the lab's network: namespaces joined by veths pass the sender's skb itself to every router, so
+        #: a segment's pending neighbour confirmation confirms the routers' entries too (``ConfirmingSegment``)
+        self.skb_crosses = False
 
     def add_site(self, site: Site) -> Site:
         self.sites.append(site)
@@ -239,10 +250,11 @@ class Network:
         if self.tap is not None:
             self.tap(self.clock.now, data)
         try:
-            dst = parse_ip(data).dst
+            ip = parse_ip(data)
         except ParseError:
             self.lose(tag, Loss.PARSE)
             return
+        dst = ip.dst
         site = self.route(dst)
         if site is None:
             self.lose(tag, Loss.NO_ROUTE)
@@ -287,7 +299,10 @@ class Network:
         if n is None:
             n = site.neighbours[dst] = Neighbour()
         now = self.clock.now
-        n.used = now
+        if self.skb_crosses and type(data) is ConfirmingSegment:  # ``sock_confirm_neigh``
+            n.confirmed = now
+        if n.state != Nud.REACHABLE:  # a reachable entry's frames take the cached header: ``used`` stays
+            n.used = now
         if n.state in (Nud.NONE, Nud.FAILED):
             n.state, n.probes = Nud.INCOMPLETE, site.neigh.ucast_probes
             n.queue = [(data, tag)]
@@ -313,8 +328,10 @@ class Network:
         holder(data, tag)
 
     def _neigh_arm(self, site: Site, dst: bytes, n: Neighbour, when: float) -> None:
+        """The entry's timer (``neigh_add_timer``/``mod_timer``), run when the kernel's wheel runs it."""
         n.gen += 1
-        self.clock.at(when, Network._neigh_fire, (self, site, dst), (n, n.gen))
+        now = self.clock.now
+        self.clock.timer(max(when, now + TIMER_MIN), Network._neigh_fire, (self, site, dst), (n, n.gen))
 
     @staticmethod
     def _neigh_fire(where, which) -> None:
@@ -336,8 +353,9 @@ class Network:
                 n.state = Nud.STALE
             return
         if n.state == Nud.DELAY:
-            if now <= n.confirmed + p.delay_first_probe:
-                self._reachable(site, dst, n, n.lladdr)
+            if now <= n.confirmed + p.delay_first_probe:  # confirmed meanwhile: reachable since then
+                n.state = Nud.REACHABLE
+                self._neigh_arm(site, dst, n, n.confirmed + p.reachable)
                 return
             n.state, n.probes = Nud.PROBE, 0
         if n.state not in (Nud.INCOMPLETE, Nud.PROBE):

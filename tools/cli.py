@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's marker: `eval "$(register-python-argcomplete roam)"` completes roam)
 """`roam` — one command, one subcommand per job; each lives in its own module.
 
 A subcommand module ``tools/cmd_<name>.py`` defines ``register(subparsers)``, which
@@ -7,6 +8,9 @@ not there yet is listed, and says so plainly when run.
 ``-v``/``-q`` work before or after the subcommand (operators add them at the end of a
 unit's ExecStart line); an option's value is shown under the option's own name in
 ``--help``, never the internal ``dest`` a module stores it under.
+
+Shell completion (argcomplete): when the shell's hook runs us (``_ARGCOMPLETE`` set), the
+subcommand named so far on the line is the chosen one, so its options are offered too.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import math
+import os
 import sys
 
 #: name -> one-line help, in the order `roam --help` lists them.
@@ -24,6 +30,7 @@ SUBCOMMANDS = {
     "tunnel": "the layer-2 tunnel home: genkey, proxy, host, status",
     "lab": "build or tear down the namespace lab (home site, remote sites, internet)",
     "bench": "benchmarks: conntrack, nat, tunnel, sim (printed tables, never asserted)",
+    "install-units": "install the systemd units of roam nat and roam tunnel proxy|host (Type=notify)",
 }
 
 
@@ -51,7 +58,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
                         help="less log output (errors only); also after the subcommand")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        module_name = f"tools.cmd_{name}"
+        module_name = f"tools.cmd_{name.replace('-', '_')}"
         if importlib.util.find_spec(module_name) is None:
             p = sub.add_parser(name, help=f"{help_text} [not built yet]", description=f"{help_text}. Not built yet.")
             p.set_defaults(func=_not_built(name))
@@ -94,6 +101,28 @@ def add_command(sub, name: str, help_text: str, description: str,
                           formatter_class=_LinesFormatter)
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a count (1 or more); anything else is the option's error, not a traceback later."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
+    return value
+
+
+def above_zero(text: str) -> float:
+    """argparse type: a duration or size above 0 (finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"a number above 0, got {text!r}")
+    return value
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -133,11 +162,13 @@ def _readable_metavars(parser: argparse.ArgumentParser) -> None:
 
 
 def log_level(args: argparse.Namespace) -> int:
-    """-v and -q from before and after the subcommand; a subcommand's own ``--quiet`` switch counts too."""
+    """-v and -q from before and after the subcommand; a subcommand's own ``--quiet`` switch counts too.
+    From WARNING, or from INFO for a daemon (``log_base``: its start line belongs in the journal)."""
     own = getattr(args, "quiet", None) is True and not args.log_quiet  # `roam -q replay` set it: counted once
     quiet = args.log_quiet + getattr(args, "sub_quiet", 0) + own
     verbose = args.verbose + getattr(args, "sub_verbose", 0)
-    return max(logging.DEBUG, min(logging.CRITICAL, logging.WARNING + 10 * (min(quiet, 2) - min(verbose, 2))))
+    base = getattr(args, "log_base", logging.WARNING)
+    return max(logging.DEBUG, min(logging.CRITICAL, base + 10 * (min(quiet, 2) - min(verbose, 2))))
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -155,13 +186,28 @@ def _chosen(argv: list[str]) -> str | None:
     return None
 
 
+def _complete() -> None:
+    """argcomplete's hook (the shell set ``_ARGCOMPLETE``): answer with the words that fit, and exit."""
+    import shlex
+
+    import argcomplete
+
+    line = os.environ.get("COMP_LINE", "")[:int(os.environ.get("COMP_POINT", "0") or 0) or None]
+    try:
+        words = shlex.split(line)[1:]
+    except ValueError:  # an open quote: the words before it
+        words = line.split()[1:]
+    argcomplete.autocomplete(build_parser(_chosen(words)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and "_ARGCOMPLETE" in os.environ:
+        _complete()
     argv = sys.argv[1:] if argv is None else argv
     parser, args = parse_args(argv)
-    logging.basicConfig(
-        level=log_level(args),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from tools.daemon import setup_logging
+
+    setup_logging(log_level(args), getattr(args, "log_format", "text"))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

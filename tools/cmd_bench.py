@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .cli import add_command
+from .cli import above_zero, add_command, at_least_one
 
 TARGETS = {
     "conntrack": "packets/s tracked from memory and from a capture; memory per entry at 1,000,000 entries",
@@ -34,7 +34,16 @@ def register(sub, help_text: str) -> None:
         t = targets.add_parser(name, help=text, description=(module.__doc__ or text).strip(),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(t)
+        _counts_positive(t)
         t.set_defaults(func=module.run)
+
+
+def _counts_positive(parser: argparse.ArgumentParser) -> None:
+    """Every number a benchmark takes but its seed is a count or a duration: 0 or less is the option's
+    error (``--entries -5`` named, not a ValueError from deep in the run)."""
+    for action in parser._actions:
+        if action.dest != "seed" and action.type in (int, float):
+            action.type = at_least_one if action.type is int else above_zero
 
 
 def _not_built(name: str):

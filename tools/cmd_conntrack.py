@@ -20,19 +20,9 @@ from conntrack.events import ConnEvent, Why
 from conntrack.pcap import CaptureError, open_capture, record_packet
 
 from .conntrack_view import as_dict, event_line, line, proto_name
-from .cli import add_command
+from .cli import add_command, at_least_one as _at_least_one
 
 _OUTPUTS = ("extended", "timestamp")
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _proto(text: str) -> int:

@@ -84,9 +84,10 @@ def _states(state_dir: str) -> dict[str, dict]:
 
 
 def _needs_root() -> int | None:
-    if os.geteuid() != 0:
-        return _err("needs root (network namespaces, veth, bridges); try sudo", 2)
-    return None
+    from .privileges import lab_refusal
+
+    why = lab_refusal("network namespaces, veth, bridges")
+    return None if why is None else _err(why, 2)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ from conntrack.errors import ParseError
 from conntrack.pcap import CaptureError, LinkType, ip_offset, open_capture, write_capture
 from conntrack.packet import parse_frame, parse_ip
 
+from . import daemon
+
 log = logging.getLogger("roam.nat")
 
 _RUN_DESC = """\
@@ -82,6 +84,7 @@ def register(sub, help_text: str) -> None:
                    help="translate every packet in user space (the per-packet path) instead of installing each "
                         "decided flow in the kernel's conntrack with its NAT (the default: later packets never "
                         "leave the kernel)")
+    daemon.add_options(p)
     p.set_defaults(func=_run)
     subs = p.add_subparsers(dest="nat_command", metavar="{translate,status}")
     t = subs.add_parser("translate", help="run the NAT engine offline over a capture",
@@ -97,7 +100,7 @@ def register(sub, help_text: str) -> None:
     t.add_argument("--internal", dest="t_internal", action="append", default=[], metavar="CIDR",
                    help="internal network (repeatable; else the config's [host] ip/netmask)")
     t.add_argument("--json", action="store_true", help="print the final status as JSON on stdout")
-    t.set_defaults(func=_translate)
+    t.set_defaults(func=_translate, log_base=logging.WARNING)
     s = subs.add_parser("status", help="counters of a running `roam nat`",
                         description="Print the counters a running `roam nat` in this network namespace keeps "
                         "in its status file: translated, dropped by reason, mappings live, pool use.")
@@ -105,7 +108,7 @@ def register(sub, help_text: str) -> None:
     s.add_argument("--state-dir", dest="s_state_dir", default=None)
     s.add_argument("--json", action="store_true")
     s.add_argument("--mappings", action="store_true", help="also list the live mappings (first 200)")
-    s.set_defaults(func=_status)
+    s.set_defaults(func=_status, log_base=logging.WARNING)
 
 
 def _err(msg: str) -> int:
@@ -301,16 +304,42 @@ def _run(args: argparse.Namespace) -> int:
     if not args.config or not args.external:
         return _err("running the plugin needs --config FILE and --external IFACE "
                     "(or use `roam nat translate` / `roam nat status`; see roam nat --help)")
+    from iptc import IPTCError
+
     from nat.netfilter.plugin import Plugin, PluginError
 
+    from .privileges import CAP_NET_ADMIN, refusal
+
     cfg = _load_config(args.config, args.internal)
+    why = refusal("iptables rules, NFQUEUE, conntrack entries", CAP_NET_ADMIN)
+    if why:
+        return _err(why)
     status_path, snap_path = state_paths(args.state_dir, args.queue)
+    server = None
     try:
         plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
                         clock=time.monotonic, wall=time.time, restore=not args.no_restore, gso=args.gso,
                         offload=not args.no_offload)
         if args.drop_log:
             plugin.drop_log = open(args.drop_log, "a", buffering=1)
+        if args.metrics:
+            from .metrics import MetricsError, NatCollector, serve
+
+            try:
+                server = serve(args.metrics, NatCollector(plugin.live_status))
+            except MetricsError as exc:
+                return _err(str(exc))
+        plugin.on_ready = lambda: daemon.ready(f"translating {', '.join(plugin.cfg.internal)} behind "
+                                               f"{args.external}, queue {args.queue}")
+        plugin.on_stopping = lambda: daemon.stopping("removing rules")
         return plugin.run()
     except PluginError as exc:
         return _err(str(exc))
+    except IPTCError as exc:  # rules removed already (the plugin's finally): say what iptables said
+        return _err(f"iptables: {exc}")
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _err(f"{where}{exc.strerror or exc}")
+    finally:
+        if server is not None:
+            server.shutdown()

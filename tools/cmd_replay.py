@@ -12,6 +12,7 @@ from sim import MODES, ScenarioError, load_scenario, replay
 from . import report
 from .cli import add_command
 from .compare import add_compare_argument, run_compare
+from .privileges import lab_refusal as _lab_refusal
 
 
 DESCRIPTION = """\
@@ -95,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
         from dataclasses import replace
         sc = replace(sc, seed=args.seed)
     if getattr(args, "compare", None):  # several backends side by side; 1 when verdicts disagree
-        if os.geteuid() != 0 and any(b in args.compare for b in ("netns", "qemu")):
-            print("roam replay: --compare with netns or qemu needs root (it builds network namespaces)",
-                  file=sys.stderr)
+        if any(b in args.compare for b in ("netns", "qemu")) and (why := _lab_refusal()):
+            print(f"roam replay: --compare with netns or qemu {why}", file=sys.stderr)
             return 2
         return run_compare(args, sc)
     run_netns = None
@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             print("roam replay: --pcap works with --backend sim only (capture in the lab with tcpdump)",
                   file=sys.stderr)
             return 2
-        if os.geteuid() != 0:
-            print(f"roam replay: --backend {args.backend} needs root (it builds network namespaces)", file=sys.stderr)
+        if why := _lab_refusal():
+            print(f"roam replay: --backend {args.backend} {why}", file=sys.stderr)
             return 2
         if args.backend == "netns":
             from .lab.netns import run_netns

@@ -1,9 +1,10 @@
-"""`roam tunnel`: the layer-2 tunnel home — genkey, proxy, host, status.
+"""`roam tunnel`: the layer-2 tunnel home — genkey, proxy, host, status, attach|detach|macs.
 
     roam tunnel genkey --out KEYFILE
     roam tunnel proxy --listen IP:PORT --bridge BR --key-file KEYFILE [--transport udp|tcp]
     roam tunnel host --proxy IP:PORT --tap NAME [--bridge BR] [--mac MAC]... --key-file KEYFILE [--transport udp|tcp]
     roam tunnel status
+    roam tunnel attach|detach --mac MAC     (tools/tunnel_control.py: a running host agent's control socket)
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import signal
 import stat
 import sys
 import time
+
+from . import daemon
+from .tunnel_control import add_agent_options, add_control_commands, agent_kwargs
 
 DEFAULT_STATUS_DIR = "/run/roam/tunnel"
 
@@ -33,8 +37,8 @@ def register(subparsers, help_text: str) -> None:
         epilog="examples:\n"
         "  roam tunnel genkey --out tunnel.key\n"
         "  roam tunnel proxy --listen 192.0.2.1:4789 --bridge br-home --key-file tunnel.key\n"
-        "  roam tunnel host --proxy 192.0.2.1:4789 --tap vmtap0 --bridge br-vm "
-        "--mac 02:00:00:00:00:01 --key-file tunnel.key\n"
+        "  roam tunnel host --proxy 192.0.2.1:4789 --tap vmtap0 --bridge br-vm --key-file tunnel.key\n"
+        "  roam tunnel detach --mac 02:00:00:00:00:01   # an orchestration hook on the host a VM left\n"
         "  roam tunnel status",
     )
     sub = p.add_subparsers(dest="tunnel_command", metavar="ACTION")
@@ -69,6 +73,7 @@ def register(subparsers, help_text: str) -> None:
                        help="--transport udp: the underlay's MTU (default 1500; a host end also takes its "
                        "route's MTU if smaller): larger messages are cut into tunnel segments that fit it, "
                        "sent with UDP GSO and received with UDP GRO")
+        daemon.add_options(q)
 
     pr = sub.add_parser("proxy", help="run the proxy end on the home LAN",
                         description="Run the proxy end: make a TAP device, enslave it to the existing "
@@ -90,21 +95,25 @@ def register(subparsers, help_text: str) -> None:
     common(pr)
     pr.set_defaults(func=cmd_proxy)
 
-    h = sub.add_parser("host", help="run the host end where the VM runs",
-                       description="Run the host end: make TAP NAME (enslaved to BR when given), where the "
-                       "VM's link is attached, and carry its frames to the proxy. Names the VM's MACs "
-                       "(--mac, or learned from its first frames) when attaching, sends keepalives, and "
-                       "re-attaches at once when this host's address changes.")
+    h = sub.add_parser("host", help="run the host agent: one per host, for every VM on its bridge",
+                       description="Run the host agent, one per hypervisor host: make TAP NAME (enslaved to BR "
+                       "when given) and carry the frames of every VM on that bridge to the proxy. It runs "
+                       "before any VM comes and after the last leaves: a VM is learned from its first frame "
+                       "(or `roam tunnel attach`), forgotten when its TAP leaves the bridge (or `roam tunnel "
+                       "detach`); a claim never pulls a VM's traffic from the host where it is speaking. "
+                       "Sends keepalives and re-attaches at once when this host's address changes.")
     h.add_argument("--proxy", required=True, metavar="IP:PORT", help="the proxy's address")
     h.add_argument("--tap", required=True, metavar="NAME", help="name of the TAP to make")
     h.add_argument("--bridge", metavar="BR", help="existing bridge to enslave the TAP to")
     h.add_argument("--mac", action="append", default=[], metavar="MAC",
-                   help="a VM MAC address this host end serves (repeatable)")
+                   help="a VM MAC this host end serves (a claim, repeatable; not needed: VMs are learned "
+                   "from their frames)")
     h.add_argument("--no-learn", action="store_true", help="do not learn more VM MACs from frames")
     h.add_argument("--keepalive", type=float, default=5.0, help="keepalive interval in seconds (default 5)")
     h.add_argument("--dead-after", type=float, default=15.0,
                    help="re-attach under a new session after this many silent seconds (default 15)")
     common(h)
+    add_agent_options(h)
     h.set_defaults(func=cmd_host)
 
     s = sub.add_parser("status", help="show running tunnel ends: sessions, endpoints, last seen, counters",
@@ -113,6 +122,7 @@ def register(subparsers, help_text: str) -> None:
     s.add_argument("--status-dir", default=DEFAULT_STATUS_DIR)
     s.add_argument("--json", action="store_true", help="print the raw status as JSON")
     s.set_defaults(func=cmd_status)
+    add_control_commands(sub)
 
 
 def cmd_genkey(args) -> int:
@@ -225,6 +235,12 @@ def _prepare(args, what: str, parse, tap_name, label: str = ""):
     (``parse()``, its errors prefixed by ``label``), the TAP (named ``tap_name(parsed)``).
     ``(cipher, parsed, tap)``, or the exit status."""
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    from .privileges import CAP_NET_ADMIN, refusal
+
+    why = refusal("a TAP device, a bridge port", CAP_NET_ADMIN)
+    if why:
+        print(f"roam tunnel {what}: {why}", file=sys.stderr)
+        return 1
     cipher = _cipher(args)
     if cipher is None:
         return 2
@@ -244,20 +260,39 @@ def _prepare(args, what: str, parse, tap_name, label: str = ""):
 
 
 def _serve(args, what: str, tap, make_driver, started: str, os_error: str = "") -> int:
-    """Make the driver (its errors closing the TAP, prefixed by ``os_error`` when the system's), say
-    it ``started``, and run it until a signal stops it."""
+    """Serve --metrics, make the driver (its errors closing the TAP, prefixed by ``os_error`` when the
+    system's), say it ``started``, and run it until a signal stops it: sd_notify READY=1 once it runs
+    (TAP, sockets and first messages in place), STOPPING=1 when it stops."""
+    made: list = []
+    server = None
+    if args.metrics:
+        from .metrics import MetricsError, TunnelCollector, serve
+
+        try:
+            server = serve(args.metrics, TunnelCollector(lambda: made[0].published if made else None, time.monotonic))
+        except MetricsError as exc:
+            tap.close()
+            print(f"roam tunnel {what}: {exc}", file=sys.stderr)
+            return 1
     try:
-        driver = make_driver()
-    except ValueError as exc:
-        tap.close()
-        print(f"roam tunnel {what}: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        tap.close()
-        print(f"roam tunnel {what}: {os_error}{exc}", file=sys.stderr)
-        return 1
-    logging.getLogger("roam.tunnel").info("%s", started)
-    return _run(driver, args)
+        try:
+            driver = make_driver()
+        except ValueError as exc:
+            tap.close()
+            print(f"roam tunnel {what}: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            tap.close()
+            print(f"roam tunnel {what}: {os_error}{exc}", file=sys.stderr)
+            return 1
+        made.append(driver)
+        driver.on_ready = lambda: daemon.ready(started)
+        driver.on_stopping = lambda: daemon.stopping()
+        logging.getLogger("roam.tunnel").info("%s", started)
+        return _run(driver, args)
+    finally:
+        if server is not None:
+            server.shutdown()
 
 
 def cmd_proxy(args) -> int:
@@ -293,8 +328,9 @@ def cmd_host(args) -> int:
                      dead_after=args.dead_after, max_frame=_max_frame(args), offload=tap.offload,
                      segment_size=_segment_size(args, family(proxy[0]), proxy))
     return _serve(args, "host", tap, lambda: HostDriver(engine, tap, proxy, args.transport, time.monotonic,
-                                                        args.status_dir),
-                  f"host end to {args.proxy} ({args.transport}), tap {tap.name}")
+                                                        args.status_dir, **agent_kwargs(args)),
+                  f"host end to {args.proxy} ({args.transport}), tap {tap.name}"
+                  + (f" in bridge {args.bridge}" if args.bridge else ""))
 
 
 def cmd_status(args) -> int:

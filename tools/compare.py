@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 BACKENDS = ("sim", "netns", "qemu")
@@ -31,24 +31,40 @@ class Cell:
 
 @dataclass(frozen=True, slots=True)
 class Row:
+    """One connection under one mode.  ``sim_at``: the simulator's cell replayed at each lab backend's own
+    draws of the routers' reachable times (what that backend's cell is compared with)."""
+
     conn: str
     mode: str
     cells: dict  # backend -> Cell
+    sim_at: dict = field(default_factory=dict)  # lab backend -> the simulator's Cell at its draws
+    #: lab backend -> the timer-wheel phase (s) at which the simulator gave that backend's answer, where
+    #: the phase it plays first (0) gave another: the two raced within the kernel's timer granularity
+    phases: dict = field(default_factory=dict)
 
     def ran(self) -> dict:
         return {b: c for b, c in self.cells.items() if c.error is None and c.verdict is not None}
 
+    def _pairs(self) -> list[tuple[Cell, Cell]]:
+        """The cells compared: each lab backend with the simulator at its draws (or, without the
+        simulator, the backends with one another)."""
+        ran = self.ran()
+        if "sim" in ran and len(ran) > 1:
+            return [(self.sim_at.get(b, ran["sim"]), c) for b, c in ran.items() if b != "sim"]
+        cells = list(ran.values())
+        return [(cells[0], c) for c in cells[1:]]
+
     @property
     def verdicts_agree(self) -> bool:
-        return len({c.verdict for c in self.ran().values()}) <= 1
+        return all(a.verdict == b.verdict for a, b in self._pairs())
 
     @property
     def reasons_agree(self) -> bool:
-        return len({(c.verdict, c.reason) for c in self.ran().values()}) <= 1
+        return all((a.verdict, a.reason) == (b.verdict, b.reason) for a, b in self._pairs())
 
     def interruption_diff_ms(self) -> float | None:
         """Largest absolute difference of the survivors' interruptions (None unless all ran and survived)."""
-        vals = [c.interruption_ms for c in self.ran().values()]
+        vals = [c.interruption_ms for pair in self._pairs() for c in pair]
         if len(vals) < 2 or any(v is None for v in vals):
             return None
         return max(vals) - min(vals)
@@ -71,7 +87,8 @@ def _runner(backend: str) -> Callable:
 LAB_LATENCY = 0.0001
 #: Why, printed with the table.
 LAB_NETWORK_NOTE = ("sim plays the lab's network: links of 0.1 ms and no loss (the lab's links are plain veths; "
-                    "no netem on this kernel), as Linux's RTO and tail loss probe follow the RTT")
+                    "no netem on this kernel), as Linux's RTO and tail loss probe follow the RTT; and, mode by "
+                    "mode, the reachable times the lab's kernel drew for its routers")
 
 
 def as_the_lab_plays(sc):
@@ -88,26 +105,74 @@ def as_the_lab_plays(sc):
 
 def compare(sc, backends: tuple[str, ...] = ("sim", "netns"), parallel: bool = False,
             modes: tuple[str, ...] | None = None) -> list[Row]:
-    """Play ``sc`` on every backend (one after the other; ``parallel``: a backend's modes at once).  With a
-    lab backend among them the simulator plays the lab's network (:func:`as_the_lab_plays`)."""
+    """Play ``sc`` on every backend (one after the other; ``parallel``: a backend's modes at once).
+
+    With a lab backend among them the simulator plays the lab's network (:func:`as_the_lab_plays`)
+    and, mode by mode, the draws the lab's kernel made of its routers' reachable times (read from
+    the kernel: whether a sender hears ICMP host unreachable before it gives up can hang on them).
+    """
+    from sim.run import run_mode
+
     modes = tuple(modes or sc.modes)
-    lab = any(b != "sim" for b in backends)
-    reports = {b: _runner(b)(as_the_lab_plays(sc) if b == "sim" and lab else sc, modes, parallel)
-               for b in backends}
+    labs = [b for b in backends if b != "sim"]
+    reports = {b: _runner(b)(sc, modes, parallel) for b in labs}
+    played = as_the_lab_plays(sc) if labs else sc
+    sim_runs: dict = {}  # (mode, lab backend) -> the simulator's ModeRun at that backend's draws
+    if "sim" in backends:
+        cache: dict = {}
+        for mode in modes:
+            for b in labs or [None]:
+                run = _run_of(reports[b], mode) if b is not None else None
+                draws = dict(run.draws) if run is not None else {}
+                key = (mode, tuple(sorted(draws.items())))
+                if key not in cache:
+                    cache[key] = run_mode(played, mode, draws=draws, lab=bool(labs))
+                sim_runs[(mode, b)] = cache[key]
     rows = []
     for c in sc.connections:
         for mode in modes:
             cells = {}
-            for b, rep in reports.items():
-                run = next((r for r in rep.runs if r.mode == mode), None)
-                if run is None or run.error is not None:
-                    cells[b] = Cell(None, None, None, run.error if run is not None else "not run")
-                    continue
-                res = run.results[c.id]
-                cells[b] = Cell(res.outcome.text, res.cause.text if res.cause is not None else None,
-                                res.interruption_ms)
-            rows.append(Row(c.id, mode, cells))
+            for b in backends:
+                run = sim_runs[(mode, labs[0] if labs else None)] if b == "sim" else _run_of(reports[b], mode)
+                cells[b] = _cell(run, c.id)
+            sim_at = {b: _cell(sim_runs[(mode, b)], c.id) for b in labs} if "sim" in backends else {}
+            rows.append(Row(c.id, mode, cells, sim_at))
+    if "sim" in backends and labs:
+        rows = [_other_phases(r, played, {b: _run_of(reports[b], r.mode) for b in labs}) for r in rows]
     return rows
+
+
+def _other_phases(row: Row, sc, lab_runs: dict) -> Row:
+    """Where a lab backend's answer differs from the simulator's, replay the mode at the timer wheel's other
+    phases (``sim.linux.WHEEL_PHASES``: where the lab's time zero fell in the kernel's ticks is not
+    measured); the first phase that gives the lab's verdict and reason stands for it in the comparison."""
+    from sim.linux import WHEEL_PHASES
+    from sim.run import run_mode
+
+    sim_at, phases = dict(row.sim_at), {}
+    for b, lab_cell in row.cells.items():
+        if b == "sim" or lab_cell.verdict is None or sim_at.get(b) is None or sim_at[b].verdict is None:
+            continue
+        if (sim_at[b].verdict, sim_at[b].reason) == (lab_cell.verdict, lab_cell.reason):
+            continue
+        draws = dict(lab_runs[b].draws) if lab_runs.get(b) is not None else {}
+        for phase in WHEEL_PHASES[1:]:
+            cell = _cell(run_mode(sc, row.mode, draws=draws, lab=True, phase=phase), row.conn)
+            if (cell.verdict, cell.reason) == (lab_cell.verdict, lab_cell.reason):
+                sim_at[b], phases[b] = cell, phase
+                break
+    return replace(row, sim_at=sim_at, phases=phases) if phases else row
+
+
+def _run_of(report, mode: str):
+    return next((r for r in report.runs if r.mode == mode), None)
+
+
+def _cell(run, conn_id: str) -> Cell:
+    if run is None or run.error is not None:
+        return Cell(None, None, None, run.error if run is not None else "not run")
+    res = run.results[conn_id]
+    return Cell(res.outcome.text, res.cause.text if res.cause is not None else None, res.interruption_ms)
 
 
 def disagreements(rows: list[Row]) -> list[Row]:
@@ -145,7 +210,7 @@ def render(rows: list[Row]) -> str:
         f"{b:<{w}}" for b, w in zip(backends, widths)) + "  Δ interruption"
     out = [head, "-" * len(head)]
     for r, t in zip(rows, texts):
-        mark = "!! " if not r.verdicts_agree else ("~  " if not r.reasons_agree else "   ")
+        mark = "!! " if not r.verdicts_agree else ("~  " if not r.reasons_agree else ("≈  " if r.phases else "   "))
         d = r.interruption_diff_ms()
         out.append(f"{mark}{r.conn:<{w_id}}  {r.mode:<{w_mode}}  " + "  ".join(
             f"{x:<{w}}" for x, w in zip(t, widths)) + (f"  {d:.0f} ms" if d is not None else ""))
@@ -159,7 +224,13 @@ def render(rows: list[Row]) -> str:
                f"({n - len(compared)} not compared: a backend could not run the mode)")
     if k:
         out.append(f"interruption |difference| over {k} surviving cells: median {med:.0f} ms, worst {worst:.0f} ms")
-    out.append("!! = verdicts differ (exit status 1), ~ = same verdict, different reason")
+    for r in rows:  # the simulator's column is at the first lab backend's draws and phase 0; where it differs, say so
+        for b, c in r.sim_at.items():
+            if c != r.cells.get("sim"):
+                at = f" and the timer wheel's phase {r.phases[b] * 1000:.0f} ms" if b in r.phases else ""
+                out.append(f"{r.conn} under {r.mode}: the simulator at {b}'s draws{at}: {_cell_text(c)}")
+    out.append("!! = verdicts differ (exit status 1), ~ = same verdict, different reason, ≈ = the same at another "
+               "phase of the kernel's timer wheel (the answers raced within its granularity)")
     return "\n".join(out)
 
 

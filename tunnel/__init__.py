@@ -12,6 +12,8 @@ input, timer or call (the input going on as ``data``, the end's own messages as
 * :mod:`tunnel.host`     the host end (attach, keepalives, roaming re-attach)
 * :mod:`tunnel.proxy`    the proxy end (sessions, MAC learning, flooding, announcements)
 * :mod:`tunnel.attach`    the proxy's side of attaching (the challenge, RESETs, offload negotiated)
+* :mod:`tunnel.presence` where a VM's MAC lives at the proxy: a claim never beats presence
+* :mod:`tunnel.resend`   frames sent toward a VM's old host, sent again where it went
 * :mod:`tunnel.segment`  a sealed message cut into UDP segments that fit the path, and put back
 * :mod:`tunnel.vnet`     the virtio-net header of an offloading TAP, taken off for a plain session
 * :mod:`tunnel.mactable`, :mod:`tunnel.announce`, :mod:`tunnel.stream` (TCP length framing)
@@ -40,7 +42,7 @@ than itself; endpoints move only on authentic fresh traffic.  A proxy that lost
 a session says so (RESET, rate-limited) and the host end re-attaches at once.
 Key rotation: :meth:`ProxyEnd.rekey` / :meth:`HostEnd.rekey` keep live sessions.
 Known limits: no forward secrecy and no per-host identity (anyone with the key
-can attach and claim a MAC: the last ATTACH wins); someone who can capture and
+can attach and claim a MAC that speaks nowhere else: the newest claim wins until the VM speaks); someone who can capture and
 inject can make a host end re-attach (a RESET it provokes from another proxy
 sharing the key).
 """

@@ -25,6 +25,7 @@ class Cause(IntEnum):
     CHALLENGE = 7  # CONSUME: an authentic ATTACH for no session we know, answered with EPOCH and nothing else:
     #                 a replayed ATTACH draws the same answer as a fresh one, so it proves nothing
     SEGMENT = 8  # CONSUME: a segment held until its message is whole (not authenticated yet: proves nothing)
+    MACS = 9  # CONSUME: the host end's served MACs changed by a call (serve/forget), ATTACH in sends if live
 
 
 def proves_peer(answer: Answer) -> bool:
@@ -45,6 +46,8 @@ class EventKind(IntEnum):
     NEW_SESSION_ID = 8  # host: proxy silent too long, re-attaching under a new id
     MAC_LEARNED = 9  # host: a new VM MAC seen on the TAP, named in a new ATTACH
     OFFLOAD = 10  # either end: a session's offload was negotiated (detail "on" or "off"); the TAP follows
+    MAC_KEPT = 11  # proxy: a claim refused, the MAC speaks behind another session (see tunnel.presence)
+    MAC_FORGOTTEN = 12  # host: a VM MAC no longer served (its TAP left, seen elsewhere, detached), named no more
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,15 @@ messages the end originates, each ``("proxy", message)``, ``events`` what happen
 * Roaming: :meth:`roamed` (the driver saw our address change, or reconnected the
   TCP transport) re-sends ATTACH at once from wherever we now are; the proxy moves
   the session's endpoint on the first authentic message.  A host end started on
-  another host simply attaches: its ATTACH names the VM's MACs, and the proxy
-  moves them to the new session at once.
+  another host simply attaches: its ATTACH names the VM's MACs; the proxy moves
+  them when the VM speaks there, or at once if it speaks nowhere else
+  (:mod:`tunnel.presence`).
+* An agent serving every VM of a bridge: VMs come (a frame from a new MAC, or
+  :meth:`serve`, say from an orchestration hook) and go (:meth:`forget`: the
+  driver saw their TAP leave the bridge, or was told); and a frame from the proxy
+  whose source is a learned VM MAC says that VM now runs elsewhere: it is forgotten
+  here.  Each change names the MACs served in a new ATTACH at once, so the proxy
+  moves or drops them without waiting.
 * Only authentic, fresh messages of our current session change anything; the
   rest are DROP answers, also counted in :attr:`drops` by :class:`~tunnel.wire.Drop`
   reason (exactly one count per DROP answer).
@@ -99,6 +106,8 @@ class HostEnd(End):
         self._key_first = 0  # our first sequence number under the session key
         self._acked = False
         self.learned: dict[bytes, float] = {}  # MAC -> last seen (oldest first)
+        #: The host's own MACs (its bridge's, its TAP's: the driver says): their frames are not a VM's.
+        self.local_macs: set[bytes] = {bytes(6)}
         self._round_first = 0  # sequence number of the first ATTACH of this round
         self._attach_seq = -1  # ... and of the latest
         self._retry_delay = retry
@@ -164,6 +173,40 @@ class HostEnd(End):
         self._retry_at = self._keepalive_at = self._round_at = None
         return self._answer(_CONSUME, Cause.CLOSE)
 
+    def serve(self, mac: bytes, now: float) -> Answer:
+        """Serve ``mac`` as if given (an orchestration hook says the VM is here): CONSUME, with an
+        ATTACH naming it in ``sends`` when live and it is new (a claim: see :mod:`tunnel.presence`)."""
+        mac = bytes(mac)
+        if len(mac) != 6 or is_multicast(mac):
+            raise ValueError(f"not a unicast MAC: {mac.hex()}")
+        if mac not in self.fixed_macs:
+            self.fixed_macs += (mac,)
+            self.learned.pop(mac, None)
+            self.counters["macs_served"] += 1
+            self._events.append(TunnelEvent(EventKind.MAC_LEARNED, self.session, now, detail=format_mac(mac)))
+            self._name_again(now)
+        return self._answer(_CONSUME, Cause.MACS)
+
+    def forget(self, macs: Iterable[bytes], now: float, why: str = "told") -> Answer:
+        """Serve ``macs`` no more (their VM left: its TAP left the bridge, or a hook says so), given or
+        learned: CONSUME, with an ATTACH without them in ``sends`` when live, so the proxy drops them
+        at once.  A VM still here is learned again from its next frame."""
+        gone = [m for m in dict.fromkeys(bytes(m) for m in macs) if m in self.fixed_macs or m in self.learned]
+        if gone:
+            self.fixed_macs = tuple(m for m in self.fixed_macs if m not in gone)
+            for m in gone:
+                self.learned.pop(m, None)
+                self._events.append(TunnelEvent(EventKind.MAC_FORGOTTEN, self.session, now,
+                                                detail=f"{format_mac(m)} ({why})"))
+            self.counters["macs_forgotten"] += len(gone)
+            self._name_again(now)
+        return self._answer(_CONSUME, Cause.MACS)
+
+    def _name_again(self, now: float) -> None:
+        """The MACs served changed: a new ATTACH says so (once keyed; the hello's round names them anyway)."""
+        if self.state in _LIVE and self._key is not None:
+            self._send_attach(now)
+
     def send_frame(self, frame: bytes, now: float) -> Answer:
         """A frame the VM sent (read from the TAP): ACCEPT with the sealed message for the proxy
         in ``data`` (and a new ATTACH in ``sends`` when the frame names a new MAC), or DROP."""
@@ -173,7 +216,7 @@ class HostEnd(End):
             return self._drop(exc.reason)
         v = self.vnet
         src = bytes(frame[v + 6:v + 12])
-        if self.learn_macs and not is_multicast(src) and src not in self.fixed_macs:
+        if self.learn_macs and not is_multicast(src) and src not in self.fixed_macs and src not in self.local_macs:
             known = src in self.learned
             self.learned.pop(src, None)
             self.learned[src] = now
@@ -260,12 +303,31 @@ class HostEnd(End):
         return self._answer(_ACCEPT, _DATA, frame)
 
     def _deliver(self, s: Session, frame: bytes, now: float) -> Answer:
+        if self.learned:
+            v = self.vnet
+            src = frame[v + 6:v + 12]
+            if src in self.learned:
+                self._elsewhere(src, now)
+                return self._answer(_ACCEPT, _DATA, frame)
         return _new(Answer, (_ACCEPT, _DATA, frame, (), ()))  # the data path: nothing else to carry
+
+    def _elsewhere(self, mac: bytes, now: float) -> None:
+        """A frame from the proxy comes from ``mac``, a VM we learned: it runs elsewhere now (the proxy
+        announced it, or it spoke there): forget it here, so no claim of ours stands in its way."""
+        del self.learned[mac]
+        self.counters["macs_seen_elsewhere"] += 1
+        self._events.append(TunnelEvent(EventKind.MAC_FORGOTTEN, self.session, now,
+                                        detail=f"{format_mac(mac)} (seen elsewhere)"))
+        self._name_again(now)
 
     def _dispatch(self, h: Header, payload: bytes, now: float) -> bytes | None:
         """Act on an authentic message; the frame for the TAP, or None for a control message."""
         if h.type == MsgType.DATA:
-            return self._frame_in(self._s, payload)
+            frame = self._frame_in(self._s, payload)
+            v = self.vnet
+            if self.learned and frame[v + 6:v + 12] in self.learned:
+                self._elsewhere(frame[v + 6:v + 12], now)
+            return frame
         if h.type == MsgType.ATTACH_ACK:
             acked = parse_attach_ack(payload)
             if self.state == SessionState.ATTACHING and self._round_first <= acked <= self._attach_seq:

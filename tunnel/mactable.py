@@ -1,21 +1,34 @@
 """The proxy's MAC learning table: which port (a session id, or the LAN) a MAC lives behind.
 
 Entries age out ``age`` seconds after they were last refreshed; the table holds at
-most ``capacity`` entries and evicts the least recently refreshed when full.  Time
-is a parameter.
+most ``capacity`` entries and evicts the least recently refreshed when full.  Each
+entry also keeps when a frame *from* the MAC last came through its port (``heard``:
+the VM speaks there) and when it last moved (``moved``), which the proxy's presence
+rules read (:mod:`tunnel.presence`).  Time is a parameter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+NEVER = float("-inf")
+
 #: The port id of the home LAN (session ids are never 0).
 LAN = 0
+
+
+def port_name(port: int | None) -> str:
+    """A port as status and events show it."""
+    if port is None:
+        return "nowhere"
+    return "lan" if port == LAN else f"session {port:08x}"
 
 
 @dataclass(slots=True)
 class MacEntry:
     port: int
     deadline: float
+    heard: float = NEVER  # a frame from the MAC came through ``port`` (NEVER: only named there)
+    moved: float = NEVER  # when it last came to ``port`` from another session
 
 
 class MacTable:
@@ -33,6 +46,9 @@ class MacTable:
     def items(self):
         return self._entries.items()
 
+    def entry(self, mac: bytes) -> MacEntry | None:
+        return self._entries.get(mac)
+
     def lookup(self, mac: bytes) -> int | None:
         e = self._entries.get(mac)
         return None if e is None else e.port
@@ -46,9 +62,25 @@ class MacTable:
             self._entries[mac] = MacEntry(port, now + self.age)
             return None
         old = e.port  # refreshed once per frame: reuse the entry rather than make a new one
+        if old != port:
+            e.heard = NEVER  # heard behind the old port, not (yet) behind this one
         e.port, e.deadline = port, now + self.age
         self._entries[mac] = e
         return old
+
+    def hear(self, mac: bytes, port: int, now: float) -> bool:
+        """The data path: a frame from ``mac`` came through ``port``.  True when it lived there already
+        (refreshed, heard now); False when it did not (nothing changed: the caller decides)."""
+        e = self._entries.get(mac)
+        if e is None or e.port != port:
+            return False
+        del self._entries[mac]
+        e.deadline, e.heard = now + self.age, now
+        self._entries[mac] = e
+        return True
+
+    def forget(self, mac: bytes) -> MacEntry | None:
+        return self._entries.pop(mac, None)
 
     def forget_port(self, port: int) -> list[bytes]:
         gone = [m for m, e in self._entries.items() if e.port == port]

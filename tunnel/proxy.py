@@ -21,8 +21,11 @@ happened.
   A session's endpoint is updated only by authentic, fresh traffic (roaming).
 * MAC learning (:class:`~tunnel.mactable.MacTable`, with ageing): sources of
   frames from a session are learned behind it, sources from the LAN behind the
-  LAN; MACs named in an ATTACH move to that session at once (VNET's HANDLE), and
-  LAN frames cannot take them back while the session lives.
+  LAN; MACs named in an ATTACH move to that session (VNET's HANDLE) unless they
+  speak behind another one: a claim never beats presence (:mod:`tunnel.presence`);
+  LAN frames cannot take a named MAC back while the session lives.  When a MAC
+  moves, what was sent toward its old place since it last spoke there is sent
+  again to the new one (:mod:`tunnel.resend`).
 * Broadcast, multicast and unknown unicast from a session go to the LAN and every
   other session; from the LAN, to every session.
 * On an ATTACH that moves a MAC (new session, or the session's endpoint changed),
@@ -52,7 +55,9 @@ from .attach import RESET_RATE, ProxyHandshake, ProxySession
 from .crypto import Cipher, clear_part, open_body, seal_parts
 from .end import End, new_answer as _new
 from .events import Cause, EventKind, TunnelEvent
-from .mactable import LAN, MacTable
+from .mactable import LAN, MacTable, port_name as _port_name
+from .presence import FLAP_HOLD, PRESENCE, Presence
+from .resend import WINDOW, Resend
 from .segment import Budget, split
 from .session import SessionEvent as E, SessionState
 from .wire import (
@@ -79,7 +84,7 @@ _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
 REASSEMBLY_BUDGET = 16 << 20
 
 
-class ProxyEnd(ProxyHandshake, End):
+class ProxyEnd(Presence, ProxyHandshake, End):
     from_bits = int(Flag.FROM_PROXY)
 
     def __init__(
@@ -91,12 +96,19 @@ class ProxyEnd(ProxyHandshake, End):
         mac_capacity: int = 4096,
         max_sessions: int = 256,
         announce: bool = True,
+        presence: float = PRESENCE,
+        flap_hold: float = FLAP_HOLD,
+        resend_window: float = WINDOW,
         **end,
     ) -> None:
         """``end``: what every end takes (:class:`~tunnel.end.End`: max_frame, offload, segment_size,
         random_bytes).  Each session negotiates offload (:attr:`Session.offload`): on when its host end
-        can too."""
+        can too.  ``presence``, ``flap_hold``: see :mod:`tunnel.presence`; ``resend_window`` (0: off):
+        see :mod:`tunnel.resend`."""
         super().__init__(cipher, **end)
+        self.presence = presence
+        self.flap_hold = flap_hold
+        self.resend = Resend(resend_window)
         self.session_timeout = session_timeout
         self.max_sessions = max_sessions
         self._budget = Budget(REASSEMBLY_BUDGET)
@@ -203,21 +215,15 @@ class ProxyEnd(ProxyHandshake, End):
         return self._answer(_CONSUME, _CONTROL)
 
     def _attach(self, s: ProxySession, a: Attach, moved: bool, now: float) -> None:
+        """Place what an ATTACH names and no longer names (see :mod:`tunnel.presence`)."""
         self.counters["attaches"] += 1
+        gone = [m for m in s.named if m not in a.macs]
+        s.named = a.macs
         if a.previous and a.previous != s.id and a.previous in self.sessions:
             self._close(self.sessions[a.previous], E.SUPERSEDED, now, f"superseded by {s.id:08x}")
-        s.named = a.macs
-        arrived = False
-        for mac in a.macs:
-            old = self.macs.learn(mac, s.id, now)
-            if old != s.id:
-                arrived = True
-                self._events.append(TunnelEvent(EventKind.MAC_MOVED, s.id, now, s.endpoint,
-                                                f"{format_mac(mac)} from {_port_name(old)}"))
-            if old != s.id or moved:
-                self._announce(s, mac, now)
-        if arrived:
-            self._tell_neighbours(s, now)
+        if gone:
+            self._withdraw(s, gone, now)
+        self._claim(s, a.macs, moved, now)
 
     def _announce(self, s: ProxySession, mac: bytes, now: float) -> None:
         if not self.announce:
@@ -256,10 +262,8 @@ class ProxyEnd(ProxyHandshake, End):
         v = self.vnet
         dst, src = frame[v:v + 6], frame[v + 6:v + 12]
         if not is_multicast(src):
-            old = self.macs.learn(src, s.id, now)
-            if old is not None and old != s.id:
-                self._events.append(TunnelEvent(EventKind.MAC_MOVED, s.id, now, s.endpoint,
-                                                f"{format_mac(src)} from {_port_name(old)}"))
+            if not self.macs.hear(src, s.id, now):
+                self._heard(s, src, now)  # new here: presence decides (tunnel.presence)
             addr = source_address(frame[v:v + 64] if v else frame)
             if addr is not None:
                 known = self.addresses.get(src)
@@ -273,15 +277,17 @@ class ProxyEnd(ProxyHandshake, End):
         if is_multicast(dst):
             self._flood(frame, exclude=s.id)
             return self._to_lan(frame)
-        port = self.macs.lookup(dst)
-        if port is None:
+        e = self.macs.entry(dst)
+        if e is None:
             self.counters["unknown_unicast"] += 1
             self._flood(frame, exclude=s.id)
             return self._to_lan(frame)
+        port = e.port
         if port == LAN:
             return self._to_lan(frame)
         if port == s.id:
             return self._drop(Drop.HAIRPIN)
+        self.resend.keep(dst, frame, now, e.heard)
         return self._forward(self.sessions[port], frame)
 
     _deliver = _from_session  # the data path's authentic frames go where the long way's do
@@ -313,13 +319,14 @@ class ProxyEnd(ProxyHandshake, End):
                             known.popitem(last=False)
         if is_multicast(dst):
             return self._flooded(frame)
-        port = self.macs.lookup(dst)
-        if port is None:
+        e = self.macs.entry(dst)
+        if e is None:
             self.counters["unknown_unicast"] += 1
             return self._flooded(frame)
-        if port == LAN:
+        if e.port == LAN:
             return self._drop(Drop.NO_ROUTE)
-        return self._forward(self.sessions[port], frame)
+        self.resend.keep(dst, frame, now, e.heard)
+        return self._forward(self.sessions[e.port], frame)
 
     def _flooded(self, frame: bytes) -> Answer:
         """A LAN frame for every session: ACCEPT if one took it."""
@@ -371,6 +378,7 @@ class ProxyEnd(ProxyHandshake, End):
         while closed and next(iter(closed.values())) + CLOSED_KEEP <= now:
             closed.popitem(last=False)
         self.macs.expire(now)
+        self.resend.expire(now)
         live = set(m for m, _ in self.macs.items())
         for mac in [m for m in self.addresses if m not in live]:
             del self.addresses[mac]
@@ -382,7 +390,7 @@ class ProxyEnd(ProxyHandshake, End):
         """Shutting down: tell every host end (DETACH in ``sends``), so they re-attach as soon as we are back."""
         for s in list(self.sessions.values()):
             self._send(s, MsgType.DETACH, b"")
-            self._close(s, E.DETACH, now, "proxy shutting down")
+            self._close(s, E.DETACH, now, "proxy shutting down", release=False)
         return self._answer(_CONSUME, Cause.CLOSE)
 
     # -- status -----------------------------------------------------------------------------
@@ -411,13 +419,15 @@ class ProxyEnd(ProxyHandshake, End):
                 for s in self.sessions.values()
             ],
             "macs": {format_mac(m): _port_name(e.port) for m, e in self.macs.items()},
-            "counters": dict(self.counters),
+            "counters": dict(self.counters) | dict(self.resend.counters),
+            "resend": {"frames_kept": len(self.resend), "bytes_kept": self.resend.size,
+                       "window": self.resend.window},
             "drops": {d.name.lower(): n for d, n in self.drops.items()},
         }
 
     # -- internals --------------------------------------------------------------------------
 
-    def _close(self, s: ProxySession, event: E, now: float, why: str) -> None:
+    def _close(self, s: ProxySession, event: E, now: float, why: str, release: bool = True) -> None:
         self._step(s, event)
         del self.sessions[s.id]
         if s.reassembly is not None:
@@ -427,9 +437,12 @@ class ProxyEnd(ProxyHandshake, End):
         self._closed[s.id] = now
         while len(self._closed) > CLOSED_MAX:
             self._closed.popitem(last=False)
-        self.macs.forget_port(s.id)
         self.counters["sessions_closed"] += 1
         self._events.append(TunnelEvent(EventKind.SESSION_CLOSED, s.id, now, s.endpoint, why))
+        if release:  # its MACs go to a session that names them, or nowhere (tunnel.presence)
+            self._release_port(s.id, now, why)
+        else:
+            self.macs.forget_port(s.id)
 
     def _send(self, s: ProxySession, mtype: MsgType, payload: bytes) -> bool:
         """Seal a message for session ``s`` into ``sends``; False when its counter ran out (or a frame
@@ -469,12 +482,6 @@ class ProxyEnd(ProxyHandshake, End):
         """Whether the TAP should hand us GSO super-frames and partial checksums: when we can carry them
         and every session negotiated offload (else the kernel segments and checksums before the TAP)."""
         return self.offload and all(s.offload for s in self.sessions.values())
-
-
-def _port_name(port: int | None) -> str:
-    if port is None:
-        return "nowhere"
-    return "lan" if port == LAN else f"session {port:08x}"
 
 
 def _endpoint_text(ep: Hashable) -> str:

@@ -221,6 +221,9 @@ class Plugin:
 
     #: opt-in (``roam nat --drop-log FILE``): a JSON line per dropped packet, for the lab's judge
     drop_log = None
+    #: called once every rule is in place and packets flow (sd_notify READY=1), and when stopping
+    on_ready = None
+    on_stopping = None
 
     def _passes(self, a, data) -> bool:
         """Log the answer's events; whether the packet goes on (a drop is logged to --drop-log)."""
@@ -356,6 +359,11 @@ class Plugin:
               "mappings": self.engine.mapping_rows(200)}
         return st
 
+    def live_status(self) -> dict:
+        """The status as `roam nat status` shows it, now (from another thread: the metrics)."""
+        with self._lock:
+            return self._status_data()
+
     def _write_snapshot(self, force: bool = False) -> None:
         snap = self._snapshot_data(force)
         if snap is not None:
@@ -440,9 +448,13 @@ class Plugin:
             if self._stop:  # a signal during start-up
                 log.info("roam nat stopped during start-up")
                 return 0
-            log.info("roam nat running: queue %d, external %s (%s), internal %s", self.queue, self.external,
-                     self.engine.status()["external_ip"], ", ".join(self.cfg.internal))
+            lo, hi = self.cfg.port_range
+            log.info("roam nat running: queue %d, external %s (%s), internal %s, ports %d-%d, %s", self.queue,
+                     self.external, self.engine.status()["external_ip"], ", ".join(self.cfg.internal), lo, hi,
+                     "offload to the kernel's conntrack" if self.offload else "every packet in user space")
             self._write_status()
+            if self.on_ready is not None:
+                self.on_ready()
             packets = threading.Thread(target=self._gso_loop if self.gso else self._packet_loop, args=(nfq, wsig),
                                        name="roam-nat-packets", daemon=True)
             packets.start()
@@ -450,6 +462,8 @@ class Plugin:
             log.info("roam nat stopping")
             return 0
         finally:
+            if self.on_stopping is not None:
+                self.on_stopping()
             removed = 0
             if ours:
                 try:

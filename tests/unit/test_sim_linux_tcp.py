@@ -115,7 +115,8 @@ def test_a_silent_peer_gives_up_at_the_user_timeout_exactly():
     assert p.conn.broken_state == SockState.TIMED_OUT
     # retransmits_timed_out counts from retrans_stamp: the first RTO retransmission (times[2]; times[1] is
     # the tail loss probe, which does not set it), as measured on Linux 6.18 (tests/scenarios/)
-    assert p.conn.broken_at == pytest.approx(times[2] + 10.0, abs=1e-6)
+    # ... once the kernel's timer wheel runs the clamped timer: never early, at most one granularity late
+    assert times[2] + 10.0 <= p.conn.broken_at <= times[2] + 10.0 + 0.256
     assert times[-1] < times[2] + 10.0
 
 
@@ -135,7 +136,9 @@ def test_a_tail_loss_probe_goes_first_and_the_rto_backs_off_from_it():
     rto = sock.rtt.base()
     pto = linux.loss_probe_timeout(sock.rtt.srtt, rto)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert gaps[:4] == pytest.approx([pto, rto, 2 * rto, 4 * rto], abs=1e-6)
+    # as the kernel's timer wheel runs each (sim.linux.timer_fires): never early, at most a granularity late
+    for gap, want in zip(gaps[:4], [pto, rto, 2 * rto, 4 * rto]):
+        assert want - 1e-9 <= gap <= want + 0.032 + 0.004
     assert sock.retransmits == len(times) - 2  # the probe is no retransmission (icsk_retransmits)
 
 
@@ -167,9 +170,10 @@ def test_incomplete_entry_fails_after_three_probes_retrans_time_apart():
     far.holders[PEER] = lambda d, t: got.append((clock.now, parse_ip(d)))
     net.send(build.udp(PEER, VM, 1, 2, b"x"), 0, far)
     clock.run(10.0)
-    # Linux's defaults: retrans_time 1 s, 3 probes -> host unreachable 3 s after the packet reached the gateway
+    # Linux's defaults: retrans_time 1 s, 3 probes -> host unreachable 3 s after the packet reached the
+    # gateway, each 1 s timer run by the kernel's wheel 4-36 ms late (sim.linux.timer_fires)
     assert [(m.icmp_type, m.icmp_code) for _, m in got] == [(3, 1)]
-    assert got[0][0] == pytest.approx(0.025 + 3.0 + 0.025)
+    assert 0.025 + 3.0 + 0.025 < got[0][0] <= 0.025 + 3 * 1.036 + 0.025
 
 
 def test_no_route_is_answered_with_net_unreachable_and_a_syn_sent_connect_fails_at_once():

@@ -94,8 +94,9 @@ def test_unanswered_segment_backs_off_exponentially_and_gives_up_on_time():
     assert len(gaps) >= 4
     # gaps[0]: the tail loss probe (no back-off); the RTO doubles from the probe on, and the user timeout
     # counts from the first RTO retransmission, times[2] (Linux's retrans_stamp: tests/unit/test_sim_linux_tcp.py)
-    assert all(b == pytest.approx(2 * a, rel=1e-6) for a, b in zip(gaps[1:], gaps[2:]))
-    assert f.broken_at == pytest.approx(times[2] + 10.0, abs=1e-6)
+    # each as the kernel's timer wheel runs it: the RTO doubled, then rounded up to the wheel's granularity
+    assert all(2 * a - 0.032 <= b <= 2 * a + 0.256 for a, b in zip(gaps[1:], gaps[2:]))
+    assert times[2] + 10.0 <= f.broken_at <= times[2] + 10.0 + 0.256
     assert p.net.last_loss[0] == Loss.NO_HOLDER
     # the peer's /32 link stays up: no router says anything, so the client only knows it timed out
     # (an ICMP host unreachable from a LAN's gateway makes it "unreachable": tests/unit/test_sim_linux_icmp.py)

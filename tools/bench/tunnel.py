@@ -37,7 +37,9 @@ rest: its TCP retransmission timer (backing off while it has no path), and its
 neighbour cache, which Linux empties when the link goes down (``arp_evict_nocarrier``)
 and refills only at ARP's one-second retransmission time, its segments queued behind
 the question; the proxy answers that by telling a VM that arrived behind a new session
-its LAN neighbours.  Printed only; never asserted anywhere.
+its LAN neighbours.  Last, ``--moves N`` moves of the VM with agents already running on
+both hosts and no MAC given (:mod:`tools.bench.tunnel_moves`).  Printed only; never
+asserted anywhere.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ import time
 from pathlib import Path
 
 from tools.bench.table import render
+from tools.bench.tunnel_moves import measure_moves, report_moves
 from tools.lab.topology import (
     TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
 )
@@ -88,7 +91,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", action="append", default=[],
                         help="measure only these paths (" + ", ".join(PATHS) + "; 'openvpn' means both OpenVPN "
                         "paths); repeatable")
-    parser.add_argument("--no-migration", action="store_true", help="skip the migration measurement")
+    parser.add_argument("--no-migration", action="store_true", help="skip the migration measurements")
+    parser.add_argument("--moves", type=int, default=20, metavar="N",
+                        help="moves of the VM between two hosts whose agents run from the start, no MAC given "
+                        "(medians and worst of the gaps; default 20; 0: none)")
 
 
 def run(args) -> int:
@@ -107,6 +113,7 @@ def run(args) -> int:
     order = [p for p in PATHS if p in wanted]
     runs: dict[str, list[tuple[float, float, float, float | None]]] = {p: [] for p in order}
     migrations: dict[str, list[dict]] = {"cold": [], "warm": []}
+    moves = None
     tmp = Path(tempfile.mkdtemp(prefix="roam-bench-tunnel-"))
     try:
         with Lab("roambench") as lab:
@@ -117,10 +124,15 @@ def run(args) -> int:
                 if not args.no_migration:
                     migrations["cold"].append(b.migration(prestart=False))
                     migrations["warm"].append(b.migration(prestart=True))
+            if not args.no_migration and args.moves > 0:
+                moves = measure_moves(b, args.moves)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = {name: tuple(_median(v[i] for v in vs) for i in range(4)) for name, vs in runs.items() if vs}
     print(report(rows, migrations if not args.no_migration else None, max(1, args.repeat)))
+    if moves:
+        print()
+        print(report_moves(moves))
     return 0
 
 

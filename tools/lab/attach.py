@@ -11,8 +11,8 @@ A mode's name only chooses how the VM is plugged in, never an outcome:
   scenario's ``[[forward]]`` mappings; the VM on the NAT network behind it.
 * ``nat+state``: as nat; on a move the old host's latest NAT snapshot is rebound to
   the new host's address and the new host's ``roam nat`` restarted on it.
-* ``tunnel``: ``roam tunnel proxy`` on the home LAN, ``roam tunnel host`` started on
-  the VM's host (stopped when it leaves); the VM keeps its home address.
+* ``tunnel``: ``roam tunnel proxy`` on the home LAN, a ``roam tunnel host`` agent on
+  every host from the start, told no MAC; the VM keeps its home address.
 
 A mode the lab cannot run raises :class:`ModeUnavailable`: the ModeRun's error, never
 a verdict.
@@ -321,14 +321,13 @@ class NatState(Nat):
 
 
 class Tunnel(Driver):
-    """The VM on its home LAN through ``roam tunnel``: the proxy in the home namespace, a host end where it runs.
+    """The VM on its home LAN through ``roam tunnel``, run as deployed: the proxy in the home namespace,
+    an agent on every host from the start.
 
-    The proxy joins the home LAN bridge; on the VM's host a bridge ``brvm`` holds the
-    VM's link and the host end's TAP.  A move stops the old host end (it detaches
-    from the proxy) and starts one on the new host, which attaches from there with
-    the VM's MAC; the VM keeps its home address.  Starting ``roam tunnel host`` takes
-    the better part of a second, which adds to the scenario's downtime (the interruption
-    the report shows includes it).
+    Every host gets a bridge ``brvm`` and a ``roam tunnel host`` agent on it, started (and attached)
+    before the scenario begins, told no MAC: the VM's link joins the bridge of the host it runs on,
+    and its own frames name it there; on a move its link leaves that bridge (the agent sees the port
+    go and forgets it) and joins the new host's.  The VM keeps its home address.
     """
 
     name = "tunnel"
@@ -348,7 +347,7 @@ class Tunnel(Driver):
         self.warnings: list[str] = []
         self.proxy = None
         self.here: str | None = None
-        self.counters: dict[str, int] = {}  # drops of the ends stopped so far, from their status
+        self.counters: dict[str, int] = {}  # drops of the ends, from their status
         self.dir = tempfile.mkdtemp(prefix="roam-netns-tunnel-")
         try:
             self.key = os.path.join(self.dir, "tunnel.key")
@@ -357,6 +356,16 @@ class Tunnel(Driver):
                 f.write(subprocess.run(["roam", "tunnel", "genkey"], capture_output=True, text=True, check=True,
                                        timeout=30).stdout)
             self.proxy = self._popen("proxy", topo.home, ["proxy", "--listen", self.proxy_at, "--bridge", "br0"])
+            keep = self.sc.tunnel_keepalive
+            for host in topo.hosts:
+                ns = topo.host_ns(host)
+                if not topo.lab.ipr(ns).link_lookup(ifname="brvm"):
+                    topo.lab.bridge(ns, "brvm")
+                self.procs[host] = self._popen(f"host-{host}", ns, [
+                    "host", "--proxy", self.proxy_at, "--tap", "vmtap0", "--bridge", "brvm",
+                    "--keepalive", f"{keep:g}", "--dead-after", f"{3 * keep:g}"])
+            for host, p in self.procs.items():
+                self._wait_attached(host, p)
         except BaseException:
             self.close()  # the caller gets no driver to close: the dir holds the key
             raise
@@ -384,22 +393,11 @@ class Tunnel(Driver):
             time.sleep(0.05)
 
     def attach(self, host: str, first: bool) -> None:
-        topo, lab = self.topo, self.topo.lab
-        ns = topo.host_ns(host)
-        if not lab.ipr(ns).link_lookup(ifname="brvm"):
-            lab.bridge(ns, "brvm")
-        role = f"host-{host}"
-        open(os.path.join(self.dir, f"{role}.log"), "w").close()  # a fresh log per start
-        keep = self.sc.tunnel_keepalive
-        p = self._popen(role, ns, ["host", "--proxy", self.proxy_at, "--tap", "vmtap0", "--bridge", "brvm",
-                                   "--mac", self.sc.vm.mac, "--keepalive", f"{keep:g}",
-                                   "--dead-after", f"{3 * keep:g}"])
-        self.procs[host] = p
-        topo.plug_bridge("brvm")
+        """The VM's link joins the bridge of the host's agent (running since the start)."""
+        self.topo.plug_bridge("brvm")
         self.here = host
         if first:
-            topo.vm_readdress(f"{self.sc.vm.home_address}/{self.home.prefixlen}", self.home.gateway)
-            self._wait_attached(host, p)
+            self.topo.vm_readdress(f"{self.sc.vm.home_address}/{self.home.prefixlen}", self.home.gateway)
 
     def _status(self, role: str) -> None:
         """A running end's ``roam tunnel status`` (its status file, removed when it exits): its drops counted,
@@ -417,17 +415,13 @@ class Tunnel(Driver):
                     f.write(json.dumps(st, default=str) + "\n")
 
     def drops(self) -> tuple[list[dict], dict[str, int]]:
-        for role in [f"host-{h}" for h in self.procs] + ["proxy"]:
-            self._status(role)
+        if not self.counters:  # once: the ends' counts at the end of the run
+            for role in [f"host-{h}" for h in self.procs] + ["proxy"]:
+                self._status(role)
         return [], dict(self.counters)
 
     def detach(self) -> None:
-        host = self.topo.vm_host
-        p = self.procs.pop(host, None) if host else None
-        if p is not None:
-            self._status(f"host-{host}")
-            self.topo.lab.stop(p, wait=5.0)
-            # the TAP is the host end's: it goes with it; the bridge stays for a return
+        """Nothing to stop: the VM's link leaves the bridge with the move, and the agent sees it go."""
         self.here = None
 
     def vm_address(self) -> str | None:

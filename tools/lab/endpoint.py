@@ -88,7 +88,7 @@ class _Endpoint:
         self.timers: list = []
         self.seq = 0
         self.quit = False
-        self.held = False
+        self.cut: set[float] = set()  # the moves whose link cut the driver has reported (``go``)
         self._stdin = -1
 
     # -- plumbing -----------------------------------------------------------------
@@ -126,13 +126,11 @@ class _Endpoint:
         ``synced`` (the driver freezes the VM after that).  So what was due at the move goes out after the
         cut and before the pause, as in the simulator, whatever the load."""
         self.emit(ev="barrier", at=at)
-        self.held = True
         fd = self._stdin
         limit = time.monotonic() + HOLD_MAX
-        while self.held and not self.quit and time.monotonic() < limit:
+        while at not in self.cut and not self.quit and time.monotonic() < limit:  # a go that came first counts
             if select.select([fd], [], [], 0.05)[0]:
                 self._commands(fd, None)
-        self.held = False
         self.at(at, lambda: self.emit(ev="synced", at=at))
 
     def _commands(self, fd, mask) -> None:
@@ -157,8 +155,8 @@ class _Endpoint:
             self.t0 = c["t0"]
         elif op == "barrier":  # a move at ``at``: hold there until the driver has cut the link
             self.at(c["at"] - BARRIER_BEFORE, lambda: self._barrier(c["at"]))
-        elif op == "go":
-            self.held = False
+        elif op == "go":  # the link is cut for the move at ``at``
+            self.cut.add(c["at"])
         elif op == "tcp_listen":
             _TcpServer(self, c)
         elif op == "udp_listen":

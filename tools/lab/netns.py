@@ -36,13 +36,14 @@ from .topology import TopologyError
 from .attach import DRIVERS, NOT_YET, ModeUnavailable
 from .logs import collect_drops, verdicts
 from .play import (Collector, EndpointProc, finish, horizon, loss_warning, open_servers, router_packets,
-                   run_modes, start_connection, start_peers, wait_ready, SETTLE)
+                   redrawn, run_modes, start_connection, start_peers, wait_ready, SETTLE)
 from .vmlink import netns_topology
 
 LATE = 0.25  # seconds a resume may come after its time before the report warns
-#: A move, ordered by the VM endpoint itself (a busy machine runs the driver and the endpoint late, each
+#: A move, ordered by the endpoints themselves (a busy machine runs the driver and the endpoints late, each
 #: by its own amount): the driver sends a barrier BARRIER_EARLY before the move; at the move's instant on
-#: its clock the endpoint stops and says so; the switch cuts the VM off and the endpoint goes on; once it
+#: its clock every endpoint stops and says so (a peer's send due at that instant comes after the move, as in
+#: the simulator); the switch cuts the VM off and the endpoints go on; once the VM's endpoint
 #: has run what was due at the move (the simulator's ``Stack.holds``: that ran, and was lost) it says
 #: ``synced`` and the VM is frozen.  CUT_EARLY, FREEZE_LATE: when the driver starts waiting for each.
 BARRIER_EARLY, CUT_EARLY, FREEZE_LATE = 0.2, 0.002, 0.001
@@ -95,6 +96,7 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
     if err:
         return ModeRun(mode, {}, err)
     t0 = time.monotonic() + SETTLE
+    draws = topo.neigh_draws()
     for p in procs.values():
         p.send(op="clock", t0=t0)
     open_servers(sc, procs)
@@ -117,15 +119,17 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
             pi += 1
             if what == "start":
                 start_connection(sc, drv, procs, arg)
-            elif what == "barrier":
-                procs["vm"].send(op="barrier", at=arg.at)
-            elif what == "cut":
-                if not col.wait_mark(procs["vm"], "barrier", arg.at):
+            elif what == "barrier":  # every endpoint holds at the move's instant: a tie goes to the move
+                for p in procs.values():
+                    p.send(op="barrier", at=arg.at)
+            elif what == "cut":  # a peer needs no waiting for: one that comes to the move after the go goes on
+                if not col.wait_mark([procs["vm"]], "barrier", arg.at):
                     warnings.append(f"the VM's endpoint did not stop at the move at {arg.at:g} s")
                 topo.cut()
-                procs["vm"].send(op="go")
+                for p in procs.values():
+                    p.send(op="go", at=arg.at)
             elif what == "leave":  # the VM pauses; its destination is readied meanwhile
-                if not col.wait_mark(procs["vm"], "synced", arg.at):
+                if not col.wait_mark([procs["vm"]], "synced", arg.at):
                     warnings.append(f"the VM's endpoint did not run what was due at the move at {arg.at:g} s")
                 topo.pause([procs["vm"].p.pid])
                 drv.detach()
@@ -151,13 +155,14 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
         time.sleep(max(0.0, min(0.05, nxt)))
     # what happens once the driver stops (endpoints closing their sockets) is not the scenario's
     stop_at = time.monotonic() - t0
+    draws = redrawn(topo, draws, warnings)
     finish(procs, procs, col, logdir)
     drops = collect_drops(drv, t0)
     results = verdicts(sc, [e for e in col.events if e["t"] < stop_at],
                        drops=[d for d in drops.events if d["t"] < stop_at])
     warnings += getattr(drv, "warnings", [])
     return ModeRun(mode, results, None, router_packets(topo), len(col.events), drops.counters,
-                   time.monotonic() - wall0, tuple(warnings))
+                   time.monotonic() - wall0, tuple(warnings), draws=draws)
 
 
 def run_netns(sc, modes: tuple[str, ...] | None = None, progress=None, *, parallel: bool = False,

@@ -142,13 +142,13 @@ class Collector:
         self.n = n
         self.events: list[dict] = []
         self.status: dict[int, str] = {}
-        self.marks: set[tuple[str, float]] = set()  # the VM endpoint's ("barrier" | "synced", move time)
+        self.marks: set[tuple[str, str, float]] = set()  # (endpoint, "barrier" | "synced", move time)
 
     def pump(self, procs) -> None:
         for p in procs:
             for ev in p.pump():
                 if ev["ev"] in ("barrier", "synced"):  # the driver's, not the judge's
-                    self.marks.add((ev["ev"], ev["at"]))
+                    self.marks.add((ev.get("who"), ev["ev"], ev["at"]))
                     continue
                 self.events.append(ev)
                 if ev.get("idx") is not None and ev["ev"] in ("broken", "done"):
@@ -158,14 +158,15 @@ class Collector:
     def all_ended(self) -> bool:
         return len(self.status) >= self.n
 
-    def wait_mark(self, vm: "EndpointProc", mark: str, at: float, timeout: float = 2.0) -> bool:
-        """Wait (bounded) for the VM endpoint's ``mark`` of the move at ``at``; False if it never came."""
+    def wait_mark(self, procs: list, mark: str, at: float, timeout: float = 2.0) -> bool:
+        """Wait (bounded) for every endpoint of ``procs`` to give its ``mark`` of the move at ``at``; False if
+        one never did."""
         end = time.monotonic() + timeout
-        while (mark, at) not in self.marks:
-            if time.monotonic() > end or vm.p.poll() is not None:
+        while not all((p.role, mark, at) in self.marks for p in procs):
+            if time.monotonic() > end or any(p.p.poll() is not None for p in procs):
                 return False
-            self.pump([vm])
-            if (mark, at) not in self.marks:
+            self.pump(procs)
+            if not all((p.role, mark, at) in self.marks for p in procs):
                 time.sleep(0.0005)
         return True
 
@@ -205,6 +206,15 @@ def router_packets(topo) -> int:
     except Exception:  # noqa: BLE001 - a count for the report only
         return 0
     return total
+
+
+def redrawn(topo, draws: dict[str, float], warnings: list[str]) -> dict[str, float]:
+    """The routers' reachable-time draws read at time zero, with a warning if the kernel drew again since
+    (it does every 300 s, for every interface at once): the simulator replays those of time zero."""
+    if topo.neigh_draws() != draws:
+        warnings.append("the kernel drew the routers' reachable times again during the run (it does every "
+                        "300 s): a verdict hanging on them may differ from the simulator's")
+    return draws
 
 
 def loss_warning(sc, backend: str) -> list[str]:

@@ -45,7 +45,7 @@ from .topology import TopologyError, _allowed, build, vm_addresses
 from .attach import DRIVERS, ModeUnavailable
 from .guest_vm import GuestVm
 from .logs import collect_drops, verdicts
-from .play import (SETTLE, Collector, finish, horizon, loss_warning, open_servers, router_packets, run_modes,
+from .play import (SETTLE, Collector, finish, horizon, loss_warning, open_servers, redrawn, router_packets, run_modes,
                    start_connection, start_peers, wait_ready)
 from .qemu import Guest, GuestSpec, Migration, QemuError, qemu_missing
 from .vmlink import SwitchedTopology, add_host_links
@@ -185,6 +185,7 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
     if err:
         return ModeRun(mode, {}, err)
     t0 = time.monotonic() + max(SETTLE, LEAD - min((m.at for m in sc.migrations), default=LEAD))
+    draws = topo.neigh_draws()
     for p in procs.values():
         p.send(op="clock", t0=t0)
     open_servers(sc, procs)
@@ -222,6 +223,7 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
             waits.append(nt - now)
         time.sleep(max(0.0, min(waits)))
     stop_at = time.monotonic() - t0
+    draws = redrawn(topo, draws, warnings)
     finish(procs, peers, col, logdir, extra=vm.pump)
     mover.join(timeout=1)
     if error:
@@ -239,7 +241,7 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
             warnings.append(f"the move at {m.at:g} s paused the guest {late * 1000:.0f} ms longer than its "
                             f"{m.downtime * 1000:.0f} ms downtime (the copy or the destination's set-up took longer)")
     return ModeRun(mode, results, None, router_packets(topo), len(col.events), drops.counters,
-                   time.monotonic() - wall0, tuple(warnings), tuple(mover.done))
+                   time.monotonic() - wall0, tuple(warnings), tuple(mover.done), draws=draws)
 
 
 def run_qemu(sc, modes: tuple[str, ...] | None = None, progress=None, *, parallel: bool = False,

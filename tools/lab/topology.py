@@ -144,6 +144,21 @@ class Topology:
             if gateway:
                 lab.route(vm, "default", gateway)
 
+    # -- the kernel's draws ----------------------------------------------------
+    def neigh_draws(self) -> dict[str, float]:
+        """Each site router's reachable time in force, as a factor of its base: the kernel's draw
+        (``neigh_rand_reach_time``), which the simulator replays (``sim.linux.NeighParams``)."""
+        draws = {}
+        for s in self.sites.values():
+            out = self.lab.run(self.inet, ["ip", "ntable", "show", "dev", s.bridge], check=False).stdout.split()
+            try:
+                reach, base = int(out[out.index("reachable") + 1]), int(out[out.index("base_reachable") + 1])
+            except (ValueError, IndexError):  # an ip(8) that prints otherwise: the simulator plays the mean
+                continue
+            if base > 0:
+                draws[s.name] = reach / base
+        return draws
+
     # -- description ----------------------------------------------------------
     def describe(self) -> dict:
         return {

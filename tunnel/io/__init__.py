@@ -6,7 +6,9 @@ import it.
 * :mod:`tunnel.io.tap`       TAP devices (``/dev/net/tun`` and the interface ioctls)
 * :mod:`tunnel.io.transport` UDP socket options, endpoints, one TCP connection's queue
 * :mod:`tunnel.io.loop`      the selector loop, the one answer helper, the status file
-* :mod:`tunnel.io.host`      :class:`HostDriver`
+* :mod:`tunnel.io.host`      :class:`HostDriver` (the host agent)
+* :mod:`tunnel.io.bridgewatch` the agent's bridge: ports joining and leaving it (rtnetlink)
+* :mod:`tunnel.io.control`   the agent's control socket (``roam tunnel attach|detach``)
 * :mod:`tunnel.io.proxy`     :class:`ProxyDriver`
 """
 from .host import HostDriver

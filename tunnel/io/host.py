@@ -6,6 +6,12 @@ the proxy, hands them to the engine, and carries its answers (:meth:`Driver.carr
 transport's: reconnecting TCP with backoff, and watching the local source address
 toward the proxy (every :data:`ADDRESS_CHECK_EVERY` seconds), which tells the engine
 it roamed.
+
+As a host agent serving every VM of its bridge, it also watches the bridge's ports
+(:mod:`tunnel.io.bridgewatch`: a VM whose TAP leaves is forgotten at once) and
+answers the control socket (:mod:`tunnel.io.control`: ``attach|detach --mac``).
+Both are on by default: the watch when the TAP joined a bridge, the socket
+(``host.sock``) when there is a status directory.
 """
 from __future__ import annotations
 
@@ -17,16 +23,20 @@ from typing import Callable, Hashable
 
 
 from ..host import PROXY, HostEnd
+from ..wire import format_mac, parse_mac
 from .loop import Driver, log
 from .transport import Datagrams, TcpConn, family, same_ip, udp_socket
 
 ADDRESS_CHECK_EVERY = 0.25
 TAP = "tap"
+CONTROL_NAME = "host.sock"
 
 
 class HostDriver(Driver):
     """``sock``: a socket already connected to the proxy (in the tests, one end of a socketpair);
-    the driver then makes none, never reconnects and does not watch the local address."""
+    the driver then makes none, never reconnects and does not watch the local address.
+    ``control``: the control socket's path (True: ``host.sock`` in ``status_dir``; None: none);
+    ``watch``: the bridge whose ports to watch (True: the TAP's; None: none)."""
 
     role = "host"
     peer_name = "proxy"
@@ -35,7 +45,8 @@ class HostDriver(Driver):
 
     def __init__(self, engine: HostEnd, tap, proxy: tuple[str, int], transport: str,
                  clock: Callable[[], float], status_dir: str | None = None, *,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None, control: str | bool | None = True,
+                 watch: str | bool | None = True) -> None:
         super().__init__(tap, clock, status_dir)
         self.engine = engine
         self.tap_input = engine.send_frame
@@ -59,9 +70,85 @@ class HostDriver(Driver):
             self.udp.setblocking(False)
             self.dgram = Datagrams(self.udp)
             self.sel.register(self.udp, selectors.EVENT_READ, self._on_udp)
+        self.control = self.watch = None
+        try:
+            self._agent(status_dir, control, watch)
+        except BaseException:
+            self.close_sockets()
+            raise
+
+    def _agent(self, status_dir: str | None, control: str | bool | None, watch: str | bool | None) -> None:
+        """The agent's ears: the bridge's ports, and the control socket."""
+        own = getattr(self.tap, "mac", None)
+        if own:
+            self.engine.local_macs.add(parse_mac(own))
+        if watch is True:
+            watch = getattr(self.tap, "bridge", None)
+        if watch:
+            from .bridgewatch import BridgeWatch
+            self.watch = BridgeWatch(watch, own=self.tap.name)
+            self.sel.register(self.watch.fileno(), selectors.EVENT_READ, self._on_bridge)
+            self._local_macs(self.clock())
+            self.extra_status["bridge"] = watch
+            log.info("host: watching bridge %s (%d port(s) besides ours)", watch, len(self.watch.ports))
+        if control is True:
+            control = os.path.join(status_dir, CONTROL_NAME) if status_dir else None
+        if control:
+            from .control import ControlError, ControlServer
+            try:
+                self.control = ControlServer(control, self.sel, self._request, self.clock, self.counters)
+            except ControlError as exc:  # another agent has it: run without one, say so
+                self.counters["control_unavailable"] += 1
+                log.warning("host: no control socket: %s", exc)
+            else:
+                self.extra_status["control"] = control
+
+    def _request(self, verb: str, arg: str, now: float) -> dict:
+        """A control request (``attach``/``detach`` a MAC, ``list``): what the agent serves after it."""
+        if verb in ("attach", "detach"):
+            mac = parse_mac(arg)
+            if verb == "attach":
+                answer = self.engine.serve(mac, now)
+            else:
+                answer = self.engine.forget([mac], now, "detached by request")
+            self.carry(answer, now)
+            self.flush(now)
+        return {"macs": [format_mac(m) for m in self.engine.macs]}
+
+    def _on_bridge(self, _mask: int) -> None:
+        from .bridgewatch import PortLeft
+        now = self.clock()
+        try:
+            changes = self.watch.read()
+        except OSError as exc:
+            self.note("bridge_watch_errors", now, "reading the bridge's changes: %s", exc)
+            return
+        for c in changes:
+            if isinstance(c, PortLeft):
+                self.counters["bridge_ports_left"] += 1
+                log.info("host: port %s left bridge %s (MACs behind it: %s)", c.name, self.watch.bridge,
+                         ", ".join(format_mac(m) for m in c.macs) or "none")
+                if c.macs:
+                    self.carry(self.engine.forget(c.macs, now, f"{c.name} left {self.watch.bridge}"), now)
+            else:
+                self.counters["bridge_ports_joined"] += 1
+                log.info("host: port %s joined bridge %s", c.name, self.watch.bridge)
+        self._local_macs(now)
+        self.flush(now)
+
+    def _local_macs(self, now: float) -> None:
+        """The host's own MACs on the bridge are no VM's: never learned (and forgotten if they were)."""
+        local = self.engine.local_macs
+        new = self.watch.local - local
+        if new:
+            local.update(new)
+            mistaken = [m for m in new if m in self.engine.learned]
+            if mistaken:
+                self.carry(self.engine.forget(mistaken, now, "the host's own"), now)
 
     def deadline(self) -> float | None:
-        times = [t for t in (self.engine.next_deadline(), self._reconnect_at, self._next_check) if t is not None]
+        times = [t for t in (self.engine.next_deadline(), self._reconnect_at, self._next_check,
+                             self.control and self.control.deadline()) if t is not None]
         return min(times) if times else None
 
     def begin(self, now: float) -> None:
@@ -176,6 +263,8 @@ class HostDriver(Driver):
     # -- timers and output -------------------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
+        if self.control is not None:
+            self.control.sweep(now)
         if self._reconnect_at is not None and now >= self._reconnect_at:
             self._reconnect_at = None
             self._connect(now)
@@ -224,3 +313,9 @@ class HostDriver(Driver):
             self.udp.close()
         if self.conn is not None:
             self.conn.sock.close()
+        if getattr(self, "control", None) is not None:
+            self.control.close()
+            self.control = None
+        if getattr(self, "watch", None) is not None:
+            self.watch.close()
+            self.watch = None

@@ -326,14 +326,27 @@ class Driver:
         """The engine's next deadline and the driver's own timers, whichever comes first."""
         raise NotImplementedError
 
+    #: Called once the TAP and sockets are in place and the loop begins (sd_notify READY=1), and
+    #: when it stops (STOPPING=1); set by the command line.
+    on_ready: Callable[[], None] | None = None
+    on_stopping: Callable[[], None] | None = None
+    #: The last status :meth:`write_status` computed and when (the clock's time): read by other
+    #: threads (the metrics), as the engine itself is only ever touched by the loop.
+    published: tuple[float, dict] | None = None
+
     def run(self) -> None:
         """Until :meth:`request_stop`: begin, one pass per wake-up, then shut down."""
         try:
             self.sync_tap_offload(self.clock())
             self.begin(self.clock())
+            self.write_status(self.clock())
+            if self.on_ready is not None:
+                self.on_ready()
             while not self.stopping:
                 self.run_once()
         finally:
+            if self.on_stopping is not None:
+                self.on_stopping()
             self.shutdown()
 
     def run_once(self, max_wait: float = 1.0) -> None:
@@ -376,6 +389,8 @@ class Driver:
         return st
 
     def write_status(self, now: float) -> None:
+        st = self.status(now)
+        self.published = (now, st)
         if not self.status_path:
             return
         tmp = self.status_path + ".tmp"
@@ -383,7 +398,7 @@ class Driver:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)  # a .tmp left by an older roam may have been wider
             with os.fdopen(fd, "w") as f:
-                json.dump(self.status(now), f, indent=1, default=str)
+                json.dump(st, f, indent=1, default=str)
             os.replace(tmp, self.status_path)
         except OSError as exc:  # EMFILE under a flood, a full disk: the status waits, the tunnel goes on
             self.note("status_write_errors", now, "cannot write the status file: %s", exc)

@@ -65,6 +65,7 @@ class Tap:
             raise TapError(errno.EINVAL, f"interface name {name!r} must be 1..15 bytes")
         self.name = name
         self.mtu = mtu
+        self.bridge = bridge  # the bridge it is a port of (a host agent watches the bridge's other ports)
         #: Whether frames carry a virtio-net header (asked for, and the kernel agreed): an end whose
         #: TAP cannot falls back to plain frames, and its sessions negotiate no offload.
         self.offload = offload
