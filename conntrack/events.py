@@ -62,8 +62,15 @@ class Tracked(NamedTuple):
     why: Why | None = None
     events: tuple["ConnEvent", ...] = ()
 
-    data = None
-    sends = ()
+    @property
+    def data(self) -> None:
+        """Always None: the tracker never rewrites."""
+        return None
+
+    @property
+    def sends(self) -> tuple[()]:
+        """Always empty: the tracker never originates a message."""
+        return ()
 
     @property
     def action(self) -> Action:

@@ -16,7 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 from .errors import Malformed, ParseError
 from .packet import Packet, parse_frame, parse_ip
@@ -39,6 +39,20 @@ _MAGIC = {
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
 MAX_SNAPLEN = 262144
+
+
+class Reader(Protocol):
+    """What a capture is read from: an open binary file, or the gzip reader around one."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+class Writer(Protocol):
+    """What a capture is written to: an open binary file, or a gzip writer around one."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"  # a pcapng section header block's type, in either byte order
@@ -80,7 +94,7 @@ class Capture:
         return self._records
 
 
-def open_capture(f: BinaryIO) -> Capture:
+def open_capture(f: Reader) -> Capture:
     """Read the file header of a pcap or pcapng capture, gzip-compressed or not.
 
     Raises CaptureError for a file that is none of these; the records are read as iterated."""
@@ -103,12 +117,12 @@ def open_capture(f: BinaryIO) -> Capture:
     return Capture(fmt, gz is not None, nano, records)
 
 
-def read_pcap(f: BinaryIO) -> Iterator[Record]:
+def read_pcap(f: Reader) -> Iterator[Record]:
     """The records of a capture in any format ``open_capture`` reads (the name is historical)."""
     return iter(open_capture(f))
 
 
-def _read_pcap(f: BinaryIO, head: bytes, gz: "_Gunzip | None") -> tuple[Iterator[Record], bool]:
+def _read_pcap(f: Reader, head: bytes, gz: "_Gunzip | None") -> tuple[Iterator[Record], bool]:
     if len(head) < 24:
         raise _gunzip_error(gz) or CaptureError(
             Malformed.BAD_CAPTURE_HEADER, f"file header needs 24 bytes, have {len(head)}")
@@ -120,7 +134,7 @@ def _read_pcap(f: BinaryIO, head: bytes, gz: "_Gunzip | None") -> tuple[Iterator
     return _pcap_records(f, order, scale, linktype & 0x0FFFFFFF), scale < 1e-6
 
 
-def _pcap_records(f: BinaryIO, order: str, scale: float, linktype: int) -> Iterator[Record]:
+def _pcap_records(f: Reader, order: str, scale: float, linktype: int) -> Iterator[Record]:
     rec = struct.Struct(order + "IIII")
     offset, number = 24, 0
     while True:
@@ -152,7 +166,7 @@ class _Gunzip:
 
     CHUNK = 1 << 16
 
-    def __init__(self, head: bytes, f: BinaryIO) -> None:
+    def __init__(self, head: bytes, f: Reader) -> None:
         self._f, self._pending = f, head
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._fed = False  # the current member has had input
@@ -219,7 +233,7 @@ def _gunzipped(records: Iterator[Record], gz: _Gunzip) -> Iterator[Record]:
         raise err
 
 
-def write_pcap(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, nanosecond: bool = False) -> int:
+def write_pcap(f: Writer, records: Iterable, linktype: int = LinkType.RAW, nanosecond: bool = False) -> int:
     """Write (time, bytes) pairs as a micro- (or nano-) second pcap; returns the count."""
     magic, unit = (0xA1B23C4D, 1_000_000_000) if nanosecond else (0xA1B2C3D4, 1_000_000)
     f.write(struct.pack("<IHHiIII", magic, 2, 4, 0, 0, MAX_SNAPLEN, linktype))
@@ -235,7 +249,7 @@ def write_pcap(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, nan
     return n
 
 
-def write_capture(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, fmt: str = "pcap",
+def write_capture(f: Writer, records: Iterable, linktype: int = LinkType.RAW, fmt: str = "pcap",
                   compressed: bool = False, nanosecond: bool = False, like: Capture | None = None) -> int:
     """Write (time, bytes) pairs as pcap or pcapng, gzip-compressed or not; ``like`` takes
     all three choices from a capture that was read.  Returns the count."""

@@ -13,10 +13,10 @@ byte offset, as the pcap reader names records; a packet's ``Record.number`` coun
 from __future__ import annotations
 
 import struct
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .errors import Malformed
-from .pcap import MAX_SNAPLEN, PCAPNG_MAGIC, CaptureError, LinkType, Record
+from .pcap import MAX_SNAPLEN, PCAPNG_MAGIC, CaptureError, LinkType, Reader, Record, Writer
 
 SHB, IDB, OPB, SPB, EPB = 0x0A0D0D0A, 1, 2, 3, 6
 BOM = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}  # 0x1A2B3C4D as each order stores it
@@ -44,7 +44,7 @@ def _err(block: int, offset: int, reason: Malformed, detail: str) -> CaptureErro
     return CaptureError(reason, detail, block, offset, "block")
 
 
-def read_pcapng(f: BinaryIO, head: bytes = b"") -> Iterator[Record]:
+def read_pcapng(f: Reader, head: bytes = b"") -> Iterator[Record]:
     """The packets of a pcapng stream; ``head`` is its first bytes if already read."""
     offset = block = number = 0
     order = "<"
@@ -159,7 +159,7 @@ def _block(btype: int, body: bytes) -> bytes:
     return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
 
 
-def write_pcapng(f: BinaryIO, records: Iterable, linktype: int = LinkType.RAW, nanosecond: bool = False) -> int:
+def write_pcapng(f: Writer, records: Iterable, linktype: int = LinkType.RAW, nanosecond: bool = False) -> int:
     """Write (time, bytes) pairs, or (time, bytes, linktype) triples, as one little-endian
     pcapng section with one interface per link type; returns the count."""
     f.write(_block(SHB, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from .events import ConnEvent, CtState, EventKind, Tracked, Why
 from .flow import _PACK4, _PACK6, FlowTuple, packet_key, reverse_key
@@ -56,7 +56,7 @@ class Conn:
         self._ss = int(state)  # TcpState for TCP, 0 otherwise; status bits << 8
         self.deadline = now
         self.orig_packets = self.orig_bytes = self.reply_packets = self.reply_bytes = 0
-        self.extra = None  # owned by the user (the NAT keeps its mapping here)
+        self.extra: Any = None  # owned by the user (the NAT keeps its mapping here)
 
     @property
     def proto(self) -> int:
@@ -218,6 +218,7 @@ class ConnTable:
         if pkt.inner is not None:
             self.counters["searched"] += 1
             return self._caused(mark, self._track_related(pkt, now))
+        key: bytes | None
         if proto == _TCP or proto == _UDP:  # packet_key's common case, inline
             key = (_PACK4 if family == 4 else _PACK6)(proto, src, dst, sport, dport)
         else:
@@ -423,6 +424,7 @@ class ConnTable:
 
     def _track_related(self, pkt: Packet, now: float) -> Tracked:
         inner = pkt.inner
+        assert inner is not None  # track() comes here only for an ICMP error (it quotes a packet)
         key = packet_key(inner) if inner.l4 >= 0 else None
         c = self._by_key.get(key) if key is not None else None
         if c is None or c.deadline <= now:
@@ -433,6 +435,7 @@ class ConnTable:
         return Tracked(_REL, direction, c)
 
     def _track_fragment(self, pkt: Packet, now: float) -> Tracked:
+        assert pkt.fragment is not None  # track() comes here only for a non-first fragment
         head = self._frags.get((pkt.src, pkt.dst, pkt.proto, pkt.fragment.ident))
         if head is None or head[0]._ss & _DEAD or head[2] <= now or head[0].deadline <= now:
             return Tracked(_UNT, why=Why.FRAGMENT_WITHOUT_HEAD)
@@ -443,6 +446,7 @@ class ConnTable:
     def _note_head(self, pkt: Packet, c: Conn, direction: int, now: float) -> None:
         if len(self._frags) >= self.fragment_capacity:
             del self._frags[next(iter(self._frags))]
+        assert pkt.fragment is not None  # called only for a fragment
         self._frags[(pkt.src, pkt.dst, pkt.proto, pkt.fragment.ident)] = (
             c, int(direction), now + self._timeouts.fragment)
 

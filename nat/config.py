@@ -116,7 +116,7 @@ class NatConfig:
     def with_(self, **changes) -> "NatConfig":
         return replace(self, **changes)
 
-    def networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(c, strict=False) for c in self.internal)
 
 

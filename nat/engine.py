@@ -39,7 +39,7 @@ _RECLAIM_BATCH = 64  # unreplied flows ended at least per full-pool round (fewer
 _RECLAIM_QUIET = 1.0  # seconds without a scan after one found nothing to reclaim
 _PORTED = (Proto.TCP, Proto.UDP)
 _DROP_COUNTER = {r: "dropped_" + r.name.lower() for r in NatReason}
-_DROP_WHY = {Why.TABLE_FULL: NatReason.TABLE_FULL, Why.TCP_INVALID: NatReason.INVALID,
+_DROP_WHY: dict[Why | None, NatReason] = {Why.TABLE_FULL: NatReason.TABLE_FULL, Why.TCP_INVALID: NatReason.INVALID,
              Why.ICMP_UNMATCHED_REPLY: NatReason.INVALID, Why.FRAGMENT_WITHOUT_HEAD: NatReason.FRAGMENT_WITHOUT_HEAD}
 _IP4 = struct.Struct("!I")
 _IPH = struct.Struct("!xxHxxHxB")  # total length, flags/fragment offset, protocol
@@ -244,8 +244,8 @@ class NatEngine:
         proto = pkt.proto
         if proto not in _PORTED and not (proto == Proto.ICMP and pkt.is_icmp_query):
             return self._drop(NatReason.UNSUPPORTED_PROTOCOL)
-        key = packet_key(pkt)
-        c = self.table.lookup(key)  # one lookup; the tracker checks it again in track()
+        key = packet_key(pkt)  # never None for a whole TCP, UDP or ICMP query packet (checked above)
+        c = self.table.lookup(key) if key is not None else None  # one lookup; track() checks it again
         if c is not None and c.deadline <= now:
             self.table.remove(c, now, Why.TIMEOUT)
             self._drain()
@@ -265,7 +265,7 @@ class NatEngine:
         if tr.ctstate == CtState.INVALID or tr.conn is None or tr.conn.extra is None:
             self._drain()
             return self._drop(_DROP_WHY.get(tr.why, NatReason.INVALID))
-        b: Binding = tr.conn.extra  # taken before _drain: an RST may have just ended the flow
+        b = tr.conn.extra  # taken before _drain: an RST may have just ended the flow
         if self.table.has_events:
             self._drain()
         d = tr.direction
@@ -282,7 +282,7 @@ class NatEngine:
         if pkt.l4 < 0 or pkt.inner is not None or pkt.proto not in _PORTED:
             return self._pass(buf)
         if stage == Stage.HAIRPIN_SRC:
-            hit = self._mid.get(packet_key(pkt))
+            hit = self._mid.get(key) if (key := packet_key(pkt)) is not None else None
             if hit is None or hit[0].fx is None:
                 return self._pass(buf)
             b, d = hit
@@ -315,6 +315,7 @@ class NatEngine:
         if proto == Proto.ICMP and pkt.icmp_type not in (8, 13, 15, 17):
             return self._drop(NatReason.INVALID)  # a reply (or other query answer) with no request
         ext = self.external_ip
+        assert ext is not None  # process() drops every packet while there is no external address
         if src == ext:
             return self._new_host_flow(buf, pkt, now)
         if not self.is_internal(src):
@@ -371,7 +372,7 @@ class NatEngine:
         if now < self._reclaim_quiet:
             return False
         ext = self.external_ip
-        victims = []
+        victims: list[Conn] = []
         for c in self.table:
             b = c.extra
             if b is None or c.proto != proto or c.seen_reply:
@@ -494,6 +495,7 @@ class NatEngine:
 
     def _icmp_error(self, buf: bytearray, pkt: Packet, side: Side, now: float) -> Answer:
         inner = pkt.inner
+        assert inner is not None  # only an ICMP error (it quotes a packet) comes here
         ik = packet_key(inner) if inner.l4 >= 0 and inner.proto in (Proto.TCP, Proto.UDP, Proto.ICMP) else None
         if ik is None or len(ik) != 13:
             return self._drop(NatReason.ICMP_NO_FLOW)
@@ -509,7 +511,7 @@ class NatEngine:
         y = FlowTuple.from_key(c.reply if d == 0 else c.original)
         if pkt.src == x.src:
             outer_src = y.dst
-        elif side == Side.INTERNAL and b.internal != 3:
+        elif side == Side.INTERNAL and b.internal != 3 and self.external_ip is not None:  # (never None here)
             outer_src = self.external_ip  # an internal router's address must not leave
         else:
             outer_src = pkt.src
@@ -582,11 +584,9 @@ class NatEngine:
 
     def status(self) -> dict:
         return {
-            "external_ip": _text(self.external_ip),
-            "flows": len(self.table),
+            "external_ip": _text(self.external_ip), "flows": len(self.table),
             "mappings_live": sum(1 for m in self.mappings() if not m.static),
-            "inbound_mappings": len(self.config.forwards),
-            "pools": self.mapping_table.pool_use(),
+            "inbound_mappings": len(self.config.forwards), "pools": self.mapping_table.pool_use(),
             "counters": dict(sorted(self.counters.items())),
             "parse_errors": dict(sorted(self.parse_errors.items())),
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
+from typing import Hashable, TypeVar
 
 from conntrack.packet import Proto
 from conntrack.table import Conn
@@ -27,6 +28,8 @@ from .config import Filtering, NatConfig, PortForward
 from .events import ConfigWarning, MappingCreated, MappingFreed, PoolFull, Reloaded
 from .ports import PortPool
 from .rewrite import precompute
+
+_K = TypeVar("_K", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +68,17 @@ class MapEntry:
 
     def detach(self, remote_ip: bytes, remote_port: int) -> None:
         self.conns -= 1
-        for c, k in ((self.peers, remote_ip), (self.peer_ports, (remote_ip, remote_port))):
-            n = c.get(k, 0) - 1
-            if n > 0:
-                c[k] = n
-            else:
-                c.pop(k, None)
+        _release(self.peers, remote_ip)
+        _release(self.peer_ports, (remote_ip, remote_port))
+
+
+def _release(counts: Counter[_K], key: _K) -> None:
+    """One reference fewer to ``key``; gone at none (filtering looks only at live peers)."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 class Binding:
@@ -88,7 +96,9 @@ class Binding:
         self.rev = rev  # ... and on the reply tuple
         self.internal = internal  # bit d set: packets in direction d come from the internal side
         self.attached = attached  # [(MapEntry, remote_ip, remote_port)]
-        self.fx = self.rx = None  # precomputed rewrites (see prepare); fx None: the flow is dead
+        # precomputed rewrites (see prepare); fx None: the flow is dead
+        self.fx: tuple | None = None
+        self.rx: tuple | None = None
         self.mids: list[bytes] = []  # half-translated hairpin keys (Stage.HAIRPIN_SRC looks them up)
 
     def prepare(self, c: Conn) -> None:
@@ -131,12 +141,18 @@ class MappingTable:
             for f in cfg.forwards:
                 self._add_static(f)
 
+    def _address(self) -> bytes:
+        """The external address a new mapping is on: there is one whenever a mapping is made (the
+        engine drops every packet while it has none; a snapshot restores nothing then)."""
+        assert self.external_ip is not None, "a mapping made without an external address"
+        return self.external_ip
+
     def _reserved(self, proto: int) -> frozenset[int]:
         return frozenset(f.external_port for f in self.config.forwards if f.proto == proto)
 
     def _add_static(self, f: PortForward) -> MapEntry:
         m = Mapping(f.proto, ipaddress.IPv4Address(f.internal_ip).packed, f.internal_port,
-                    self.external_ip, f.external_port, static=True)
+                    self._address(), f.external_port, static=True)
         e = MapEntry(m)
         self.by_external[(f.proto, f.external_port)] = e
         self.by_internal.setdefault((f.proto, m.internal_ip, f.internal_port), e)
@@ -161,7 +177,7 @@ class MappingTable:
             c["pool_full"] += 1
             self._events.append(PoolFull(proto, ip, port, c["pool_full"]))
             return None
-        e = MapEntry(Mapping(proto, ip, port, self.external_ip, eport))
+        e = MapEntry(Mapping(proto, ip, port, self._address(), eport))
         self.by_internal[(proto, ip, port)] = e
         self.by_external[(proto, eport)] = e
         self._counters["mappings_created"] += 1
@@ -193,7 +209,7 @@ class MappingTable:
             return e if (e.mapping.internal_ip, e.mapping.internal_port) == (iip, iport) else None
         if static or not self.pools[proto].take(eport):
             return None
-        e = MapEntry(Mapping(proto, iip, iport, self.external_ip, eport))
+        e = MapEntry(Mapping(proto, iip, iport, self._address(), eport))
         self.by_external[(proto, eport)] = e
         self.by_internal.setdefault((proto, iip, iport), e)
         return e

@@ -27,8 +27,8 @@ KIND = "roam-nat-snapshot"
 def take(engine: "NatEngine", now: float) -> dict:
     """The engine's live mappings and flows as JSON-ready data."""
     entries: dict[int, int] = {}
-    maps = []
-    conns = []
+    maps: list[dict] = []
+    conns: list[dict] = []
     for c in engine.table:
         b: Binding | None = c.extra
         if b is None or c.deadline <= now:

@@ -17,7 +17,7 @@ from conntrack import Proto
 from .judge import Move, Observation, Seen, judge, settle
 from .results import ConnResult
 from .schedule import Schedule, Step, Transport
-from .stack import SockState
+from .stack import SockState, TcpSock, UdpSock
 from .world import Clock, Loss, UNREACHABLE_LOSSES
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class Connection:
         self.moves = tuple(moves)
         self.udp = spec.protocol == Proto.UDP
         self.schedule = Schedule(self.udp, spec.interval, timeout, end, settle(self.moves))
-        self.sock = None  # the client socket
+        self.sock: TcpSock | UdpSock | None = None  # the client socket (opened by the run)
         self.established_at: float | None = None
         self.broken_at: float | None = None
         self.broken_state: SockState | None = None
@@ -96,12 +96,13 @@ class Connection:
     def tick(conn: "Connection", _=None) -> None:
         now = conn.clock.now
         sock = conn.sock
+        assert sock is not None  # the run opens it before the first tick
         if sock.stack.holds(now):  # the client's machine is paused: its timer runs when it runs again
             sock.stack.defer(Connection.tick, conn)
             return
         if conn.broken_at is not None:
             transport = Transport.BROKEN
-        elif conn.udp or sock.state == SockState.ESTABLISHED:
+        elif isinstance(sock, UdpSock) or sock.state == SockState.ESTABLISHED:  # UDP: conn.udp
             transport = Transport.UP
         else:
             transport = Transport.CONNECTING if sock.alive else Transport.BROKEN

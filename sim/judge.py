@@ -112,8 +112,9 @@ def judge(conn_id: str, observations: Iterable[Observation], moves: Iterable[Mov
     interruption = _interruption(progress, moves, None if first_break is None else first_break.t)
     saw: list[tuple[float, str, int]] = []
     for o in obs:
-        if o.seen == Seen.PEER_SAW and (not saw or saw[-1][1:] != o.where):
-            saw.append((o.t, o.where[0], o.where[1]))
+        where = o.where
+        if o.seen == Seen.PEER_SAW and where is not None and (not saw or saw[-1][1:] != where):
+            saw.append((o.t, where[0], where[1]))
     return ConnResult(
         id=conn_id, outcome=outcome, cause=cause, established=established_at is not None,
         established_at=established_at, broken_at=None if first_break is None else first_break.t,

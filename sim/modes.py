@@ -23,6 +23,7 @@ endpoints find out from the packets, and the judge (``sim.judge``) decides.
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 from conntrack import ParseError, Proto, build, parse_frame, parse_ip
@@ -33,6 +34,10 @@ from .linux import ICMP_HOST_UNREACH, ICMP_NET_UNREACH, LINUX_NEIGH
 from .world import Clock, Loss, Network, Site
 
 if TYPE_CHECKING:
+    from conntrack.answer import Answer
+    from nat.engine import NatEngine
+    from tunnel.host import HostEnd
+
     from .scenario import Scenario
     from .stack import Stack
 
@@ -71,7 +76,7 @@ class EngineTimer:
 
     __slots__ = ("clock", "engine", "after", "at", "gen", "stopped")
 
-    def __init__(self, clock: Clock, engine, after: Callable[[object], None]) -> None:
+    def __init__(self, clock: Clock, engine, after: Callable[[Answer], None]) -> None:
         self.clock, self.engine, self.after = clock, engine, after
         self.at: float | None = None
         self.gen = 0
@@ -164,7 +169,7 @@ class Bridged(Mode):
         site.holders[self.address] = self.to_vm  # the VM answers ARP on its new LAN
 
     def detach(self) -> None:
-        if self.site is not None and self.site.holders.get(self.address) == self.to_vm:
+        if self.site is not None and self.address is not None and self.site.holders.get(self.address) == self.to_vm:
             del self.site.holders[self.address]
         super().detach()
 
@@ -175,6 +180,7 @@ class Bridged(Mode):
         if self.site is not self.lease_site:
             self._off_link(data, tag)
             return
+        assert self.site is not None  # on a host: attach() put the VM on its site
         self.net.send(data, tag, self.site)
 
     def _off_link(self, data: bytes, tag: int) -> None:
@@ -194,6 +200,7 @@ class Bridged(Mode):
             self.vm.unreachable(data, tag, ICMP_HOST_UNREACH, p.incomplete_probes() * p.retrans)
 
     def vm_address(self) -> bytes:
+        assert self.address is not None  # leased at the VM's first attach, kept from then on
         return self.address
 
 
@@ -257,7 +264,7 @@ class Tunnel(Mode):
             raise EngineUnavailable(f"tunnel engine not available: {type(exc).__name__}: {exc}") from exc
         sc = self.sc
         home = sc.home
-        if home is None or sc.vm.home_address is None:
+        if home is None or home.proxy is None or sc.vm.home_address is None:
             raise EngineUnavailable("mode 'tunnel' needs a [[site]] with 'proxy' (the home LAN) and "
                                     "[vm] home_address")
         self.home = self.sites[home.name]
@@ -271,7 +278,7 @@ class Tunnel(Mode):
         self.home.holders[self.proxy_addr] = self._proxy_receive
         self.home.holders[self.address] = self._lan_to_proxy  # the VM's MAC lives behind the proxy's bridge port
         self.home.reserved.update({self.proxy_addr, self.address})
-        self.agents: dict[str, object] = {}  # host name -> its agent (a tunnel.HostEnd), from the first attach
+        self.agents: dict[str, HostEnd] = {}  # host name -> its agent (a tunnel.HostEnd), from the first attach
         self.timers: dict[str, EngineTimer] = {}
         self.ident = 0
 
@@ -285,7 +292,7 @@ class Tunnel(Mode):
             f = parse_frame(frame)
         except ParseError:
             return None
-        if f.ethertype != EtherType.IPV4 or f.dst != mac:
+        if f.ethertype != EtherType.IPV4 or f.dst != mac or f.packet is None:
             return None
         return frame[f.l3:f.packet.end]
 
@@ -300,8 +307,8 @@ class Tunnel(Mode):
             end = self.tun.HostEnd(self.cipher, keepalive=self.sc.tunnel_keepalive,
                                    dead_after=3 * self.sc.tunnel_keepalive, random_bytes=self._randbytes)
             self.agents[name] = end
-            self.timers[name] = EngineTimer(self.clock, end, lambda ans, h=host: self._end_answer(h, ans, -1))
-            host.handlers.append(lambda data, tag, h=host: self._host_receive(h, data, tag))
+            self.timers[name] = EngineTimer(self.clock, end, partial(self._end_answer, host, tag=-1))
+            host.handlers.append(partial(self._host_receive, host))
             self._preattach(host, end, end.start(now), now)
 
     def _preattach(self, host: Host, end, ans, now: float) -> None:
@@ -447,7 +454,7 @@ class Nat(Mode):
         vm = self.sc.vm
         self.address = wire.addr(vm.nat_address)
         self.vm.addresses.add(self.address)
-        self.engines: dict[str, object] = {}
+        self.engines: dict[str, NatEngine] = {}
         self.timers: dict[str, EngineTimer] = {}
         self.here: Host | None = None  # where the VM's NIC is plugged in now (None in transit)
         self.snapshot: dict | None = None
@@ -468,7 +475,7 @@ class Nat(Mode):
                 raise EngineUnavailable(f"nat engine not available: {type(exc).__name__}: {exc}") from exc
             self.engines[host.name] = e
             self.timers[host.name] = EngineTimer(self.clock, e, lambda _: None)  # expiries send nothing
-            host.handlers.append(lambda data, tag, h=host: self._inbound(h, data, tag))
+            host.handlers.append(partial(self._inbound, host))
         return e
 
     def attach(self, host: Host) -> None:

@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections import Counter
-from typing import Any
+from typing import Any, overload
 
 from conntrack import Proto
 
@@ -204,7 +204,14 @@ class _Builder:
                            table, i, key)
         return float(v)
 
-    def address(self, d, table, i, key, default=...) -> str | None:
+    @overload
+    def address(self, d: dict, table: str, i: int, key: str, default: None) -> str | None: ...
+
+    @overload
+    def address(self, d: dict, table: str, i: int, key: str, default: str = ...) -> str: ...
+
+    def address(self, d, table, i, key, default=...):
+        """The IPv4 address at ``key`` (normalised); None only when that is the default given."""
         v = self.get(d, table, i, key, str, default)
         if v is None or (v is default and default is not ...):
             return v
@@ -328,10 +335,11 @@ class _Builder:
             out.append(SiteSpec(name, str(net), gw, latency,
                                 self.number(d, "site", i, "loss", 0.0, 0.0, 1.0), proxy))
         self.unique("site", [s.name for s in out])
-        for i, a in enumerate(out):
-            for b in out[:i]:
-                if ipaddress.IPv4Network(a.prefix).overlaps(ipaddress.IPv4Network(b.prefix)):
-                    raise self.err(f"prefix {a.prefix} overlaps site {b.name!r} ({b.prefix})", "site", i, "prefix")
+        for i, site in enumerate(out):
+            for other in out[:i]:
+                if ipaddress.IPv4Network(site.prefix).overlaps(ipaddress.IPv4Network(other.prefix)):
+                    raise self.err(f"prefix {site.prefix} overlaps site {other.name!r} ({other.prefix})", "site", i,
+                                   "prefix")
         return out
 
     def hosts(self, sites: list[SiteSpec]) -> list[HostSpec]:

@@ -360,7 +360,7 @@ class UdpSock:
     __slots__ = ("stack", "local", "lport", "remote", "rport", "conn", "client", "session", "known", "sent",
                  "errors")
 
-    def __init__(self, stack: "Stack", local: bytes, lport: int, remote: bytes | None, rport: int,
+    def __init__(self, stack: "Stack", local: bytes | None, lport: int, remote: bytes | None, rport: int,
                  conn: "Connection | None", client: bool, session: bool = False) -> None:
         self.stack = stack
         self.local, self.lport, self.remote, self.rport = local, lport, remote, rport
@@ -382,7 +382,9 @@ class UdpSock:
         else:
             payload = zeros(length)
         local = src or self.local
-        st.output(build.udp(local, dst or self.remote, self.lport, dport or self.rport, payload, st.ident), tag,
+        to = dst or self.remote
+        assert local is not None and to is not None, "a datagram needs both ends (a server answers its sender)"
+        st.output(build.udp(local, to, self.lport, dport or self.rport, payload, st.ident), tag,
                   local)
 
     def icmp_error(self, icmp_type: int, code: int, now: float) -> None:
@@ -509,7 +511,7 @@ class Stack:
     def tcp_listen(self, port: int, timeout: float) -> None:
         self.listeners[port] = timeout
 
-    def udp_open(self, local: bytes, lport: int, remote: bytes | None, rport: int, conn: "Connection | None",
+    def udp_open(self, local: bytes | None, lport: int, remote: bytes | None, rport: int, conn: "Connection | None",
                  client: bool, session: bool = False) -> UdpSock:
         s = UdpSock(self, local, lport, remote, rport, conn, client, session)
         self.udp[lport] = s
@@ -582,8 +584,8 @@ class Stack:
                 self.output(rst, tag, pkt.dst)
             return
         if pkt.proto == Proto.UDP:
-            s = self.udp.get(pkt.dport)
-            if s is None:
+            us = self.udp.get(pkt.dport)
+            if us is None:
                 self.lose(tag, Loss.NO_SOCKET)
                 self.port_unreachable(data, pkt, tag)
                 return
@@ -591,7 +593,7 @@ class Stack:
                 conn = self.conn_of(tag)
                 if conn is not None:
                     conn.on_peer_saw(now, pkt.src, pkt.sport)
-            s.datagram(pkt, data, tag, now)
+            us.datagram(pkt, data, tag, now)
             return
         if pkt.proto == Proto.ICMP and pkt.inner is not None:
             self._icmp(pkt, now)

@@ -199,6 +199,12 @@ class Site:
         raise RuntimeError(f"site {self.name}: address pool exhausted")
 
 
+def _neigh(site: Site) -> NeighParams:
+    """The gateway's neighbour parameters: only a LAN resolves neighbours (a peer's /32 has none)."""
+    assert site.neigh is not None, site.name
+    return site.neigh
+
+
 class Network:
     """The internet core plus every site's LAN."""
 
@@ -304,19 +310,19 @@ class Network:
         if n.state != Nud.REACHABLE:  # a reachable entry's frames take the cached header: ``used`` stays
             n.used = now
         if n.state in (Nud.NONE, Nud.FAILED):
-            n.state, n.probes = Nud.INCOMPLETE, site.neigh.ucast_probes
+            n.state, n.probes = Nud.INCOMPLETE, _neigh(site).ucast_probes
             n.queue = [(data, tag)]
             self._neigh_timer(site, dst, n)  # the first probe goes at once
             return
         if n.state == Nud.INCOMPLETE:
-            if len(n.queue) >= site.neigh.queue:
+            if len(n.queue) >= _neigh(site).queue:
                 old_data, old_tag = n.queue.pop(0)
                 self.lose(old_tag, Loss.NO_HOLDER)
             n.queue.append((data, tag))
             return
         if n.state == Nud.STALE:
             n.state = Nud.DELAY
-            self._neigh_arm(site, dst, n, now + site.neigh.delay_first_probe)
+            self._neigh_arm(site, dst, n, now + _neigh(site).delay_first_probe)
         self._to_lladdr(site, dst, n, data, tag)
 
     def _to_lladdr(self, site: Site, dst: bytes, n: Neighbour, data: bytes, tag: int) -> None:
@@ -342,7 +348,7 @@ class Network:
 
     def _neigh_timer(self, site: Site, dst: bytes, n: Neighbour) -> None:
         """``neigh_timer_handler``: the state's timer ran out (or a new entry's first probe)."""
-        p, now = site.neigh, self.clock.now
+        p, now = _neigh(site), self.clock.now
         if n.state == Nud.REACHABLE:
             if now < n.confirmed + p.reachable:
                 self._neigh_arm(site, dst, n, n.confirmed + p.reachable)
@@ -376,7 +382,7 @@ class Network:
         """An answer (``neigh_update`` to NUD_REACHABLE): the held packets go out."""
         n.state, n.lladdr, n.confirmed = Nud.REACHABLE, holder, self.clock.now
         queue, n.queue = n.queue, []
-        self._neigh_arm(site, dst, n, n.confirmed + site.neigh.reachable)
+        self._neigh_arm(site, dst, n, n.confirmed + _neigh(site).reachable)
         for data, tag in queue:
             holder(data, tag)
 

@@ -156,6 +156,9 @@ def _timeouts(pairs: list[str]) -> Timeouts:
         raise SystemExit(f"roam conntrack: {exc}") from None
 
 
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """conntrack's filters, over one entry's two tuples (all given must match)."""
@@ -163,10 +166,10 @@ class Filter:
     proto: int | None = None
     state: TcpState | None = None
     family: int | None = None
-    src: object = None
-    dst: object = None
-    reply_src: object = None
-    reply_dst: object = None
+    src: IPNet | None = None
+    dst: IPNet | None = None
+    reply_src: IPNet | None = None
+    reply_dst: IPNet | None = None
     sport: int | None = None
     dport: int | None = None
     mark: tuple[int, int] | None = None

@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+from functools import partial
+from typing import Any
 
 from .cli import add_command
 
@@ -29,10 +31,16 @@ EXAMPLES = ("roam lab up --sites 3", "roam lab up --vm qemu", "ip netns exec roa
             "roam lab status", "roam lab down --all")
 
 
+def _usage(parser: argparse.ArgumentParser, _args: argparse.Namespace) -> int:
+    """``roam lab`` without an action: its help, and the usage error's status."""
+    parser.print_help()
+    return 2
+
+
 def register(sub, help_text: str) -> None:
     p = add_command(sub, "lab", help_text, DESCRIPTION, EXAMPLES)
     s = p.add_subparsers(dest="lab_command", metavar="ACTION")
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=partial(_usage, p))
 
     up = s.add_parser("up", help="build the lab and print how to enter it",
                       description="Build the lab and leave it up: print every namespace with its addresses and "
@@ -68,7 +76,7 @@ def _err(msg: str, code: int = 1) -> int:
 
 
 def _states(state_dir: str) -> dict[str, dict]:
-    out = {}
+    out: dict[str, dict] = {}
     try:
         names = sorted(os.listdir(state_dir))
     except FileNotFoundError:
@@ -160,11 +168,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         rows.append((f"host {h.name}", h.ns, f"{h.address} on br0 (site {h.site} {topo.sites[h.site].prefix})"))
     for p in topo.peers.values():
         rows.append((f"peer {p.name}", p.ns, p.address))
-    qemu = topo.extra.get("qemu")
-    if qemu:
-        rows.append(("vm (qemu)", qemu["ns"], f"{vm_addr} on eth0 ({topo.vm_mac}); QEMU pid {qemu['pid']}, "
-                     f"NIC on {qemu['tap']} bridged on {topo.vm_host}"))
+    kept = topo.extra.get("qemu")
+    if kept:
+        rows.append(("vm (qemu)", kept["ns"], f"{vm_addr} on eth0 ({topo.vm_mac}); QEMU pid {kept['pid']}, "
+                     f"NIC on {kept['tap']} bridged on {topo.vm_host}"))
     else:
+        assert topo.vm is not None  # no QEMU guest: the VM is a namespace
         rows.append(("vm", topo.vm, f"{vm_addr} on eth0 ({topo.vm_mac}); link vm0 bridged on {topo.vm_host}"))
     w1 = max(len(r[0]) for r in rows)
     w2 = max(len(r[1]) for r in rows)
@@ -237,7 +246,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     states = _states(args.state_dir)
     live = set(list_lab_namespaces(LAB_PREFIX))
     named = {n for s in states.values() for n in s.get("namespaces", [])}
-    out = {"labs": [], "orphans": sorted(live - named)}
+    out: dict[str, Any] = {"labs": [], "orphans": sorted(live - named)}
     for sfx, s in states.items():
         ns = s.get("namespaces", [])
         out["labs"].append({"name": sfx, "created": s.get("created"), "namespaces": ns,

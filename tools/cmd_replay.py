@@ -5,9 +5,10 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
 from conntrack.pcap import write_pcap
-from sim import MODES, ScenarioError, load_scenario, replay
+from sim import MODES, Report, ScenarioError, load_scenario, replay
 
 from . import report
 from .cli import add_command
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"roam replay: --compare with netns or qemu {why}", file=sys.stderr)
             return 2
         return run_compare(args, sc)
-    run_netns = None
+    run_netns: Callable[..., Report] | None = None
     if args.backend in ("netns", "qemu"):
         if args.pcap:
             print("roam replay: --pcap works with --backend sim only (capture in the lab with tcpdump)",
@@ -141,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{len(records)} packets of mode {mode} written to {path}", file=sys.stderr)
     if args.plot:
         try:
-            with open(args.plot, "w", encoding="utf-8") as f:
-                f.write(report.html_timeline(rep))
+            with open(args.plot, "w", encoding="utf-8") as page:
+                page.write(report.html_timeline(rep))
         except OSError as exc:
             print(f"roam replay: cannot write {args.plot}: {exc.strerror}", file=sys.stderr)
             return 1

@@ -368,7 +368,7 @@ def cmd_status(args) -> int:
 
 def read_status_dir(status_dir: str) -> list[dict]:
     """Status snapshots of the ends running with this status directory (stale ones marked)."""
-    out = []
+    out: list[dict] = []
     try:
         names = sorted(os.listdir(status_dir))
     except FileNotFoundError:
@@ -416,7 +416,7 @@ def _offload(st: dict) -> str:
     return f"offload {'off (the proxy cannot)' if st.get('state') == 'ATTACHED' else 'not negotiated yet'}{cut}"
 
 
-def _state(state, alive: bool) -> str:
+def _state(state, alive: object) -> str:
     return str(state) if alive else f"GONE (was {state})"
 
 

@@ -64,8 +64,9 @@ class Row:
 
     def interruption_diff_ms(self) -> float | None:
         """Largest absolute difference of the survivors' interruptions (None unless all ran and survived)."""
-        vals = [c.interruption_ms for pair in self._pairs() for c in pair]
-        if len(vals) < 2 or any(v is None for v in vals):
+        got = [c.interruption_ms for pair in self._pairs() for c in pair]
+        vals = [v for v in got if v is not None]
+        if len(vals) < 2 or len(vals) < len(got):
             return None
         return max(vals) - min(vals)
 
@@ -121,7 +122,7 @@ def compare(sc, backends: tuple[str, ...] = ("sim", "netns"), parallel: bool = F
     if "sim" in backends:
         cache: dict = {}
         for mode in modes:
-            for b in labs or [None]:
+            for b in labs or [None]:  # type: ignore[list-item]  # None: the simulator alone, no lab's draws
                 run = _run_of(reports[b], mode) if b is not None else None
                 draws = dict(run.draws) if run is not None else {}
                 key = (mode, tuple(sorted(draws.items())))

@@ -17,13 +17,20 @@ from conntrack import Conn, FlowTuple, Proto
 from conntrack.events import ConnEvent, EventKind
 from conntrack.table import ASSURED, SEEN_REPLY
 
-_NAMES = {Proto.TCP: "tcp", Proto.UDP: "udp", Proto.ICMP: "icmp", Proto.ICMPV6: "icmpv6",
+_NAMES: dict[int, str] = {Proto.TCP: "tcp", Proto.UDP: "udp", Proto.ICMP: "icmp", Proto.ICMPV6: "icmpv6",
           Proto.UDPLITE: "udplite", Proto.SCTP: "sctp", Proto.DCCP: "dccp", Proto.GRE: "gre"}
 _PORTS = frozenset({Proto.TCP, Proto.UDP, Proto.UDPLITE, Proto.SCTP, Proto.DCCP})
 #: family -> (conntrack's name, AF_ number it prints)
 FAMILIES = {4: ("ipv4", socket.AF_INET), 6: ("ipv6", socket.AF_INET6)}
 _AF = {4: socket.AF_INET, 16: socket.AF_INET6}
 _TAG = {EventKind.NEW: "[NEW]", EventKind.UPDATE: "[UPDATE]", EventKind.DESTROY: "[DESTROY]"}
+
+
+def _state_name(c: Conn) -> str:
+    """A TCP entry's state name (every TCP entry has a state)."""
+    state = c.tcp_state
+    assert state is not None
+    return state.name
 
 
 def proto_name(proto: int) -> str:
@@ -76,7 +83,7 @@ def line(c: Conn, now: float, extended: bool = False) -> str:
     o, r = c.tuples()
     parts = [_head(o, extended), str(max(0, int(c.deadline - now)))]
     if c.proto == Proto.TCP:
-        parts.append(c.tcp_state.name)
+        parts.append(_state_name(c))
     _body(parts, o, r, (c.orig_packets, c.orig_bytes, c.reply_packets, c.reply_bytes),
           bool(c.status & SEEN_REPLY), bool(c.status & ASSURED))
     parts.append("mark=0 use=1")
@@ -127,7 +134,7 @@ def as_dict(c: Conn, now: float) -> dict:
         "l3protonum": int(number),
         "proto": proto_name(c.proto),
         "protonum": c.proto,
-        "state": c.tcp_state.name if c.proto == Proto.TCP else None,
+        "state": _state_name(c) if c.proto == Proto.TCP else None,
         "original": _tuple_dict(o, c.orig_packets, c.orig_bytes),
         "reply": _tuple_dict(r, c.reply_packets, c.reply_bytes),
         "packets": c.orig_packets + c.reply_packets,

@@ -9,11 +9,14 @@ of its own, on the address given and nowhere else.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("roam")
 
@@ -22,7 +25,7 @@ class MetricsError(Exception):
     """--metrics cannot be served (the message names the option and why)."""
 
 
-def serve(address: str, collector) -> object:
+def serve(address: str, collector) -> WSGIServer:
     """Serve ``collector`` (and the process's own metrics) on ``address`` ("IP:PORT", "[IPv6]:PORT");
     the server (``shutdown()`` stops it)."""
     from tunnel.io.transport import parse_endpoint

@@ -188,16 +188,16 @@ def _view(rep: Report, c, i: int, t_end: float) -> str:
                        f'({e(run.mode)}): answers flowing {a:.2f}-{b:.2f} s</title></rect>')
         gaps = stalls(res)
         where = _place([((X(a) + X(b)) / 2, X(b) - X(a), _CHAR * len(stall_text(a, b))) for a, b in gaps])
-        for (a, b), at in zip(gaps, where):
+        for (a, b), place in zip(gaps, where):
             text = stall_text(a, b)
             tip = f"{e(c.id)} ({e(run.mode)}): no answer for {text}, {a:.2f}-{b:.2f} s"
             out.append(f'<rect class="stall" data-a="{a}" data-b="{b}" data-min="1" x="{X(a):.1f}" '
                        f'y="{mid - 6:.1f}" width="{max(X(b) - X(a), 1):.1f}" height="12" fill="{_COLORS["stall"]}" '
                        f'stroke="{_COLORS["broken"]}" stroke-width="1"><title>{tip}</title></rect>'
                        f'<text class="stall-label" data-t="{(a + b) / 2}" x="{(X(a) + X(b)) / 2:.1f}" '
-                       f'y="{mid + _LABEL_Y.get(at, 0):.1f}" text-anchor="middle" font-size="11" '
+                       f'y="{mid + _LABEL_Y.get(place, 0):.1f}" text-anchor="middle" font-size="11" '
                        f'font-weight="bold" fill="{_COLORS["stall_text"]}"'
-                       f'{" visibility=" + chr(34) + "hidden" + chr(34) if at == "hidden" else ""}>'
+                       f'{" visibility=" + chr(34) + "hidden" + chr(34) if place == "hidden" else ""}>'
                        f'{text}<title>{tip}</title></text>')
         if res.broken_at is not None:
             why = res.cause.text if res.cause else "?"

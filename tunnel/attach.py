@@ -11,7 +11,7 @@ them associated data: nobody on the way can flip the choice).
 """
 from __future__ import annotations
 
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable
 
 from conntrack.answer import Action, Answer
 
@@ -38,7 +38,29 @@ _CONSUME = Action.CONSUME
 ProxySession = Session
 
 
-class ProxyHandshake:
+if TYPE_CHECKING:  # what this mixin uses of ProxyEnd's state, declared for the type checker only
+    from collections import OrderedDict
+
+    from .end import End
+    from .segment import Budget
+    from .wire import Attach
+
+    class _ProxyState(End):
+        max_sessions: int
+        epoch: int
+        _secret: bytes
+        _budget: Budget
+        _closed: OrderedDict[int, float]
+        _reset_tokens: float
+        _reset_at: float
+
+        def _authentic(self, s: Session, h: Header, payload: bytes, attach: Attach | None, endpoint: Hashable,
+                       new: bool, now: float) -> Answer: ...
+else:
+    _ProxyState = object
+
+
+class ProxyHandshake(_ProxyState):
     """The attaching half of :class:`~tunnel.proxy.ProxyEnd` (a mixin: it works on the proxy's own state)."""
 
     # -- the handshake ----------------------------------------------------------------------

@@ -130,12 +130,17 @@ def hkdf(secret: bytes, salt: bytes, info: bytes, length: int = KEY_LEN) -> byte
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
 
+#: What a cipher opens: a message's bytes, or views into the buffer it was read into (no copy).
+Buf = bytes | bytearray | memoryview
+
+
 class Cipher(Protocol):
     plaintext: bool
     overhead: int
+    fingerprint: str  # names the key without showing it (status, logs)
 
     def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes: ...
-    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes: ...
+    def open(self, header: Buf, nonce: bytes, body: Buf) -> bytes: ...
     def derive(self, salt: bytes, info: bytes) -> "Cipher": ...
     def mac(self, info: bytes, data: bytes) -> bytes: ...
 
@@ -191,7 +196,7 @@ class AeadCipher:
     def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes:
         return header + self._aead.encrypt(nonce, payload, header)
 
-    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes:
+    def open(self, header: Buf, nonce: bytes, body: Buf) -> bytes:
         if len(body) < TAG_LEN:
             raise WireError(Drop.TRUNCATED, f"body needs a {TAG_LEN}-byte tag, have {len(body)} bytes")
         try:
@@ -213,7 +218,7 @@ class PlainCipher:
     def seal(self, header: bytes, nonce: bytes, payload: bytes) -> bytes:
         return header + bytes(payload)
 
-    def open(self, header: bytes, nonce: bytes, body: bytes) -> bytes:
+    def open(self, header: Buf, nonce: bytes, body: Buf) -> bytes:
         return bytes(body)
 
     def derive(self, salt: bytes, info: bytes) -> "PlainCipher":

@@ -154,6 +154,7 @@ class End:
         r = run(buf, size)
         if r is None:
             return None
+        assert s.reassembly is not None  # every session in ``sessions`` has one
         try:
             body = s.reassembly.add_run(seq, *r)
         except WireError as exc:
@@ -166,6 +167,7 @@ class End:
                          now: float) -> Answer:
         """A piece of a DATA message: held (CONSUME, proving nothing yet) until the last one makes it
         whole, then opened as the DATA message it was (see :mod:`tunnel.segment`)."""
+        assert s.reassembly is not None  # every session in ``sessions`` has one
         try:
             body = s.reassembly.add(segment, seq)
         except WireError as exc:
@@ -180,6 +182,7 @@ class End:
     def _receive_data(self, s: Session, message: bytes, flags: int, seq: int, now: float) -> Answer:
         """A DATA message of ``s`` that passed the fast path's checks: opened, then delivered."""
         mv = memoryview(message)
+        assert s.cipher is not None  # a session in ``sessions`` is keyed
         try:
             payload = s.cipher.open(mv[:HEADER_LEN], nonce(flags, s.id, seq), mv[HEADER_LEN:])
         except WireError as exc:

@@ -287,6 +287,7 @@ class HostEnd(End):
                 if h.plaintext != self.cipher.plaintext:
                     raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
                 return self._receive_segment(s, message, int(h.flags), h.seq, PROXY, now)
+            assert s.cipher is not None  # checked above: the session key is agreed
             payload = open_body(s.cipher, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
@@ -520,6 +521,7 @@ class HostEnd(End):
             self.counters["seq_exhausted"] += 1  # not a drop of any input: the session needs replacing
             return False
         key = self._key or self._hello
+        assert key is not None  # start() made the hello key; every send comes after it
         # A hello asks for offload when we can carry it; the session's messages say what was agreed.
         flags = self._s.tx_flags if self._key is not None else (_OFFLOAD if self.offload else 0)
         self._sends.append((PROXY, seal_parts(key, mtype, flags, self.session, self._seq, payload, clear)))

@@ -35,6 +35,8 @@ A mixin of :class:`~tunnel.proxy.ProxyEnd`, working on its state (one idea per m
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .events import EventKind, TunnelEvent
 from .mactable import LAN, NEVER, MacEntry, port_name
 from .resend import SLACK
@@ -47,7 +49,27 @@ PRESENCE = 10.0
 FLAP_HOLD = 0.5
 
 
-class Presence:
+if TYPE_CHECKING:  # what this mixin uses of ProxyEnd's state, declared for the type checker only
+    from .end import End, Session
+    from .mactable import MacTable
+    from .resend import Resend
+
+    class _ProxyState(End):
+        presence: float
+        flap_hold: float
+        macs: MacTable
+        resend: Resend
+
+        def _announce(self, s: Session, mac: bytes, now: float) -> None: ...
+
+        def _tell_neighbours(self, s: Session, now: float) -> None: ...
+
+        def _send(self, s: Session, mtype: MsgType, payload: bytes) -> bool: ...
+else:
+    _ProxyState = object
+
+
+class Presence(_ProxyState):
     """The MAC-placing half of :class:`~tunnel.proxy.ProxyEnd` (a mixin)."""
 
     def _speaks(self, mac: bytes, e: MacEntry, now: float) -> bool:
@@ -64,7 +86,9 @@ class Presence:
         e = self.macs.entry(mac)
         if e is None:  # new, or released by the session it left: what was kept for it goes along
             self.macs.learn(mac, s.id, now)
-            self.macs.entry(mac).heard = now
+            learned = self.macs.entry(mac)
+            assert learned is not None  # just learned
+            learned.heard = now
             self._resend(mac, s, NEVER, now)
             return
         if e.port != LAN and now - e.moved < self.flap_hold:
@@ -123,6 +147,7 @@ class Presence:
         since = NEVER if e is None or e.heard == NEVER else e.heard - SLACK
         self.macs.learn(mac, s.id, now)
         n = self.macs.entry(mac)
+        assert n is not None  # just learned
         n.heard = now if heard else NEVER
         if old is not None and old != LAN:
             n.moved = now

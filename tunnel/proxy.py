@@ -158,6 +158,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
                 if h.plaintext != self.cipher.plaintext:
                     raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
                 return self._receive_segment(s, message, int(h.flags), h.seq, endpoint, now)
+            assert s.cipher is not None  # a session in ``sessions`` is keyed
             payload = open_body(s.cipher, h, message)
             attach = parse_attach(payload) if h.type == MsgType.ATTACH else None
         except WireError as exc:
@@ -186,6 +187,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
         fresh, it moves the endpoint (the long way)."""
         try:
             h = parse_header(message)
+            assert s.cipher is not None  # a session in ``sessions`` is keyed
             payload = open_body(s.cipher, h, message)
         except WireError as exc:
             return self._drop(exc.reason)
@@ -364,7 +366,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
     # -- timers -----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        times = [s.last_heard + self.session_timeout for s in self.sessions.values()]
+        times = [_heard(s) + self.session_timeout for s in self.sessions.values()]
         d = self.macs.next_deadline()
         if d is not None:
             times.append(d)
@@ -372,7 +374,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
 
     def expire(self, now: float) -> Answer:
         """Timers due at ``now`` (silent sessions, aged MACs): CONSUME, with the events."""
-        for s in [s for s in self.sessions.values() if s.last_heard + self.session_timeout <= now]:
+        for s in [s for s in self.sessions.values() if _heard(s) + self.session_timeout <= now]:
             self._close(s, E.EXPIRED, now, "host end silent")
         closed = self._closed
         while closed and next(iter(closed.values())) + CLOSED_KEEP <= now:
@@ -410,7 +412,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
                     "session": f"{s.id:08x}",
                     "state": s.state.name,
                     "endpoint": _endpoint_text(s.endpoint),
-                    "last_heard_ago": round(now - s.last_heard, 3),
+                    "last_heard_ago": round(now - _heard(s), 3),
                     "age": round(now - s.created, 3),
                     "named_macs": [format_mac(m) for m in s.named],
                     "offload": s.offload,
@@ -467,6 +469,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
         n = len(payload) - self.vnet
         if mtype == MsgType.DATA and self.vnet and not s.offload:
             payload = strip(payload)
+        assert s.cipher is not None  # a session in ``sessions`` is keyed
         message = seal_parts(s.cipher, mtype, s.tx_flags, s.id, s.send_seq, payload)
         s.send_seq += 1
         if mtype == MsgType.DATA:
@@ -482,6 +485,12 @@ class ProxyEnd(Presence, ProxyHandshake, End):
         """Whether the TAP should hand us GSO super-frames and partial checksums: when we can carry them
         and every session negotiated offload (else the kernel segments and checksums before the TAP)."""
         return self.offload and all(s.offload for s in self.sessions.values())
+
+
+def _heard(s: ProxySession) -> float:
+    """When a session was last heard: a proxy session is heard from its first message on."""
+    assert s.last_heard is not None
+    return s.last_heard
 
 
 def _endpoint_text(ep: Hashable) -> str:

@@ -67,7 +67,7 @@ def split(message: bytes, segment_size: int) -> bytes:
     if count > MAX_SEGMENTS:
         raise LocalProtocolError(Drop.OVERSIZED, f"{len(message)} bytes need {count} segments, at most {MAX_SEGMENTS}")
     head = bytes((message[0], SEGMENT_TYPE)) + bytes(mv[2:HEADER_LEN])
-    parts = []
+    parts: list[bytes | memoryview] = []
     for i in range(count):
         parts.append(head)
         parts.append(_INDEX.pack(i, count))

@@ -218,7 +218,7 @@ class CtSocket:
         """Every entry whose mark & ``mask`` == ``mark`` (a dump also reaps expired entries)."""
         seq = self._send(MSG_GET, NLM_F_DUMP, _attr(CTA_MARK, struct.pack("!I", mark))
                          + _attr(CTA_MARK_MASK, struct.pack("!I", mask)))
-        out = []
+        out: list[KEntry] = []
         buf = bytearray(1 << 20)
         while True:
             n = self.sock.recv_into(buf)
@@ -252,7 +252,7 @@ class Events:
         return self.sock.fileno()
 
     def read(self) -> list[KEntry]:
-        out = []
+        out: list[KEntry] = []
         buf = self._buf
         while True:
             try:

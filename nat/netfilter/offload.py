@@ -19,6 +19,7 @@ import os
 
 from conntrack.flow import FlowTuple, packet_key
 from conntrack.packet import parse_ip
+from conntrack.table import Conn
 
 from .. import offload
 from ..config import NatConfig
@@ -54,7 +55,7 @@ class Offloader:
         self.ct_dump = CtSocket()  # the main loop's, for dumps (self.ct is the packet thread's)
         self.events = Events()
         engine.ended = []  # flows the engine ends (reclaim, expiry): their kernel entries go at once
-        self.flows: dict[bytes, object] = {}  # original key -> engine Conn, offloaded
+        self.flows: dict[bytes, Conn] = {}  # original key -> engine Conn, offloaded
         self._gen = 0  # dump generation: a flow installed after a dump began is not judged by it
         self._born: dict[bytes, int] = {}  # original key -> the generation it was installed in
         self._replaced: dict[bytes, int] = {}  # entries roam deleted itself: their DESTROY events are no news
@@ -82,6 +83,7 @@ class Offloader:
     def install(self, data, now: float) -> bool:
         """The packet's flow into the kernel, unless it is there already.  False: it could not
         be (the caller drops the packet: the kernel would not translate it)."""
+        key: bytes | None
         if len(data) >= 28 and data[0] == 0x45 and data[9] in (6, 17) and not data[6] & 0x3F and not data[7]:
             key = bytes(data[9:10]) + bytes(data[12:24])  # = packet_key() of an option-less TCP/UDP head
         else:
@@ -141,7 +143,7 @@ class Offloader:
             key = packet_key(parse_ip(data))
         except Exception:
             return False
-        c = self.flows.get(key)
+        c = self.flows.get(key) if key is not None else None
         if c is None:
             return False
         f = FlowTuple.from_key(c.original)

@@ -88,7 +88,8 @@ def _from_capture(blob: bytes) -> tuple[float, int]:
     t0 = time.perf_counter()
     n = 0
     for rec in read_pcap(io.BytesIO(blob)):
-        table.track(record_packet(rec), rec.time)
+        # the bench's own capture holds IP packets only; no check inside the timed loop
+        table.track(record_packet(rec), rec.time)  # type: ignore[arg-type]
         n += 1
     return time.perf_counter() - t0, n
 

@@ -1,8 +1,10 @@
 """Plain-text tables for benchmark output."""
 from __future__ import annotations
 
+from typing import Sequence
 
-def render(headers: list[str], rows: list[list[object]]) -> str:
+
+def render(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [headers] + [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     out = []

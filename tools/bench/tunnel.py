@@ -166,9 +166,9 @@ def report(rows: dict[str, tuple], migrations: dict[str, list[dict]] | None, rep
         if path in rows and ref in rows and rows[ref][0]:
             ratio = rows[path][0] / rows[ref][0]
             targets.append([f"throughput {path} >= {factor:g} x {ref}", f"{ratio:.2f} x", _met(ratio >= factor)])
-    ref = rows.get(RTT_REFERENCE)
-    if direct and ref:
-        limit = (ref[1] - direct[1]) * 1000
+    rtt_ref = rows.get(RTT_REFERENCE)
+    if direct and rtt_ref:
+        limit = (rtt_ref[1] - direct[1]) * 1000
         for path in RTT_PATHS:
             if path in rows:
                 added = (rows[path][1] - direct[1]) * 1000

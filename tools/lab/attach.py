@@ -66,7 +66,7 @@ class Driver:
     def vm_address(self) -> str | None:
         raise NotImplementedError
 
-    def published(self, proto: int, port: int) -> tuple[str, int]:
+    def published(self, proto: int, port: int) -> tuple[str | None, int]:
         return self.vm_address(), port
 
     def close(self) -> None:
@@ -156,7 +156,7 @@ class Nat(Driver):
         super().__init__(sc, topo)
         if shutil.which("roam") is None:
             raise ModeUnavailable("the `roam` command is not on PATH (needed to run `roam nat` in the lab)")
-        self.procs: dict[str, object] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
         self.last_host: str | None = None
         self.warnings: list[str] = []
         self.dir = tempfile.mkdtemp(prefix="roam-netns-nat-")
@@ -283,7 +283,8 @@ class Nat(Driver):
         """Every host's ``roam nat --drop-log`` lines and its final ``roam nat status`` drop counters."""
         for h in list(self.procs):
             self._stop(h)  # its final status is written on exit
-        events, counters = [], {}
+        events: list[dict] = []
+        counters: dict[str, int] = {}
         for h in self.topo.hosts:
             d, status, _ = self._paths(h)
             try:
@@ -343,7 +344,7 @@ class Tunnel(Driver):
         self.home = topo.sites[sc.home.name]
         self.proxy_at = f"{self.home.proxy}:{self.PORT}"
         self.logs: dict[str, str] = {}
-        self.procs: dict[str, object] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
         self.warnings: list[str] = []
         self.proxy = None
         self.here: str | None = None

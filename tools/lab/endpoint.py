@@ -69,7 +69,7 @@ class _Client:
         return self.due
 
 
-def _errname(e: int | str) -> str:
+def _errname(e: int | str) -> str:  # an errno, or a reason of our own ("EOF")
     if isinstance(e, str):
         return e
     return errno.errorcode.get(e, str(e))
@@ -243,7 +243,7 @@ class _TcpClient(_Client):
             s.bind((c.get("src") or "", c.get("sport", 0)))
             err = s.connect_ex((c["dst"], c["port"]))
         except OSError as exc:
-            err = exc.errno
+            err = exc.errno or errno.EIO
         if err not in (0, errno.EINPROGRESS):
             self.broken(err)
             return
@@ -329,6 +329,7 @@ class _TcpServer:
         s.listen(64)
         s.setblocking(False)
         ep.sel.register(s, selectors.EVENT_READ, self.accept)
+        ep.emit(ev="listening", port=c["port"])
 
     def accept(self, sock, mask) -> None:
         try:
@@ -369,7 +370,7 @@ class _TcpServer:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                self.close(conn, st, _errname(exc.errno))
+                self.close(conn, st, _errname(exc.errno or errno.EIO))
                 return
 
     def close(self, conn, st, name: str) -> None:
@@ -459,6 +460,7 @@ class _UdpServer:
         s.bind((c.get("bind") or "", c["port"]))
         s.setblocking(False)
         ep.sel.register(s, selectors.EVENT_READ, self.io)
+        ep.emit(ev="listening", port=c["port"])
 
     def io(self, sock, mask) -> None:
         for _ in range(64):

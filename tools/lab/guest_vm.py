@@ -55,7 +55,7 @@ class GuestVm:
         self.paused = False
         self.held: list[str] = []  # command lines for the guest while it is paused
         self.deferred: list[dict] = []  # connections to start once it resumes
-        self.clients: dict[int, _Client] = {}
+        self.clients: dict[int | None, _Client] = {}  # looked up by an event's idx, maybe absent
         self.timers: list = []
         self.seq = 0
         self.seen = 0  # guest events consumed

@@ -16,7 +16,7 @@ Nothing but what the endpoints wrote counts, read as the simulator's sockets are
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 from sim.judge import Move, Observation, Seen, judge
 from sim.results import ConnResult
@@ -25,7 +25,7 @@ from .endpoint import RESET_ERRORS, UNREACHABLE_ERRORS
 from .play import PEER_EPHEMERAL, VM_EPHEMERAL
 
 #: The components' drop reasons the judge reads (the simulator's ``REPORTED_LOSSES`` of a NAT).
-_DROP_SEEN = {"no_mapping": Seen.NO_MAPPING}
+_DROP_SEEN: dict[str | None, Seen] = {"no_mapping": Seen.NO_MAPPING}
 
 
 class Drops(NamedTuple):
@@ -83,7 +83,7 @@ def observations(events: list[dict], idx: int, client: str, peer: str) -> list[O
 
 
 def verdicts(sc, events: list[dict], moves: tuple[Move, ...] | None = None,
-             drops: list[dict] = ()) -> dict[str, ConnResult]:
+             drops: Iterable[dict] = ()) -> dict[str, ConnResult]:
     """Every connection's verdict from what the endpoints logged and the components dropped (nothing else).
 
     ``moves``: each move as it really ran (the qemu backend: from the guest's pause to its
@@ -94,7 +94,9 @@ def verdicts(sc, events: list[dict], moves: tuple[Move, ...] | None = None,
     lost: dict[int, list[Observation]] = {}
     for d in drops:
         seen = _DROP_SEEN.get(d.get("reason"))
-        idx = drop_connection(sc, d) if seen is not None else None
+        if seen is None:
+            continue
+        idx = drop_connection(sc, d)
         if idx is not None:
             lost.setdefault(idx, []).append(Observation(d["t"], seen, "vm"))
     results = {}

@@ -412,6 +412,7 @@ class Lab:
         """tcpdump -U in ``ns``, returned once it says "listening on" (its filter is attached by then)."""
         p = self.popen(ns, ["tcpdump", "-n", "-U", "--immediate-mode", *args],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert p.stderr is not None  # stderr=PIPE
         err = b""
         end = time.monotonic() + timeout
         while b"listening on" not in err:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from sim.results import ModeRun
 
@@ -92,16 +92,15 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
     peers = start_peers(lab, topo, sc, until + 60, logdir)
     procs.update(peers)
     # time zero once every endpoint is up (Python takes a while to start on a busy machine)
-    err = wait_ready(procs)
+    err = wait_ready(procs) or open_servers(sc, procs)
     if err:
         return ModeRun(mode, {}, err)
     t0 = time.monotonic() + SETTLE
     draws = topo.neigh_draws()
     for p in procs.values():
         p.send(op="clock", t0=t0)
-    open_servers(sc, procs)
     # the schedule, in scenario seconds
-    plan: list[tuple[float, int, str, object]] = []
+    plan: list[tuple[float, int, str, Any]] = []  # a connection's index, or a move
     for i, c in enumerate(sc.connections):
         plan.append((c.start, 1, "start", i))
     for m in sc.migrations:

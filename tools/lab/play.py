@@ -104,8 +104,10 @@ def wait_ready(procs: dict) -> str | None:
     return None
 
 
-def open_servers(sc, procs: dict) -> None:
-    """One server per side, protocol and port."""
+def open_servers(sc, procs: dict) -> str | None:
+    """One server per side, protocol and port, each listening before this returns (a busy machine runs an
+    endpoint's commands late, and a client's first packet must not find its server not yet there: the
+    simulator's servers listen from time zero).  The error text if one never says so."""
     opened = set()
     for c in sc.connections:
         side = "vm" if c.direction == "inbound" else f"peer:{c.peer}"
@@ -118,6 +120,17 @@ def open_servers(sc, procs: dict) -> None:
             procs[side].send(op="tcp_listen", port=c.port, bind=bind, timeout=sc.timeout_of(c))
         else:
             procs[side].send(op="udp_listen", port=c.port, bind=bind, session=c.session)
+    waiting = {side: sum(1 for s, _, _ in opened if s == side) for side, _, _ in opened
+               if isinstance(procs[side], EndpointProc)}  # the qemu guest's executor opens at once
+    deadline = time.monotonic() + READY_TIMEOUT
+    while any(waiting.values()):
+        for side in waiting:
+            waiting[side] -= sum(1 for ev in procs[side].pump() if ev["ev"] == "listening")
+        if time.monotonic() > deadline:
+            return f"servers of {', '.join(s for s, n in waiting.items() if n > 0)} not listening after " \
+                   f"{READY_TIMEOUT:.0f} s"
+        time.sleep(0.005)
+    return None
 
 
 def start_connection(sc, drv, procs: dict, idx: int) -> None:

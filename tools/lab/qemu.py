@@ -313,6 +313,7 @@ class Guest:
         if src is None or src.qmp is None:
             raise QemuError("the guest is not running")
         dst = self._start(ns, tap, incoming=True)
+        assert dst.qmp is not None  # a started Qemu has its QMP connection
         uri = f"unix:{os.path.join(self.workdir, f'mig-{dst.name}.sock')}"
         try:
             dst.qmp.execute("migrate-incoming", {"uri": uri})
@@ -350,6 +351,7 @@ class Guest:
         if self._pending is not None:
             raise QemuError("a migration is already under way")
         dst = self._start(ns, tap, incoming=True, hold=True)
+        assert dst.qmp is not None  # a started Qemu has its QMP connection
         uri = f"unix:{os.path.join(self.workdir, f'mig-{dst.name}.sock')}"
         try:
             dst.qmp.execute("migrate-incoming", {"uri": uri})

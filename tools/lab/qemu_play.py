@@ -45,8 +45,8 @@ from .topology import TopologyError, _allowed, build, vm_addresses
 from .attach import DRIVERS, ModeUnavailable
 from .guest_vm import GuestVm
 from .logs import collect_drops, verdicts
-from .play import (SETTLE, Collector, finish, horizon, loss_warning, open_servers, redrawn, router_packets, run_modes,
-                   start_connection, start_peers, wait_ready)
+from .play import (SETTLE, Collector, EndpointProc, finish, horizon, loss_warning, open_servers, redrawn,
+                   router_packets, run_modes, start_connection, start_peers, wait_ready)
 from .qemu import Guest, GuestSpec, Migration, QemuError, qemu_missing
 from .vmlink import SwitchedTopology, add_host_links
 from ..report import moves_dict, moves_text  # noqa: F401 - where they were
@@ -73,6 +73,7 @@ class GuestTopology(SwitchedTopology):
 
     def vm_readdress(self, cidr: str | None, gateway: str | None) -> None:
         """Re-address the guest's eth0 (held while it is paused; waited for at first)."""
+        assert self.vm_endpoint is not None  # set once the guest runs, before any move
         self.vm_endpoint.readdress(cidr, gateway)
 
 
@@ -180,7 +181,7 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
     drv.attach(sc.vm.host, first=True)
     until = horizon(sc)
     peers = start_peers(lab, topo, sc, until + 60 + LEAD * len(sc.migrations), logdir)
-    procs: dict[str, object] = {"vm": vm, **peers}
+    procs: dict[str, GuestVm | EndpointProc] = {"vm": vm, **peers}
     err = wait_ready(peers)
     if err:
         return ModeRun(mode, {}, err)
@@ -188,7 +189,9 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
     draws = topo.neigh_draws()
     for p in procs.values():
         p.send(op="clock", t0=t0)
-    open_servers(sc, procs)
+    err = open_servers(sc, procs)  # the guest's after its clock (its executor's order); the peers' acknowledged
+    if err:
+        return ModeRun(mode, {}, err)
     mover = _Mover(sc, topo, drv, guest, vm, t0)
     mover.start()
     plan = sorted((c.start, i) for i, c in enumerate(sc.connections))

@@ -123,6 +123,7 @@ class Topology:
 
     def plug_bridge(self, bridge: str = "br0") -> None:
         """Enslave the VM link's host end to ``bridge`` on its current host and bring it up."""
+        assert self.vm_host is not None, "the VM's link is on no host"
         ns = self.host_ns(self.vm_host)
         ipr = self.lab.ipr(ns)
         ipr.link("set", index=self.lab.index(ns, VM_LINK), master=self.lab.index(ns, bridge))
@@ -130,6 +131,7 @@ class Topology:
 
     def plug_routed(self, cidr: str) -> None:
         """Give the VM link's host end ``cidr`` (the host's side of a host-only/NAT net) and bring it up."""
+        assert self.vm_host is not None, "the VM's link is on no host"
         ns = self.host_ns(self.vm_host)
         self.lab.flush_addr(ns, VM_LINK)
         self.lab.addr(ns, VM_LINK, cidr)
@@ -138,6 +140,7 @@ class Topology:
     def vm_readdress(self, cidr: str | None, gateway: str | None) -> None:
         """Replace the VM's address (and default route); ``None`` leaves it without one."""
         lab, vm = self.lab, self.vm
+        assert vm is not None, "a topology without a VM"
         lab.flush_addr(vm, VM_IF)
         if cidr:
             lab.addr(vm, VM_IF, cidr)

@@ -55,13 +55,18 @@ class SwitchedTopology(Topology):
         self.vm_link_down()
         self.vm_host, self.link = to, link or self.link
 
+    def _vm_host_ns(self) -> str:
+        """The namespace of the host the VM is on (it is on one while plugged)."""
+        assert self.vm_host is not None, "the VM is not attached anywhere"
+        return self.host_ns(self.vm_host)
+
     def plug_bridge(self, bridge: str = "br0") -> None:
-        ns = self.host_ns(self.vm_host)
+        ns = self._vm_host_ns()
         self.lab.ipr(ns).link("set", index=self.lab.index(ns, self.link), master=self.lab.index(ns, bridge))
         self.lab.up(ns, self.link)
 
     def plug_routed(self, cidr: str) -> None:
-        ns = self.host_ns(self.vm_host)
+        ns = self._vm_host_ns()
         self.lab.flush_addr(ns, self.link)
         self.lab.addr(ns, self.link, cidr)
         self.lab.up(ns, self.link)
@@ -94,6 +99,7 @@ class NetnsTopology(SwitchedTopology):
     def _connect(self, on: bool) -> None:
         lab, sw = self.lab, self.switch_ns
         master = lab.index(sw, SWITCH) if on else 0
+        assert self.vm_host is not None  # the switch connects the VM only while it is on a host
         lab.ipr(sw).link("set", index=lab.index(sw, self.port(self.vm_host)), master=master)
 
     def cut(self) -> None:
@@ -191,6 +197,7 @@ class Freezer:
         return "cgroup" if self.dir else "sigstop"
 
     def _write(self, name: str, value: str) -> None:
+        assert self.dir is not None  # only the cgroup freezer writes
         with open(os.path.join(self.dir, name), "w") as f:
             f.write(value)
 

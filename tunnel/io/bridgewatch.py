@@ -32,12 +32,12 @@ READS = 64  # datagrams per wake-up at most
 
 
 class PortJoined(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index (the kernel's name for it)
     name: str
 
 
 class PortLeft(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # a field named like tuple.index (the kernel's name for it)
     name: str
     macs: tuple[bytes, ...]  # learned behind it last: the VMs that left with it
 
@@ -110,7 +110,7 @@ class BridgeWatch:
         if ev == "RTM_DELLINK":
             return self._left(m["index"])
         if ev == "RTM_NEWNEIGH":
-            return self._neigh(m)
+            self._neigh(m)  # learns behind which port a MAC is: no change to report
         return None
 
     def _dump(self, ipr) -> list[PortJoined | PortLeft]:

@@ -19,13 +19,17 @@ import errno
 import os
 import selectors
 import socket
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 
 from ..host import PROXY, HostEnd
 from ..wire import format_mac, parse_mac
 from .loop import Driver, log
 from .transport import Datagrams, TcpConn, family, same_ip, udp_socket
+
+if TYPE_CHECKING:
+    from .bridgewatch import BridgeWatch
+    from .control import ControlServer
 
 ADDRESS_CHECK_EVERY = 0.25
 TAP = "tap"
@@ -42,6 +46,7 @@ class HostDriver(Driver):
     peer_name = "proxy"
     tap_data_to = PROXY  # a frame from the TAP goes on sealed, to the proxy
     tap_out = TAP
+    engine: HostEnd
 
     def __init__(self, engine: HostEnd, tap, proxy: tuple[str, int], transport: str,
                  clock: Callable[[], float], status_dir: str | None = None, *,
@@ -70,7 +75,8 @@ class HostDriver(Driver):
             self.udp.setblocking(False)
             self.dgram = Datagrams(self.udp)
             self.sel.register(self.udp, selectors.EVENT_READ, self._on_udp)
-        self.control = self.watch = None
+        self.control: ControlServer | None = None
+        self.watch: BridgeWatch | None = None
         try:
             self._agent(status_dir, control, watch)
         except BaseException:
@@ -118,27 +124,30 @@ class HostDriver(Driver):
     def _on_bridge(self, _mask: int) -> None:
         from .bridgewatch import PortLeft
         now = self.clock()
+        watch = self.watch
+        assert watch is not None  # registered only with a watch
         try:
-            changes = self.watch.read()
+            changes = watch.read()
         except OSError as exc:
             self.note("bridge_watch_errors", now, "reading the bridge's changes: %s", exc)
             return
         for c in changes:
             if isinstance(c, PortLeft):
                 self.counters["bridge_ports_left"] += 1
-                log.info("host: port %s left bridge %s (MACs behind it: %s)", c.name, self.watch.bridge,
+                log.info("host: port %s left bridge %s (MACs behind it: %s)", c.name, watch.bridge,
                          ", ".join(format_mac(m) for m in c.macs) or "none")
                 if c.macs:
-                    self.carry(self.engine.forget(c.macs, now, f"{c.name} left {self.watch.bridge}"), now)
+                    self.carry(self.engine.forget(c.macs, now, f"{c.name} left {watch.bridge}"), now)
             else:
                 self.counters["bridge_ports_joined"] += 1
-                log.info("host: port %s joined bridge %s", c.name, self.watch.bridge)
+                log.info("host: port %s joined bridge %s", c.name, watch.bridge)
         self._local_macs(now)
         self.flush(now)
 
     def _local_macs(self, now: float) -> None:
         """The host's own MACs on the bridge are no VM's: never learned (and forgotten if they were)."""
         local = self.engine.local_macs
+        assert self.watch is not None  # called only with a watch
         new = self.watch.local - local
         if new:
             local.update(new)
@@ -148,7 +157,7 @@ class HostDriver(Driver):
 
     def deadline(self) -> float | None:
         times = [t for t in (self.engine.next_deadline(), self._reconnect_at, self._next_check,
-                             self.control and self.control.deadline()) if t is not None]
+                             None if self.control is None else self.control.deadline()) if t is not None]
         return min(times) if times else None
 
     def begin(self, now: float) -> None:
@@ -157,7 +166,7 @@ class HostDriver(Driver):
         self.extra_status["local"] = self.local
         if self.transport == "udp":
             self.carry(self.engine.start(now), now)
-        elif self.given:
+        elif self._given_sock is not None:  # self.given
             self._adopt(self._given_sock, now)
         else:
             self._connect(now)
@@ -313,9 +322,10 @@ class HostDriver(Driver):
             self.udp.close()
         if self.conn is not None:
             self.conn.sock.close()
-        if getattr(self, "control", None) is not None:
-            self.control.close()
+        control, watch = getattr(self, "control", None), getattr(self, "watch", None)
+        if control is not None:
+            control.close()
             self.control = None
-        if getattr(self, "watch", None) is not None:
-            self.watch.close()
+        if watch is not None:
+            watch.close()
             self.watch = None

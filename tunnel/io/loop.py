@@ -35,14 +35,19 @@ import os
 import selectors
 import socket
 from collections import Counter
-from typing import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable
 
 from conntrack.answer import Action, Answer
 from conntrack.errors import LocalProtocolError
 
 from ..events import TunnelEvent
 from ..wire import WireError
-from .transport import TcpConn, endpoint_text
+from .transport import Datagrams, TcpConn, endpoint_text
+
+if TYPE_CHECKING:
+    from ..crypto import Cipher
+    from ..host import HostEnd
+    from ..proxy import ProxyEnd
 
 log = logging.getLogger("roam.tunnel")
 
@@ -61,7 +66,7 @@ class Driver:
 
     role = "?"
     peer_name = "?"  # what the other end is called in the logs
-    engine = None  # the HostEnd or ProxyEnd; set by the subclass
+    engine: HostEnd | ProxyEnd  # set by the subclass
     #: The engine's method that takes a frame the TAP gave us (``send_frame``, ``from_lan``).
     tap_input: Callable[[bytes, float], Answer]
     #: Where the ``data`` of an answer to a TAP frame goes (the proxy end's LAN frames have none).
@@ -73,6 +78,7 @@ class Driver:
     net_input: Callable[..., Answer]
     net_input_whole: Callable[..., Answer | None]
     udp: socket.socket | None = None
+    dgram: Datagrams  # with ``udp``: its batched reads and GSO sends
 
     def __init__(self, tap, clock: Callable[[], float], status_dir: str | None) -> None:
         self.tap = tap
@@ -101,7 +107,7 @@ class Driver:
         self.extra_status: dict = {}
         self._log_next: dict[str, float] = {}
         #: Reads the key file again on SIGHUP (set by the command line); None: nothing to reload.
-        self.key_loader: Callable[[], object] | None = None
+        self.key_loader: Callable[[], Cipher] | None = None
         self._reload = False
 
     # -- the one answer helper ----------------------------------------------------------------
@@ -164,7 +170,7 @@ class Driver:
             self.note("udp_tx_errors", now, "udp send to %s: %s", self.peer_name if addr is None else
                       endpoint_text(addr), exc)
 
-    def udp_address(self, to: Hashable) -> Hashable | None:
+    def udp_address(self, to: Hashable) -> tuple | None:
         """Where a message for ``to`` goes over UDP (None: the socket is connected to its one peer)."""
         raise NotImplementedError
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
-from typing import Callable, Hashable
+from typing import Callable, Hashable, cast
 
 from conntrack.answer import Action
 
@@ -48,6 +48,7 @@ class ProxyDriver(Driver):
     role = "proxy"
     peer_name = "host end"
     tap_out = TO_LAN
+    engine: ProxyEnd
 
     def __init__(self, engine: ProxyEnd, tap, listen: tuple[str, int] | None, transport: str,
                  clock: Callable[[], float], status_dir: str | None = None, *,
@@ -76,13 +77,16 @@ class ProxyDriver(Driver):
         self.conns: dict[Hashable, TcpConn] = {}  # in accept order: the oldest first
         if transport == "udp":
             if sock is not None:
-                self.udp, self._connected_udp = sock, True
+                udp, self._connected_udp = sock, True
                 sock.setblocking(False)
+            elif listen is None:
+                raise ValueError("a UDP proxy needs an address to listen on or a connected socket")
             else:
-                self.udp = udp_socket(family(listen[0]))
-                self.udp.bind(listen)
-            self.dgram = Datagrams(self.udp)
-            self.sel.register(self.udp, selectors.EVENT_READ, self._on_udp)
+                udp = udp_socket(family(listen[0]))
+                udp.bind(listen)
+            self.udp = udp
+            self.dgram = Datagrams(udp)
+            self.sel.register(udp, selectors.EVENT_READ, self._on_udp)
         elif listen is not None:
             self.listener = socket.socket(family(listen[0]), socket.SOCK_STREAM)
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -98,6 +102,7 @@ class ProxyDriver(Driver):
     def housekeeping(self, now: float) -> None:
         if self._accept_resume is not None and now >= self._accept_resume:
             self._accept_resume = None
+            assert self.listener is not None  # accepts pause only on a listener
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if self._next_sweep is not None and now >= self._next_sweep:
             for c in list(self.conns.values()):
@@ -109,8 +114,8 @@ class ProxyDriver(Driver):
                     self._drop_conn(c, "tcp_idle_timeouts", now, "nothing authentic for %.1fs", self.tcp_idle_timeout)
             self._next_sweep = now + self._sweep_every if self.conns else None
 
-    def udp_address(self, to: Hashable) -> Hashable | None:
-        return None if self._connected_udp else to
+    def udp_address(self, to: Hashable) -> tuple | None:
+        return None if self._connected_udp else cast(tuple, to)  # our endpoints: (address, port) pairs
 
     def udp_peer(self, addr) -> Hashable:
         return addr[:2] if addr else CONNECTED_PEER
@@ -129,9 +134,11 @@ class ProxyDriver(Driver):
 
     def _on_accept(self, _mask: int) -> None:
         now = self.clock()
+        listener = self.listener
+        assert listener is not None  # registered only with a listener
         for _ in range(BATCH):
             try:
-                s, addr = self.listener.accept()
+                s, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -139,7 +146,7 @@ class ProxyDriver(Driver):
                     # Out of descriptors or memory: the listener would stay readable and spin the loop.
                     # Pause accepting; the timeouts free descriptors meanwhile.
                     self.note("tcp_accept_errors", now, "accept: %s; pausing accepts for %.2fs", exc, ACCEPT_PAUSE)
-                    self.sel.unregister(self.listener)
+                    self.sel.unregister(listener)
                     self._accept_resume = now + ACCEPT_PAUSE
                     return
                 # ECONNABORTED, EPROTO, network errors of the pending connection: it is gone, go on.
