@@ -381,8 +381,7 @@ class UdpSock:
             payload = mark + zeros(max(0, length - 1))
         else:
             payload = zeros(length)
-        local = src or self.local
-        to = dst or self.remote
+        local, to = src or self.local, dst or self.remote
         assert local is not None and to is not None, "a datagram needs both ends (a server answers its sender)"
         st.output(build.udp(local, to, self.lport, dport or self.rport, payload, st.ident), tag,
                   local)

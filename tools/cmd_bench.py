@@ -13,7 +13,8 @@ from .cli import above_zero, add_command, at_least_one
 TARGETS = {
     "conntrack": "packets/s tracked from memory and from a capture; memory per entry at 1,000,000 entries",
     "nat": "kernel MASQUERADE vs bare NFQUEUE vs roam nat in the lab; the engine alone in-process",
-    "tunnel": "roam tunnel vs OpenVPN vs kernel VXLAN vs direct in the lab; migration interruption",
+    "tunnel": "roam tunnel vs OpenVPN vs kernel VXLAN vs direct in the lab; migration interruption; "
+              "the proxy at 100 host ends and 1,000 MACs",
     "sim": "simulated connections and packets/s across migrations",
 }
 

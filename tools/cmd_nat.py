@@ -1,6 +1,6 @@
 """`roam nat`: the user-space NAT as a netfilter plugin, offline over a capture, and its status.
 
-    roam nat --config FILE --external IFACE [--internal IFACE|CIDR] [--queue N]
+    roam nat --config FILE --external IFACE [--internal IFACE|CIDR] [--queue N] [--workers N]
     roam nat translate --config FILE --in A.pcap --out B.pcap [--external-ip IP] [--internal CIDR]
     roam nat status [--queue N] [--state-dir DIR] [--json]
 """
@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 from collections import Counter
 
 from conntrack.errors import ParseError
@@ -84,6 +85,11 @@ def register(sub, help_text: str) -> None:
                    help="translate every packet in user space (the per-packet path) instead of installing each "
                         "decided flow in the kernel's conntrack with its NAT (the default: later packets never "
                         "leave the kernel)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N processes for new flows, on queues Q..Q+N-1 (Q: --queue; default 1): each owns a "
+                        "slice of the port pools; a packet from the inside reaches the owner of its source port, "
+                        "one from outside the owner of its destination port; one set of rules, one status "
+                        "(offload only)")
     daemon.add_options(p)
     p.set_defaults(func=_run)
     subs = p.add_subparsers(dest="nat_command", metavar="{translate,status}")
@@ -163,7 +169,7 @@ def _translate(args: argparse.Namespace) -> int:
         fin = open(args.inp, "rb")
     except OSError as exc:
         return _err(f"cannot open {args.inp}: {exc.strerror}")
-    linktype = LinkType.RAW
+    linktype: int = LinkType.RAW
     with fin:
         try:
             cap = open_capture(fin)
@@ -200,6 +206,7 @@ def _translate(args: argparse.Namespace) -> int:
                 if a.action != Action.ACCEPT:
                     dropped[a.reason.name.lower()] += 1
                     continue
+                assert off is not None and a.data is not None, "a parsed packet, accepted"
                 data = rec.data[:off] + a.data + rec.data[off + len(a.data):]
                 out_records.append((rec.time, data, rec.linktype))
                 written += 1
@@ -273,6 +280,13 @@ def _status(args: argparse.Namespace) -> int:
         f"offloaded flows {off['flows']} (kernel translated out {off['kernel_translated_out']}, in "
         f"{off['kernel_translated_in']}; {off['offloaded']} offloaded, {off['offload_ended']} ended, "
         f"{off['adopted']} adopted at start, {off['offload_failed']} failed)" if off else "offload off"))
+    for w in st.get("workers", []):
+        ports = ", ".join(f"{a}-{b}" for a, b in (w.get("ports") or [])[:2])
+        up = w["running"] and _pid_alive(w["pid"])
+        print(f"worker {w['index']} pid {w['pid']} ({'running' if up else 'NOT running'}), "
+              f"queue {w['queue']}, ports {ports or '?'}: queued packets {w.get('queued_packets', 0)}, translated "
+              f"out {w.get('translated_out', 0)}, in {w.get('translated_in', 0)}, "
+              f"offloaded flows {w.get('offloaded', 0)}")
     drops = {k[len('dropped_'):]: v for k, v in c.items() if k.startswith("dropped_")}
     print("dropped: " + (", ".join(f"{v} {k}" for k, v in sorted(drops.items(), key=lambda x: -x[1])) or "none"))
     other = {k: v for k, v in c.items() if not k.startswith(("dropped_", "translated_"))}
@@ -315,24 +329,35 @@ def _run(args: argparse.Namespace) -> int:
     if why:
         return _err(why)
     status_path, snap_path = state_paths(args.state_dir, args.queue)
+    if args.workers != 1 and (args.no_offload or args.gso):
+        return _err("--workers needs offload (the default): drop --no-offload/--gso")
     server = None
     try:
-        plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
-                        clock=time.monotonic, wall=time.time, restore=not args.no_restore, gso=args.gso,
-                        offload=not args.no_offload)
-        if args.drop_log:
-            plugin.drop_log = open(args.drop_log, "a", buffering=1)
+        if args.workers != 1:  # the parent (rules, signals, merged status) of N plugin processes
+            from nat.netfilter.workers import supervisor
+
+            runner: Any = supervisor(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
+                                clock=time.monotonic, wall=time.time, n=args.workers, restore=not args.no_restore,
+                                drop_log=open(args.drop_log, "a", buffering=1) if args.drop_log else None)
+            last = args.queue + args.workers - 1
+            what = f"{args.workers} workers behind {args.external}, queues {args.queue}-{last}"
+        else:
+            runner = plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path,
+                                     snap_path, clock=time.monotonic, wall=time.time, restore=not args.no_restore,
+                                     gso=args.gso, offload=not args.no_offload)
+            if args.drop_log:
+                plugin.drop_log = open(args.drop_log, "a", buffering=1)
+            what = f"translating {', '.join(plugin.cfg.internal)} behind {args.external}, queue {args.queue}"
         if args.metrics:
             from .metrics import MetricsError, NatCollector, serve
 
             try:
-                server = serve(args.metrics, NatCollector(plugin.live_status))
+                server = serve(args.metrics, NatCollector(runner.live_status))
             except MetricsError as exc:
                 return _err(str(exc))
-        plugin.on_ready = lambda: daemon.ready(f"translating {', '.join(plugin.cfg.internal)} behind "
-                                               f"{args.external}, queue {args.queue}")
-        plugin.on_stopping = lambda: daemon.stopping("removing rules")
-        return plugin.run()
+        runner.on_ready = lambda: daemon.ready(what)
+        runner.on_stopping = lambda: daemon.stopping("removing rules")
+        return runner.run()
     except PluginError as exc:
         return _err(str(exc))
     except IPTCError as exc:  # rules removed already (the plugin's finally): say what iptables said

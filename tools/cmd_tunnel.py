@@ -18,6 +18,7 @@ import sys
 import time
 
 from . import daemon
+from .cli import at_least_one
 from .tunnel_control import add_agent_options, add_control_commands, agent_kwargs
 
 DEFAULT_STATUS_DIR = "/run/roam/tunnel"
@@ -86,6 +87,10 @@ def register(subparsers, help_text: str) -> None:
     pr.add_argument("--session-timeout", type=float, default=60.0,
                     help="close a session after this many seconds without authentic traffic (default 60)")
     pr.add_argument("--mac-age", type=float, default=300.0, help="MAC table ageing in seconds (default 300)")
+    pr.add_argument("--max-sessions", type=at_least_one, default=256, metavar="N",
+                    help="host ends served at once (default 256); beyond it a new one is refused, counted")
+    pr.add_argument("--mac-capacity", type=at_least_one, default=4096, metavar="N",
+                    help="VM MACs known at once (default 4096); beyond it the least recently used is dropped")
     pr.add_argument("--max-tcp-connections", type=int, default=512, metavar="N",
                     help="--transport tcp: connections held at once; beyond it the oldest one not yet "
                     "authenticated is closed, or the new one refused (default 512)")
@@ -305,6 +310,7 @@ def cmd_proxy(args) -> int:
         return ready
     cipher, listen, tap = ready
     engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
+                      max_sessions=args.max_sessions, mac_capacity=args.mac_capacity,
                       max_frame=_max_frame(args), offload=tap.offload,
                       segment_size=_segment_size(args, family(listen[0])))
     return _serve(args, "proxy", tap, lambda: ProxyDriver(

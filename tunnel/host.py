@@ -141,9 +141,11 @@ class HostEnd(End):
 
     @property
     def macs(self) -> tuple[bytes, ...]:
-        """The MACs an ATTACH names: given ones, then learned ones (newest last)."""
+        """The MACs an ATTACH names: given ones, then the most recently heard learned ones (newest last): past
+        MAX_MACS, those that spoke least recently go unnamed (the proxy still places them by their frames)."""
+        room = max(0, MAX_MACS - len(self.fixed_macs))
         learned = [m for m in self.learned if m not in self.fixed_macs]
-        return (self.fixed_macs + tuple(learned))[:MAX_MACS]
+        return self.fixed_macs[:MAX_MACS] + tuple(learned[len(learned) - room:] if room else ())
 
     # -- API calls --------------------------------------------------------------------------
 

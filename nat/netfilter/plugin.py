@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import threading
+from typing import IO, Any, Callable
 
 from conntrack.answer import Action
 from conntrack.build import fill_l4_checksum
@@ -38,6 +39,7 @@ from .interfaces import AddressEvents, RouteCache, iface_address, iface_index, i
 from .offload import MARK, RECONCILE, Offloader, apply_sysctls
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
+from .workers import NoRules, WorkerOffloader
 
 __all__ = ["Plugin", "PluginError"]
 
@@ -64,7 +66,7 @@ def log_events(events) -> None:
 class Plugin:
     def __init__(self, cfg: NatConfig, config_path: str, external: str, internal: list[str], queue: int,
                  status_path: str, snapshot_path: str, clock, wall, restore: bool = True, gso: bool = False,
-                 offload: bool = True) -> None:
+                 offload: bool = True, worker: tuple | None = None) -> None:
         self.config_path = config_path
         self.external = external
         self.internal_specs = internal
@@ -85,6 +87,9 @@ class Plugin:
         if not nets:
             raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
         self.cfg = cfg.with_(internal=nets)
+        self.worker = worker  # this process owns slice ``index`` of each pool
+        if worker is not None:
+            self.cfg = worker[1].config(self.cfg, worker[0])
         for w in forwards_outside(self.cfg) if nets != cfg.internal else ():  # the config's own were checked
             log.warning("%s", w)
         # a host stack stands behind the external address: what no mapping claims is the host's
@@ -96,11 +101,12 @@ class Plugin:
         self.offloader: Offloader | None = None
         self.routes: RouteCache | None = None
         self.queued = 0
-        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0)
+        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0) \
+            if worker is None else NoRules()  # a worker's rules are its parent's
         self.ext_index = 0
         self._stop = False
         self._reload = False
-        self._snap_mark = None
+        self._snap_mark: tuple | None = None
         self.bugs = 0
         # The packet thread and the main loop (addresses, signals, housekeeping) share the
         # engine: each packet and each control step holds this lock.
@@ -133,7 +139,7 @@ class Plugin:
                 return None
             if a.reason is _NOT_OURS:
                 return data
-            if self.engine.ended:  # (offload) entries of flows the engine ended go first
+            if self.engine.ended and self.offloader is not None:  # (offload) entries of ended flows go first
                 self.offloader.sweep()
             if self.offloader is not None and a.reason in _DECIDED and not (hook != HOOK_PREROUTING
                                                                             and outdev != self.ext_index):
@@ -148,6 +154,7 @@ class Plugin:
                 else:
                     self.offloader.install(data, self.clock())
             out = a.data
+            assert out is not None, "an accepted packet has its data"
             if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9] == 6):
                 # CSUMNOTREADY: the field held the pseudo-header sum only; GSO: the field
                 # may be a merged packet's first segment's.  A verdict with a payload makes
@@ -156,9 +163,10 @@ class Plugin:
                 # segmentation would recompute it: so write a complete one.  GSO TCP in
                 # POSTROUTING is left alone: nothing checks it before tcp4_gso_segment
                 # recomputes every segment's checksum (ip_summed is not PARTIAL).
-                out = bytearray(out)
-                fill_l4_checksum(out)
+                filled = bytearray(out)
+                fill_l4_checksum(filled)
                 self.csum_filled += 1
+                return filled
             return out
         except Exception:  # a bug of ours, not the peer's: counted apart, packet dropped
             self._bug()
@@ -168,24 +176,25 @@ class Plugin:
         """Offload: a new flow's first packet (a SYN, an echo request) queued before conntrack.
         Decided, its entry goes in and the packet goes on as it came: conntrack finds the
         entry and the kernel translates it.  No entry, no packet."""
-        now = self.clock()
+        now, off, routes = self.clock(), self.offloader, self.routes
+        assert off is not None and routes is not None, "only the offload path queues before conntrack"
         if indev == self.ext_index:
             a = self._process(data, _EXTERNAL, now, _FULL)
         elif data[16:20] == self.engine.external_ip:
             a = self._process(data, _INTERNAL, now, _HAIRPIN_DST)  # not to a mapping: the host's own
-        elif self.engine.is_internal(data[16:20]) or self.routes.oif(data[16:20]) != self.ext_index:
+        elif self.engine.is_internal(data[16:20]) or routes.oif(data[16:20]) != self.ext_index:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
-        if a.action is not _ACCEPT and a.reason is _INVALID and self.offloader.refresh(data):
+        if a.action is not _ACCEPT and a.reason is _INVALID and off.refresh(data):
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
                               _HAIRPIN_DST if data[16:20] == self.engine.external_ip and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
         if not self._passes(a, data):
             return None
         if self.engine.ended:
-            self.offloader.sweep()
-        if a.reason in _DECIDED and not self.offloader.install(data, now):
+            off.sweep()
+        if a.reason in _DECIDED and not off.install(data, now):
             return None
         return data
 
@@ -194,7 +203,7 @@ class Plugin:
         are out (offload always uses our own queue client): reinjection ran the rest of the
         hooks, so the kernel's own entry for each is confirmed, and the install replaces it
         (EEXIST) rather than clashing with it."""
-        if self._deferred:
+        if self._deferred and self.offloader is not None:
             now = self.clock()
             for data in self._deferred:
                 self.offloader.install(data, now)
@@ -219,11 +228,13 @@ class Plugin:
                 except Exception:
                     pass
 
+    #: --workers: (index, :class:`.workers.Slices`); None: the one process (set in __init__)
+    worker: tuple | None = None
     #: opt-in (``roam nat --drop-log FILE``): a JSON line per dropped packet, for the lab's judge
-    drop_log = None
+    drop_log: IO[str] | None = None
     #: called once every rule is in place and packets flow (sd_notify READY=1), and when stopping
-    on_ready = None
-    on_stopping = None
+    on_ready: Callable[[], None] | None = None
+    on_stopping: Callable[[], None] | None = None
 
     def _passes(self, a, data) -> bool:
         """Log the answer's events; whether the packet goes on (a drop is logged to --drop-log)."""
@@ -232,16 +243,16 @@ class Plugin:
         if a.action is _ACCEPT:
             return True
         if self.drop_log is not None:
-            self._log_drop(a.reason, data)
+            self._log_drop(self.drop_log, a.reason, data)
         return False
 
-    def _log_drop(self, reason, data: bytes) -> None:
+    def _log_drop(self, out: IO[str], reason, data: bytes) -> None:
         """The drop's time (monotonic), reason, protocol, addresses and ports (0 without ports)."""
         if len(data) < 20:
             return
         ihl = (data[0] & 15) * 4
         ports = struct.unpack_from("!HH", data, ihl) if len(data) >= ihl + 4 and data[9] in (6, 17) else (0, 0)
-        self.drop_log.write(json.dumps({"t": self.clock(), "reason": reason.name.lower(), "proto": data[9],
+        out.write(json.dumps({"t": self.clock(), "reason": reason.name.lower(), "proto": data[9],
                                         "src": socket.inet_ntoa(data[12:16]), "sport": ports[0],
                                         "dst": socket.inet_ntoa(data[16:20]), "dport": ports[1]}) + "\n")
 
@@ -335,7 +346,11 @@ class Plugin:
             return
         for w in cfg.warnings:
             log.warning("%s", w)
-        self.engine.reload(cfg.with_(internal=self.cfg.internal), self.clock())
+        pinned: dict[str, Any] = {"internal": self.cfg.internal}
+        if self.worker is not None:  # its slices of the pools, not the config's whole ranges
+            pinned.update(port_range=self.cfg.port_range, low_port_range=self.cfg.low_port_range,
+                          icmp_id_range=self.cfg.icmp_id_range)
+        self.engine.reload(cfg.with_(**pinned), self.clock())
         if self.offloader is not None:
             self.offloader.cfg = self.engine.config
             apply_sysctls(self.engine.config)
@@ -357,6 +372,9 @@ class Plugin:
               "queue_client": {"gso": self.gso, "largest_packet": self.largest_packet,
                                "gso_packets": self.gso_packets, "checksums_filled": self.csum_filled},
               "mappings": self.engine.mapping_rows(200)}
+        if self.worker is not None:
+            st.update(worker=self.worker[0], ports=[list(self.cfg.port_range), list(self.cfg.low_port_range),
+                                                    list(self.cfg.icmp_id_range)])
         return st
 
     def live_status(self) -> dict:
@@ -401,7 +419,8 @@ class Plugin:
         rsig.setblocking(False)
         wsig.setblocking(False)
         old_handlers = {}
-        nfq = addrs = packets = nfsock = None
+        nfq: Any = None  # our NfQueue (--gso) or NetfilterQueue's binding
+        addrs = packets = nfsock = None
         ours = False  # past the owner check: the rules of this queue are ours to remove
         started = False  # rules went in: a snapshot and a status to leave
         try:
@@ -415,7 +434,12 @@ class Plugin:
             ours = True
             if self.offload:
                 apply_sysctls(self.cfg)
-                self.offloader = Offloader(self.engine, self.engine.config)
+                if self.worker is None:
+                    self.offloader = Offloader(self.engine, self.engine.config)
+                else:
+                    wo = WorkerOffloader(self.engine, self.engine.config)
+                    wo.index, wo.slices = self.worker
+                    self.offloader = wo
                 self.routes = RouteCache()
             try:
                 if self.gso:
@@ -494,7 +518,8 @@ class Plugin:
                     self._write_status()
                 except OSError as exc:
                     log.error("final snapshot/status not written: %s", exc)
-                log.info("removed %d rules", removed)
+                if self.worker is None:  # a worker's rules are its parent's to remove
+                    log.info("removed %d rules", removed)
             # the handlers go last: a signal while rules were being removed changed nothing
             signal.set_wakeup_fd(-1)
             for sig, h in old_handlers.items():
@@ -507,7 +532,7 @@ class Plugin:
         next_house = self.clock() + _HOUSEKEEPING
         next_reconcile = self.clock() + RECONCILE
         off = self.offloader
-        waits = [addrs, rsig] + ([off.events] if off is not None else [])
+        waits: list[Any] = [addrs, rsig] + ([off.events] if off is not None else [])
         while not self._stop:
             timeout = max(0.0, next_house - self.clock())
             try:

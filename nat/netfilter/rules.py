@@ -16,6 +16,9 @@ kernel drops queued packets, so nothing leaves untranslated while the rules exis
 refuses to run beside a live owner (of this queue, or of any queue on this external
 interface), inserts its own rules ahead of a dead owner's and only then deletes those:
 there is no instant without a rule, so a restart after ``kill -9`` leaks nothing.
+With ``--workers N`` each queue rule becomes one per worker slice (``tcp``/``udp`` port-range
+matches: the internal source port from the inside, the destination port from outside, to
+queue N+k) ahead of the one to worker 0's queue; :mod:`.workers` says why not ``--queue-balance``.
 """
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ class Rules:
     """
 
     def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False,
-                 offload_mark: int = 0) -> None:
+                 offload_mark: int = 0, workers: list | None = None) -> None:
         self.external = external
+        #: --workers N: each worker's TCP/UDP port slices ([(first, last), ...] per worker; worker k
+        #: listens on queue ``queue + k``); None: one queue (:mod:`.workers` says why by port)
+        self.workers = workers
         self.offload_mark = offload_mark  # 0: the per-packet rules (--no-offload)
         self.queue = queue
         self.internal = internal
@@ -123,7 +129,7 @@ class Rules:
 
     def _add(self, tname: str, cname: str, comment: str, *, in_if: str | None = None, out_if: str | None = None,
              src: str | None = None, dst: str | None = None, proto: str | None = None, matches=(),
-             mark_target: int = 0) -> None:
+             mark_target: int = 0, queue: int | None = None) -> None:
         """Insert one rule at the top: the comment comes first among the matches (so the
         listing reads ``... -m comment --comment "roam-nat ..." ...``); ``matches`` are
         (name, {option: value}); the target is NFQUEUE N, or MARK --or-mark ``mark_target``."""
@@ -151,8 +157,22 @@ class Rules:
             target.or_mark = hex(mark_target)
         else:
             target = rule.create_target("NFQUEUE")
-            target.queue_num = str(self.queue)  # no --queue-bypass: fail-closed
+            target.queue_num = str(self.queue if queue is None else queue)  # no --queue-bypass: fail-closed
         self._chain(tname, cname).insert_rule(rule)
+
+    def _queue(self, tname: str, cname: str, comment: str, by: str, protos=("tcp", "udp"), matches=(),
+               **kw) -> None:
+        """One rule to the queue; with workers, one per worker slice (``by``: ``sport`` for packets
+        from the inside, ``dport`` from outside) ahead of the one to worker 0 (the rest)."""
+        matches = list(matches)
+        self._add(tname, cname, comment, matches=matches, **kw)
+        for k, slices in enumerate(self.workers or ()):
+            if k == 0:
+                continue  # worker 0's slices: the rule above
+            for proto in protos:
+                for a, b in slices:
+                    self._add(tname, cname, comment, proto=proto, matches=matches + [(proto, {by: f"{a}:{b}"})],
+                              queue=self.queue + k, **kw)
 
     def install(self, external_ip: str | None) -> None:
         if self.offload_mark:
@@ -190,9 +210,15 @@ class Rules:
         mk = self.offload_mark
         pm = [("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})]
         for cond in self._unmarked():
-            self._add("mangle", "POSTROUTING", self.mine, out_if=self.external, matches=cond)
-            self._add("mangle", "PREROUTING", self.mine, in_if=self.external, matches=pm + cond)
-        self._add("raw", "PREROUTING", self.mine + " pre-ct", matches=[("mark", {"mark": f"{hex(mk)}/{hex(mk)}"})])
+            self._queue("mangle", "POSTROUTING", self.mine, "sport", out_if=self.external, matches=cond)
+            self._queue("mangle", "PREROUTING", self.mine, "dport", in_if=self.external, matches=pm + cond)
+        marked = [("mark", {"mark": f"{hex(mk)}/{hex(mk)}"})]
+        if not self.workers:
+            self._add("raw", "PREROUTING", self.mine + " pre-ct", matches=marked)
+        else:  # SYNs and echo requests: to the worker of the port (echo requests: worker 0)
+            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "sport", ("tcp",), marked,
+                        in_if="!" + self.external)
+            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "dport", ("tcp",), marked, in_if=self.external)
         syn = [("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})]
         echo = [("icmp", {"icmp_type": "echo-request"})]
         for proto, m in (("tcp", syn), ("icmp", echo)):
@@ -205,8 +231,8 @@ class Rules:
         if self.hairpin:
             for net in self.internal:
                 for cond in self._unmarked():
-                    self._add("mangle", "POSTROUTING", self.mine + " hairpin-src", out_if="!" + self.external,
-                              src=net, matches=cond)
+                    self._queue("mangle", "POSTROUTING", self.mine + " hairpin-src", "sport",
+                                out_if="!" + self.external, src=net, matches=cond)
             self.set_address(external_ip)
 
     def set_address(self, external_ip: str | None) -> None:
@@ -229,9 +255,9 @@ class Rules:
         if external_ip and external_ip not in have:
             for net in self.internal:
                 for cond in self._unmarked():
-                    self._add("mangle", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external,
-                              src=net, dst=external_ip,
-                              matches=[("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})] + cond)
+                    self._queue("mangle", "PREROUTING", self.mine + " hairpin-dst", "sport",
+                                in_if="!" + self.external, src=net, dst=external_ip,
+                                matches=[("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})] + cond)
                 self._add("raw", "PREROUTING", self.mine + " hairpin-dst", in_if="!" + self.external, src=net,
                           dst=external_ip, proto="tcp", matches=[("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})],
                           mark_target=mk)

@@ -412,9 +412,11 @@ def test_two_hosts_two_vms_reach_each_other_and_the_lan_through_one_proxy(lab, t
         assert lab.ping(vm2, PEER_IP, count=2) == 2
         assert lab.ping(ns["vm"], "198.18.0.51", count=2) == 2  # VM to VM: host A -> proxy -> host B
         assert lab.ping(ns["peer"], "198.18.0.51", count=2) == 2
+        vm2_mac = lab.ipr(vm2).get_links(lab.index(vm2, "eth0"))[0].get_attr("IFLA_ADDRESS")
+        # the status file follows events within 0.1 s (tunnel.io.loop.STATUS_SOONEST)
+        wait_for(lambda: vm2_mac in t.status(proxy).get("macs", {}), 5, "the proxy's status to show VM 2's MAC")
         pst = t.status(proxy)
         assert len(pst["sessions"]) == 2
-        vm2_mac = lab.ipr(vm2).get_links(lab.index(vm2, "eth0"))[0].get_attr("IFLA_ADDRESS")
         b_sess = next(s for s in pst["sessions"] if "203.0.113.1" in s["endpoint"])
         assert pst["macs"][vm2_mac] == f"session {b_sess['session']}"
         assert vm2_mac in t.status(host_b)["macs"]  # learned from the VM's first frames and named

@@ -307,3 +307,19 @@ def test_host_end_serves_and_forgets_on_request_and_never_learns_the_hosts_own_m
     with pytest.raises(ValueError, match="not a unicast MAC"):
         a.serve(BCAST, 4)
     assert a.counters["macs_served"] == 1 and a.counters["macs_forgotten"] == 1
+
+
+def test_past_max_macs_an_attach_names_the_vms_heard_most_recently():
+    """An ATTACH names at most MAX_MACS: past that, those that spoke least recently go unnamed, never a VM that
+    just spoke (which the proxy would then release, flooding its frames to every host)."""
+    from tunnel.wire import MAX_MACS
+
+    end = HostEnd(CIPHER, [bytes([2, 0, 0, 0, 0xFF, 0xFF])])
+    vms = [bytes([2, 0, 0, 0, i >> 8, i & 0xFF]) for i in range(MAX_MACS + 6)]
+    for t, mac in enumerate(vms):
+        end.send_frame(frame(BCAST, mac), float(t))
+    named = end.macs
+    assert len(named) == MAX_MACS and named[0] == bytes([2, 0, 0, 0, 0xFF, 0xFF])  # the given one first
+    assert named[1:] == tuple(vms[-(MAX_MACS - 1):])  # the newest
+    end.send_frame(frame(BCAST, vms[0]), 100.0)  # the oldest speaks again: it is named, the next oldest is not
+    assert vms[0] in end.macs and vms[len(vms) - MAX_MACS + 1] not in end.macs

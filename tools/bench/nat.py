@@ -1,10 +1,11 @@
 """NAT speed: the engine alone in-process (established-flow translations/s), and in a namespace
 lab (VM -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, the
-default), `roam nat --no-offload` and `--no-offload --gso`, each measured the same way: iperf3
+default), `roam nat --workers 2`, `roam nat --no-offload` and `--no-offload --gso`, each measured the
+same way: iperf3
 TCP throughput, 64-byte UDP packets/s received (one iperf3 client per core, so one sender is
 not the bottleneck) and new TCP connections/s (the same connect/close client against each).
 Every figure is also given as a ratio to kernel MASQUERADE (lab) or to a bare parse loop
-(engine). Printed, never asserted."""
+(engine); new connections with --workers 2 also to one worker's rate. Printed, never asserted."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +116,7 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
 
 
 # ----------------------------------------------------------------------------- lab
+WORKERS = "roam nat --workers 2"
 _UDP_SENDERS = 2  # iperf3 3.12 runs one thread: one client process per core, each to its own server
 _IN_FLIGHT = 64  # connects each client keeps going at once: the rate is the NAT's, not one round trip's
 _CONN_CLIENT = """
@@ -248,7 +250,7 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(1 + _UDP_SENDERS)]
         ports = {}
         for i, name in enumerate(("kernel MASQUERADE", "roam nat", "roam nat --no-offload",
-                                  "roam nat --no-offload --gso")):
+                                  "roam nat --no-offload --gso", WORKERS)):
             ports[name] = 6000 + i  # one server each: no tuple of one run meets another's
             servers.append(lab.popen(inet, [sys.executable, "-c", _CONN_SERVER, str(ports[name])],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -262,9 +264,10 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
         results["kernel MASQUERADE"] = measure("kernel MASQUERADE")
         lab.run(host, ["iptables-legacy", "-t", "nat", "-F"])
         lab.run(host, ["conntrack", "-F"], check=False)
-        for q, (name, extra) in enumerate((("roam nat", []), ("roam nat --no-offload", ["--no-offload"]),
-                                           ("roam nat --no-offload --gso", ["--no-offload", "--gso"])), start=8):
-            nat = _start_nat(lab, host, conf, d, q, extra)
+        for q, (name, extra) in zip((8, 9, 10, 11), (("roam nat", []), (WORKERS, ["--workers", "2"]),
+                                                      ("roam nat --no-offload", ["--no-offload"]),
+                                                      ("roam nat --no-offload --gso", ["--no-offload", "--gso"]))):
+            nat = _start_nat(lab, host, conf, d, q, extra)  # --workers 2 on queues 9 and 10
             results[name] = measure(name)
             lab.stop(nat)
             lab.run(host, ["conntrack", "-F"], check=False)
@@ -272,11 +275,21 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
             lab.stop(s)
         ref = results["kernel MASQUERADE"]
         for name, vals in results.items():
-            row = [name]
+            row: list = [name]
             for v, r in zip(vals, ref):
                 row += [v, v / r if r else float("nan")]
             rows.append(row)
     return rows
+
+
+def workers_line(rows: list[list]) -> str:
+    """New connections/s with two workers, as ratios to MASQUERADE and to one worker (same run)."""
+    by = {r[0]: r for r in rows}
+    if WORKERS not in by or "roam nat" not in by:
+        return ""
+    w, one = by[WORKERS][5], by["roam nat"][5]
+    return (f"New TCP connections/s, {WORKERS}: {w:,.0f} = {by[WORKERS][6]:.2f}x MASQUERADE, "
+            f"{w / one if one else float('nan'):.2f}x one worker ({one:,.0f}/s; target 1.6x)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,4 +307,7 @@ def run(args: argparse.Namespace) -> int:
                   "flight each, the same against each")
             print(render(["path", "TCP Mbit/s", "x MASQ", "UDP 64 B pkt/s", "x MASQ", "new TCP conn/s", "x MASQ"],
                          lab))
+            line = workers_line(lab)
+            if line:
+                print(line)
     return 0

@@ -38,8 +38,10 @@ neighbour cache, which Linux empties when the link goes down (``arp_evict_nocarr
 and refills only at ARP's one-second retransmission time, its segments queued behind
 the question; the proxy answers that by telling a VM that arrived behind a new session
 its LAN neighbours.  Last, ``--moves N`` moves of the VM with agents already running on
-both hosts and no MAC given (:mod:`tools.bench.tunnel_moves`).  Printed only; never
-asserted anywhere.
+both hosts and no MAC given (:mod:`tools.bench.tunnel_moves`); and the proxy engine's
+cost at scale, 100 host ends and 1,000 VM MACs in memory (:mod:`tools.bench.tunnel_scale`;
+``--scale-only`` runs just that, without the lab; ``--no-scale`` skips it).  Printed only;
+never asserted anywhere.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ from pathlib import Path
 
 from tools.bench.table import render
 from tools.bench.tunnel_moves import measure_moves, report_moves
+from tools.bench import tunnel_scale
 from tools.lab.topology import (
     TUNNEL_PEER_IP, TUNNEL_PROXY_IP, TUNNEL_VM_IP, TUNNEL_VM_MAC, enslave, tunnel_lab,
 )
@@ -95,11 +98,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--moves", type=int, default=20, metavar="N",
                         help="moves of the VM between two hosts whose agents run from the start, no MAC given "
                         "(medians and worst of the gaps; default 20; 0: none)")
+    parser.add_argument("--no-scale", action="store_true",
+                        help="skip the proxy engine's figures at scale (N host ends, M VM MACs, in memory)")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="only the proxy engine's figures at scale: no lab, no root needed")
+    tunnel_scale.add_arguments(parser)
 
 
 def run(args) -> int:
     from tools.lab.netlab import Lab, probe
 
+    if args.scale_only:
+        print(tunnel_scale.run_scale(args))
+        return 0
     why = probe()
     if why:
         print(f"roam bench tunnel: cannot build the lab: {why}", file=sys.stderr)
@@ -133,6 +144,9 @@ def run(args) -> int:
     if moves:
         print()
         print(report_moves(moves))
+    if not args.no_scale:
+        print()
+        print(tunnel_scale.run_scale(args))
     return 0
 
 
