@@ -41,6 +41,9 @@ class Row:
     #: lab backend -> the timer-wheel phase (s) at which the simulator gave that backend's answer, where
     #: the phase it plays first (0) gave another: the two raced within the kernel's timer granularity
     phases: dict = field(default_factory=dict)
+    #: what the lab backends warned of in this mode's run (a late resume, a redrawn reachable time...):
+    #: where a row disagrees, the first place to look
+    warnings: tuple = ()
 
     def ran(self) -> dict:
         return {b: c for b, c in self.cells.items() if c.error is None and c.verdict is not None}
@@ -137,7 +140,8 @@ def compare(sc, backends: tuple[str, ...] = ("sim", "netns"), parallel: bool = F
                 run = sim_runs[(mode, labs[0] if labs else None)] if b == "sim" else _run_of(reports[b], mode)
                 cells[b] = _cell(run, c.id)
             sim_at = {b: _cell(sim_runs[(mode, b)], c.id) for b in labs} if "sim" in backends else {}
-            rows.append(Row(c.id, mode, cells, sim_at))
+            warned = tuple(f"{b} {mode}: {w}" for b in labs for w in getattr(_run_of(reports[b], mode), "warnings", ()))
+            rows.append(Row(c.id, mode, cells, sim_at, warnings=warned))
     if "sim" in backends and labs:
         rows = [_other_phases(r, played, {b: _run_of(reports[b], r.mode) for b in labs}) for r in rows]
     return rows
@@ -230,6 +234,8 @@ def render(rows: list[Row]) -> str:
             if c != r.cells.get("sim"):
                 at = f" and the timer wheel's phase {r.phases[b] * 1000:.0f} ms" if b in r.phases else ""
                 out.append(f"{r.conn} under {r.mode}: the simulator at {b}'s draws{at}: {_cell_text(c)}")
+    for w in dict.fromkeys(w for r in rows for w in r.warnings):
+        out.append(f"warning: {w}")
     out.append("!! = verdicts differ (exit status 1), ~ = same verdict, different reason, ≈ = the same at another "
                "phase of the kernel's timer wheel (the answers raced within its granularity)")
     return "\n".join(out)
