@@ -117,3 +117,14 @@ def test_the_host_commands_agent_options_as_the_driver_takes_them():
     assert agent_kwargs(p.parse_args([])) == {"control": True, "watch": True}
     assert agent_kwargs(p.parse_args(["--control", "/run/x.sock"])) == {"control": "/run/x.sock", "watch": True}
     assert agent_kwargs(p.parse_args(["--no-control", "--no-watch-bridge"])) == {"control": None, "watch": False}
+
+
+def test_an_agent_that_binds_between_our_look_and_our_bind_is_another_agent(agent, monkeypatch):
+    """Two agents started at once with one status dir: both look, find nothing, and bind; the second is told
+    another agent answers (and runs without a control socket, as when it had looked later), never crashes."""
+    import tunnel.io.control as control
+
+    w, path = agent
+    monkeypatch.setattr(control, "_clear_stale", lambda p: None)  # its look came before the other's bind
+    with pytest.raises(ControlError, match="another agent answers"):
+        ControlServer(path, w.hd.sel, lambda *a: {}, lambda: 0.0)

@@ -18,6 +18,7 @@ replaced; one a live agent answers on is not (:class:`ControlError`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import selectors
@@ -61,8 +62,10 @@ class ControlServer:
             os.chmod(path, 0o600)
             s.listen(MAX_CLIENTS)
             s.setblocking(False)
-        except OSError:
+        except OSError as exc:
             s.close()
+            if exc.errno == errno.EADDRINUSE:  # another agent bound it between our look and our bind
+                raise ControlError(f"{path}: another agent answers on it") from None
             raise
         self.sock = s
         sel.register(s, selectors.EVENT_READ, self._on_accept)
