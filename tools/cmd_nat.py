@@ -51,7 +51,8 @@ same external interface is refused), and all are removed on SIGINT/SIGTERM, when
 comes, start-up included (after a deliberate stop forwarding is up to the host's own
 firewall again: give FORWARD a DROP policy if that must not happen). Inbound traffic to
 the external address that no inbound mapping claims is the host's own (its sshd, pings)
-and reaches it as under MASQUERADE. SIGHUP re-reads the config (inbound mappings,
+and reaches it as under MASQUERADE. SIGUSR1 writes the snapshot and the status at once (a migration hook's
+"the state as it is now"; the lab's nat+state takes it at the move). SIGHUP re-reads the config (inbound mappings,
 timeouts, filtering) without dropping established flows. The external address is followed through netlink: when it changes or
 vanishes every mapping on the old address dies at once, as with MASQUERADE. Mappings and
 flows are snapshotted to the state dir every second (when packets went through) and on

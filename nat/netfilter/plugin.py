@@ -106,6 +106,7 @@ class Plugin:
         self.ext_index = 0
         self._stop = False
         self._reload = False
+        self._snap_now = False  # SIGUSR1: a migration hook wants the state as it is now
         self._snap_mark: tuple | None = None
         self.bugs = 0
         # The packet thread and the main loop (addresses, signals, housekeeping) share the
@@ -426,7 +427,7 @@ class Plugin:
         try:
             signal.set_wakeup_fd(wsig.fileno())
             for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
-                            (signal.SIGHUP, self._sig_reload)):
+                            (signal.SIGHUP, self._sig_reload), (signal.SIGUSR1, self._sig_snapshot)):
                 old_handlers[sig] = signal.signal(sig, fn)
             if self.restore:
                 self._restore()
@@ -555,21 +556,27 @@ class Plugin:
                 with self._lock:
                     self._do_reload()
             now = self.clock()
+            snap_now = self._snap_now  # (served by the snapshot below, taken after the signal)
+            if snap_now:
+                self._snap_now = False
             if off is not None and off.events in ready:
                 with self._lock:
                     off.on_events(now)
-            if off is not None and now >= next_reconcile:
+            # an offloaded flow's packets pass the engine by: its TCP state is the kernel's, read
+            # at each reconciliation -- and at once for a snapshot asked for (a carried SYN_SENT
+            # makes the flow's next segment INVALID on the new host)
+            if off is not None and (now >= next_reconcile or snap_now):
                 next_reconcile = now + off.interval
                 fetched = off.fetch()  # the kernel's entries, read while packets go on
                 with self._lock:
                     off.reconcile(self.clock(), fetched=fetched)
-            if now >= next_house:
+            if now >= next_house or snap_now:
                 next_house = now + _HOUSEKEEPING
                 with self._lock:
                     self.engine.expire(now)
                     if off is not None:
                         off.sweep()
-                    snap = self._snapshot_data()
+                    snap = self._snapshot_data(force=snap_now)
                     st = self._status_data()
                 if snap is not None:
                     snapshot.save(self.snapshot_path, snap)
@@ -583,3 +590,6 @@ class Plugin:
 
     def _sig_reload(self, signum, frame) -> None:
         self._reload = True
+
+    def _sig_snapshot(self, signum, frame) -> None:
+        self._snap_now = True

@@ -267,6 +267,7 @@ class Supervisor:
         self.pids: list[int] = []
         self._stop = False
         self._reload = False
+        self._snap_now = False
         self._address: str | None = None
         self._parent = os.getpid()
 
@@ -378,7 +379,8 @@ class Supervisor:
         try:
             signal.set_wakeup_fd(wsig.fileno())
             for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
-                            (signal.SIGHUP, self._sig_reload), (signal.SIGCHLD, self._sig_child)):
+                            (signal.SIGHUP, self._sig_reload), (signal.SIGCHLD, self._sig_child),
+                            (signal.SIGUSR1, self._sig_snapshot)):
                 old[sig] = signal.signal(sig, fn)
             self.rules.check_owners()
             ours = True
@@ -412,6 +414,9 @@ class Supervisor:
                 if self._reload:
                     self._reload = False
                     self._signal_all(signal.SIGHUP)
+                if self._snap_now:
+                    self._snap_now = False
+                    self._signal_all(signal.SIGUSR1)
                 if addrs in r:
                     addrs.drain()
                     ip = iface_address(self.external)
@@ -460,6 +465,9 @@ class Supervisor:
 
     def _sig_reload(self, signum, frame) -> None:
         self._reload = True
+
+    def _sig_snapshot(self, signum, frame) -> None:
+        self._snap_now = True
 
     def _sig_child(self, signum, frame) -> None:
         pass  # the wakeup fd is the point: the loop reaps

@@ -66,13 +66,9 @@ def test_sample_is_fixed_and_reaches_the_cases_users_meet():
 
 #: Reason disagreements seen and not yet explained, by (mode, the simulator's reason, the lab's reason):
 #: the verdicts must still agree there, they are printed, and any other disagreement fails.  Open work.
-KNOWN_REASON_GAPS = {
-    # nat+state, an outbound TCP connection over a long outage: the simulator's VM retransmits through
-    # the new host's NAT (carried state, new external address) and the peer resets it; in some lab runs
-    # (about one campaign in three on 2026-12-02, in scenarios 2, 16 and 23, with no late-resume warning)
-    # that retransmission never draws the reset: "timed out".  The restarted `roam nat` (its snapshot
-    # restored, offload on) is the suspect; the packet trace that says where the segment dies is to take.
-    ("nat+state", "reset by peer", "timed out"): "the lab's nat+state sometimes loses the reset: not yet traced",
+KNOWN_REASON_GAPS: dict[tuple[str, str, str], str] = {
+    # (none open: the last, nat+state "reset by peer" vs "timed out", was a carried snapshot that held an
+    # offloaded TCP flow as SYN_SENT; see test_nat_offload.py's SIGUSR1 test)
 }
 
 

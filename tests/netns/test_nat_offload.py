@@ -548,3 +548,46 @@ def test_the_first_mid_stream_packet_of_a_connection_the_kernel_never_saw_goes_o
     assert MARK in line and f"src={PEER} dst={EXT} sport=7300 dport=43210" in line, line  # offloaded after it
     for s in (srv, conn, c):
         s.close()
+
+
+def test_sigusr1_snapshots_the_kernels_state_of_offloaded_flows_and_it_carries(site):
+    """A migration hook's snapshot (SIGUSR1) is taken at once and holds an offloaded TCP flow as
+    the kernel has it, ESTABLISHED: its packets after the SYN passed the engine by, which
+    alone would have carried it as SYN_SENT (or as whatever the last reconciliation read),
+    and the new host's tracker then calls the flow's next segment INVALID (the campaign's
+    nat+state gap).  Carried to another address, the next segment goes out there."""
+    import json
+
+    import nat as natmod
+    from conntrack.answer import Action
+    from conntrack.build import tcp
+    from conntrack.tcp_states import TcpState
+
+    site.start()
+    srv = site.sock(site.inet)
+    srv.bind((PEER, 7400))
+    srv.listen()
+    c = site.sock(site.vm)
+    c.connect((PEER, 7400))
+    conn, _ = srv.accept()
+    c.sendall(b"ask")
+    assert conn.recv(10) == b"ask"
+    conn.sendall(b"answer")
+    assert c.recv(10) == b"answer"
+    before = os.stat(site.snapshot_file).st_mtime_ns if os.path.exists(site.snapshot_file) else None
+    os.kill(site.proc.pid, signal.SIGUSR1)
+    _wait(lambda: os.path.exists(site.snapshot_file) and os.stat(site.snapshot_file).st_mtime_ns != before,
+          5, "the snapshot asked for")
+    with open(site.snapshot_file) as f:
+        snap = json.load(f)
+    flow = next(f for f in snap["flows"] if f["proto"] == 6 and 7400 in f["fwd"])
+    assert flow["state"] == TcpState.ESTABLISHED, flow
+    # carried: a new host's engine restores it on its own address; the VM's next segment leaves there
+    new_ext = "198.51.100.77"
+    eng = natmod.NatEngine(natmod.NatConfig(internal=(INTERNAL,), external_ip=new_ext))
+    assert eng.restore(snap, 0.0, rebind=True) >= 1
+    seg = tcp(socket.inet_aton(VM), socket.inet_aton(PEER), c.getsockname()[1], 7400, 1000, 2000, 0x18, b"next")
+    ans = eng.process(seg, natmod.Side.INTERNAL, 0.1)
+    assert ans.action == Action.ACCEPT and ans.data[12:16] == socket.inet_aton(new_ext), (ans.action, ans.reason)
+    for s in (srv, conn, c):
+        s.close()

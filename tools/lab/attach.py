@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -232,9 +233,10 @@ class Nat(Driver):
     def carry(self, old: str, new: str) -> float:
         """nat+state: the old host's NAT state, rebound to the new host's address, restored there.
 
-        ``roam nat`` snapshots its state to its state dir every second (and on exit); the
-        latest snapshot of the old host's NAT -- taken while the VM was still there, at
-        most a second before it left -- is moved to the new host's external address
+        The old host's ``roam nat`` is asked for its state as it is at the move (SIGUSR1, as
+        a migration hook would: its periodic snapshot may be a second old, and a TCP flow's
+        windows that old make the new host's tracker call the flow's next segment invalid);
+        that snapshot is moved to the new host's external address
         (ports unchanged) by the NAT engine itself, ``restore(snap, now, rebind=True)``
         as the simulator does, in an engine configured as the new host's ``roam nat``
         (which restores its state dir without rebinding), and the new host's ``roam
@@ -247,7 +249,7 @@ class Nat(Driver):
         t = time.monotonic()
         if old == new:
             return 0.0
-        snap = natsnap.load(self._paths(old)[2])
+        snap = natsnap.load(self._snapshot_now(old))
         if snap is None:
             self.warnings.append(f"nat+state: {old}'s roam nat had written no snapshot yet; nothing carried")
             return time.monotonic() - t
@@ -255,6 +257,33 @@ class Nat(Driver):
         natsnap.save(self._paths(new)[2], self._rebound(snap, new))
         self._start(new)
         return time.monotonic() - t
+
+    SNAPSHOT_WAIT = 2.0  # seconds an old host's `roam nat` may take to write the snapshot asked for
+
+    def _snapshot_now(self, host: str) -> str:
+        """The path of ``host``'s snapshot, after asking its ``roam nat`` for one taken now (a
+        warning, and the periodic one, if it does not come)."""
+        path = self._paths(host)[2]
+        p = self.procs.get(host)
+        if p is None or p.poll() is not None:
+            self.warnings.append(f"nat+state: {host}'s roam nat is not running; its last snapshot carried")
+            return path
+        try:
+            before = os.stat(path).st_mtime_ns
+        except OSError:
+            before = None
+        p.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + self.SNAPSHOT_WAIT
+        while time.monotonic() < deadline:
+            try:
+                if os.stat(path).st_mtime_ns != before:
+                    return path
+            except OSError:
+                pass
+            time.sleep(0.005)
+        self.warnings.append(f"nat+state: {host}'s roam nat wrote no snapshot within {self.SNAPSHOT_WAIT:.0f} s "
+                             "of SIGUSR1; its last periodic one carried")
+        return path
 
     def _rebound(self, snap: dict, host: str) -> dict:
         """``snap`` moved to ``host``'s external address by the engine (``restore(rebind=True)``)."""
