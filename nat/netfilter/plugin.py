@@ -48,6 +48,10 @@ log = logging.getLogger("roam.nat")
 HOOK_PREROUTING = 0
 HOOK_POSTROUTING = 4
 _HOUSEKEEPING = 1.0  # seconds between expiry/status/snapshot rounds
+#: the share of the time periodic snapshots may take: a table of 100,000s of flows (new connections
+#: by the thousand per second, each held through TIME_WAIT) costs a second's CPU to write, taken from
+#: the packet thread (one GIL); such a table is written less often than every round (SIGUSR1: at once)
+_SNAPSHOT_SHARE = 0.05
 _BURST = 32  # --gso: packets taken from the queue before their verdicts go out together
 _RECV_TIMEOUT = 0.2  # seconds the idle packet thread waits in recv before looking for a stop
 _ACCEPT, _NOT_OURS = Action.ACCEPT, NatReason.NOT_OURS
@@ -530,7 +534,7 @@ class Plugin:
 
     def _main_loop(self, addrs: AddressEvents, rsig: socket.socket) -> None:
         """Address events, signals and housekeeping until a stop (the packet thread runs apart)."""
-        next_house = self.clock() + _HOUSEKEEPING
+        next_house = next_snap = self.clock() + _HOUSEKEEPING
         next_reconcile = self.clock() + RECONCILE
         off = self.offloader
         waits: list[Any] = [addrs, rsig] + ([off.events] if off is not None else [])
@@ -572,14 +576,16 @@ class Plugin:
                     off.reconcile(self.clock(), fetched=fetched)
             if now >= next_house or snap_now:
                 next_house = now + _HOUSEKEEPING
+                take = snap_now or now >= next_snap
                 with self._lock:
                     self.engine.expire(now)
                     if off is not None:
                         off.sweep()
-                    snap = self._snapshot_data(force=snap_now)
+                    snap = self._snapshot_data(force=snap_now) if take else None
                     st = self._status_data()
                 if snap is not None:
                     snapshot.save(self.snapshot_path, snap)
+                    next_snap = now + max(_HOUSEKEEPING, (self.clock() - now) / _SNAPSHOT_SHARE)
                 snapshot.save(self.status_path, st)
             with self._lock:
                 events = self.engine.pop_events()
