@@ -21,6 +21,8 @@ _H = struct.Struct("!H")
 TCP, UDP, ICMP = 6, 17, 1
 DF = 0x4000
 ETH_IPV4 = 0x0800
+ETH_RARP = 0x8035
+BROADCAST = b"\xff" * 6
 
 
 def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, ident: int = 0, ttl: int = 64,
@@ -77,6 +79,14 @@ def icmp(src: bytes, dst: bytes, icmp_type: int, code: int, rest: int = 0, body:
 def ether(dst_mac: bytes, src_mac: bytes, payload: bytes, ethertype: int = ETH_IPV4) -> bytes:
     """An Ethernet II frame around ``payload``."""
     return _ETH.pack(dst_mac, src_mac, ethertype) + payload
+
+
+def rarp_announce(mac: bytes) -> bytes:
+    """The frame QEMU sends for a guest the moment a live migration resumes it (``qemu_announce_self``):
+    a broadcast RARP "who is ``mac``, tell ``mac``", padded to 60 bytes, so that every switch and
+    agent on the way learns where the guest is now before the guest says anything."""
+    body = struct.pack("!HHBBH6s4s6s4s", 1, ETH_IPV4, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return ether(BROADCAST, mac, body.ljust(46, b"\0"), ETH_RARP)
 
 
 def _l4_field(proto: int) -> int | None:

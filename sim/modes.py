@@ -332,9 +332,13 @@ class Tunnel(Mode):
         self.proxy_timer.update()
 
     def attach(self, host: Host) -> None:
-        if not self.agents:
+        moved = bool(self.agents)  # the agents start with the scenario; a later attach is a move's resume
+        if not moved:
             self._start_agents()
         super().attach(host)
+        if moved:  # QEMU announces the resumed guest: its RARP names it to this host's agent at once
+            ans = self.agents[host.name].send_frame(build.rarp_announce(self.mac), self.clock.now)
+            self._end_answer(host, ans, -1, to_proxy=True)
 
     def detach(self) -> None:
         """The VM stops on its host and its TAP leaves the bridge: that agent forgets it (at once)."""

@@ -18,12 +18,18 @@ TAP is up on the destination before the guest resumes:
   what it sends meanwhile is lost at the switch, as the simulator's paused VM
   (``sim.stack``) does.  Its re-addressing is held until the resume, as a guest's DHCP runs
   only once it runs.
+* at the resume the VM's link sends the RARP QEMU sends for a resumed guest
+  (:func:`conntrack.build.rarp_announce`): switches and the tunnel's agent learn where it is
+  before it says anything (the simulator plays the same announce).
 """
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+
+from conntrack.build import rarp_announce
 
 from .topology import VM_IF, Topology, TopologyError
 
@@ -92,6 +98,7 @@ class NetnsTopology(SwitchedTopology):
     freezer: "Freezer | None" = None
     held: tuple | None = None  # a re-addressing waiting for the resume
     paused: bool = False
+    announcer: "socket.socket | None" = None  # an AF_PACKET socket on the VM's link, for QEMU's RARP at resume
 
     def port(self, host: str) -> str:
         return f"h{list(self.hosts).index(host)}"
@@ -122,6 +129,11 @@ class NetnsTopology(SwitchedTopology):
         self.paused = False
         if self.freezer is not None:
             self.freezer.thaw()
+        if self.announcer is not None and self.vm_mac:  # as QEMU does for a resumed guest (the simulator plays it too)
+            try:
+                self.announcer.send(rarp_announce(bytes.fromhex(self.vm_mac.replace(":", ""))))
+            except OSError:
+                pass  # an announce lost is a switch that learns from the VM's next frame instead
 
     def vm_readdress(self, cidr: str | None, gateway: str | None) -> None:
         if self.paused:
@@ -130,6 +142,8 @@ class NetnsTopology(SwitchedTopology):
             Topology.vm_readdress(self, cidr, gateway)
 
     def close(self) -> None:
+        if self.announcer is not None:
+            self.announcer.close()
         if self.freezer is not None:
             self.freezer.close()
 
@@ -155,6 +169,8 @@ def netns_topology(lab, sc) -> NetnsTopology:
     topo.vm, topo.vm_mac, topo.vm_host = vm, sc.vm.mac, sc.vm.host
     topo._connect(True)
     topo.freezer = Freezer(lab.suffix)
+    topo.announcer = lab.socket(vm, socket.AF_PACKET, socket.SOCK_RAW)
+    topo.announcer.bind((VM_IF, 0))
     return topo
 
 
