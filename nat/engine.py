@@ -244,13 +244,15 @@ class NatEngine:
         return self._general(data, pkt, side, now, stage)
 
     def _v6(self, data, pkt: Packet, side: Side, now: float, stage: Stage) -> Answer:
-        """An IPv6 packet: NAT66 if on; link-scoped traffic (neighbour discovery, link-local
-        and link-local multicast addresses, RFC 4291) never crosses the NAT: passed as it is."""
+        """An IPv6 packet: NAT66 if on.  Link-scoped traffic never crosses the NAT: link-local and
+        link-local multicast addresses (RFC 4291) and neighbour discovery (hop limit 255, RFC 4861:
+        the host's own, even between global addresses) are passed as they are."""
         if not self.nat66:
             return self._drop(NatReason.NOT_IPV4)
         src, dst = pkt.src, pkt.dst
         if (src[0] == 0xFE and src[1] & 0xC0 == 0x80 or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80
-                or dst[0] == 0xFF and dst[1] & 0x0F <= 2):
+                or dst[0] == 0xFF and dst[1] & 0x0F <= 2
+                or pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255):
             return self._pass(bytearray(data[:pkt.end]))
         if self.external_ip6 is None:
             return self._drop(NatReason.NO_EXTERNAL_ADDRESS)

@@ -285,6 +285,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"flows {e['flows']}, mappings live {e['mappings_live']}, inbound mappings {e['inbound_mappings']}")
     for proto, u in e["pools"].items():
         print(f"pool {proto}: {u['used']} of {u['size']} in use")
+    if "pools6" in e:  # NAT66 on
+        print(f"NAT66: external {e.get('external_ip6')}; IPv6 flows take the per-packet path (not offloaded); "
+              + ", ".join(f"pool {p} {u['used']} of {u['size']}" for p, u in e["pools6"].items()))
     c = e["counters"]
     print(f"translated out {c.get('translated_out', 0)}, in {c.get('translated_in', 0)}")
     off = st.get("offload")
@@ -343,6 +346,8 @@ def _run(args: argparse.Namespace) -> int:
     status_path, snap_path = state_paths(args.state_dir, args.queue)
     if args.workers != 1 and (args.no_offload or args.gso):
         return _err("--workers needs offload (the default): drop --no-offload/--gso")
+    if args.workers != 1 and cfg.nat66:
+        return _err("--workers runs NAT44 only for now: NAT66 (natIp6Enable / nat66) needs one process")
     server = None
     try:
         if args.workers != 1:  # the parent (rules, signals, merged status) of N plugin processes

@@ -13,6 +13,8 @@ Packets are handled in a thread of their own, blocked in the queue's receive loo
 recv syscall a packet, no select round per wake-up); the main thread waits for address
 events, signals and the housekeeping timer.  One lock serialises the two around the
 engine.
+
+NAT66: IPv6 on the same queue (ip6tables rules), always per packet (no IPv6 offload).
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ from ..answers import NatReason, Side, Stage
 from ..config import ConfigError, NatConfig, forwards_outside, load
 from ..engine import NatEngine
 from . import PluginError
-from .interfaces import AddressEvents, RouteCache, iface_address, iface_index, iface_networks, resolve_internal
+from .droplog import drop_line
+from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
+                         resolve_internal)
 from .offload import MARK, RECONCILE, Offloader, apply_sysctls
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
@@ -93,7 +97,8 @@ class Plugin:
         for w in forwards_outside(self.cfg) if nets != cfg.internal else ():  # the config's own were checked
             log.warning("%s", w)
         # a host stack stands behind the external address: what no mapping claims is the host's
-        self.engine = NatEngine(self.cfg, iface_address(external), host_stack=True)
+        self.engine = NatEngine(self.cfg, iface_address(external), host_stack=True,
+                                external_ip6=iface_address6(external) if cfg.nat66 else None)
         self._process = self.engine.process
         # offload: decided flows go into the kernel's conntrack (.offload); only packets of
         # flows without such an entry are queued
@@ -101,7 +106,8 @@ class Plugin:
         self.offloader: Offloader | None = None
         self.routes: RouteCache | None = None
         self.queued = 0
-        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0) \
+        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0,
+                           internal6=self.cfg.internal6, nat66=self.cfg.nat66) \
             if worker is None else NoRules()  # a worker's rules are its parent's
         self.ext_index = 0
         self._stop = False
@@ -142,8 +148,8 @@ class Plugin:
                 return data
             if self.engine.ended and self.offloader is not None:  # (offload) entries of ended flows go first
                 self.offloader.sweep()
-            if self.offloader is not None and a.reason in _DECIDED and not (hook != HOOK_PREROUTING
-                                                                            and outdev != self.ext_index):
+            if self.offloader is not None and a.reason in _DECIDED and data[0] >> 4 == 4 and not (
+                    hook != HOOK_PREROUTING and outdev != self.ext_index):  # (IPv6: never offloaded)
                 # its entry, so its later packets stay in the kernel (this one's connection
                 # is the kernel's own: translated here, as without offload).  TCP: once this
                 # one's verdict is out (:meth:`_install_deferred`): the packet holds the
@@ -156,7 +162,7 @@ class Plugin:
                     self.offloader.install(data, self.clock())
             out = a.data
             assert out is not None, "an accepted packet has its data"
-            if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9] == 6):
+            if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9 if out[0] >> 4 == 4 else 6] == 6):
                 # CSUMNOTREADY: the field held the pseudo-header sum only; GSO: the field
                 # may be a merged packet's first segment's.  A verdict with a payload makes
                 # the kernel take the packet as CHECKSUM_NONE, and in PREROUTING (after raw)
@@ -243,19 +249,9 @@ class Plugin:
             log_events(a.events)
         if a.action is _ACCEPT:
             return True
-        if self.drop_log is not None:
-            self._log_drop(self.drop_log, a.reason, data)
+        if self.drop_log is not None and (line := drop_line(self.clock(), a.reason.name.lower(), data)):
+            self.drop_log.write(line)
         return False
-
-    def _log_drop(self, out: IO[str], reason, data: bytes) -> None:
-        """The drop's time (monotonic), reason, protocol, addresses and ports (0 without ports)."""
-        if len(data) < 20:
-            return
-        ihl = (data[0] & 15) * 4
-        ports = struct.unpack_from("!HH", data, ihl) if len(data) >= ihl + 4 and data[9] in (6, 17) else (0, 0)
-        out.write(json.dumps({"t": self.clock(), "reason": reason.name.lower(), "proto": data[9],
-                                        "src": socket.inet_ntoa(data[12:16]), "sport": ports[0],
-                                        "dst": socket.inet_ntoa(data[16:20]), "dport": ports[1]}) + "\n")
 
     def _bug(self) -> None:
         """A bug of ours, not the peer's: counted apart (and logged at 1, 2, 4, 8...)."""
@@ -338,6 +334,11 @@ class Plugin:
                 self.offloader.flush()
             self.engine.set_external_address(ip, self.clock())
             self.rules.set_address(ip)
+        if self.cfg.nat66:  # (IPv6 flows are not offloaded: no kernel entry to flush)
+            ip6 = iface_address6(self.external)
+            if ip6 != self.engine.status().get("external_ip6"):
+                self.engine.set_external_address(ip6, self.clock(), family=6)
+                self.rules.set_address6(ip6)
 
     def _do_reload(self) -> None:
         try:
@@ -451,13 +452,15 @@ class Plugin:
                     nfq.bind(self.queue, self._on_packet, max_len=4096)
             except OSError as exc:
                 raise PluginError(f"cannot bind NFQUEUE {self.queue}: {exc}") from None
-            addrs = AddressEvents()
+            addrs = AddressEvents(v6=True) if self.cfg.nat66 else AddressEvents()
             with self._lock:
                 self._refresh_address()
                 started = True
                 if self.offloader is not None:  # a dead run's entries: its flows go on, held here
                     self.offloader.reconcile(self.clock(), adopt=True)
                 self.rules.install(self.engine.status()["external_ip"])
+                if self.cfg.nat66:
+                    self.rules.set_address6(self.engine.status()["external_ip6"])
                 log_events(self.engine.pop_events())
             stale = self.rules.remove_stale()  # only now: ours match first already
             if stale:

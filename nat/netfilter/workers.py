@@ -150,6 +150,9 @@ class NoRules:
     def set_address(self, external_ip) -> None:
         pass
 
+    def set_address6(self, external_ip6) -> None:
+        pass
+
     def remove(self) -> int:
         return 0
 

@@ -149,6 +149,11 @@ def test_link_scoped_traffic_passes_untouched():
     v = inn(e, ns)
     assert v.action == Action.ACCEPT and v.reason == NatReason.NOT_OURS and v.data == ns
     assert out(e, udp6("fe80::2", "fe80::1", 546, 547)).data == udp6("fe80::2", "fe80::1", 546, 547)
+    from scapy.layers.inet6 import ICMPv6ND_NA
+    na = raw(IPv6(src=PEER6, dst=EXT6, hlim=255) / ICMPv6ND_NA(tgt=PEER6))  # the answer to the host's own NS
+    assert inn(e, na).data == na
+    routed = raw(IPv6(src=PEER6, dst=EXT6, hlim=64) / ICMPv6ND_NA(tgt=PEER6))  # came through a router: not ND
+    assert inn(e, routed).reason == NatReason.UNSUPPORTED_PROTOCOL
     assert e.status()["flows"] == 0
 
 

@@ -1,0 +1,170 @@
+"""NAT66 on real packets: `roam nat` with ``natIp6Enable = 1`` beside NAT44 (test_nat_plugin's
+``Site(v6=True)``: the peer has no route to the VM's IPv6 network, so only translated packets
+reach it).  IPv6 takes the per-packet path (not offloaded) whatever the mode."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+
+import pytest
+
+from conntrack.pcap import record_packet
+
+from .test_nat_plugin import (EXT6, INTERNAL6, PEER6, VM6, Site, _capture_addresses, _captured_records,
+                              _wait)
+
+
+def _addresses_seen6(site, pcap, dump):
+    """The addresses in the peer's IPv6 capture once a marker the peer sends last is in it (so
+    tcpdump has written all before it); the capture stopped."""
+    with site.sock(site.inet, socket.SOCK_DGRAM, socket.AF_INET6) as marker:
+        marker.sendto(b"marker", (EXT6, 9999))
+    _wait(lambda: any(record_packet(r) is not None and record_packet(r).dport == 9999
+                      for r in _captured_records(pcap)), 10, "the marker in the capture")
+    site.lab.stop_tcpdump(dump)
+    return _capture_addresses(pcap)
+
+
+def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path):
+    """NAT66 on real packets, beside NAT44 (offload on: IPv6 takes the per-packet path)."""
+    site = Site(lab, tmp_path, v6=True)
+    pcap = os.path.join(site.dir, "ext6.pcap")
+    dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "ip6"])
+    site.start()
+    rules6 = site.rules6()
+    assert "-A PREROUTING -i ext0 -m comment --comment \"roam-nat q3 pid" in rules6, rules6
+    assert "-A POSTROUTING -o ext0 -m comment --comment \"roam-nat q3 pid" in rules6, rules6
+    assert f"-A PREROUTING -s 2001:db8:1::/64 -d {EXT6}/128 ! -i ext0" in rules6, rules6  # hairpin, first half
+    assert "--queue-bypass" not in rules6  # fail-closed
+    v6 = socket.AF_INET6
+    # TCP: the peer sees the external IPv6 address and the VM's own port
+    srv = site.sock(site.inet, family=v6)
+    srv.bind((PEER6, 7000))
+    srv.listen()
+    c = site.sock(site.vm, family=v6)
+    c.connect((PEER6, 7000))
+    conn, peer_addr = srv.accept()
+    assert peer_addr[0] == EXT6 and peer_addr[1] == c.getsockname()[1]
+    c.sendall(b"hello")
+    assert conn.recv(10) == b"hello"
+    conn.sendall(b"world")
+    assert c.recv(10) == b"world"
+    # UDP, both ways
+    us = site.sock(site.inet, socket.SOCK_DGRAM, v6)
+    us.bind((PEER6, 5300))
+    uc = site.sock(site.vm, socket.SOCK_DGRAM, v6)
+    uc.sendto(b"q", (PEER6, 5300))
+    data, src = us.recvfrom(100)
+    assert data == b"q" and src[0] == EXT6
+    us.sendto(b"a", src[:2])
+    assert uc.recvfrom(100)[0] == b"a"
+    # ping6
+    assert lab.ping(site.vm, PEER6, count=2) == 2
+    # an ICMPv6 error about a translated flow reaches the VM (UDP to a closed port of the peer)
+    with pytest.raises(ConnectionRefusedError):
+        uc2 = site.sock(site.vm, socket.SOCK_DGRAM, v6)
+        uc2.connect((PEER6, 9))
+        uc2.send(b"x")
+        uc2.recv(10)
+    # the inbound mapping to the VM's IPv6 address
+    vs = site.sock(site.vm, family=v6)
+    vs.bind((VM6, 80))
+    vs.listen()
+    ic = site.sock(site.inet, family=v6)
+    ic.connect((EXT6, 8080))
+    vc, addr = vs.accept()
+    assert addr[0] == PEER6
+    vc.sendall(b"hi")
+    assert ic.recv(10) == b"hi"
+    _wait(lambda: site.counter("icmp_errors_translated") >= 1, 5, "status counters")
+    out = lab.run(site.host, [sys.executable, "-m", "tools.cli", "nat", "status", "--queue", "3",
+                              "--state-dir", site.dir, "--mappings"], check=False)
+    assert f"NAT66: external {EXT6}" in out.stdout and "per-packet" in out.stdout, out.stdout
+    assert f"[{VM6}]:80" in out.stdout and f"[{EXT6}]:8080" in out.stdout, out.stdout
+    # SIGTERM removes every rule, IPv6's too
+    assert lab.stop(site.proc) == 0
+    assert "roam-nat" not in site.rules6() and "roam-nat" not in site.rules()
+    addrs = _addresses_seen6(site, pcap, dump)
+    assert ipaddress.ip_address(EXT6) in addrs
+    assert not [a for a in addrs if a in INTERNAL6], addrs  # nothing internal reached the peer
+    for s in (srv, conn, c, us, uc, vs, ic, vc):
+        s.close()
+
+
+def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_path):
+    """Fail-closed for IPv6 too: after kill -9 the ip6tables rules stay (packets wait at the dead
+    queue, none leaves untranslated); a restart replaces them and carries the flow on."""
+    site = Site(lab, tmp_path, v6=True)
+    pcap = os.path.join(site.dir, "ext6.pcap")
+    dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "ip6"])
+    site.start()
+    v6 = socket.AF_INET6
+    srv = site.sock(site.inet, family=v6)
+    srv.bind((PEER6, 7001))
+    srv.listen()
+    c = site.sock(site.vm, family=v6)
+    c.connect((PEER6, 7001))
+    conn, _ = srv.accept()
+    c.sendall(b"before")
+    assert conn.recv(10) == b"before"
+
+    def snapped():
+        try:
+            with open(site.snapshot_file) as f:
+                return any(len(fl["original"]) == 74 and fl["state"] == 3 for fl in json.load(f)["flows"])
+        except (FileNotFoundError, ValueError):
+            return False
+    _wait(snapped, 5, "a snapshot holding the established IPv6 flow")
+    lab.stop(site.proc, sig=signal.SIGKILL)
+    assert "roam-nat q3" in site.rules6()
+    assert lab.ping(site.vm, PEER6, count=1, timeout=1.0) == 0  # waits at the dead queue
+    with site.sock(site.vm, socket.SOCK_DGRAM, v6) as u:
+        u.sendto(b"leak?", (PEER6, 5300))
+    c.sendall(b"during")  # dropped at the queue: TCP retransmits it
+    site.start()
+    with open(site.log) as f:
+        log = f.read()
+    assert "replaced" in log and "restored" in log
+    pid = site.proc.pid
+    mine = [l for l in site.rules6().splitlines() if "roam-nat q3" in l]
+    assert mine and all(f"pid {pid}" in l for l in mine), mine  # the dead run's are gone, ours are in
+    conn.settimeout(15)
+    assert conn.recv(10) == b"during"
+    conn.sendall(b"after")
+    assert c.recv(10) == b"after"
+    assert lab.stop(site.proc) == 0
+    assert "roam-nat" not in site.rules6()
+    assert not [a for a in _addresses_seen6(site, pcap, dump) if a in INTERNAL6]
+    for s in (srv, conn, c):
+        s.close()
+
+
+def test_nat66_hairpin_between_two_vms(lab, tmp_path):
+    site = Site(lab, tmp_path, v6=True)
+    vm2 = lab.ns("vm2")
+    lab.veth(vm2, "vm0", site.host, "hv1")
+    lab.addr(vm2, "vm0", "2001:db8:1:1::2/64")
+    lab.route(vm2, "default", "2001:db8:1:1::1")
+    lab.addr(site.host, "hv1", "2001:db8:1:1::1/64")
+    lab.run(site.host, ["ip6tables-legacy", "-I", "FORWARD", "3", "-i", "hv1", "-j", "ACCEPT"])
+    with open(site.conf, "a") as f:
+        f.write("[host]\nnatIp6Prefix = 2001:db8:1::/48\n")  # both VMs' networks
+    site.start()
+    srv = site.sock(site.vm, family=socket.AF_INET6)
+    srv.bind((VM6, 80))
+    srv.listen()
+    c = site.sock(vm2, family=socket.AF_INET6)
+    c.bind(("2001:db8:1:1::2", 41000))
+    c.connect((EXT6, 8080))  # VM2 reaches VM's service through the NAT's external address
+    conn, peer = srv.accept()
+    assert peer[:2] == (EXT6, 41000)  # RFC 4787 REQ-9: the external source address and port
+    conn.sendall(b"ping")
+    assert c.recv(10) == b"ping"
+    assert c.getpeername()[:2] == (EXT6, 8080)
+    _wait(lambda: site.counter("hairpin_half") >= 3, 5, "hairpin counters")
+    for s in (srv, conn, c):
+        s.close()
