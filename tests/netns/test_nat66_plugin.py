@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 import pytest
 
@@ -167,4 +168,63 @@ def test_nat66_hairpin_between_two_vms(lab, tmp_path):
     assert c.getpeername()[:2] == (EXT6, 8080)
     _wait(lambda: site.counter("hairpin_half") >= 3, 5, "hairpin counters")
     for s in (srv, conn, c):
+        s.close()
+
+
+def test_nat66_address_change_moves_only_ipv6_and_bulk_tcp(lab, tmp_path):
+    """A new external IPv6 address ends the IPv6 flows only (IPv4's keep their mapping and
+    their kernel entry); new IPv6 flows leave from it, the hairpin rule follows; a bulk
+    transfer (GSO super-packets from the VM's veth) goes through the per-packet path intact."""
+    from .test_nat_plugin import EXT, PEER
+    site = Site(lab, tmp_path, v6=True)
+    site.start()
+    v6 = socket.AF_INET6
+    us4 = site.sock(site.inet, socket.SOCK_DGRAM)
+    us4.bind((PEER, 5301))
+    uc4 = site.sock(site.vm, socket.SOCK_DGRAM)
+    uc4.sendto(b"1", (PEER, 5301))
+    assert us4.recvfrom(10)[1][0] == EXT
+    us = site.sock(site.inet, socket.SOCK_DGRAM, v6)
+    us.bind((PEER6, 5301))
+    uc = site.sock(site.vm, socket.SOCK_DGRAM, v6)
+    uc.sendto(b"1", (PEER6, 5301))
+    assert us.recvfrom(10)[1][0] == EXT6
+    new6 = "2001:db8:ff::5"
+    lab.addr(site.host, "ext0", f"{new6}/64")  # first the new one, then the old one goes
+    lab.run(site.host, ["ip", "-6", "addr", "del", f"{EXT6}/64", "dev", "ext0"])
+    _wait(lambda: (site.status() or {}).get("engine", {}).get("external_ip6") == new6, 10,
+          "the plugin to see the new IPv6 address")
+    assert site.counter("flows_killed_by_address_change") == 1  # the IPv6 flow alone
+    assert (site.status() or {})["engine"]["external_ip"] == EXT
+    assert f"-d {new6}/128" in site.rules6() and f"-d {EXT6}/128" not in site.rules6()
+    uc.sendto(b"2", (PEER6, 5301))
+    _, src = us.recvfrom(10)
+    assert src[0] == new6
+    us.sendto(b"r", src[:2])
+    assert uc.recvfrom(10)[0] == b"r"
+    uc4.sendto(b"2", (PEER, 5301))
+    assert us4.recvfrom(10)[1][0] == EXT
+    # bulk TCP over IPv6, every byte checked
+    srv = site.sock(site.inet, family=v6)
+    srv.bind((PEER6, 7003))
+    srv.listen()
+    c = site.sock(site.vm, family=v6)
+    c.connect((PEER6, 7003))
+    conn, addr = srv.accept()
+    assert addr[0] == new6
+    blob = os.urandom(1 << 20)
+    c.settimeout(30)
+    sender = threading.Thread(target=c.sendall, args=(blob,), daemon=True)
+    sender.start()
+    got = bytearray()
+    conn.settimeout(15)
+    while len(got) < len(blob):
+        chunk = conn.recv(1 << 16)
+        assert chunk, "the connection closed early"
+        got += chunk
+    sender.join(30)
+    assert bytes(got) == blob
+    assert lab.stop(site.proc) == 0
+    assert "roam-nat" not in site.rules6()
+    for s in (us4, uc4, us, uc, srv, c, conn):
         s.close()
