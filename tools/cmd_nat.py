@@ -286,7 +286,8 @@ def _status(args: argparse.Namespace) -> int:
     for proto, u in e["pools"].items():
         print(f"pool {proto}: {u['used']} of {u['size']} in use")
     if "pools6" in e:  # NAT66 on
-        print(f"NAT66: external {e.get('external_ip6')}; IPv6 flows take the per-packet path (not offloaded); "
+        print(f"NAT66: external {e.get('external_ip6')}; IPv6 flows "
+              + ("offloaded as IPv4's" if st.get("offload") else "on the per-packet path") + "; "
               + ", ".join(f"pool {p} {u['used']} of {u['size']}" for p, u in e["pools6"].items()))
     c = e["counters"]
     print(f"translated out {c.get('translated_out', 0)}, in {c.get('translated_in', 0)}")

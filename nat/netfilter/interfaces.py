@@ -99,7 +99,8 @@ class RouteCache:
         o = self._oif.get(dst)
         if o is None:
             try:
-                r = self._ipr.route("get", dst=socket.inet_ntoa(dst))
+                fam = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+                r = self._ipr.route("get", dst=socket.inet_ntop(fam, dst), family=fam)
                 o = r[0].get_attr("RTA_OIF") or 0 if r else 0
             except Exception:  # no route: nothing leaves through the external interface
                 o = 0

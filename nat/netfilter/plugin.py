@@ -6,15 +6,13 @@ which picks the side and stage from the hook and interfaces, asks the engine, lo
 answer's events and returns what the verdict carries.  Rules are :mod:`.rules`'s,
 addresses :mod:`.interfaces`'s.  With offload (the default) each decided flow also goes
 into the kernel's conntrack with its NAT (:mod:`.offload`), so only new flows' packets
-come.  The clock comes from the caller (``clock``), as
-DESIGN.md wants nothing below tools/ to read it.
+come (NAT66 too: IPv6 from ip6tables rules on the same queue).  The clock comes from the
+caller (``clock``), as DESIGN.md wants nothing below tools/ to read it.
 
 Packets are handled in a thread of their own, blocked in the queue's receive loop (one
 recv syscall a packet, no select round per wake-up); the main thread waits for address
 events, signals and the housekeeping timer.  One lock serialises the two around the
 engine.
-
-NAT66: IPv6 on the same queue (ip6tables rules), always per packet (no IPv6 offload).
 """
 from __future__ import annotations
 
@@ -148,15 +146,15 @@ class Plugin:
                 return data
             if self.engine.ended and self.offloader is not None:  # (offload) entries of ended flows go first
                 self.offloader.sweep()
-            if self.offloader is not None and a.reason in _DECIDED and data[0] >> 4 == 4 and not (
-                    hook != HOOK_PREROUTING and outdev != self.ext_index):  # (IPv6: never offloaded)
+            if self.offloader is not None and a.reason in _DECIDED and not (hook != HOOK_PREROUTING
+                                                                            and outdev != self.ext_index):
                 # its entry, so its later packets stay in the kernel (this one's connection
                 # is the kernel's own: translated here, as without offload).  TCP: once this
                 # one's verdict is out (:meth:`_install_deferred`): the packet holds the
                 # kernel's own new, unconfirmed entry, an entry of ours made now would clash
                 # with it at confirmation, and TCP (unlike UDP, ICMP) drops a clashing packet:
                 # a mid-stream first packet (a migrated VM, a restart) was lost.
-                if data[9] == 6:
+                if data[9 if data[0] >> 4 == 4 else 6] == 6:
                     self._deferred.append(data)
                 else:
                     self.offloader.install(data, self.clock())
@@ -185,17 +183,19 @@ class Plugin:
         entry and the kernel translates it.  No entry, no packet."""
         now, off, routes = self.clock(), self.offloader, self.routes
         assert off is not None and routes is not None, "only the offload path queues before conntrack"
+        v4 = data[0] >> 4 == 4
+        dst, ext = (data[16:20], self.engine.external_ip) if v4 else (data[24:40], self.engine.external_ip6)
         if indev == self.ext_index:
             a = self._process(data, _EXTERNAL, now, _FULL)
-        elif data[16:20] == self.engine.external_ip:
+        elif dst == ext:
             a = self._process(data, _INTERNAL, now, _HAIRPIN_DST)  # not to a mapping: the host's own
-        elif self.engine.is_internal(data[16:20]) or routes.oif(data[16:20]) != self.ext_index:
+        elif self.engine.is_internal(dst) or routes.oif(dst) != self.ext_index:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
         if a.action is not _ACCEPT and a.reason is _INVALID and off.refresh(data):
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
-                              _HAIRPIN_DST if data[16:20] == self.engine.external_ip and indev != self.ext_index
+                              _HAIRPIN_DST if dst == ext and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
         if not self._passes(a, data):
             return None
@@ -334,11 +334,12 @@ class Plugin:
                 self.offloader.flush()
             self.engine.set_external_address(ip, self.clock())
             self.rules.set_address(ip)
-        if self.cfg.nat66:  # (IPv6 flows are not offloaded: no kernel entry to flush)
-            ip6 = iface_address6(self.external)
-            if ip6 != self.engine.status().get("external_ip6"):
-                self.engine.set_external_address(ip6, self.clock(), family=6)
-                self.rules.set_address6(ip6)
+        ip6 = iface_address6(self.external) if self.cfg.nat66 else None
+        if self.cfg.nat66 and ip6 != self.engine.status().get("external_ip6"):
+            if self.offloader is not None:
+                self.offloader.flush(6)
+            self.engine.set_external_address(ip6, self.clock(), family=6)
+            self.rules.set_address6(ip6)
 
     def _do_reload(self) -> None:
         try:

@@ -20,10 +20,9 @@ With ``--workers N`` each queue rule becomes one per worker slice (``tcp``/``udp
 matches: the internal source port from the inside, the destination port from outside, to
 queue N+k) ahead of the one to worker 0's queue; :mod:`.workers` says why not ``--queue-balance``.
 
-NAT66 (``nat66``) adds the per-packet rules in ip6tables (``Table6``, the same queue,
-comments ending in ``v6`` / ``hairpin6-src`` / ``hairpin6-dst``): IPv6 flows are not
-offloaded (roam's ctnetlink client speaks IPv4), so every IPv6 packet on the external
-interface is queued, fail-closed as IPv4's, and removed with them.
+NAT66 (``nat66``) adds the same rules in ip6tables (``Table6``, the same queue, comments
+ending in ``v6``, ``pre-ct6``, ``hairpin6-src``, ``hairpin6-dst``): offloaded or per packet as
+IPv4's, fail-closed as theirs, and removed with them.
 """
 from __future__ import annotations
 
@@ -65,7 +64,7 @@ class Rules:
         import iptc
 
         if v6:
-            t = iptc.Table6({"raw": iptc.Table6.RAW}.get(tname, iptc.Table6.MANGLE))
+            t = iptc.Table6({"raw": iptc.Table6.RAW, "nat": iptc.Table6.NAT}.get(tname, iptc.Table6.MANGLE))
         else:
             t = iptc.Table({"raw": iptc.Table.RAW, "nat": iptc.Table.NAT}.get(tname, iptc.Table.MANGLE))
         t.refresh()
@@ -191,9 +190,9 @@ class Rules:
                               queue=self.queue + k, **kw)
 
     def install(self, external_ip: str | None) -> None:
-        """Every rule (NAT66's hairpin one comes with :meth:`set_address6`)."""
+        """Every rule (NAT66's hairpin ones come with :meth:`set_address6`)."""
         if self.nat66:
-            self._install6()
+            self._install_offload(None, v6=True) if self.offload_mark else self._install6()
         if self.offload_mark:
             return self._install_offload(external_ip)
         self._add("raw", "PREROUTING", self.mine, in_if=self.external)
@@ -210,7 +209,7 @@ class Rules:
         m = hex(self.offload_mark)
         return [[("conntrack", {"ctstate": "INVALID,UNTRACKED"})], [("connmark", {"mark": f"!{m}/{m}"})]]
 
-    def _install_offload(self, external_ip: str | None) -> None:
+    def _install_offload(self, external_ip: str | None, v6: bool = False) -> None:
         """Offload: the kernel's conntrack entries carry the decided flows' NAT.
 
         * ``raw PREROUTING`` (before conntrack): a new TCP flow's SYN and an echo request
@@ -224,35 +223,37 @@ class Rules:
           (no offloaded entry) or with none: the first packet of other flows, translated
           in user space as with --no-offload, whose entry is made meanwhile.
         No --queue-bypass anywhere: with no plugin, new flows are dropped; offloaded
-        flows go on in the kernel."""
-        self._chain("nat", "POSTROUTING")  # the nat table's hooks: nf_nat applies the entries' NAT
+        flows go on in the kernel.  ``v6``: NAT66's, in ip6tables (their hairpin-dst rules come
+        with :meth:`set_address6`)."""
+        sfx = " v6" if v6 else ""
+        self._chain("nat", "POSTROUTING", v6)  # the nat table's hooks: nf_nat applies the entries' NAT
         mk = self.offload_mark
         pm = [("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})]
         for cond in self._unmarked():
-            self._queue("mangle", "POSTROUTING", self.mine, "sport", out_if=self.external, matches=cond)
-            self._queue("mangle", "PREROUTING", self.mine, "dport", in_if=self.external, matches=pm + cond)
+            self._queue("mangle", "POSTROUTING", self.mine + sfx, "sport", out_if=self.external, matches=cond, v6=v6)
+            self._queue("mangle", "PREROUTING", self.mine + sfx, "dport", in_if=self.external, matches=pm + cond,
+                        v6=v6)
         marked = [("mark", {"mark": f"{hex(mk)}/{hex(mk)}"})]
+        pre = self.mine + (" pre-ct6" if v6 else " pre-ct")
         if not self.workers:
-            self._add("raw", "PREROUTING", self.mine + " pre-ct", matches=marked)
+            self._add("raw", "PREROUTING", pre, matches=marked, v6=v6)
         else:  # SYNs and echo requests: to the worker of the port (echo requests: worker 0)
-            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "sport", ("tcp",), marked,
-                        in_if="!" + self.external)
-            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "dport", ("tcp",), marked, in_if=self.external)
+            self._queue("raw", "PREROUTING", pre, "sport", ("tcp",), marked, in_if="!" + self.external)
+            self._queue("raw", "PREROUTING", pre, "dport", ("tcp",), marked, in_if=self.external)
         syn = [("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})]
-        echo = [("icmp", {"icmp_type": "echo-request"})]
-        for proto, m in (("tcp", syn), ("icmp", echo)):
-            self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if=self.external, proto=proto, matches=m,
-                      mark_target=mk)
-            for net in self.internal:
-                self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if="!" + self.external, src=net,
-                          dst="!" + net, proto=proto, matches=m + [("addrtype", {"dst_type": "!LOCAL"})],
-                          mark_target=mk)
+        echo = [("icmp6", {"icmpv6_type": "echo-request"})] if v6 else [("icmp", {"icmp_type": "echo-request"})]
+        for proto, m in (("tcp", syn), ("icmpv6" if v6 else "icmp", echo)):
+            self._add("raw", "PREROUTING", pre, in_if=self.external, proto=proto, matches=m, mark_target=mk, v6=v6)
+            for net in self.internal6 if v6 else self.internal:
+                self._add("raw", "PREROUTING", pre, in_if="!" + self.external, src=net, dst="!" + net, proto=proto,
+                          matches=m + [("addrtype", {"dst_type": "!LOCAL"})], mark_target=mk, v6=v6)
         if self.hairpin:
-            for net in self.internal:
+            for net in self.internal6 if v6 else self.internal:
                 for cond in self._unmarked():
-                    self._queue("mangle", "POSTROUTING", self.mine + " hairpin-src", "sport",
-                                out_if="!" + self.external, src=net, matches=cond)
-            self.set_address(external_ip)
+                    self._queue("mangle", "POSTROUTING", self.mine + (" hairpin6-src" if v6 else " hairpin-src"),
+                                "sport", out_if="!" + self.external, src=net, matches=cond, v6=v6)
+            if not v6:
+                self.set_address(external_ip)
 
     def set_address(self, external_ip: str | None) -> None:
         """Point the hairpin rules at the external address (none while there is no address)."""
@@ -301,10 +302,17 @@ class Rules:
         def dst(rule) -> ipaddress.IPv6Address:
             return ipaddress.IPv6Address(rule.dst.split("/")[0])
         have = {dst(rule) for _, _, _, rule, _ in self._each_of(self.mine + " hairpin6-dst", True)}
+        mk, tag = self.offload_mark, self.mine + " hairpin6-dst"
         if want is not None and want not in have:
             for net in self.internal6:
-                self._add("raw", "PREROUTING", self.mine + " hairpin6-dst", in_if="!" + self.external, src=net,
-                          dst=str(want), v6=True)
+                if not mk:
+                    self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want), v6=True)
+                    continue
+                for cond in self._unmarked():  # as _set_address_offload's
+                    self._add("mangle", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want),
+                              matches=[("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})] + cond, v6=True)
+                self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want), proto="tcp",
+                          matches=[("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})], mark_target=mk, v6=True)
         self._delete_where(lambda rule, c: c.endswith("hairpin6-dst") and dst(rule) != want)
 
     def remove(self) -> int:

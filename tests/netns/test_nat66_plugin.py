@@ -30,9 +30,10 @@ def _addresses_seen6(site, pcap, dump):
     return _capture_addresses(pcap)
 
 
-def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path):
-    """NAT66 on real packets, beside NAT44 (offload on: IPv6 takes the per-packet path)."""
-    site = Site(lab, tmp_path, v6=True)
+@pytest.mark.parametrize("mode", ["offload", "no_offload"])
+def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path, mode):
+    """NAT66 on real packets, beside NAT44, offloaded to the kernel's conntrack or per packet."""
+    site = Site(lab, tmp_path, offload=mode == "offload", v6=True)
     pcap = os.path.join(site.dir, "ext6.pcap")
     dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "ip6"])
     site.start()
@@ -81,10 +82,20 @@ def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path):
     assert addr[0] == PEER6
     vc.sendall(b"hi")
     assert ic.recv(10) == b"hi"
-    _wait(lambda: site.counter("icmp_errors_translated") >= 1, 5, "status counters")
+    ct = lab.run(site.host, ["conntrack", "-L", "-f", "ipv6", "-p", "tcp"], check=False).stdout
+    line = next(l for l in ct.splitlines() if "dport=7000" in l)
+    if site.offload:  # the kernel's entry carries roam's NAT (and mark): it translates the flow
+        eport = c.getsockname()[1]
+        assert f"src={VM6} dst={PEER6} sport={eport} dport=7000" in line, line
+        assert f"src={PEER6} dst={EXT6} sport=7000 dport={eport}" in line and "mark=536870912" in line, line
+    else:  # the kernel's tracker saw only internal-side tuples, both ways
+        assert f"src={VM6} dst={PEER6}" in line and f"src={PEER6} dst={VM6}" in line, line
+    assert "ESTABLISHED" in line
+    _wait(lambda: site.counter("flows_opened") >= 5, 5, "status counters")
     out = lab.run(site.host, [sys.executable, "-m", "tools.cli", "nat", "status", "--queue", "3",
                               "--state-dir", site.dir, "--mappings"], check=False)
-    assert f"NAT66: external {EXT6}" in out.stdout and "per-packet" in out.stdout, out.stdout
+    assert f"NAT66: external {EXT6}" in out.stdout, out.stdout
+    assert ("offloaded" if site.offload else "per-packet") in out.stdout.split("NAT66:")[1], out.stdout
     assert f"[{VM6}]:80" in out.stdout and f"[{EXT6}]:8080" in out.stdout, out.stdout
     # SIGTERM removes every rule, IPv6's too
     assert lab.stop(site.proc) == 0
@@ -97,8 +108,9 @@ def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path):
 
 
 def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_path):
-    """Fail-closed for IPv6 too: after kill -9 the ip6tables rules stay (packets wait at the dead
-    queue, none leaves untranslated); a restart replaces them and carries the flow on."""
+    """Fail-closed for IPv6 too: after kill -9 the ip6tables rules stay (new flows wait at the dead
+    queue, none leaves untranslated) while the offloaded flow goes on in the kernel; a restart
+    replaces the rules and carries the flow on."""
     site = Site(lab, tmp_path, v6=True)
     pcap = os.path.join(site.dir, "ext6.pcap")
     dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "ip6"])
@@ -125,7 +137,9 @@ def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_
     assert lab.ping(site.vm, PEER6, count=1, timeout=1.0) == 0  # waits at the dead queue
     with site.sock(site.vm, socket.SOCK_DGRAM, v6) as u:
         u.sendto(b"leak?", (PEER6, 5300))
-    c.sendall(b"during")  # dropped at the queue: TCP retransmits it
+    c.sendall(b"during")  # offloaded: the kernel translates it while the plugin is down
+    conn.settimeout(5)
+    assert conn.recv(10) == b"during"
     site.start()
     with open(site.log) as f:
         log = f.read()
@@ -133,8 +147,6 @@ def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_
     pid = site.proc.pid
     mine = [l for l in site.rules6().splitlines() if "roam-nat q3" in l]
     assert mine and all(f"pid {pid}" in l for l in mine), mine  # the dead run's are gone, ours are in
-    conn.settimeout(15)
-    assert conn.recv(10) == b"during"
     conn.sendall(b"after")
     assert c.recv(10) == b"after"
     assert lab.stop(site.proc) == 0
@@ -144,8 +156,9 @@ def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_
         s.close()
 
 
-def test_nat66_hairpin_between_two_vms(lab, tmp_path):
-    site = Site(lab, tmp_path, v6=True)
+@pytest.mark.parametrize("mode", ["offload", "no_offload"])
+def test_nat66_hairpin_between_two_vms(lab, tmp_path, mode):
+    site = Site(lab, tmp_path, offload=mode == "offload", v6=True)
     vm2 = lab.ns("vm2")
     lab.veth(vm2, "vm0", site.host, "hv1")
     lab.addr(vm2, "vm0", "2001:db8:1:1::2/64")
@@ -166,7 +179,15 @@ def test_nat66_hairpin_between_two_vms(lab, tmp_path):
     conn.sendall(b"ping")
     assert c.recv(10) == b"ping"
     assert c.getpeername()[:2] == (EXT6, 8080)
-    _wait(lambda: site.counter("hairpin_half") >= 3, 5, "hairpin counters")
+    ct = lab.run(site.host, ["conntrack", "-L", "-f", "ipv6", "-p", "tcp"], check=False).stdout
+    line = next(l for l in ct.splitlines() if "sport=41000" in l)
+    if site.offload:  # one kernel entry with both halves of the NAT
+        assert f"src=2001:db8:1:1::2 dst={EXT6} sport=41000 dport=8080" in line, line
+        assert f"src={VM6} dst={EXT6} sport=80 dport=41000" in line and "ESTABLISHED" in line, line
+        _wait(lambda: (site.status() or {}).get("offload", {}).get("flows", 0) >= 1, 5, "the offloaded flow")
+    else:  # the kernel tracked the half-way tuple, consistently in both directions
+        assert f"src=2001:db8:1:1::2 dst={VM6}" in line and f"src={VM6} dst=2001:db8:1:1::2" in line, line
+        _wait(lambda: site.counter("hairpin_half") >= 3, 5, "hairpin counters")
     for s in (srv, conn, c):
         s.close()
 
@@ -195,6 +216,8 @@ def test_nat66_address_change_moves_only_ipv6_and_bulk_tcp(lab, tmp_path):
     _wait(lambda: (site.status() or {}).get("engine", {}).get("external_ip6") == new6, 10,
           "the plugin to see the new IPv6 address")
     assert site.counter("flows_killed_by_address_change") == 1  # the IPv6 flow alone
+    ct4 = lab.run(site.host, ["conntrack", "-L", "-f", "ipv4", "-p", "udp"], check=False).stdout
+    assert any("dport=5301" in l and "mark=536870912" in l for l in ct4.splitlines()), ct4  # IPv4's entry stays
     assert (site.status() or {})["engine"]["external_ip"] == EXT
     assert f"-d {new6}/128" in site.rules6() and f"-d {EXT6}/128" not in site.rules6()
     uc.sendto(b"2", (PEER6, 5301))
@@ -204,6 +227,18 @@ def test_nat66_address_change_moves_only_ipv6_and_bulk_tcp(lab, tmp_path):
     assert uc.recvfrom(10)[0] == b"r"
     uc4.sendto(b"2", (PEER, 5301))
     assert us4.recvfrom(10)[1][0] == EXT
+    # and the other way round: a new IPv4 address leaves the IPv6 flow and its kernel entry alone
+    lab.run(site.host, ["ip", "-4", "addr", "del", f"{EXT}/24", "dev", "ext0"])
+    lab.addr(site.host, "ext0", "203.0.113.5/24")
+    _wait(lambda: (site.status() or {}).get("engine", {}).get("external_ip") == "203.0.113.5", 10,
+          "the plugin to see the new IPv4 address")
+    assert site.counter("flows_killed_by_address_change") == 2  # the IPv4 flow alone
+    ct6 = lab.run(site.host, ["conntrack", "-L", "-f", "ipv6", "-p", "udp"], check=False).stdout
+    assert any("dport=5301" in l and "mark=536870912" in l for l in ct6.splitlines()), ct6
+    uc.sendto(b"3", (PEER6, 5301))
+    assert us.recvfrom(10) == (b"3", src)  # the same mapping
+    uc4.sendto(b"3", (PEER, 5301))
+    assert us4.recvfrom(10)[1][0] == "203.0.113.5"
     # bulk TCP over IPv6, every byte checked
     srv = site.sock(site.inet, family=v6)
     srv.bind((PEER6, 7003))
