@@ -341,14 +341,14 @@ def _run(args: argparse.Namespace) -> int:
     from .privileges import CAP_NET_ADMIN, refusal
 
     cfg = _load_config(args.config, args.internal)
+    if args.workers != 1 and cfg.nat66:
+        return _err("--workers runs NAT44 only for now: NAT66 (natIp6Enable / nat66) needs one process")
     why = refusal("iptables rules, NFQUEUE, conntrack entries", CAP_NET_ADMIN)
     if why:
         return _err(why)
     status_path, snap_path = state_paths(args.state_dir, args.queue)
     if args.workers != 1 and (args.no_offload or args.gso):
         return _err("--workers needs offload (the default): drop --no-offload/--gso")
-    if args.workers != 1 and cfg.nat66:
-        return _err("--workers runs NAT44 only for now: NAT66 (natIp6Enable / nat66) needs one process")
     server = None
     try:
         if args.workers != 1:  # the parent (rules, signals, merged status) of N plugin processes
