@@ -79,8 +79,9 @@ class Rules:
 
     def _each(self, prefix: str | None = None):
         """(table, chain name, chain, rule, comment) of every rule whose comment starts with
-        ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's); ip6tables' too with NAT66."""
-        for v6 in (False, True) if self.nat66 else (False,):
+        ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's); ip6tables' too with NAT66,
+        or when its tables exist (a dead NAT66 run's rules go, even if this run has NAT66 off)."""
+        for v6 in (False, True) if self.nat66 or _ip6tables_loaded() else (False,):
             yield from self._each_of(prefix, v6)
 
     def _each_of(self, prefix: str | None, v6: bool):
@@ -318,6 +319,16 @@ class Rules:
     def remove(self) -> int:
         """Delete our rules (by comment: ours and, harmlessly, stale ones of this queue)."""
         return self._delete_where(lambda rule, c: True)
+
+
+def _ip6tables_loaded() -> bool:
+    """Whether this namespace has ip6tables tables (none: no rule of ours can be there, and
+    looking would load them)."""
+    try:
+        with open("/proc/net/ip6_tables_names") as f:
+            return bool(f.read().split())
+    except OSError:
+        return False
 
 
 def _pid_of(comment: str) -> int:

@@ -267,3 +267,21 @@ def test_nat66_address_change_moves_only_its_family_and_bulk_tcp(lab, tmp_path, 
     assert "roam-nat" not in site.rules6()
     for s in (us4, uc4, us, uc, srv, c, conn):
         s.close()
+
+
+def test_a_run_without_nat66_removes_a_dead_nat66_runs_ipv6_rules(lab, tmp_path):
+    """NAT66 turned off in the config, then a restart after kill -9: the dead run's ip6tables rules
+    are stale like its iptables ones (else they would queue IPv6 to a run that drops it all)."""
+    site = Site(lab, tmp_path, v6=True)
+    site.start()
+    dead = site.proc.pid
+    lab.stop(site.proc, sig=signal.SIGKILL)
+    assert f"pid {dead}" in site.rules6()
+    with open(site.conf) as f:
+        conf = f.read()
+    with open(site.conf, "w") as f:
+        f.write(conf.replace("natIp6Enable = 1", "natIp6Enable = 0"))
+    site.start()
+    assert "roam-nat" not in site.rules6() and f"pid {site.proc.pid}" in site.rules()
+    assert lab.stop(site.proc) == 0
+    assert "roam-nat" not in site.rules() and "roam-nat" not in site.rules6()
