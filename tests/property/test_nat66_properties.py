@@ -12,6 +12,7 @@ from conntrack.answer import Action, Answer
 from nat import NatEngine, Side, parse_toml
 from tests.unit.nat_support import EXT, EXT6, checksums_ok6
 
+from .strategies import mutated
 from .test_nat_properties import SETTINGS
 
 CFG = parse_toml('internal = ["198.18.0.0/24"]\nnat66 = true\ninternal6 = ["2001:db8:1::/64"]\n'
@@ -72,18 +73,8 @@ def _valid_packets():
     ]
 
 
-@st.composite
-def mutated(draw):
-    base = bytearray(draw(st.sampled_from(_valid_packets())))
-    for _ in range(draw(st.integers(0, 6))):
-        i = draw(st.integers(0, len(base) - 1))
-        base[i] = draw(st.integers(0, 255))
-    cut = draw(st.integers(0, len(base)))
-    return bytes(base[:cut]) + draw(st.binary(max_size=8))
-
-
 @SETTINGS
-@given(data=st.lists(st.tuples(mutated() | st.binary(max_size=80).map(lambda b: b"\x60" + b),
+@given(data=st.lists(st.tuples(mutated(st.sampled_from(_valid_packets())) | st.binary(max_size=80).map(lambda b: b"\x60" + b),
                                st.sampled_from(list(Side))), max_size=25))
 def test_any_bytes_give_a_verdict(data):
     e = NatEngine(CFG, EXT, seed=1, external_ip6=EXT6)
@@ -93,3 +84,41 @@ def test_any_bytes_give_a_verdict(data):
         v = e.process(blob, side, float(i))
         assert isinstance(v, Answer) and v.sends == ()
         assert (v.data is None) == (v.action == Action.DROP)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["tcp", "udp", "icmp"]), st.booleans(), st.integers(2, 40),
+                         st.integers(895, 925) | st.integers(19990, 20070), st.floats(0, 200)), min_size=1, max_size=80)
+
+
+@SETTINGS
+@given(ops=ops, seed=st.integers(0, 1000))
+def test_each_familys_pools_hold_exactly_its_live_mappings(ops, seed):
+    """NAT44 and NAT66 side by side, flows opening and expiring: no external endpoint is shared
+    within a family, each family's pools count exactly its own live dynamic mappings, and a
+    mapping no flow uses is gone."""
+    from scapy.all import ICMP, IP
+    from tests.unit.nat_support import checksums_ok
+    e = NatEngine(CFG, EXT, seed=seed, external_ip6=EXT6)
+    now = 0.0
+    for proto, v6, host, sport, dt in ops:
+        now += dt
+        e.expire(now)
+        if v6:
+            p = _packet(proto, f"2001:db8:1::{host:x}", "2001:db8:2::9", sport, 53, b"")
+        else:
+            ip = IP(src=f"198.18.0.{host}", dst="192.0.2.9")
+            p = raw(ip / (TCP(sport=sport, dport=53, flags="S") if proto == "tcp" else
+                          UDP(sport=sport, dport=53) if proto == "udp" else ICMP(type=8, id=sport)))
+        v = e.process(p, Side.INTERNAL, now)
+        if v.action == Action.ACCEPT:
+            assert checksums_ok6(v.data) if v6 else checksums_ok(v.data)
+        for table in (e.mapping_table, e.mapping_table6):
+            maps = table.mappings()
+            ext = [(m.proto, m.external_port) for m in maps]
+            assert len(ext) == len(set(ext))
+            assert all(len(m.external_ip) == (4 if table is e.mapping_table else 16) for m in maps)
+            # a dynamic mapping lives exactly while a flow uses it (freed into its own family's table)
+            assert all(en.conns > 0 for en in table.by_external.values() if not en.mapping.static)
+            for proto_num, pool in table.pools.items():
+                used = set().union(*(r.used for r in (pool.high, pool.low) if r is not None))
+                assert used == {m.external_port for m in maps if m.proto == proto_num and not m.static}
