@@ -96,8 +96,9 @@ def test_sync_takes_the_kernels_state():
     assert not offload.sync(c, 0x2 | 0x4 | 0x8, 3)
 
 
-def test_create_message_carries_tuples_nat_and_mark():
-    sent = []
+def _acking_ct():
+    """A CtSocket whose kernel acknowledges every request; the requests it sent."""
+    sent: list[bytes] = []
 
     class Sock:
         def send(self, b):
@@ -111,6 +112,11 @@ def test_create_message_carries_tuples_nat_and_mark():
 
     ct = object.__new__(ctnetlink.CtSocket)
     ct.sock, ct._seq, ct._buf = Sock(), 0, bytearray(1 << 16)
+    return ct, sent
+
+
+def test_create_message_carries_tuples_nat_and_mark():
+    ct, sent = _acking_ct()
     o = Tuple(17, ip(VM), ip(PEER), 5000, 53)
     assert ct.create(o, 300, 0x20000000, snat=(ip(EXT), 5001)) == 0
     m = sent[0]
@@ -258,22 +264,9 @@ def test_a_flow_first_seen_mid_stream_replaces_the_kernels_own_entries_establish
 
 # ----------------------------------------------------------------------------- NAT66
 def test_ipv6_entries_round_trip_through_the_messages():
-    sent = []
-
-    class Sock:
-        def send(self, b):
-            sent.append(bytes(b))
-
-        def recv_into(self, buf):
-            seq = struct.unpack_from("=I", sent[-1], 8)[0]
-            msg = struct.pack("=IHHII", 36, ctnetlink.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", 0) + b"\0" * 16
-            buf[:len(msg)] = msg
-            return len(msg)
-
     from .nat_support import EXT6, PEER6, VM6
     ip6 = lambda s: ipaddress.IPv6Address(s).packed  # noqa: E731
-    ct = object.__new__(ctnetlink.CtSocket)
-    ct.sock, ct._seq, ct._buf = Sock(), 0, bytearray(1 << 16)
+    ct, sent = _acking_ct()
     for o, nat in ((Tuple(6, ip6(VM6), ip6(PEER6), 40000, 443), (ip6(EXT6), 40000)),
                    (Tuple(58, ip6(VM6), ip6(PEER6), 77, 128), (ip6(EXT6), 78))):
         assert ct.create(o, 60, 0x20000000, snat=nat) == 0
