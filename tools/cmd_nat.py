@@ -59,6 +59,9 @@ vanishes every mapping on the old address dies at once, as with MASQUERADE. Mapp
 flows are snapshotted to the state dir every second (when packets went through) and on
 exit, and restored at start, so a restart keeps established
 connections. Malformed packets are counted and dropped. Counters: `roam nat status`.
+NAT66: with natIp6Enable = 1 and natIp6Prefix in [host] (TOML: nat66, internal6) IPv6 is
+translated too, as ip6tables MASQUERADE does, with the same rules in ip6tables; the external
+IPv6 address is the interface's first usable global one.
 """
 
 
