@@ -8,9 +8,9 @@ goes on with the same external ports.  NAT66 flows and mappings ride along (thei
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
+import socket
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -126,11 +126,15 @@ def _rebound(snap: dict, old: bytes, new: bytes, which: str = "external_ip") -> 
 
 
 def _ip(b: bytes) -> str:
-    return str(ipaddress.ip_address(b))
+    # inet_ntop, not ipaddress: a snapshot of a busy NAT writes hundreds of thousands of them
+    return socket.inet_ntop(socket.AF_INET6 if len(b) == 16 else socket.AF_INET, b)
 
 
 def _packed(s: str) -> bytes:
-    return ipaddress.ip_address(s).packed
+    try:
+        return socket.inet_pton(socket.AF_INET6 if ":" in s else socket.AF_INET, s)
+    except (OSError, TypeError):
+        raise ValueError(f"{s!r} is not an IP address") from None
 
 
 def _tup(t: tuple) -> list:

@@ -56,8 +56,8 @@ and reaches it as under MASQUERADE. SIGUSR1 writes the snapshot and the status a
 "the state as it is now"; the lab's nat+state takes it at the move). SIGHUP re-reads the config (inbound mappings,
 timeouts, filtering) without dropping established flows. The external address is followed through netlink: when it changes or
 vanishes every mapping on the old address dies at once, as with MASQUERADE. Mappings and
-flows are snapshotted to the state dir every second (when packets went through) and on
-exit, and restored at start, so a restart keeps established
+flows are snapshotted to the state dir every second (when packets went through; a table so
+big that writing it takes more than 5% of the time, less often), on SIGUSR1 and on exit, and restored at start, so a restart keeps established
 connections. Malformed packets are counted and dropped. Counters: `roam nat status`.
 NAT66: with natIp6Enable = 1 and natIp6Prefix in [host] (TOML: nat66, internal6) IPv6 is
 translated too, as ip6tables MASQUERADE does, with the same rules in ip6tables; the external

@@ -143,14 +143,16 @@ def compare(sc, backends: tuple[str, ...] = ("sim", "netns"), parallel: bool = F
             warned = tuple(f"{b} {mode}: {w}" for b in labs for w in getattr(_run_of(reports[b], mode), "warnings", ()))
             rows.append(Row(c.id, mode, cells, sim_at, warnings=warned))
     if "sim" in backends and labs:
-        rows = [_other_phases(r, played, {b: _run_of(reports[b], r.mode) for b in labs}) for r in rows]
+        replays: dict = {}  # (mode, draws, phase) -> the simulator's run: several rows of a mode share it
+        rows = [_other_phases(r, played, {b: _run_of(reports[b], r.mode) for b in labs}, replays) for r in rows]
     return rows
 
 
-def _other_phases(row: Row, sc, lab_runs: dict) -> Row:
+def _other_phases(row: Row, sc, lab_runs: dict, replays: dict) -> Row:
     """Where a lab backend's answer differs from the simulator's, replay the mode at the timer wheel's other
     phases (``sim.linux.WHEEL_PHASES``: where the lab's time zero fell in the kernel's ticks is not
-    measured); the first phase that gives the lab's verdict and reason stands for it in the comparison."""
+    measured); the first phase that gives the lab's verdict and reason stands for it in the comparison.
+    ``replays`` keeps each (mode, draws, phase) run for the other rows that need it."""
     from sim.linux import WHEEL_PHASES
     from sim.run import run_mode
 
@@ -162,7 +164,10 @@ def _other_phases(row: Row, sc, lab_runs: dict) -> Row:
             continue
         draws = dict(lab_runs[b].draws) if lab_runs.get(b) is not None else {}
         for phase in WHEEL_PHASES[1:]:
-            cell = _cell(run_mode(sc, row.mode, draws=draws, lab=True, phase=phase), row.conn)
+            key = (row.mode, tuple(sorted(draws.items())), phase)
+            if key not in replays:
+                replays[key] = run_mode(sc, row.mode, draws=draws, lab=True, phase=phase)
+            cell = _cell(replays[key], row.conn)
             if (cell.verdict, cell.reason) == (lab_cell.verdict, lab_cell.reason):
                 sim_at[b], phases[b] = cell, phase
                 break

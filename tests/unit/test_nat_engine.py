@@ -298,6 +298,10 @@ def test_snapshot_restore_keeps_flows(tmp_path):
     assert e3.restore(snap, 0) == 0
     with pytest.raises(ValueError, match="version"):
         e3.restore(dict(snap, version=99), 0)
+    # a damaged address is a ValueError naming it (as a damaged snapshot is), never an OSError
+    bad = dict(snap, mappings=[dict(m, internal_ip="198.18.0") for m in snap["mappings"]])
+    with pytest.raises(ValueError, match="198.18.0"):
+        engine(seed=99).restore(bad, 0)
 
 
 def test_reload_keeps_established_and_changes_inbound():

@@ -38,7 +38,8 @@ neighbour cache, which Linux empties when the link goes down (``arp_evict_nocarr
 and refills only at ARP's one-second retransmission time, its segments queued behind
 the question; the proxy answers that by telling a VM that arrived behind a new session
 its LAN neighbours.  Last, ``--moves N`` moves of the VM with agents already running on
-both hosts and no MAC given (:mod:`tools.bench.tunnel_moves`); and the proxy engine's
+both hosts and no MAC given (:mod:`tools.bench.tunnel_moves`); ``--qemu-moves N`` the same with a
+real guest live-migrated by QEMU (:mod:`tools.bench.tunnel_qemu`); and the proxy engine's
 cost at scale, 100 host ends and 1,000 VM MACs in memory (:mod:`tools.bench.tunnel_scale`;
 ``--scale-only`` runs just that, without the lab; ``--no-scale`` skips it).  Printed only;
 never asserted anywhere.
@@ -97,7 +98,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-migration", action="store_true", help="skip the migration measurements")
     parser.add_argument("--moves", type=int, default=20, metavar="N",
                         help="moves of the VM between two hosts whose agents run from the start, no MAC given "
-                        "(medians and worst of the gaps; default 20; 0: none)")
+                        "(medians and worst of the gaps; default 20)")
+    parser.add_argument("--qemu-moves", type=int, default=12, metavar="N",
+                        help="moves of a real guest live-migrated by QEMU, agents running on both hosts (the qemu "
+                        "backend of `roam replay`; about 3 s each on TCG; default 12; skipped with --no-qemu, "
+                        "--no-migration or without QEMU)")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU live migrations")
     parser.add_argument("--no-scale", action="store_true",
                         help="skip the proxy engine's figures at scale (N host ends, M VM MACs, in memory)")
     parser.add_argument("--scale-only", action="store_true",
@@ -135,7 +141,7 @@ def run(args) -> int:
                 if not args.no_migration:
                     migrations["cold"].append(b.migration(prestart=False))
                     migrations["warm"].append(b.migration(prestart=True))
-            if not args.no_migration and args.moves > 0:
+            if not args.no_migration:
                 moves = measure_moves(b, args.moves)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,10 +150,24 @@ def run(args) -> int:
     if moves:
         print()
         print(report_moves(moves))
+    if not args.no_migration and not args.no_qemu:
+        print()
+        print(_qemu_moves(args.qemu_moves))
     if not args.no_scale:
         print()
         print(tunnel_scale.run_scale(args))
     return 0
+
+
+def _qemu_moves(n: int) -> str:
+    from tools.bench.tunnel_qemu import measure_qemu_moves, report_qemu_moves
+    from tools.lab.qemu import qemu_missing
+
+    why = qemu_missing()
+    if why:
+        return f"QEMU moves: skipped: {why}"
+    print(f"QEMU moves: {n} live migrations...", file=sys.stderr)
+    return report_qemu_moves(measure_qemu_moves(n))
 
 
 def _median(values) -> float | None:

@@ -35,8 +35,8 @@ from .netlab import Lab, LabError
 from .topology import TopologyError
 from .attach import DRIVERS, NOT_YET, ModeUnavailable
 from .logs import collect_drops, verdicts
-from .play import (Collector, EndpointProc, finish, horizon, loss_warning, open_servers, router_packets,
-                   redrawn, run_modes, start_connection, start_peers, wait_ready, SETTLE)
+from .play import (SETTLE, Collector, EndpointProc, finish, horizon, loss_warning, open_servers, router_packets,
+                   run_modes, start_connection, start_peers, wait_ready, warn_if_redrawn)
 from .vmlink import netns_topology
 
 LATE = 0.25  # seconds a resume may come after its time before the report warns
@@ -154,7 +154,7 @@ def _play(sc, mode, topo, drv, progress, logdir, warnings, wall0):
         time.sleep(max(0.0, min(0.05, nxt)))
     # what happens once the driver stops (endpoints closing their sockets) is not the scenario's
     stop_at = time.monotonic() - t0
-    draws = redrawn(topo, draws, warnings)
+    warn_if_redrawn(topo, draws, warnings)
     finish(procs, procs, col, logdir)
     drops = collect_drops(drv, t0)
     results = verdicts(sc, [e for e in col.events if e["t"] < stop_at],

@@ -221,13 +221,12 @@ def router_packets(topo) -> int:
     return total
 
 
-def redrawn(topo, draws: dict[str, float], warnings: list[str]) -> dict[str, float]:
-    """The routers' reachable-time draws read at time zero, with a warning if the kernel drew again since
-    (it does every 300 s, for every interface at once): the simulator replays those of time zero."""
+def warn_if_redrawn(topo, draws: dict[str, float], warnings: list[str]) -> None:
+    """A warning if the kernel drew the routers' reachable times again since time zero's ``draws`` (it does
+    every 300 s, for every interface at once): the simulator replays those of time zero."""
     if topo.neigh_draws() != draws:
         warnings.append("the kernel drew the routers' reachable times again during the run (it does every "
                         "300 s): a verdict hanging on them may differ from the simulator's")
-    return draws
 
 
 def loss_warning(sc, backend: str) -> list[str]:

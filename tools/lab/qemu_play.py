@@ -45,8 +45,8 @@ from .topology import TopologyError, _allowed, build, vm_addresses
 from .attach import DRIVERS, ModeUnavailable
 from .guest_vm import GuestVm
 from .logs import collect_drops, verdicts
-from .play import (SETTLE, Collector, EndpointProc, finish, horizon, loss_warning, open_servers, redrawn,
-                   router_packets, run_modes, start_connection, start_peers, wait_ready)
+from .play import (SETTLE, Collector, EndpointProc, finish, horizon, loss_warning, open_servers, router_packets,
+                   run_modes, start_connection, start_peers, wait_ready, warn_if_redrawn)
 from .qemu import Guest, GuestSpec, Migration, QemuError, qemu_missing
 from .vmlink import SwitchedTopology, add_host_links
 from ..report import moves_dict, moves_text  # noqa: F401 - where they were
@@ -226,7 +226,7 @@ def _play(sc, mode, topo, drv, guest, vm, progress, logdir, warnings, wall0):
             waits.append(nt - now)
         time.sleep(max(0.0, min(waits)))
     stop_at = time.monotonic() - t0
-    draws = redrawn(topo, draws, warnings)
+    warn_if_redrawn(topo, draws, warnings)
     finish(procs, peers, col, logdir, extra=vm.pump)
     mover.join(timeout=1)
     if error:
