@@ -113,8 +113,16 @@ def verify(packet: bytes | bytearray) -> bool:
 
 
 def fill_l4_checksum(buf: bytearray) -> None:
-    """Write a complete TCP/UDP checksum into the unfragmented IPv4 packet in ``buf``
-    (computed over it as it is); anything else is left alone."""
+    """Write a complete TCP/UDP checksum into the unfragmented IPv4 packet in ``buf``, or the
+    IPv6 one without extension headers (computed over it as it is); anything else is left alone."""
+    if len(buf) >= 40 and buf[0] >> 4 == 6:
+        total, proto = 40 + (buf[4] << 8 | buf[5]), buf[6]
+        at = _l4_field(proto)
+        if at is None or total > len(buf) or 40 + at + 2 > total:
+            return
+        buf[40 + at:42 + at] = b"\0\0"
+        _H.pack_into(buf, 40 + at, l4_checksum(bytes(buf[8:24]), bytes(buf[24:40]), proto, bytes(buf[40:total])))
+        return
     if len(buf) < 20 or buf[0] >> 4 != 4:
         return
     ihl = (buf[0] & 15) * 4

@@ -18,6 +18,12 @@ nat.conf (VMware)::
     [incomingudp]
     5353 = 198.18.0.2:53
 
+NAT66 (IPv6, as ip6tables MASQUERADE): VMware's ``[host] natIp6Enable = 1`` with
+``natIp6Prefix = 2001:db8:1::/64`` (the internal IPv6 network); an inbound mapping to an
+IPv6 internal address is written ``8080 = [2001:db8:1::2]:80`` and maps that port of the
+external IPv6 address (the same port may be mapped in both families).  In TOML: ``nat66 =
+true``, ``internal6 = [...]``, ``external_ip6 = "..."``; ``to = "[2001:db8:1::2]:80"``.
+
 TOML (roam)::
 
     external_ip = "203.0.113.1"       # optional; the plugin reads the interface
@@ -109,6 +115,9 @@ class NatConfig:
     tcp_time_wait: float = TCP_TRANSITORY_MIN
     icmp_timeout: float = ICMP_MIN
     capacity: int = 65536
+    nat66: bool = False  # translate IPv6 too (natIp6Enable)
+    internal6: tuple[str, ...] = ()  # CIDRs of the internal side, IPv6 (natIp6Prefix)
+    external_ip6: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     #: nat.conf sections roam does not use, kept as read: ((name, ((key, value), ...)), ...)
     other_sections: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(default=(), compare=False)
@@ -118,6 +127,9 @@ class NatConfig:
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(c, strict=False) for c in self.internal)
+
+    def networks6(self) -> tuple[ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.IPv6Network(c, strict=False) for c in self.internal6)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -138,11 +150,28 @@ def _ipv4(text, where: str) -> str:
         raise ConfigError(where, f"{text!r} is not an IPv4 address") from None
 
 
+def _ipv6(text, where: str) -> str:
+    try:
+        return str(ipaddress.IPv6Address(str(text).strip()))
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not an IPv6 address") from None
+
+
 def _endpoint(text, where: str) -> tuple[str, int]:
+    """ADDRESS:PORT, or [IPv6 ADDRESS]:PORT (brackets as in URLs, RFC 3986)."""
     host, sep, port = str(text).strip().rpartition(":")
     if not sep:
-        raise ConfigError(where, f"{text!r} should be ADDRESS:PORT")
+        raise ConfigError(where, f"{text!r} should be ADDRESS:PORT or [IPV6-ADDRESS]:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        return _ipv6(host[1:-1], where), _port(port, where)
+    if ":" in host:
+        raise ConfigError(where, f"{text!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
     return _ipv4(host, where), _port(port, where)
+
+
+def family(ip: str) -> int:
+    """4 or 6: the family of an address given as text (a PortForward's ``internal_ip``)."""
+    return 6 if ":" in ip else 4
 
 
 def _range(text, where: str, low: int = 1, high: int = 65535) -> tuple[int, int]:
@@ -174,6 +203,22 @@ def _cidr(text, where: str) -> str:
         raise ConfigError(where, f"{text!r} is not an IPv4 network (CIDR)") from None
 
 
+def _cidr6(text, where: str) -> str:
+    try:
+        return str(ipaddress.IPv6Network(str(text).strip(), strict=False))
+    except ValueError:
+        raise ConfigError(where, f"{text!r} is not an IPv6 network (CIDR)") from None
+
+
+def _flag(value, where: str, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(where, f"{what} {value!r} should be true or false (1 or 0)")
+    return v in ("1", "true", "yes")
+
+
 def check_minimums(cfg: NatConfig) -> NatConfig:
     """Add a warning for every lifetime the config sets below the RFC minimum."""
     warn = list(cfg.warnings)
@@ -199,15 +244,22 @@ def check_minimums(cfg: NatConfig) -> NatConfig:
 def forwards_outside(cfg: NatConfig) -> list[str]:
     """A warning for every inbound mapping to an address outside the internal networks (its
     answers would not come back through the NAT as internal traffic); none without networks."""
-    nets = cfg.networks()
-    return [f"{Proto(f.proto).name} port {f.external_port} forwards to {f.internal_ip}, outside the internal "
-            f"network ({', '.join(cfg.internal)})" for f in cfg.forwards
-            if nets and not any(ipaddress.IPv4Address(f.internal_ip) in n for n in nets)]
+    out = []
+    for f in cfg.forwards:
+        nets, text = (cfg.networks(), cfg.internal) if family(f.internal_ip) == 4 else (cfg.networks6(), cfg.internal6)
+        ip = ipaddress.ip_address(f.internal_ip)
+        if nets and not any(ip in n for n in nets):
+            out.append(f"{Proto(f.proto).name} port {f.external_port} forwards to {f.internal_ip}, outside the "
+                       f"internal network ({', '.join(text)})")
+    if not cfg.nat66 and any(family(f.internal_ip) == 6 for f in cfg.forwards):
+        out.append("inbound mappings to IPv6 addresses are ignored while NAT66 is off (natIp6Enable = 1, "
+                   "nat66 = true)")
+    return out
 
 
 def _check_duplicate(seen: dict, f: PortForward, where: str) -> None:
     """A second inbound mapping of one external port is an error naming both places."""
-    key = (f.proto, f.external_port)
+    key = (family(f.internal_ip), f.proto, f.external_port)  # one port may be mapped in each family
     if key in seen:
         raise ConfigError(where, f"{Proto(f.proto).name} port {f.external_port} is mapped twice "
                                  f"(first at {seen[key]})")
@@ -222,7 +274,7 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
     """Parse VMware's nat.conf syntax. ``[roam]`` may set roam's own keys (as in TOML)."""
     section = None
     host_ip = netmask = None
-    host_line = 0
+    host_line = ip6_line = 0
     kw: dict = {}
     forwards: list[PortForward] = []
     warnings: list[str] = []
@@ -260,6 +312,12 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
                 netmask = _ipv4(value, where)
             elif k == "externalip":
                 kw["external_ip"] = _ipv4(value, where)
+            elif k == "natip6enable":
+                kw["nat66"], ip6_line = _flag(value, where, "natIp6Enable"), n
+            elif k == "natip6prefix":
+                kw["internal6"] = (_cidr6(value, where),)
+            elif k == "externalip6":
+                kw["external_ip6"] = _ipv6(value, where)
             else:
                 warnings.append(f"{where}: [host] {key} ignored")
         elif section == "udp":
@@ -295,6 +353,8 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
         except ValueError as exc:
             raise ConfigError(f"{name}:{host_line}", f"bad [host] netmask: {exc}") from None
         kw["internal"] = (str(net),)
+    if kw.get("nat66") and not kw.get("internal6"):
+        raise ConfigError(f"{name}:{ip6_line}", "natIp6Enable = 1 needs natIp6Prefix (the internal IPv6 network)")
     try:
         return check_minimums(NatConfig(forwards=tuple(forwards), warnings=tuple(warnings),
                                         other_sections=tuple((k, tuple(v)) for k, v in other.items()), **kw))
@@ -313,13 +373,13 @@ def _roam_key(kw: dict, k: str, value, where: str) -> None:
     elif k in ("low_port_range", "low_range"):
         kw["low_port_range"] = _range(value, where)
     elif k == "hairpinning":
-        if isinstance(value, bool):
-            kw["hairpinning"] = value
-        else:
-            v = str(value).strip().lower()
-            if v not in ("1", "0", "true", "false", "yes", "no"):
-                raise ConfigError(where, f"hairpinning {value!r} should be true or false")
-            kw["hairpinning"] = v in ("1", "true", "yes")
+        kw["hairpinning"] = _flag(value, where, "hairpinning")
+    elif k == "nat66":
+        kw["nat66"] = _flag(value, where, "nat66")
+    elif k == "internal6":
+        kw["internal6"] = tuple(_cidr6(c, where) for c in (value if isinstance(value, list) else str(value).split(",")))
+    elif k == "external_ip6":
+        kw["external_ip6"] = _ipv6(value, where)
     elif k == "internal":
         kw["internal"] = tuple(_cidr(c, where) for c in (value if isinstance(value, list) else str(value).split(",")))
     elif k == "external_ip":
@@ -349,9 +409,10 @@ def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
     warnings: list[str] = []
     for key, value in doc.items():
         where = f"{name}: {key}"
-        if key in ("filtering", "hairpinning", "internal", "external_ip", "capacity"):
-            if key == "internal" and not isinstance(value, (list, str)):
-                raise ConfigError(where, "internal should be a list of CIDRs")
+        if key in ("filtering", "hairpinning", "internal", "external_ip", "capacity", "nat66", "internal6",
+                   "external_ip6"):
+            if key in ("internal", "internal6") and not isinstance(value, (list, str)):
+                raise ConfigError(where, f"{key} should be a list of CIDRs")
             _roam_key(kw, key, value, where)
         elif key == "ports":
             for k, v in _table(value, where).items():
@@ -389,6 +450,10 @@ def parse_toml(text: str, name: str = "nat.toml") -> NatConfig:
             kw["forwards"] = tuple(fw)
         else:
             warnings.append(f"{where}: unknown key or table ignored")
+    if kw.get("nat66") and not kw.get("internal6"):
+        raise ConfigError(f"{name}: nat66", "nat66 = true needs internal6 (the internal IPv6 networks)")
+    if kw.get("internal6") and not kw.get("nat66"):
+        warnings.append(f"{name}: internal6 is set but nat66 is off: IPv6 is not translated")
     try:
         return check_minimums(NatConfig(warnings=tuple(warnings), **kw))
     except ConfigError as exc:

@@ -12,6 +12,11 @@ connection by one dict lookup; the connection's ``extra`` holds a
 alive.  When the tracker destroys a connection (timeout, RST, address change) its
 mappings lose a reference, and a dynamic mapping with none left frees its port
 (:class:`~nat.mapping.MappingTable`).  Persistence is :mod:`nat.snapshot`'s.
+
+NAT66 (``config.nat66``) runs beside NAT44 in the same table (IPv6 keys are longer, so the
+families never meet): its own external address and mapping table (pools, inbound
+mappings), the same rules (endpoint-independent mapping, filtering, hairpinning, ICMPv6
+echo by identifier, ICMPv6 errors translated).  IPv6 takes the general path.
 """
 from __future__ import annotations
 
@@ -24,20 +29,21 @@ from conntrack.errors import ParseError
 from conntrack.events import CtState, EventKind, Why
 from conntrack.flow import FlowTuple, packet_key, reverse_key
 from conntrack.packet import Packet, Proto, parse_ip
-from conntrack.table import Conn, ConnTable
+from conntrack.table import ConnTable
 from conntrack.timeouts import Timeouts
 
-from . import snapshot
+from . import related, snapshot
 from .answers import NatReason, Side, Stage
 from .config import NatConfig
-from .events import AddressChanged, FlowsRestored, Reclaimed
+from .events import AddressChanged, FlowsRestored
 from .mapping import Binding, MapEntry, Mapping, MappingTable
-from .rewrite import rewrite, rewrite_icmp_error
+from .reclaim import reclaim
+from .rewrite import rewrite
 
 _JOURNAL = 4096  # events no packet caused, kept until pop_events (the oldest go first, counted)
-_RECLAIM_BATCH = 64  # unreplied flows ended at least per full-pool round (fewer scans of the table)
-_RECLAIM_QUIET = 1.0  # seconds without a scan after one found nothing to reclaim
 _PORTED = (Proto.TCP, Proto.UDP)
+_ICMPS = (Proto.ICMP, Proto.ICMPV6)
+_REQUESTS = frozenset({8, 13, 15, 17, 128, 139})  # ICMP and ICMPv6 queries that open a flow
 _DROP_COUNTER = {r: "dropped_" + r.name.lower() for r in NatReason}
 _DROP_WHY: dict[Why | None, NatReason] = {Why.TABLE_FULL: NatReason.TABLE_FULL, Why.TCP_INVALID: NatReason.INVALID,
              Why.ICMP_UNMATCHED_REPLY: NatReason.INVALID, Why.FRAGMENT_WITHOUT_HEAD: NatReason.FRAGMENT_WITHOUT_HEAD}
@@ -82,7 +88,7 @@ class NatEngine:
     fast_path = True
 
     def __init__(self, config: NatConfig, external_ip: str | None = None, seed: int | None = None,
-                 host_stack: bool = False) -> None:
+                 host_stack: bool = False, external_ip6: str | None = None) -> None:
         #: Whether a host's own network stack stands behind the external address (the plugin):
         #: then inbound traffic that no mapping claims is the host's (its sshd, its pings) and
         #: goes to it as under MASQUERADE, tracked so that no VM gets its port meanwhile.
@@ -90,6 +96,8 @@ class NatEngine:
         self.host_stack = host_stack
         self._reclaim_quiet = float("-inf")
         self._nets = [(int(n.network_address), int(n.netmask)) for n in config.networks()]
+        self._nets6 = [(int(n.network_address), int(n.netmask)) for n in config.networks6()]
+        self.nat66 = config.nat66
         self.table = ConnTable(nat_timeouts(config), capacity=config.capacity)
         self.counters: Counter[str] = Counter()
         self.parse_errors: Counter[str] = Counter()
@@ -97,6 +105,9 @@ class NatEngine:
         self._journal: deque = deque(maxlen=_JOURNAL)
         ip = external_ip or config.external_ip
         self.mapping_table = MappingTable(config, _packed(ip), seed, self.counters, self._events)
+        ip6 = (external_ip6 or config.external_ip6) if self.nat66 else None
+        self.mapping_table6 = MappingTable(config, _packed(ip6, 6), seed, self.counters, self._events, 6)
+        self.external_ip6 = self.mapping_table6.external_ip
         self._mid: dict[bytes, tuple] = {}  # half-translated hairpin tuple key -> (Binding, direction)
         self.ended: list | None = None  # a list: keys of ended flows, for a driver mirroring them (offload)
         self._set_address(self.mapping_table.external_ip)
@@ -110,6 +121,9 @@ class NatEngine:
         return self.mapping_table.config
 
     def is_internal(self, ip: bytes) -> bool:
+        if len(ip) == 16:
+            v6 = int.from_bytes(ip, "big")
+            return any(v6 & mask == net for net, mask in self._nets6)
         (v,) = _IP4.unpack(ip)
         for net, mask in self._nets:
             if v & mask == net:
@@ -224,10 +238,31 @@ class NatEngine:
             self.parse_errors[exc.reason.name.lower()] += 1
             return self._drop(NatReason.MALFORMED)
         if pkt.family != 4:
-            return self._drop(NatReason.NOT_IPV4)
+            return self._v6(data, pkt, side, now, stage)
         if self.external_ip is None:
             return self._drop(NatReason.NO_EXTERNAL_ADDRESS)
         return self._general(data, pkt, side, now, stage)
+
+    def _v6(self, data, pkt: Packet, side: Side, now: float, stage: Stage) -> Answer:
+        """An IPv6 packet: NAT66 if on.  Link-scoped traffic never crosses the NAT: link-local and
+        link-local multicast addresses (RFC 4291) and neighbour discovery (hop limit 255, RFC 4861:
+        the host's own, even between global addresses) are passed as they are."""
+        if not self.nat66:
+            return self._drop(NatReason.NOT_IPV4)
+        src, dst = pkt.src, pkt.dst
+        if (src[0] == 0xFE and src[1] & 0xC0 == 0x80 or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80
+                or dst[0] == 0xFF and dst[1] & 0x0F <= 2
+                or pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255):
+            return self._pass(bytearray(data[:pkt.end]))
+        if self.external_ip6 is None:
+            return self._drop(NatReason.NO_EXTERNAL_ADDRESS)
+        return self._general(data, pkt, side, now, stage)
+
+    def _ext(self, family: int) -> bytes | None:
+        return self.external_ip if family == 4 else self.external_ip6
+
+    def _maps(self, family: int) -> MappingTable:
+        return self.mapping_table if family == 4 else self.mapping_table6
 
     def _general(self, data, pkt: Packet, side: Side, now: float, stage: Stage) -> Answer:
         """Every packet the fast path does not finish: new flows, TCP state changes, ICMP,
@@ -238,11 +273,11 @@ class NatEngine:
             if hp is not None:
                 return hp
         if pkt.inner is not None:
-            return self._icmp_error(buf, pkt, side, now)
+            return related.icmp_error(self, buf, pkt, side, now)
         if pkt.l4 < 0:
-            return self._fragment(buf, pkt, side, now)
+            return related.fragment(self, buf, pkt, side, now)
         proto = pkt.proto
-        if proto not in _PORTED and not (proto == Proto.ICMP and pkt.is_icmp_query):
+        if proto not in _PORTED and not pkt.is_icmp_query:
             return self._drop(NatReason.UNSUPPORTED_PROTOCOL)
         key = packet_key(pkt)  # never None for a whole TCP, UDP or ICMP query packet (checked above)
         c = self.table.lookup(key) if key is not None else None  # one lookup; track() checks it again
@@ -288,7 +323,7 @@ class NatEngine:
             b, d = hit
             rewrite(buf, pkt, *(b.rev if d else b.fwd))
             return self._accept(buf, NatReason.HAIRPINNED, Side.INTERNAL)
-        if pkt.dst != self.external_ip:
+        if pkt.dst != self._ext(pkt.family):
             return self._pass(buf)
         return None
 
@@ -298,7 +333,7 @@ class NatEngine:
             return self._drop(NatReason.WRONG_SIDE)
         t = b.rev if d else b.fwd
         rewrite(buf, pkt, pkt.src, t[1], pkt.sport, t[3])
-        k = struct.pack("!B4s4sHH", pkt.proto, pkt.src, t[1], pkt.sport, t[3])
+        k = FlowTuple(pkt.proto, pkt.src, t[1], pkt.sport, t[3]).key()
         if k not in self._mid:
             self._mid[k] = (b, d)
             b.mids.append(k)
@@ -312,16 +347,16 @@ class NatEngine:
     # ------------------------------------------------------------------ new flows
     def _new_outbound(self, buf: bytearray, pkt: Packet, now: float, stage: Stage = Stage.FULL) -> Answer:
         src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
-        if proto == Proto.ICMP and pkt.icmp_type not in (8, 13, 15, 17):
+        if proto in _ICMPS and pkt.icmp_type not in _REQUESTS:
             return self._drop(NatReason.INVALID)  # a reply (or other query answer) with no request
-        ext = self.external_ip
+        ext = self._ext(pkt.family)
         assert ext is not None  # process() drops every packet while there is no external address
         if src == ext:
             return self._new_host_flow(buf, pkt, now)
         if not self.is_internal(src):
             return self._drop(NatReason.NOT_INTERNAL_SOURCE)
-        maps = self.mapping_table
-        entry = maps.outbound(proto, src, sport, lambda rng: self._reclaim(proto, rng, now))
+        maps = self._maps(pkt.family)
+        entry = maps.outbound(proto, src, sport, lambda rng: reclaim(self, proto, rng, now, ext))
         if entry is None:
             return self._drop(NatReason.POOL_FULL)
         eport = entry.mapping.external_port
@@ -332,7 +367,7 @@ class NatEngine:
             if not self.config.hairpinning:
                 maps.release_if_unused(entry)
                 return self._drop(NatReason.HAIRPIN_DISABLED)
-            target = self._inbound_entry(proto, dport, ext, eport)
+            target = self._inbound_entry(maps, proto, dport, ext, eport)
             if not isinstance(target, MapEntry):
                 maps.release_if_unused(entry)
                 if stage == Stage.HAIRPIN_DST:
@@ -341,7 +376,7 @@ class NatEngine:
             new_dst, new_dport = target.mapping.internal_ip, target.mapping.internal_port
             attached = [(entry, new_dst, new_dport), (target, ext, eport)]
             internal = 3
-        if proto == Proto.ICMP:
+        if proto in _ICMPS:
             fwd = (ext, new_dst, eport, 0)
             rev = (dst, src, sport, 0)
             reply = FlowTuple(proto, ext, new_dst, eport, pkt.icmp_type).reversed()
@@ -355,58 +390,25 @@ class NatEngine:
         """The host's own flow from the external address: its port is held like a mapping's,
         so no VM gets it and the answers come in (the plugin queues all external traffic)."""
         src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
-        entry = self.mapping_table.host(proto, src, sport)
+        entry = self._maps(pkt.family).host(proto, src, sport)
         if entry is None:
             return self._drop(NatReason.HOST_PORT_CLASH)
-        if proto == Proto.ICMP:
+        if proto in _ICMPS:
             b = Binding((src, dst, sport, 0), (dst, src, sport, 0), 1, [(entry, dst, dport)])
         else:
             b = Binding((src, dst, sport, dport), (dst, src, dport, sport), 1, [(entry, dst, dport)])
         a = self._open(buf, pkt, now, None, b, Side.INTERNAL)
         return a._replace(reason=NatReason.HOST_FLOW) if a.action == _ACCEPT else a
 
-    def _reclaim(self, proto: int, rng, now: float) -> bool:
-        """A full port range (``rng``, a :class:`~nat.ports.PortRange`): end the oldest VM flows
-        of ``proto`` that never got a reply, holding ports of it (at least a batch, then until
-        a port is free); True if one is.  The host's own flows are left alone."""
-        if now < self._reclaim_quiet:
-            return False
-        ext = self.external_ip
-        victims: list[Conn] = []
-        for c in self.table:
-            b = c.extra
-            if b is None or c.proto != proto or c.seen_reply:
-                continue
-            for e, _, _ in b.attached:
-                m = e.mapping
-                if not m.static and m.internal_ip != ext and m.external_port in rng:
-                    victims.append(c)
-                    break
-        victims.sort(key=lambda c: c.deadline)
-        n = 0
-        for c in victims:
-            if n >= _RECLAIM_BATCH and not rng.full():
-                break
-            self.table.remove(c, now, Why.EARLY_DROP)
-            self._drain()
-            n += 1
-        if not n:
-            self._reclaim_quiet = now + _RECLAIM_QUIET
-            return False
-        self.counters["reclaimed_unreplied"] += n
-        self.counters["reclaim_rounds"] += 1
-        self._events.append(Reclaimed(proto, n, self.counters["reclaim_rounds"]))
-        return not rng.full()
-
     def _new_inbound(self, buf: bytearray, pkt: Packet, now: float) -> Answer:
         src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
-        if dst != self.external_ip:
+        if dst != self._ext(pkt.family):
             return self._drop(NatReason.NOT_EXTERNAL_ADDRESS)
-        if proto == Proto.ICMP:
-            if self.host_stack and pkt.icmp_type in (8, 13, 15, 17):
+        if proto in _ICMPS:
+            if self.host_stack and pkt.icmp_type in _REQUESTS:
                 return self._new_host_inbound(buf, pkt, now)  # a ping of the host itself
             return self._drop(NatReason.NO_MAPPING)  # no inbound ICMP query mappings
-        target = self._inbound_entry(proto, dport, src, sport)
+        target = self._inbound_entry(self._maps(pkt.family), proto, dport, src, sport)
         if target is NatReason.NO_MAPPING and self.host_stack:
             return self._new_host_inbound(buf, pkt, now)
         if not isinstance(target, MapEntry):
@@ -419,8 +421,8 @@ class NatEngine:
         """Inbound traffic no mapping claims, for the host itself (``host_stack``): passed as it
         is, tracked so its answers go out and its port is held like a mapping's meanwhile."""
         src, sport, dst, dport, proto = pkt.src, pkt.sport, pkt.dst, pkt.dport, pkt.proto
-        icmp = proto == Proto.ICMP
-        entry = self.mapping_table.host(proto, dst, sport if icmp else dport)
+        icmp = proto in _ICMPS
+        entry = self._maps(pkt.family).host(proto, dst, sport if icmp else dport)
         if entry is None:
             return self._drop(NatReason.HOST_PORT_CLASH)
         if icmp:
@@ -433,8 +435,9 @@ class NatEngine:
         self.counters["host_flows_in"] += 1
         return a._replace(reason=NatReason.HOST_FLOW)
 
-    def _inbound_entry(self, proto: int, eport: int, rip: bytes, rport: int) -> MapEntry | NatReason:
-        e = self.mapping_table.inbound(proto, eport)
+    def _inbound_entry(self, maps: MappingTable, proto: int, eport: int, rip: bytes,
+                       rport: int) -> MapEntry | NatReason:
+        e = maps.inbound(proto, eport)
         if e is None:
             return NatReason.NO_MAPPING
         if not e.admits(self.config.filtering, rip, rport):
@@ -447,7 +450,7 @@ class NatEngine:
         if tr.conn is None or tr.ctstate == CtState.INVALID:
             self._drain()
             for e, _, _ in b.attached:
-                self.mapping_table.release_if_unused(e)
+                self._maps(4 if len(e.mapping.external_ip) == 4 else 6).release_if_unused(e)
             return self._drop(_DROP_WHY.get(tr.why, NatReason.INVALID))
         c = tr.conn
         c.extra = b
@@ -463,7 +466,7 @@ class NatEngine:
 
     def _drain(self) -> None:
         """Let go of the mappings of every connection the tracker destroyed."""
-        release = self.mapping_table.release_if_unused
+        release4, release6 = self.mapping_table.release_if_unused, self.mapping_table6.release_if_unused
         for ev in self.table.pop_events():
             if ev.kind == EventKind.DESTROY and ev.conn is not None:
                 b = ev.conn.extra
@@ -477,50 +480,7 @@ class NatEngine:
                     self._mid.pop(k, None)
                 for e, rip, rport in b.attached:
                     e.detach(rip, rport)
-                    release(e)
-
-    # ------------------------------------------------------------------ fragments, ICMP errors
-    def _fragment(self, buf: bytearray, pkt: Packet, side: Side, now: float) -> Answer:
-        tr = self.table.track(pkt, now)
-        c = tr.conn
-        if c is None or c.extra is None:
-            return self._drop(NatReason.FRAGMENT_WITHOUT_HEAD)
-        b: Binding = c.extra
-        d = tr.direction
-        if bool(b.internal >> d & 1) != (side == Side.INTERNAL):
-            return self._drop(NatReason.WRONG_SIDE)
-        t = b.rev if d else b.fwd
-        rewrite(buf, pkt, t[0], t[1], 0, 0)
-        return self._accept(buf, NatReason.TRANSLATED, side)
-
-    def _icmp_error(self, buf: bytearray, pkt: Packet, side: Side, now: float) -> Answer:
-        inner = pkt.inner
-        assert inner is not None  # only an ICMP error (it quotes a packet) comes here
-        ik = packet_key(inner) if inner.l4 >= 0 and inner.proto in (Proto.TCP, Proto.UDP, Proto.ICMP) else None
-        if ik is None or len(ik) != 13:
-            return self._drop(NatReason.ICMP_NO_FLOW)
-        rk = reverse_key(ik)
-        c: Conn | None = self.table.lookup(rk)
-        if c is None or c.deadline <= now or c.extra is None:
-            return self._drop(NatReason.ICMP_NO_FLOW)
-        b: Binding = c.extra
-        d = 0 if rk == c.original else 1
-        if bool(b.internal >> d & 1) != (side == Side.INTERNAL):
-            return self._drop(NatReason.WRONG_SIDE)
-        x = FlowTuple.from_key(rk)
-        y = FlowTuple.from_key(c.reply if d == 0 else c.original)
-        if pkt.src == x.src:
-            outer_src = y.dst
-        elif side == Side.INTERNAL and b.internal != 3 and self.external_ip is not None:  # (never None here)
-            outer_src = self.external_ip  # an internal router's address must not leave
-        else:
-            outer_src = pkt.src
-        outer_dst = y.src if pkt.dst == x.dst else pkt.dst
-        # the quoted packet becomes the tuple Y as its sender sent it (ICMP: sport is the id)
-        rewrite_icmp_error(buf, pkt, outer_src, outer_dst, y.src, y.dst, y.sport,
-                           y.dport if inner.proto != Proto.ICMP else inner.dport)
-        self.counters["icmp_errors_translated"] += 1
-        return self._accept(buf, NatReason.ICMP_ERROR_TRANSLATED, side)
+                    (release4 if len(e.mapping.external_ip) == 4 else release6)(e)
 
     # ------------------------------------------------------------------ answers
     def _drop(self, reason: NatReason) -> Answer:
@@ -532,20 +492,27 @@ class NatEngine:
         return _new(Answer, (_ACCEPT, reason, bytes(buf), (), self._take()))
 
     # ------------------------------------------------------------------ control
-    def set_external_address(self, ip: str | None, now: float) -> int:
-        """The external address changed (or vanished: None). Kills every mapping on the old one;
-        returns the flows killed."""
-        new = _packed(ip)
-        old = self.external_ip
+    def set_external_address(self, ip: str | None, now: float, family: int = 4) -> int:
+        """The external address of ``family`` changed (or vanished: None). Kills every mapping
+        on the old one (the other family's flows go on); returns the flows killed."""
+        if family == 6 and not self.nat66:
+            return 0
+        new = _packed(ip, family)
+        old = self._ext(family)
         if new == old:
             return 0
         killed = 0
+        size = 13 if family == 4 else 37
         for c in list(self.table):
-            self.table.remove(c, now, Why.REMOVED)
-            killed += 1
+            if len(c.original) == size:
+                self.table.remove(c, now, Why.REMOVED)
+                killed += 1
         self._drain()
-        self.mapping_table.reset(new)
-        self._set_address(new)
+        self._maps(family).reset(new)
+        if family == 4:
+            self._set_address(new)
+        else:
+            self.external_ip6 = new
         self.counters["address_changes"] += 1
         self.counters["flows_killed_by_address_change"] += killed
         self._events.append(AddressChanged(_text(old), _text(new), killed))
@@ -558,7 +525,9 @@ class NatEngine:
         Port ranges and the internal networks are fixed for the engine's life (restart to
         change them). What was taken and what was not is told in events (``pop_events``).
         """
-        self.table.timeouts = nat_timeouts(self.mapping_table.reload(config))
+        cfg = self.mapping_table6.reload(self.mapping_table.reload(config, tell=False))
+        self.mapping_table.config = cfg
+        self.table.timeouts = nat_timeouts(cfg)
         self._to_journal()
 
     def snapshot(self, now: float) -> dict:
@@ -576,25 +545,28 @@ class NatEngine:
 
     # ------------------------------------------------------------------ status
     def mappings(self) -> list[Mapping]:
-        return self.mapping_table.mappings()
+        return self.mapping_table.mappings() + self.mapping_table6.mappings()
 
     def mapping_rows(self, limit: int = 200) -> list[dict]:
         """Live mappings as plain data (for the status file), at most ``limit``."""
-        return self.mapping_table.rows(limit)
+        return (self.mapping_table.rows(limit) + self.mapping_table6.rows(limit))[:limit]
 
     def status(self) -> dict:
         return {
             "external_ip": _text(self.external_ip), "flows": len(self.table),
             "mappings_live": sum(1 for m in self.mappings() if not m.static),
             "inbound_mappings": len(self.config.forwards), "pools": self.mapping_table.pool_use(),
+            **({"external_ip6": _text(self.external_ip6), "pools6": self.mapping_table6.pool_use()}
+               if self.nat66 else {}),
             "counters": dict(sorted(self.counters.items())),
             "parse_errors": dict(sorted(self.parse_errors.items())),
         }
 
 
-def _packed(ip: str | None) -> bytes | None:
-    return ipaddress.IPv4Address(ip).packed if ip else None
+def _packed(ip: str | None, family: int = 4) -> bytes | None:
+    """An address of ``family`` as bytes (a ValueError for the other family's)."""
+    return (ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address)(ip).packed if ip else None
 
 
 def _text(ip: bytes | None) -> str | None:
-    return str(ipaddress.IPv4Address(ip)) if ip is not None else None
+    return str(ipaddress.ip_address(ip)) if ip is not None else None

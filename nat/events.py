@@ -21,7 +21,7 @@ DEBUG, INFO, WARNING = 10, 20, 30  # logging.DEBUG, INFO, WARNING
 
 
 def _ip(b: bytes | None) -> str:
-    return str(ipaddress.IPv4Address(b)) if b is not None else "none"
+    return str(ipaddress.ip_address(b)) if b is not None else "none"
 
 
 def _endpoints(m: "Mapping") -> str:

@@ -11,7 +11,9 @@ connection through it.
 A connection's :class:`Binding` (kept in ``Conn.extra``) names the mappings it uses and
 both rewrite targets.  :class:`MappingTable` holds every live mapping of one external
 address, by internal endpoint and by external port, with the port pools; it follows a
-reloaded config's inbound mappings.  What happens to mappings is told as events
+reloaded config's inbound mappings.  One table per address family (NAT66 beside NAT44):
+each has its own external address, pools and inbound mappings (those to its family's
+addresses), as Linux keeps IPv4 and IPv6 NAT apart.  What happens to mappings is told as events
 (:mod:`nat.events`), appended to the list the engine gives it.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Hashable, TypeVar
 from conntrack.packet import Proto
 from conntrack.table import Conn
 
-from .config import Filtering, NatConfig, PortForward
+from .config import Filtering, NatConfig, PortForward, family as _family
 from .events import ConfigWarning, MappingCreated, MappingFreed, PoolFull, Reloaded
 from .ports import PortPool
 from .rewrite import precompute
@@ -72,6 +74,11 @@ class MapEntry:
         _release(self.peer_ports, (remote_ip, remote_port))
 
 
+def endpoint(ip: bytes, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets."""
+    return f"{ipaddress.IPv4Address(ip)}:{port}" if len(ip) == 4 else f"[{ipaddress.IPv6Address(ip)}]:{port}"
+
+
 def _release(counts: Counter[_K], key: _K) -> None:
     """One reference fewer to ``key``; gone at none (filtering looks only at live peers)."""
     n = counts.get(key, 0) - 1
@@ -102,7 +109,8 @@ class Binding:
         self.mids: list[bytes] = []  # half-translated hairpin keys (Stage.HAIRPIN_SRC looks them up)
 
     def prepare(self, c: Conn) -> None:
-        """Precompute each direction's new header bytes and checksum deltas from the tuples."""
+        """Precompute each direction's new header bytes and checksum deltas from the tuples
+        (IPv6 flows take the general path: ``()``, alive but nothing to precompute)."""
         self.fx = precompute(c.original, self.fwd, c.proto)
         self.rx = precompute(c.reply, self.rev, c.proto)
 
@@ -114,7 +122,8 @@ class MappingTable:
     """
 
     def __init__(self, config: NatConfig, external_ip: bytes | None, seed: int | None,
-                 counters: Counter, events: list) -> None:
+                 counters: Counter, events: list, family: int = 4) -> None:
+        self.family = family
         self.config = config
         self._seed = seed
         self._counters = counters
@@ -135,11 +144,16 @@ class MappingTable:
         self.pools = {
             Proto.TCP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.TCP), self._seed),
             Proto.UDP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.UDP), self._seed),
-            Proto.ICMP: PortPool(cfg.icmp_id_range, None, frozenset(), self._seed),
+            Proto.ICMP if self.family == 4 else Proto.ICMPV6: PortPool(cfg.icmp_id_range, None, frozenset(),
+                                                                      self._seed),
         }
         if external_ip is not None:
-            for f in cfg.forwards:
+            for f in self._mine(cfg.forwards):
                 self._add_static(f)
+
+    def _mine(self, forwards) -> list[PortForward]:
+        """The inbound mappings to this table's family."""
+        return [f for f in forwards if _family(f.internal_ip) == self.family]
 
     def _address(self) -> bytes:
         """The external address a new mapping is on: there is one whenever a mapping is made (the
@@ -148,10 +162,10 @@ class MappingTable:
         return self.external_ip
 
     def _reserved(self, proto: int) -> frozenset[int]:
-        return frozenset(f.external_port for f in self.config.forwards if f.proto == proto)
+        return frozenset(f.external_port for f in self._mine(self.config.forwards) if f.proto == proto)
 
     def _add_static(self, f: PortForward) -> MapEntry:
-        m = Mapping(f.proto, ipaddress.IPv4Address(f.internal_ip).packed, f.internal_port,
+        m = Mapping(f.proto, ipaddress.ip_address(f.internal_ip).packed, f.internal_port,
                     self._address(), f.external_port, static=True)
         e = MapEntry(m)
         self.by_external[(f.proto, f.external_port)] = e
@@ -229,19 +243,21 @@ class MappingTable:
         self._events.append(MappingFreed(m))
 
     # ------------------------------------------------------------------ reload
-    def reload(self, config: NatConfig) -> NatConfig:
-        """Take a new config's inbound mappings (and the rest of it); returns the config in force.
+    def reload(self, config: NatConfig, tell: bool = True) -> NatConfig:
+        """Take a new config's inbound mappings of this family (and the rest of it); returns the
+        config in force (the other family's inbound mappings passed through as given).
 
-        Port ranges and the internal networks are fixed for the engine's life (restart to
-        change them); an inbound mapping whose port a live dynamic mapping holds is left out.
-        Both are told as :class:`~nat.events.ConfigWarning` events."""
+        Port ranges, the internal networks and NAT66 on or off are fixed for the engine's life
+        (restart to change them); an inbound mapping whose port a live dynamic mapping holds is
+        left out.  Both are told as :class:`~nat.events.ConfigWarning` events; ``tell``: say
+        :class:`~nat.events.Reloaded` too (the last family's table does)."""
         old_cfg = self.config
-        old = {(f.proto, f.external_port): f for f in old_cfg.forwards}
-        new = {(f.proto, f.external_port): f for f in config.forwards}
-        if config.port_range != old_cfg.port_range or config.internal != old_cfg.internal:
-            self._events.append(ConfigWarning("port ranges and internal networks change only on restart"))
-            config = config.with_(port_range=old_cfg.port_range, low_port_range=old_cfg.low_port_range,
-                                  internal=old_cfg.internal, icmp_id_range=old_cfg.icmp_id_range)
+        old = {(f.proto, f.external_port): f for f in self._mine(old_cfg.forwards)}
+        new = {(f.proto, f.external_port): f for f in self._mine(config.forwards)}
+        fixed = ("port_range", "low_port_range", "internal", "icmp_id_range", "nat66", "internal6")
+        if any(getattr(config, k) != getattr(old_cfg, k) for k in fixed):
+            self._events.append(ConfigWarning("port ranges, internal networks and NAT66 change only on restart"))
+            config = config.with_(**{k: getattr(old_cfg, k) for k in fixed})
         keep = []
         for key, f in new.items():
             if key in old and old[key] == f:
@@ -253,7 +269,9 @@ class MappingTable:
                                              "dynamic mapping: inbound mapping not added"))
                 continue
             keep.append(f)
-        self.config = config.with_(forwards=tuple(keep))
+        mine = set(keep)
+        self.config = config.with_(forwards=tuple(f for f in config.forwards
+                                                  if f in mine or _family(f.internal_ip) != self.family))
         if self.external_ip is not None:
             for key, f in old.items():
                 if key not in new or new[key] != f:
@@ -267,7 +285,8 @@ class MappingTable:
                 if (f.proto, f.external_port) not in old or old[(f.proto, f.external_port)] != f:
                     self.pools[f.proto].take(f.external_port)  # keep it from dynamic use
                     self._add_static(f)
-        self._events.append(Reloaded(len(keep)))
+        if tell:
+            self._events.append(Reloaded(len(self.config.forwards)))
         return self.config
 
     # ------------------------------------------------------------------ status
@@ -285,8 +304,8 @@ class MappingTable:
         for m in self.mappings()[:limit]:
             e = self.by_external.get((m.proto, m.external_port))
             rows.append({"proto": Proto(m.proto).name.lower(),
-                         "internal": f"{ipaddress.IPv4Address(m.internal_ip)}:{m.internal_port}",
-                         "external": f"{ipaddress.IPv4Address(m.external_ip)}:{m.external_port}",
+                         "internal": endpoint(m.internal_ip, m.internal_port),
+                         "external": endpoint(m.external_ip, m.external_port),
                          "static": m.static, "flows": e.conns if e is not None else 0})
         return rows
 

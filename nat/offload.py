@@ -42,7 +42,7 @@ def decision(c: Conn) -> Decision | None:
         return None
     o = FlowTuple.from_key(c.original)
     src, dst, sport, dport = b.fwd
-    if o.proto == 1:
+    if o.proto == 1 or o.proto == 58:
         snat = (src, sport) if (src, sport) != (o.src, o.sport) else None
         dnat = None
     else:
@@ -64,7 +64,7 @@ def kernel_timeouts(cfg: NatConfig) -> dict[str, int]:
             "nf_conntrack_tcp_timeout_syn_sent": tr, "nf_conntrack_tcp_timeout_syn_recv": tr,
             "nf_conntrack_tcp_timeout_fin_wait": tr, "nf_conntrack_tcp_timeout_close_wait": tr,
             "nf_conntrack_tcp_timeout_last_ack": tr, "nf_conntrack_tcp_timeout_time_wait": s(cfg.tcp_time_wait),
-            "nf_conntrack_icmp_timeout": s(cfg.icmp_timeout)}
+            "nf_conntrack_icmp_timeout": s(cfg.icmp_timeout), "nf_conntrack_icmpv6_timeout": s(cfg.icmp_timeout)}
 
 
 def initial_timeout(cfg: NatConfig, proto: int) -> int:
@@ -102,9 +102,12 @@ def adopt(engine, proto: int, osrc: bytes, odst: bytes, osport: int, odport: int
     from conntrack.table import Conn as _Conn
     from .mapping import Binding as _Binding
 
-    ext = engine.external_ip
-    maps = engine.mapping_table
-    icmp = proto == 1
+    v4 = len(osrc) == 4
+    ext = engine.external_ip if v4 else engine.external_ip6
+    maps = engine.mapping_table if v4 else engine.mapping_table6
+    icmp = proto == 1 or proto == 58
+    if ext is None:
+        return None
     if rdst == ext and odst != ext:  # outbound: source NAT
         entry = maps.claim(proto, osrc, osport, rdport, False)
         att = [(entry, odst, odport)]

@@ -1,4 +1,4 @@
-"""In-place rewrite of IPv4 packets with incremental checksum updates (RFC 1624).
+"""In-place rewrite of IPv4 and IPv6 packets with incremental checksum updates (RFC 1624).
 
 ``rewrite`` changes addresses and ports (or an ICMP query's identifier) of a packet;
 ``rewrite_icmp_error`` translates an ICMP error and the header it quotes (RFC 5508):
@@ -7,6 +7,10 @@ near side sent.  Both work on the buffer ``parse_ip`` read, at the offsets it fo
 ``precompute`` readies one direction of a flow for the engine's fast path, which then
 rewrites a packet without reading its addresses or ports.  The arithmetic is
 :mod:`conntrack.checksum`'s (RFC 1624 eqn 3, ``adjust``).
+
+IPv6 (NAT66) has no header checksum, but its pseudo-header covers ICMPv6 too (RFC 8200
+8.1), so an address change updates the ICMPv6 checksum as it does TCP's and UDP's; the
+same incremental update works over the 128-bit addresses' sixteen words.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ def precompute(key: bytes, t: tuple, proto: int) -> tuple:
 
 
 def rewrite(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dport: int) -> None:
-    """Give ``pkt`` (IPv4, in ``buf``) these addresses and ports (ICMP query: ``sport`` is the id)."""
+    """Give ``pkt`` (in ``buf``) these addresses and ports (ICMP query: ``sport`` is the id)."""
+    if pkt.family == 6:
+        return _rewrite6(buf, pkt, src, dst, sport, dport)
     l3 = pkt.l3
     a_old = word_sum(pkt.src) + word_sum(pkt.dst)
     a_new = word_sum(src) + word_sum(dst)
@@ -66,11 +72,13 @@ def rewrite(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dpo
 
 def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst: bytes,
                        inner_src: bytes, inner_dst: bytes, inner_sport: int, inner_dport: int) -> None:
-    """Translate an ICMPv4 error: the outer addresses, and the quoted packet's addresses and ports.
+    """Translate an ICMP error: the outer addresses, and the quoted packet's addresses and ports.
 
     The quoted transport checksum is updated when the quote holds it; the ICMP checksum
     is updated over everything that changed inside the message.
     """
+    if pkt.family == 6:
+        return _rewrite_icmp_error6(buf, pkt, outer_src, outer_dst, inner_src, inner_dst, inner_sport, inner_dport)
     inner = pkt.inner
     assert inner is not None
     start, end = pkt.l4 + 8, pkt.end
@@ -108,3 +116,62 @@ def rewrite_icmp_error(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst:
         (c,) = _H.unpack_from(buf, l3 + 10)
         _H.pack_into(buf, l3 + 10, adjust(c, word_sum(pkt.src) + word_sum(pkt.dst),
                                           word_sum(outer_src) + word_sum(outer_dst)))
+
+
+def _rewrite6(buf: bytearray, pkt: Packet, src: bytes, dst: bytes, sport: int, dport: int) -> None:
+    """:func:`rewrite` for IPv6: addresses at 8 and 24, no header checksum, ICMPv6's checksum
+    covers the pseudo-header."""
+    l3 = pkt.l3
+    a_old = word_sum(pkt.src) + word_sum(pkt.dst)
+    a_new = word_sum(src) + word_sum(dst)
+    buf[l3 + 8:l3 + 24] = src
+    buf[l3 + 24:l3 + 40] = dst
+    l4 = pkt.l4
+    if l4 < 0:
+        return  # a later fragment: the first one's transport checksum covers the addresses
+    _l4_6(buf, pkt.proto, l4, pkt.end, a_old, a_new, pkt.sport, pkt.dport, sport, dport)
+
+
+def _l4_6(buf: bytearray, proto: int, l4: int, end: int, a_old: int, a_new: int, osport: int, odport: int,
+          sport: int, dport: int) -> None:
+    """Ports (ICMPv6: the id in ``sport``) and the transport checksum of an IPv6 packet or quote
+    (``a_old``/``a_new``: the addresses' word sums; a quote may stop before its checksum)."""
+    old, new = a_old + osport + odport, a_new + sport + dport
+    if proto == Proto.TCP:
+        _HH.pack_into(buf, l4, sport, dport)
+        if end >= l4 + 18:
+            (c,) = _H.unpack_from(buf, l4 + 16)
+            _H.pack_into(buf, l4 + 16, adjust(c, old, new))
+    elif proto == Proto.UDP:
+        _HH.pack_into(buf, l4, sport, dport)
+        if end >= l4 + 8:
+            (c,) = _H.unpack_from(buf, l4 + 6)
+            _H.pack_into(buf, l4 + 6, udp_adjust(c, old, new))
+    elif proto == Proto.ICMPV6 and end >= l4 + 8:
+        (c,) = _H.unpack_from(buf, l4 + 2)
+        _H.pack_into(buf, l4 + 4, sport)
+        _H.pack_into(buf, l4 + 2, adjust(c, a_old + osport, a_new + sport))
+
+
+def _rewrite_icmp_error6(buf: bytearray, pkt: Packet, outer_src: bytes, outer_dst: bytes,
+                         inner_src: bytes, inner_dst: bytes, inner_sport: int, inner_dport: int) -> None:
+    """:func:`rewrite_icmp_error` for ICMPv6 (RFC 4443 errors, types 1-4): its checksum covers
+    the outer pseudo-header and the whole message, quote included."""
+    inner = pkt.inner
+    assert inner is not None
+    start, end = pkt.l4 + 8, pkt.end
+    old_sum = ones_sum(buf[start:end]) + word_sum(pkt.src) + word_sum(pkt.dst)
+    il3 = inner.l3
+    a_old = word_sum(inner.src) + word_sum(inner.dst)
+    a_new = word_sum(inner_src) + word_sum(inner_dst)
+    buf[il3 + 8:il3 + 24] = inner_src
+    buf[il3 + 24:il3 + 40] = inner_dst
+    if inner.l4 >= 0:
+        _l4_6(buf, inner.proto, inner.l4, inner.end, a_old, a_new, inner.sport, inner.dport, inner_sport,
+              inner_dport)
+    l3 = pkt.l3
+    buf[l3 + 8:l3 + 24] = outer_src
+    buf[l3 + 24:l3 + 40] = outer_dst
+    new_sum = ones_sum(buf[start:end]) + word_sum(outer_src) + word_sum(outer_dst)
+    (c,) = _H.unpack_from(buf, pkt.l4 + 2)
+    _H.pack_into(buf, pkt.l4 + 2, adjust(c, fold(old_sum), fold(new_sum)))

@@ -3,7 +3,8 @@
 ``take`` and ``restore`` turn an engine's state into plain data and back (times relative
 to ``now``, so a snapshot restores into any clock); ``save`` writes it atomically (temp
 file, fsync, rename) and ``load`` reads it.  A restart, or a carried VM's new host,
-goes on with the same external ports.
+goes on with the same external ports.  NAT66 flows and mappings ride along (their own
+``external_ip6``, checked and rebound apart from the IPv4 one).
 """
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def take(engine: "NatEngine", now: float) -> dict:
         conns.append({"original": c.original.hex(), "reply": c.reply.hex(), "proto": c.proto,
                       "state": c.state, "status": c.status, "ttl": round(c.deadline - now, 3),
                       "fwd": _tup(b.fwd), "rev": _tup(b.rev), "internal": b.internal, "attached": att})
-    ext = engine.external_ip
+    ext, ext6 = engine.external_ip, engine.external_ip6
     return {"version": VERSION, "kind": KIND, "external_ip": _ip(ext) if ext else None,
-            "mappings": maps, "flows": conns}
+            "external_ip6": _ip(ext6) if ext6 else None, "mappings": maps, "flows": conns}
 
 
 def restore(engine: "NatEngine", snap: dict, now: float, rebind: bool = False) -> int:
@@ -62,18 +63,24 @@ def restore(engine: "NatEngine", snap: dict, now: float, rebind: bool = False) -
         raise ValueError("not a roam NAT snapshot")
     if snap.get("version") != VERSION:
         raise ValueError(f"snapshot version {snap.get('version')!r}, this roam reads {VERSION}")
-    ext = engine.external_ip
-    if ext is None or snap.get("external_ip") is None:
+    usable = set()  # the families whose mappings are on this engine's address (after any rebind)
+    for family, key, ext in ((4, "external_ip", engine.external_ip), (6, "external_ip6", engine.external_ip6)):
+        if ext is None or snap.get(key) is None:
+            continue
+        if snap[key] != _ip(ext):
+            if not rebind:
+                continue
+            snap = _rebound(snap, _packed(snap[key]), ext, key)
+        usable.add(family)
+    if not usable:
         return 0
-    if snap["external_ip"] != _ip(ext):
-        if not rebind:
-            return 0
-        snap = _rebound(snap, _packed(snap["external_ip"]), ext)
-    maps = engine.mapping_table
     entries: list[MapEntry | None] = []
     for m in snap["mappings"]:
-        entries.append(maps.claim(int(m["proto"]), _packed(m["internal_ip"]), int(m["internal_port"]),
-                                  int(m["external_port"]), bool(m.get("static"))))
+        iip = _packed(m["internal_ip"])
+        family = 4 if len(iip) == 4 else 6
+        maps = engine.mapping_table if family == 4 else engine.mapping_table6
+        entries.append(maps.claim(int(m["proto"]), iip, int(m["internal_port"]), int(m["external_port"]),
+                                  bool(m.get("static"))) if family in usable else None)
     n = 0
     t = engine.table
     for f in snap["flows"]:
@@ -93,16 +100,21 @@ def restore(engine: "NatEngine", snap: dict, now: float, rebind: bool = False) -
         n += 1
     for e in entries:
         if e is not None:
-            maps.release_if_unused(e)
+            (engine.mapping_table if len(e.mapping.external_ip) == 4 else engine.mapping_table6).release_if_unused(e)
     return n
 
 
-def _rebound(snap: dict, old: bytes, new: bytes) -> dict:
-    """The snapshot as if taken on external address ``new`` (every ``old`` becomes ``new``)."""
+def _rebound(snap: dict, old: bytes, new: bytes, which: str = "external_ip") -> dict:
+    """The snapshot as if taken on external address ``new`` (every ``old`` becomes ``new``;
+    ``which``: the snapshot's field naming it, one per family)."""
+    n = len(old)
+
     def key(hexkey: str) -> str:
         b = bytes.fromhex(hexkey)
-        src, dst = b[1:5], b[5:9]
-        return (b[:1] + (new if src == old else src) + (new if dst == old else dst) + b[9:]).hex()
+        if len(b) != 1 + 2 * n + 4:
+            return hexkey  # the other family's flow
+        src, dst = b[1:1 + n], b[1 + n:1 + 2 * n]
+        return (b[:1] + (new if src == old else src) + (new if dst == old else dst) + b[1 + 2 * n:]).hex()
 
     def tup(t: list) -> list:
         o, n = _ip(old), _ip(new)
@@ -110,7 +122,7 @@ def _rebound(snap: dict, old: bytes, new: bytes) -> dict:
 
     flows = [dict(f, original=key(f["original"]), reply=key(f["reply"]), fwd=tup(f["fwd"]), rev=tup(f["rev"]))
              for f in snap["flows"]]
-    return dict(snap, external_ip=_ip(new), flows=flows)
+    return dict(snap, **{which: _ip(new)}, flows=flows)
 
 
 def _ip(b: bytes) -> str:

@@ -1,7 +1,8 @@
 """`roam nat`: the user-space NAT as a netfilter plugin, offline over a capture, and its status.
 
     roam nat --config FILE --external IFACE [--internal IFACE|CIDR] [--queue N] [--workers N]
-    roam nat translate --config FILE --in A.pcap --out B.pcap [--external-ip IP] [--internal CIDR]
+    roam nat translate --config FILE --in A.pcap --out B.pcap [--external-ip IP] [--external-ip6 IP]
+                       [--internal CIDR]
     roam nat status [--queue N] [--state-dir DIR] [--json]
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ vanishes every mapping on the old address dies at once, as with MASQUERADE. Mapp
 flows are snapshotted to the state dir every second (when packets went through; a table so
 big that writing it takes more than 5% of the time, less often), on SIGUSR1 and on exit, and restored at start, so a restart keeps established
 connections. Malformed packets are counted and dropped. Counters: `roam nat status`.
+NAT66: with natIp6Enable = 1 and natIp6Prefix in [host] (TOML: nat66, internal6) IPv6 is
+translated too, as ip6tables MASQUERADE does, with the same rules in ip6tables; the external
+IPv6 address is the interface's first usable global one.
 """
 
 
@@ -104,8 +108,11 @@ def register(sub, help_text: str) -> None:
     t.add_argument("--in", dest="inp", required=True, metavar="A.pcap")
     t.add_argument("--out", dest="out", required=True, metavar="B.pcap")
     t.add_argument("--external-ip", dest="external_ip", help="the NAT's external address (else the config's)")
+    t.add_argument("--external-ip6", dest="external_ip6",
+                   help="the NAT's external IPv6 address (NAT66; else the config's external_ip6)")
     t.add_argument("--internal", dest="t_internal", action="append", default=[], metavar="CIDR",
-                   help="internal network (repeatable; else the config's [host] ip/netmask)")
+                   help="internal network (repeatable; else the config's [host] ip/netmask); an IPv6 one turns "
+                   "NAT66 on")
     t.add_argument("--json", action="store_true", help="print the final status as JSON on stdout")
     t.set_defaults(func=_translate, log_base=logging.WARNING)
     s = subs.add_parser("status", help="counters of a running `roam nat`",
@@ -148,20 +155,27 @@ def _translate(args: argparse.Namespace) -> int:
     cfg = _load_config(args.t_config, [])
     if args.t_internal:
         try:
-            nets = tuple(str(ipaddress.IPv4Network(c, strict=False)) for c in args.t_internal)
+            nets = [ipaddress.ip_network(c, strict=False) for c in args.t_internal]
         except ValueError as exc:
             return _err(f"--internal: {exc}")
-        cfg = cfg.with_(internal=nets)
-    if not cfg.internal:
+        v4, v6 = [str(n) for n in nets if n.version == 4], [str(n) for n in nets if n.version == 6]
+        cfg = cfg.with_(internal=tuple(v4) or cfg.internal, internal6=tuple(v6) or cfg.internal6,
+                        nat66=cfg.nat66 or bool(v6))
+    if not cfg.internal and not cfg.nat66:
         return _err("no internal network: give --internal CIDR or [host] ip/netmask in the config")
     ext = args.external_ip or cfg.external_ip
-    if not ext:
+    if cfg.internal and not ext:
         return _err("no external address: give --external-ip IP (or external_ip in the config)")
-    try:
-        ipaddress.IPv4Address(ext)
-    except ValueError:
-        return _err(f"--external-ip {ext!r} is not an IPv4 address")
-    engine = NatEngine(cfg, ext)
+    ext6 = args.external_ip6 or cfg.external_ip6
+    if cfg.nat66 and not ext6:
+        return _err("NAT66 is on but there is no external IPv6 address: give --external-ip6 IP")
+    for flag, ip, version in (("--external-ip", ext, 4), ("--external-ip6", ext6, 6)):
+        try:
+            if ip and ipaddress.ip_address(ip).version != version:
+                raise ValueError
+        except ValueError:
+            return _err(f"{flag} {ip!r} is not an IPv{version} address")
+    engine = NatEngine(cfg, ext, external_ip6=ext6)
     dropped: Counter[str] = Counter()
     written = total = bugs = 0
     out_records = []
@@ -195,7 +209,7 @@ def _translate(args: argparse.Namespace) -> int:
                     out_records.append((rec.time, rec.data, rec.linktype))
                     written += 1
                     continue
-                side = Side.INTERNAL if pkt.family == 4 and engine.is_internal(pkt.src) else Side.EXTERNAL
+                side = Side.INTERNAL if engine.is_internal(pkt.src) else Side.EXTERNAL
                 try:
                     a = engine.process(rec.data[off:], side, now)
                 except Exception:  # a bug of ours, not the capture's: counted, told once, no traceback
@@ -274,6 +288,10 @@ def _status(args: argparse.Namespace) -> int:
     print(f"flows {e['flows']}, mappings live {e['mappings_live']}, inbound mappings {e['inbound_mappings']}")
     for proto, u in e["pools"].items():
         print(f"pool {proto}: {u['used']} of {u['size']} in use")
+    if "pools6" in e:  # NAT66 on
+        print(f"NAT66: external {e.get('external_ip6')}; IPv6 flows "
+              + ("offloaded as IPv4's" if st.get("offload") else "on the per-packet path") + "; "
+              + ", ".join(f"pool {p} {u['used']} of {u['size']}" for p, u in e["pools6"].items()))
     c = e["counters"]
     print(f"translated out {c.get('translated_out', 0)}, in {c.get('translated_in', 0)}")
     off = st.get("offload")
@@ -326,6 +344,8 @@ def _run(args: argparse.Namespace) -> int:
     from .privileges import CAP_NET_ADMIN, refusal
 
     cfg = _load_config(args.config, args.internal)
+    if args.workers != 1 and cfg.nat66:
+        return _err("--workers runs NAT44 only for now: NAT66 (natIp6Enable / nat66) needs one process")
     why = refusal("iptables rules, NFQUEUE, conntrack entries", CAP_NET_ADMIN)
     if why:
         return _err(why)

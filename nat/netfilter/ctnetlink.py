@@ -8,6 +8,7 @@ Constants from linux include/uapi/linux/netfilter/nfnetlink_conntrack.h.
 What roam needs: create an entry carrying the NAT (``create``), delete one (``delete``),
 list its own (``dump`` by mark, with packet counters) and hear the kernel destroy them
 (:class:`Events`, group NFNLGRP_CONNTRACK_DESTROY).  An entry is a :class:`KEntry`.
+IPv4 and IPv6 (NAT66) alike: a tuple's family is its addresses' length.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ NFNLGRP_CONNTRACK_DESTROY = 3
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_NAT_SRC, CTA_TIMEOUT, CTA_MARK = 1, 2, 3, 4, 6, 7, 8
 CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_NAT_DST, CTA_MARK_MASK = 9, 10, 13, 21
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE = 7, 8, 9
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = \
     1, 2, 3, 4, 5, 6
-CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
+CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO, CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP = 1, 2, 3, 4, 5
 CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
 CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 4, 5
@@ -47,8 +49,8 @@ _NFG = struct.Struct("!BBH")
 
 
 class Tuple(NamedTuple):
-    """One direction of an entry: (proto, src, dst, sport, dport), addresses packed; for
-    ICMP ``sport`` is the identifier and ``dport`` the type (8: echo request)."""
+    """One direction of an entry: (proto, src, dst, sport, dport), addresses packed (4 or 16
+    bytes); for ICMP ``sport`` is the identifier and ``dport`` the type (8, ICMPv6 128: echo request)."""
 
     proto: int
     src: bytes
@@ -74,6 +76,8 @@ def inverse(t: Tuple) -> Tuple:
     """The tuple a reply to ``t`` travels on (an echo request's answer is an echo reply)."""
     if t.proto == 1:
         return Tuple(1, t.dst, t.src, t.sport, {8: 0, 13: 14, 15: 16, 17: 18}.get(t.dport, t.dport))
+    if t.proto == 58:
+        return Tuple(58, t.dst, t.src, t.sport, {128: 129, 139: 140}.get(t.dport, t.dport))
     return Tuple(t.proto, t.dst, t.src, t.dport, t.sport)
 
 
@@ -81,16 +85,20 @@ def _tuple(kind: int, t: Tuple) -> bytes:
     if t.proto == 1:
         proto = (_attr(CTA_PROTO_NUM, bytes([1])) + _attr(CTA_PROTO_ICMP_ID, struct.pack("!H", t.sport))
                  + _attr(CTA_PROTO_ICMP_TYPE, bytes([t.dport])) + _attr(CTA_PROTO_ICMP_CODE, b"\0"))
+    elif t.proto == 58:
+        proto = (_attr(CTA_PROTO_NUM, bytes([58])) + _attr(CTA_PROTO_ICMPV6_ID, struct.pack("!H", t.sport))
+                 + _attr(CTA_PROTO_ICMPV6_TYPE, bytes([t.dport])) + _attr(CTA_PROTO_ICMPV6_CODE, b"\0"))
     else:
         proto = (_attr(CTA_PROTO_NUM, bytes([t.proto])) + _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", t.sport))
                  + _attr(CTA_PROTO_DST_PORT, struct.pack("!H", t.dport)))
-    return _nest(kind, _nest(CTA_TUPLE_IP, _attr(CTA_IP_V4_SRC, t.src), _attr(CTA_IP_V4_DST, t.dst)),
-                 _nest(CTA_TUPLE_PROTO, proto))
+    s, d = (CTA_IP_V4_SRC, CTA_IP_V4_DST) if len(t.src) == 4 else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    return _nest(kind, _nest(CTA_TUPLE_IP, _attr(s, t.src), _attr(d, t.dst)), _nest(CTA_TUPLE_PROTO, proto))
 
 
 def _nat(kind: int, ip: bytes, port: int) -> bytes:
     pr = struct.pack("!H", port)
-    return _nest(kind, _attr(CTA_NAT_V4_MINIP, ip), _attr(CTA_NAT_V4_MAXIP, ip),
+    lo, hi = (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP) if len(ip) == 4 else (CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP)
+    return _nest(kind, _attr(lo, ip), _attr(hi, ip),
                  _nest(CTA_NAT_PROTO, _attr(CTA_PROTONAT_PORT_MIN, pr), _attr(CTA_PROTONAT_PORT_MAX, pr)))
 
 
@@ -105,10 +113,15 @@ def _parse_tuple(buf, span) -> Tuple | None:
         return None
     ip = _attrs(buf, *a[CTA_TUPLE_IP])
     pr = _attrs(buf, *a[CTA_TUPLE_PROTO])
-    if CTA_IP_V4_SRC not in ip or CTA_PROTO_NUM not in pr:
+    if CTA_PROTO_NUM not in pr:
         return None
-    src = bytes(buf[ip[CTA_IP_V4_SRC][0]:ip[CTA_IP_V4_SRC][0] + 4])
-    dst = bytes(buf[ip[CTA_IP_V4_DST][0]:ip[CTA_IP_V4_DST][0] + 4])
+    if CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
+        (s, e), (d, _) = ip[CTA_IP_V4_SRC], ip[CTA_IP_V4_DST]
+    elif CTA_IP_V6_SRC in ip and CTA_IP_V6_DST in ip:
+        (s, e), (d, _) = ip[CTA_IP_V6_SRC], ip[CTA_IP_V6_DST]
+    else:
+        return None
+    src, dst = bytes(buf[s:e]), bytes(buf[d:d + e - s])
     proto = buf[pr[CTA_PROTO_NUM][0]]
 
     def u16(k):
@@ -116,6 +129,9 @@ def _parse_tuple(buf, span) -> Tuple | None:
     if proto == 1:
         return Tuple(1, src, dst, u16(CTA_PROTO_ICMP_ID), buf[pr[CTA_PROTO_ICMP_TYPE][0]] if CTA_PROTO_ICMP_TYPE in pr
                      else 0)
+    if proto == 58:
+        return Tuple(58, src, dst, u16(CTA_PROTO_ICMPV6_ID),
+                     buf[pr[CTA_PROTO_ICMPV6_TYPE][0]] if CTA_PROTO_ICMPV6_TYPE in pr else 0)
     return Tuple(proto, src, dst, u16(CTA_PROTO_SRC_PORT), u16(CTA_PROTO_DST_PORT))
 
 
@@ -146,6 +162,10 @@ def parse_entry(buf, off: int, end: int) -> KEntry | None:
     return KEntry(o, r, mark, packets(CTA_COUNTERS_ORIG), packets(CTA_COUNTERS_REPLY), status, state, left)
 
 
+def _family(t: Tuple) -> int:
+    return socket.AF_INET if len(t.src) == 4 else socket.AF_INET6
+
+
 class CtSocket:
     """Requests to the kernel's conntrack table (one socket, answers read in line)."""
 
@@ -155,9 +175,10 @@ class CtSocket:
         self._seq = 0
         self._buf = bytearray(1 << 16)
 
-    def _send(self, kind: int, flags: int, body: bytes) -> int:
+    def _send(self, kind: int, flags: int, body: bytes, family: int = socket.AF_INET) -> int:
+        """One request; ``family`` picks the entries of a family (AF_UNSPEC: both, for dumps)."""
         self._seq += 1
-        nfg = _NFG.pack(socket.AF_INET, 0, 0)
+        nfg = _NFG.pack(family, 0, 0)
         self.sock.send(_NLH.pack(_NLH.size + len(nfg) + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0)
                        + nfg + body)
         return self._seq
@@ -191,11 +212,11 @@ class CtSocket:
             body.append(_nat(CTA_NAT_DST, *dnat))
         if snat is not None:
             body.append(_nat(CTA_NAT_SRC, *snat))
-        return self._ack(self._send(MSG_NEW, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, b"".join(body)))
+        return self._ack(self._send(MSG_NEW, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, b"".join(body), _family(original)))
 
     def get(self, original: Tuple) -> KEntry | None:
         """The kernel's entry for ``original`` (None if it has none)."""
-        seq = self._send(MSG_GET, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original))
+        seq = self._send(MSG_GET, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original), _family(original))
         found = None
         while True:
             n = self.sock.recv_into(self._buf)
@@ -207,17 +228,17 @@ class CtSocket:
                         found = parse_entry(self._buf, off, off + length)
 
     def delete(self, original: Tuple) -> int:
-        return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original)))
+        return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _tuple(CTA_TUPLE_ORIG, original), _family(original)))
 
     def flush(self, mark: int, mask: int) -> int:
-        """Delete every entry whose mark & ``mask`` == ``mark`` (0, or the errno)."""
+        """Delete every entry whose mark & ``mask`` == ``mark``, of either family (0, or the errno)."""
         return self._ack(self._send(MSG_DELETE, NLM_F_ACK, _attr(CTA_MARK, struct.pack("!I", mark))
                                     + _attr(CTA_MARK_MASK, struct.pack("!I", mask))))
 
     def dump(self, mark: int, mask: int) -> list[KEntry]:
         """Every entry whose mark & ``mask`` == ``mark`` (a dump also reaps expired entries)."""
         seq = self._send(MSG_GET, NLM_F_DUMP, _attr(CTA_MARK, struct.pack("!I", mark))
-                         + _attr(CTA_MARK_MASK, struct.pack("!I", mask)))
+                         + _attr(CTA_MARK_MASK, struct.pack("!I", mask)), socket.AF_UNSPEC)
         out: list[KEntry] = []
         buf = bytearray(1 << 20)
         while True:

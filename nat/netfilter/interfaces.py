@@ -41,6 +41,27 @@ def iface_address(ifname: str) -> str | None:
     return None
 
 
+#: IFA_F_* flags that make an IPv6 address unusable as the NAT's source (RFC 4862): a tentative
+#: (DAD running), duplicate or deprecated one
+_IFA6_UNUSABLE = 0x40 | 0x08 | 0x20
+
+
+def iface_address6(ifname: str) -> str | None:
+    """The first usable global IPv6 address of ``ifname`` (None if it has none): NAT66's
+    external address, as MASQUERADE picks a source (link-local ones never cross the NAT)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=socket.AF_INET6):
+            flags = a.get_attr("IFA_FLAGS") or a["flags"]
+            if a["scope"] == 0 and not flags & _IFA6_UNUSABLE:
+                return str(ipaddress.IPv6Address(a.get_attr("IFA_ADDRESS")))
+    return None
+
+
 def iface_index(ifname: str) -> int:
     from pyroute2 import IPRoute
 
@@ -78,7 +99,8 @@ class RouteCache:
         o = self._oif.get(dst)
         if o is None:
             try:
-                r = self._ipr.route("get", dst=socket.inet_ntoa(dst))
+                fam = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+                r = self._ipr.route("get", dst=socket.inet_ntop(fam, dst), family=fam)
                 o = r[0].get_attr("RTA_OIF") or 0 if r else 0
             except Exception:  # no route: nothing leaves through the external interface
                 o = 0
@@ -95,15 +117,17 @@ class RouteCache:
 
 
 class AddressEvents:
-    """A netlink socket subscribed to IPv4 address, link and route changes (select()-able)."""
+    """A netlink socket subscribed to address, link and route changes (IPv6 too with ``v6``; select()-able)."""
 
-    def __init__(self) -> None:
+    def __init__(self, v6: bool = False) -> None:
         from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK
+        from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR,
+                                           RTMGRP_IPV6_ROUTE, RTMGRP_LINK)
 
         self._ipr = IPRoute()
         try:
-            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK | RTMGRP_IPV4_ROUTE)
+            self._ipr.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK | RTMGRP_IPV4_ROUTE
+                           | ((RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE) if v6 else 0))
         except BaseException:
             self._ipr.close()
             raise

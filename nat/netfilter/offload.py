@@ -113,7 +113,7 @@ class Offloader:
             old = self.ct.get(t)
             if self.ct.delete(t) == 0 and (old is None or old.mark & MARK):
                 self._replaced[ok] = self._replaced.get(ok, 0) + 1  # ours: its DESTROY is no news
-            if d.proto != 1:  # and the kernel's own (unmarked) of a reply that came before ours
+            if d.proto != 1 and d.proto != 58:  # and the kernel's own (unmarked) of a reply that came before ours
                 (rdst, rdport), (rsrc, rsport) = d.snat or (d.src, d.sport), d.dnat or (d.dst, d.dport)
                 t = Tuple(d.proto, rsrc, rdst, rsport, rdport)
                 old = self.ct.get(t)
@@ -251,12 +251,23 @@ class Offloader:
         self._dead_packets[0 if out_first else 1] += e.packets_orig
         self._dead_packets[1 if out_first else 0] += e.packets_reply
 
-    def flush(self) -> int:
-        """Remove every roam entry at once (the external address changed: all were on the old one)."""
-        n = len(self.flows)
-        self.flows.clear()
-        self._born.clear()
-        self._replaced.clear()
+    def flush(self, family: int = 4) -> int:
+        """Remove every roam entry of ``family`` (its external address changed: all were on the old
+        one).  At once by mark -- unless the other family has entries, which must go on: then one
+        by one (measured: the kernel's flush by mark ignores the request's family)."""
+        size = 13 if family == 4 else 37
+        gone = [k for k in self.flows if len(k) == size]
+        others = len(gone) < len(self.flows)
+        for k in gone:
+            del self.flows[k]
+            self._born.pop(k, None)
+            self._replaced.pop(k, None)
+            if others:
+                f = FlowTuple.from_key(k)
+                self.ct.delete(Tuple(f.proto, f.src, f.dst, f.sport, f.dport))
+        n = len(gone)
+        if others:
+            return n
         err = self.ct.flush(MARK, MARK)
         if err:
             log.error("conntrack flush failed: %s", os.strerror(err))
@@ -271,7 +282,7 @@ def _text(e: KEntry) -> str:
     import ipaddress
 
     o, r = e.original, e.reply
-    ip = ipaddress.IPv4Address
+    ip = ipaddress.ip_address
     return f"proto {o.proto} {ip(o.src)}:{o.sport} -> {ip(o.dst)}:{o.dport} (reply {ip(r.src)}:{r.sport} -> " \
            f"{ip(r.dst)}:{r.dport})"
 

@@ -6,8 +6,8 @@ which picks the side and stage from the hook and interfaces, asks the engine, lo
 answer's events and returns what the verdict carries.  Rules are :mod:`.rules`'s,
 addresses :mod:`.interfaces`'s.  With offload (the default) each decided flow also goes
 into the kernel's conntrack with its NAT (:mod:`.offload`), so only new flows' packets
-come.  The clock comes from the caller (``clock``), as
-DESIGN.md wants nothing below tools/ to read it.
+come (NAT66 too: IPv6 from ip6tables rules on the same queue).  The clock comes from the
+caller (``clock``), as DESIGN.md wants nothing below tools/ to read it.
 
 Packets are handled in a thread of their own, blocked in the queue's receive loop (one
 recv syscall a packet, no select round per wake-up); the main thread waits for address
@@ -35,10 +35,13 @@ from ..answers import NatReason, Side, Stage
 from ..config import ConfigError, NatConfig, forwards_outside, load
 from ..engine import NatEngine
 from . import PluginError
-from .interfaces import AddressEvents, RouteCache, iface_address, iface_index, iface_networks, resolve_internal
+from .droplog import drop_line
+from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
+                         resolve_internal)
 from .offload import MARK, RECONCILE, Offloader, apply_sysctls
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
+from .status import status_data
 from .workers import NoRules, WorkerOffloader
 
 __all__ = ["Plugin", "PluginError"]
@@ -97,7 +100,8 @@ class Plugin:
         for w in forwards_outside(self.cfg) if nets != cfg.internal else ():  # the config's own were checked
             log.warning("%s", w)
         # a host stack stands behind the external address: what no mapping claims is the host's
-        self.engine = NatEngine(self.cfg, iface_address(external), host_stack=True)
+        self.engine = NatEngine(self.cfg, iface_address(external), host_stack=True,
+                                external_ip6=iface_address6(external) if cfg.nat66 else None)
         self._process = self.engine.process
         # offload: decided flows go into the kernel's conntrack (.offload); only packets of
         # flows without such an entry are queued
@@ -105,7 +109,8 @@ class Plugin:
         self.offloader: Offloader | None = None
         self.routes: RouteCache | None = None
         self.queued = 0
-        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0) \
+        self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0,
+                           internal6=self.cfg.internal6, nat66=self.cfg.nat66) \
             if worker is None else NoRules()  # a worker's rules are its parent's
         self.ext_index = 0
         self._stop = False
@@ -154,13 +159,13 @@ class Plugin:
                 # kernel's own new, unconfirmed entry, an entry of ours made now would clash
                 # with it at confirmation, and TCP (unlike UDP, ICMP) drops a clashing packet:
                 # a mid-stream first packet (a migrated VM, a restart) was lost.
-                if data[9] == 6:
+                if data[9 if data[0] >> 4 == 4 else 6] == 6:
                     self._deferred.append(data)
                 else:
                     self.offloader.install(data, self.clock())
             out = a.data
             assert out is not None, "an accepted packet has its data"
-            if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9] == 6):
+            if info & 3 and not (info & 2 and hook != HOOK_PREROUTING and out[9 if out[0] >> 4 == 4 else 6] == 6):
                 # CSUMNOTREADY: the field held the pseudo-header sum only; GSO: the field
                 # may be a merged packet's first segment's.  A verdict with a payload makes
                 # the kernel take the packet as CHECKSUM_NONE, and in PREROUTING (after raw)
@@ -183,8 +188,10 @@ class Plugin:
         entry and the kernel translates it.  No entry, no packet."""
         now, off, routes = self.clock(), self.offloader, self.routes
         assert off is not None and routes is not None, "only the offload path queues before conntrack"
-        ihl = (data[0] & 15) * 4
-        if data[9] == 6 and len(data) > ihl + 13 and data[ihl + 13] & 0x12 == 0x02 and off.flows:
+        v4 = data[0] >> 4 == 4
+        dst, ext = (data[16:20], self.engine.external_ip) if v4 else (data[24:40], self.engine.external_ip6)
+        l4, proto = ((data[0] & 15) * 4, data[9]) if v4 else (40, data[6])
+        if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & 0x12 == 0x02 and off.flows:
             # a SYN on an offloaded flow reopens it (a port reused while the kernel's entry is in
             # TIME_WAIT): the engine must judge it in the kernel's state, else it lets it pass on
             # the old entry, which conntrack then kills and replaces by one of its own, without
@@ -192,15 +199,15 @@ class Plugin:
             off.refresh(data)
         if indev == self.ext_index:
             a = self._process(data, _EXTERNAL, now, _FULL)
-        elif data[16:20] == self.engine.external_ip:
+        elif dst == ext:
             a = self._process(data, _INTERNAL, now, _HAIRPIN_DST)  # not to a mapping: the host's own
-        elif self.engine.is_internal(data[16:20]) or routes.oif(data[16:20]) != self.ext_index:
+        elif self.engine.is_internal(dst) or routes.oif(dst) != self.ext_index:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
         if a.action is not _ACCEPT and a.reason is _INVALID and off.refresh(data):
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
-                              _HAIRPIN_DST if data[16:20] == self.engine.external_ip and indev != self.ext_index
+                              _HAIRPIN_DST if dst == ext and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
         if not self._passes(a, data):
             return None
@@ -254,19 +261,9 @@ class Plugin:
             log_events(a.events)
         if a.action is _ACCEPT:
             return True
-        if self.drop_log is not None:
-            self._log_drop(self.drop_log, a.reason, data)
+        if self.drop_log is not None and (line := drop_line(self.clock(), a.reason.name.lower(), data)):
+            self.drop_log.write(line)
         return False
-
-    def _log_drop(self, out: IO[str], reason, data: bytes) -> None:
-        """The drop's time (monotonic), reason, protocol, addresses and ports (0 without ports)."""
-        if len(data) < 20:
-            return
-        ihl = (data[0] & 15) * 4
-        ports = struct.unpack_from("!HH", data, ihl) if len(data) >= ihl + 4 and data[9] in (6, 17) else (0, 0)
-        out.write(json.dumps({"t": self.clock(), "reason": reason.name.lower(), "proto": data[9],
-                                        "src": socket.inet_ntoa(data[12:16]), "sport": ports[0],
-                                        "dst": socket.inet_ntoa(data[16:20]), "dport": ports[1]}) + "\n")
 
     def _bug(self) -> None:
         """A bug of ours, not the peer's: counted apart (and logged at 1, 2, 4, 8...)."""
@@ -349,6 +346,12 @@ class Plugin:
                 self.offloader.flush()
             self.engine.set_external_address(ip, self.clock())
             self.rules.set_address(ip)
+        ip6 = iface_address6(self.external) if self.cfg.nat66 else None
+        if self.cfg.nat66 and ip6 != self.engine.status().get("external_ip6"):
+            if self.offloader is not None:
+                self.offloader.flush(6)
+            self.engine.set_external_address(ip6, self.clock(), family=6)
+            self.rules.set_address6(ip6)
 
     def _do_reload(self) -> None:
         try:
@@ -371,23 +374,8 @@ class Plugin:
         snapshot.save(self.status_path, self._status_data())
 
     def _status_data(self) -> dict:
-        """The status as data (under the lock; written outside it)."""
-        eng = self.engine.status()
-        off = self.offloader.status() if self.offloader is not None else None
-        if off is not None:  # translated: by roam, or by the kernel for it
-            c = eng["counters"]
-            c["translated_out"] = c.get("translated_out", 0) + off["kernel_translated_out"]
-            c["translated_in"] = c.get("translated_in", 0) + off["kernel_translated_in"]
-        st = {"pid": os.getpid(), "queue": self.queue, "external_iface": self.external,
-              "internal": list(self.cfg.internal), "written_at": self.wall(), "internal_errors": self.bugs,
-              "snapshot": self.snapshot_path, "engine": eng, "offload": off, "queued_packets": self.queued,
-              "queue_client": {"gso": self.gso, "largest_packet": self.largest_packet,
-                               "gso_packets": self.gso_packets, "checksums_filled": self.csum_filled},
-              "mappings": self.engine.mapping_rows(200)}
-        if self.worker is not None:
-            st.update(worker=self.worker[0], ports=[list(self.cfg.port_range), list(self.cfg.low_port_range),
-                                                    list(self.cfg.icmp_id_range)])
-        return st
+        """The status as data (under the lock; written outside it): :func:`.status.status_data`."""
+        return status_data(self)
 
     def live_status(self) -> dict:
         """The status as `roam nat status` shows it, now (from another thread: the metrics)."""
@@ -462,13 +450,15 @@ class Plugin:
                     nfq.bind(self.queue, self._on_packet, max_len=4096)
             except OSError as exc:
                 raise PluginError(f"cannot bind NFQUEUE {self.queue}: {exc}") from None
-            addrs = AddressEvents()
+            addrs = AddressEvents(v6=True) if self.cfg.nat66 else AddressEvents()
             with self._lock:
                 self._refresh_address()
                 started = True
                 if self.offloader is not None:  # a dead run's entries: its flows go on, held here
                     self.offloader.reconcile(self.clock(), adopt=True)
                 self.rules.install(self.engine.status()["external_ip"])
+                if self.cfg.nat66:
+                    self.rules.set_address6(self.engine.status()["external_ip6"])
                 log_events(self.engine.pop_events())
             stale = self.rules.remove_stale()  # only now: ours match first already
             if stale:

@@ -19,9 +19,14 @@ there is no instant without a rule, so a restart after ``kill -9`` leaks nothing
 With ``--workers N`` each queue rule becomes one per worker slice (``tcp``/``udp`` port-range
 matches: the internal source port from the inside, the destination port from outside, to
 queue N+k) ahead of the one to worker 0's queue; :mod:`.workers` says why not ``--queue-balance``.
+
+NAT66 (``nat66``) adds the same rules in ip6tables (``Table6``, the same queue, comments
+ending in ``v6``, ``pre-ct6``, ``hairpin6-src``, ``hairpin6-dst``): offloaded or per packet as
+IPv4's, fail-closed as theirs, and removed with them.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 
@@ -40,8 +45,11 @@ class Rules:
     """
 
     def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False,
-                 offload_mark: int = 0, workers: list | None = None) -> None:
+                 offload_mark: int = 0, workers: list | None = None, internal6: tuple[str, ...] = (),
+                 nat66: bool = False) -> None:
         self.external = external
+        self.internal6 = internal6
+        self.nat66 = nat66
         #: --workers N: each worker's TCP/UDP port slices ([(first, last), ...] per worker; worker k
         #: listens on queue ``queue + k``); None: one queue (:mod:`.workers` says why by port)
         self.workers = workers
@@ -52,10 +60,13 @@ class Rules:
         self.tag = f"roam-nat q{queue} "
         self.mine = f"{self.tag}pid {os.getpid()}"
 
-    def _chain(self, tname: str, cname: str):
+    def _chain(self, tname: str, cname: str, v6: bool = False):
         import iptc
 
-        t = iptc.Table({"raw": iptc.Table.RAW, "nat": iptc.Table.NAT}.get(tname, iptc.Table.MANGLE))
+        if v6:
+            t = iptc.Table6({"raw": iptc.Table6.RAW, "nat": iptc.Table6.NAT}.get(tname, iptc.Table6.MANGLE))
+        else:
+            t = iptc.Table({"raw": iptc.Table.RAW, "nat": iptc.Table.NAT}.get(tname, iptc.Table.MANGLE))
         t.refresh()
         return iptc.Chain(t, cname)
 
@@ -68,9 +79,14 @@ class Rules:
 
     def _each(self, prefix: str | None = None):
         """(table, chain name, chain, rule, comment) of every rule whose comment starts with
-        ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's)."""
+        ``prefix`` (default: this queue's tag; ``_ANY``: every roam nat's); ip6tables' too with NAT66,
+        or when its tables exist (a dead NAT66 run's rules go, even if this run has NAT66 off)."""
+        for v6 in (False, True) if self.nat66 or _ip6tables_loaded() else (False,):
+            yield from self._each_of(prefix, v6)
+
+    def _each_of(self, prefix: str | None, v6: bool):
         for tname, cname in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("mangle", "POSTROUTING")):
-            chain = self._chain(tname, cname)
+            chain = self._chain(tname, cname, v6)
             for rule in list(chain.rules):
                 c = self._comments(rule, prefix)
                 if c is not None:
@@ -129,13 +145,13 @@ class Rules:
 
     def _add(self, tname: str, cname: str, comment: str, *, in_if: str | None = None, out_if: str | None = None,
              src: str | None = None, dst: str | None = None, proto: str | None = None, matches=(),
-             mark_target: int = 0, queue: int | None = None) -> None:
+             mark_target: int = 0, queue: int | None = None, v6: bool = False) -> None:
         """Insert one rule at the top: the comment comes first among the matches (so the
         listing reads ``... -m comment --comment "roam-nat ..." ...``); ``matches`` are
         (name, {option: value}); the target is NFQUEUE N, or MARK --or-mark ``mark_target``."""
         import iptc
 
-        rule = iptc.Rule()
+        rule = iptc.Rule6() if v6 else iptc.Rule()
         if proto:
             rule.protocol = proto
         if in_if:
@@ -158,7 +174,7 @@ class Rules:
         else:
             target = rule.create_target("NFQUEUE")
             target.queue_num = str(self.queue if queue is None else queue)  # no --queue-bypass: fail-closed
-        self._chain(tname, cname).insert_rule(rule)
+        self._chain(tname, cname, v6).insert_rule(rule)
 
     def _queue(self, tname: str, cname: str, comment: str, by: str, protos=("tcp", "udp"), matches=(),
                **kw) -> None:
@@ -175,6 +191,9 @@ class Rules:
                               queue=self.queue + k, **kw)
 
     def install(self, external_ip: str | None) -> None:
+        """Every rule (NAT66's hairpin ones come with :meth:`set_address6`)."""
+        if self.nat66:
+            self._install_offload(None, v6=True) if self.offload_mark else self._install6()
         if self.offload_mark:
             return self._install_offload(external_ip)
         self._add("raw", "PREROUTING", self.mine, in_if=self.external)
@@ -191,7 +210,7 @@ class Rules:
         m = hex(self.offload_mark)
         return [[("conntrack", {"ctstate": "INVALID,UNTRACKED"})], [("connmark", {"mark": f"!{m}/{m}"})]]
 
-    def _install_offload(self, external_ip: str | None) -> None:
+    def _install_offload(self, external_ip: str | None, v6: bool = False) -> None:
         """Offload: the kernel's conntrack entries carry the decided flows' NAT.
 
         * ``raw PREROUTING`` (before conntrack): a new TCP flow's SYN and an echo request
@@ -205,35 +224,37 @@ class Rules:
           (no offloaded entry) or with none: the first packet of other flows, translated
           in user space as with --no-offload, whose entry is made meanwhile.
         No --queue-bypass anywhere: with no plugin, new flows are dropped; offloaded
-        flows go on in the kernel."""
-        self._chain("nat", "POSTROUTING")  # the nat table's hooks: nf_nat applies the entries' NAT
+        flows go on in the kernel.  ``v6``: NAT66's, in ip6tables (their hairpin-dst rules come
+        with :meth:`set_address6`)."""
+        sfx = " v6" if v6 else ""
+        self._chain("nat", "POSTROUTING", v6)  # the nat table's hooks: nf_nat applies the entries' NAT
         mk = self.offload_mark
         pm = [("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})]
         for cond in self._unmarked():
-            self._queue("mangle", "POSTROUTING", self.mine, "sport", out_if=self.external, matches=cond)
-            self._queue("mangle", "PREROUTING", self.mine, "dport", in_if=self.external, matches=pm + cond)
+            self._queue("mangle", "POSTROUTING", self.mine + sfx, "sport", out_if=self.external, matches=cond, v6=v6)
+            self._queue("mangle", "PREROUTING", self.mine + sfx, "dport", in_if=self.external, matches=pm + cond,
+                        v6=v6)
         marked = [("mark", {"mark": f"{hex(mk)}/{hex(mk)}"})]
+        pre = self.mine + (" pre-ct6" if v6 else " pre-ct")
         if not self.workers:
-            self._add("raw", "PREROUTING", self.mine + " pre-ct", matches=marked)
+            self._add("raw", "PREROUTING", pre, matches=marked, v6=v6)
         else:  # SYNs and echo requests: to the worker of the port (echo requests: worker 0)
-            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "sport", ("tcp",), marked,
-                        in_if="!" + self.external)
-            self._queue("raw", "PREROUTING", self.mine + " pre-ct", "dport", ("tcp",), marked, in_if=self.external)
+            self._queue("raw", "PREROUTING", pre, "sport", ("tcp",), marked, in_if="!" + self.external)
+            self._queue("raw", "PREROUTING", pre, "dport", ("tcp",), marked, in_if=self.external)
         syn = [("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})]
-        echo = [("icmp", {"icmp_type": "echo-request"})]
-        for proto, m in (("tcp", syn), ("icmp", echo)):
-            self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if=self.external, proto=proto, matches=m,
-                      mark_target=mk)
-            for net in self.internal:
-                self._add("raw", "PREROUTING", self.mine + " pre-ct", in_if="!" + self.external, src=net,
-                          dst="!" + net, proto=proto, matches=m + [("addrtype", {"dst_type": "!LOCAL"})],
-                          mark_target=mk)
+        echo = [("icmp6", {"icmpv6_type": "echo-request"})] if v6 else [("icmp", {"icmp_type": "echo-request"})]
+        for proto, m in (("tcp", syn), ("icmpv6" if v6 else "icmp", echo)):
+            self._add("raw", "PREROUTING", pre, in_if=self.external, proto=proto, matches=m, mark_target=mk, v6=v6)
+            for net in self.internal6 if v6 else self.internal:
+                self._add("raw", "PREROUTING", pre, in_if="!" + self.external, src=net, dst="!" + net, proto=proto,
+                          matches=m + [("addrtype", {"dst_type": "!LOCAL"})], mark_target=mk, v6=v6)
         if self.hairpin:
-            for net in self.internal:
+            for net in self.internal6 if v6 else self.internal:
                 for cond in self._unmarked():
-                    self._queue("mangle", "POSTROUTING", self.mine + " hairpin-src", "sport",
-                                out_if="!" + self.external, src=net, matches=cond)
-            self.set_address(external_ip)
+                    self._queue("mangle", "POSTROUTING", self.mine + (" hairpin6-src" if v6 else " hairpin-src"),
+                                "sport", out_if="!" + self.external, src=net, matches=cond, v6=v6)
+            if not v6:
+                self.set_address(external_ip)
 
     def set_address(self, external_ip: str | None) -> None:
         """Point the hairpin rules at the external address (none while there is no address)."""
@@ -263,9 +284,51 @@ class Rules:
                           mark_target=mk)
         self._delete_where(lambda rule, c: c.endswith("hairpin-dst") and rule.dst.split("/")[0] != external_ip)
 
+    def _install6(self) -> None:
+        """NAT66's rules: IPv6's per-packet path (as ``--no-offload``'s for IPv4), the same queue."""
+        self._add("raw", "PREROUTING", self.mine + " v6", in_if=self.external, v6=True)
+        self._add("mangle", "POSTROUTING", self.mine + " v6", out_if=self.external, v6=True)
+        if self.hairpin:
+            for net in self.internal6:
+                self._add("mangle", "POSTROUTING", self.mine + " hairpin6-src", out_if="!" + self.external, src=net,
+                          v6=True)
+
+    def set_address6(self, external_ip6: str | None) -> None:
+        """Point NAT66's hairpin rule at the external IPv6 address (the new one in before the old
+        one goes, as :meth:`set_address`)."""
+        if not (self.nat66 and self.hairpin):
+            return
+        want = ipaddress.IPv6Address(external_ip6) if external_ip6 else None
+
+        def dst(rule) -> ipaddress.IPv6Address:
+            return ipaddress.IPv6Address(rule.dst.split("/")[0])
+        have = {dst(rule) for _, _, _, rule, _ in self._each_of(self.mine + " hairpin6-dst", True)}
+        mk, tag = self.offload_mark, self.mine + " hairpin6-dst"
+        if want is not None and want not in have:
+            for net in self.internal6:
+                if not mk:
+                    self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want), v6=True)
+                    continue
+                for cond in self._unmarked():  # as _set_address_offload's
+                    self._add("mangle", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want),
+                              matches=[("mark", {"mark": f"!{hex(mk)}/{hex(mk)}"})] + cond, v6=True)
+                self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst=str(want), proto="tcp",
+                          matches=[("tcp", {"tcp_flags": ["FIN,SYN,RST,ACK", "SYN"]})], mark_target=mk, v6=True)
+        self._delete_where(lambda rule, c: c.endswith("hairpin6-dst") and dst(rule) != want)
+
     def remove(self) -> int:
         """Delete our rules (by comment: ours and, harmlessly, stale ones of this queue)."""
         return self._delete_where(lambda rule, c: True)
+
+
+def _ip6tables_loaded() -> bool:
+    """Whether this namespace has ip6tables tables (none: no rule of ours can be there, and
+    looking would load them)."""
+    try:
+        with open("/proc/net/ip6_tables_names") as f:
+            return bool(f.read().split())
+    except OSError:
+        return False
 
 
 def _pid_of(comment: str) -> int:

@@ -122,9 +122,10 @@ class WorkerOffloader(Offloader):
         gen, entries = super().fetch()
         return gen, [e for e in entries if self.mine(e)]
 
-    def flush(self) -> int:
+    def flush(self, family: int = 4) -> int:
         """Remove this worker's entries (the address changed): one by one, not the whole mark,
-        or one worker's flush would remove entries another just made on the new address."""
+        or one worker's flush would remove entries another just made on the new address
+        (IPv4 only: workers refuse NAT66)."""
         n = len(self.flows)
         for k in list(self.flows):
             f = FlowTuple.from_key(k)
@@ -148,6 +149,9 @@ class NoRules:
         return 0
 
     def set_address(self, external_ip) -> None:
+        pass
+
+    def set_address6(self, external_ip6) -> None:
         pass
 
     def remove(self) -> int:

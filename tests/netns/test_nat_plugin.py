@@ -6,6 +6,10 @@ Topology (all inside namespaces made by tools.lab.netlab):
 
 The host forwards with a stateful firewall (conntrack matches in FORWARD), so the
 kernel's own connection tracker is active and must stay consistent with the NAT.
+``Site(v6=True)`` adds NAT66 beside it (dual stack; the peer has no route to the VM's
+network, so only translated packets can reach it):
+
+    vm  [vm0 2001:db8:1::2/64] -- [hv0 2001:db8:1::1/64] host [ext0 2001:db8:ff::1/64] -- [inet0 2001:db8:ff::2/64] inet
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ RULES_PER_PACKET = 4
 #: raw PREROUTING: SYN and echo request inbound and outbound (marked), hairpin SYN, the queue
 RULES_OFFLOAD = 14
 CONF = "[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n[incomingtcp]\n8080 = 198.18.0.2:80\n"
+EXT6, PEER6, VM6 = "2001:db8:ff::1", "2001:db8:ff::2", "2001:db8:1::2"
+INTERNAL6 = ipaddress.ip_network("2001:db8:1::/64")
+CONF6 = CONF + "[host]\nnatIp6Enable = 1\nnatIp6Prefix = 2001:db8:1::/64\n[incomingtcp]\n8080 = [2001:db8:1::2]:80\n"
 
 
 def _wait(pred, seconds: float, what: str):
@@ -62,13 +69,13 @@ def _captured_records(path):
 
 
 class Site:
-    def __init__(self, lab, tmp_path, offload: bool = True):
+    def __init__(self, lab, tmp_path, offload: bool = True, v6: bool = False):
         self.lab, self.dir = lab, str(tmp_path)
         self.offload = offload
         self.rule_count = RULES_OFFLOAD if offload else RULES_PER_PACKET
         self.conf = os.path.join(self.dir, "nat.conf")
         with open(self.conf, "w") as f:
-            f.write(CONF)
+            f.write(CONF6 if v6 else CONF)
         self.vm, self.host, self.inet = lab.ns("vm"), lab.ns("host"), lab.ns("inet")
         lab.veth(self.vm, "vm0", self.host, "hv0")
         lab.veth(self.host, "ext0", self.inet, "inet0")
@@ -85,10 +92,31 @@ class Site:
                      ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", VM, "-j", "ACCEPT"],
                      ["-P", "FORWARD", "DROP"]):
             lab.run(self.host, ["iptables-legacy", *rule])
+        if v6:
+            self._v6()
         self.proc = None
         self.log = os.path.join(self.dir, "nat.log")
         self.status_file = os.path.join(self.dir, "nat-q3.status.json")
         self.snapshot_file = os.path.join(self.dir, "nat-q3.snapshot.json")
+
+    def _v6(self):
+        """NAT66 beside NAT44: addresses (DAD off: lab.addr), forwarding, the same stateful firewall."""
+        lab = self.lab
+        lab.sysctl(self.host, "net.ipv6.conf.all.forwarding", "1")
+        lab.addr(self.vm, "vm0", f"{VM6}/64")
+        lab.route(self.vm, "default", "2001:db8:1::1")
+        lab.addr(self.host, "hv0", "2001:db8:1::1/64")
+        lab.addr(self.host, "ext0", f"{EXT6}/64")
+        lab.addr(self.inet, "inet0", f"{PEER6}/64")  # and no route back to 2001:db8:1::/64
+        for rule in (["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+                     ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "hv0", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", VM6, "-j", "ACCEPT"],
+                     ["-P", "FORWARD", "DROP"]):
+            lab.run(self.host, ["ip6tables-legacy", *rule])
+
+    def rules6(self):
+        return self.lab.run(self.host, ["ip6tables-legacy-save"]).stdout
 
     def start(self, internal="hv0"):
         with open(self.log, "a") as log:
@@ -125,8 +153,8 @@ class Site:
     def rules(self):
         return self.lab.run(self.host, ["iptables-legacy-save"]).stdout
 
-    def sock(self, ns, kind=socket.SOCK_STREAM):
-        s = self.lab.socket(ns, socket.AF_INET, kind)
+    def sock(self, ns, kind=socket.SOCK_STREAM, family=socket.AF_INET):
+        s = self.lab.socket(ns, family, kind)
         s.settimeout(5)
         return s
 

@@ -67,3 +67,56 @@ def checksums_ok(data: bytes) -> bool:
             return False
     return True
 
+
+
+# ----------------------------------------------------------------------------- NAT66
+EXT6 = "2001:db8:ff::1"
+VM6 = "2001:db8:1::2"
+VM6B = "2001:db8:1::3"
+PEER6 = "2001:db8:2::9"
+PEER6B = "2001:db8:2::10"
+
+BASE6_TOML = BASE_TOML + 'nat66 = true\ninternal6 = ["2001:db8:1::/64"]\n'
+
+
+def engine6(extra: str = "", ext6: str | None = EXT6, seed: int = 7) -> NatEngine:
+    return NatEngine(parse_toml(BASE6_TOML + extra), EXT, seed=seed, external_ip6=ext6)
+
+
+def tcp6(src, dst, sport, dport, flags="S", payload=b"") -> bytes:
+    from scapy.layers.inet6 import IPv6
+    return raw(IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000,
+                                            ack=0 if flags == "S" else 1) / payload)
+
+
+def udp6(src, dst, sport, dport, payload=b"x") -> bytes:
+    from scapy.layers.inet6 import IPv6
+    return raw(IPv6(src=src, dst=dst) / UDP(sport=sport, dport=dport) / payload)
+
+
+def ping6(src, dst, ident, reply=False) -> bytes:
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+    echo = ICMPv6EchoReply if reply else ICMPv6EchoRequest
+    return raw(IPv6(src=src, dst=dst) / echo(id=ident, seq=1, data=b"abcdefgh"))
+
+
+def checksums_ok6(data: bytes) -> bool:
+    """The transport (TCP, UDP, ICMPv6) checksum of an IPv6 packet without extension headers,
+    recomputed by scapy's ``in6_chksum``; for an ICMPv6 error, the quoted packet's too when the
+    quote is whole."""
+    from scapy.layers.inet6 import IPv6, in6_chksum
+    nh, plen = data[6], int.from_bytes(data[4:6], "big")
+    at = {6: 16, 17: 6, 58: 2}[nh]
+    seg = bytearray(data[40:40 + plen])
+    stored = int.from_bytes(seg[at:at + 2], "big")
+    seg[at:at + 2] = b"\0\0"
+    want = in6_chksum(nh, IPv6(data[:40]), bytes(seg))
+    if nh == 17 and want == 0:
+        want = 0xFFFF
+    if stored != want:
+        return False
+    if nh == 58 and data[40] < 128:  # an error: its quote
+        quote = data[48:40 + plen]
+        if len(quote) >= 40 and 40 + int.from_bytes(quote[4:6], "big") == len(quote):
+            return checksums_ok6(quote)
+    return True

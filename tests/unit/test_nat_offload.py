@@ -4,6 +4,7 @@ reconciliation against a fake conntrack table (nat.netfilter.offload)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 from conntrack.flow import FlowTuple, packet_key
@@ -95,8 +96,9 @@ def test_sync_takes_the_kernels_state():
     assert not offload.sync(c, 0x2 | 0x4 | 0x8, 3)
 
 
-def test_create_message_carries_tuples_nat_and_mark():
-    sent = []
+def _acking_ct():
+    """A CtSocket whose kernel acknowledges every request; the requests it sent."""
+    sent: list[bytes] = []
 
     class Sock:
         def send(self, b):
@@ -110,6 +112,11 @@ def test_create_message_carries_tuples_nat_and_mark():
 
     ct = object.__new__(ctnetlink.CtSocket)
     ct.sock, ct._seq, ct._buf = Sock(), 0, bytearray(1 << 16)
+    return ct, sent
+
+
+def test_create_message_carries_tuples_nat_and_mark():
+    ct, sent = _acking_ct()
     o = Tuple(17, ip(VM), ip(PEER), 5000, 53)
     assert ct.create(o, 300, 0x20000000, snat=(ip(EXT), 5001)) == 0
     m = sent[0]
@@ -253,3 +260,43 @@ def test_a_flow_first_seen_mid_stream_replaces_the_kernels_own_entries_establish
     mine = off.ct.entries[out]
     assert mine.mark == 0x20000000 and mine.reply == back and mine.tcp_state == 3
     assert list(off.ct.entries) == [out] and not off._replaced  # their DESTROY events are not roam's
+
+
+# ----------------------------------------------------------------------------- NAT66
+def test_ipv6_entries_round_trip_through_the_messages():
+    from .nat_support import EXT6, PEER6, VM6
+    ip6 = lambda s: ipaddress.IPv6Address(s).packed  # noqa: E731
+    ct, sent = _acking_ct()
+    for o, nat in ((Tuple(6, ip6(VM6), ip6(PEER6), 40000, 443), (ip6(EXT6), 40000)),
+                   (Tuple(58, ip6(VM6), ip6(PEER6), 77, 128), (ip6(EXT6), 78))):
+        assert ct.create(o, 60, 0x20000000, snat=nat) == 0
+        m = sent[-1]
+        assert m[16] == socket.AF_INET6  # the request's family
+        parsed = ctnetlink.parse_entry(m, 0, len(m))
+        assert parsed.original == o and parsed.reply == ctnetlink.inverse(o) and parsed.mark == 0x20000000
+        assert ip6(EXT6) in m
+    assert ctnetlink.inverse(Tuple(58, b"a" * 16, b"b" * 16, 77, 128)).dport == 129  # echo reply
+
+
+def test_ipv6_decisions_adoption_and_a_flush_that_spares_the_other_family():
+    from .nat_support import EXT6, PEER6, VM6, engine6, ping6, udp6
+    ip6 = lambda s: ipaddress.IPv6Address(s).packed  # noqa: E731
+    e = engine6()
+    off = _offloader(e)
+    p6, q6, p4 = udp6(VM6, PEER6, 5000, 53), ping6(VM6, PEER6, 77), udp(VM, PEER, 5000, 53)
+    for p in (p6, q6, p4):
+        assert e.process(p, Side.INTERNAL, 0.0).action == Action.ACCEPT
+        assert off.install(p, 0.0)
+    d = offload.decision(_conn(e, q6))
+    assert (d.proto, d.sport, d.dport, d.snat, d.dnat) == (58, 77, 128, (ip6(EXT6), 77), None)
+    assert len(off.ct.entries) == 3
+    # a restart adopts the IPv6 entries too
+    e2 = engine6()
+    off2 = _offloader(e2)
+    off2.ct = off2.ct_dump = off.ct
+    off2.reconcile(1.0, adopt=True)
+    assert off2.counters["adopted"] == 3 and e2.status()["pools6"]["udp"]["used"] == 1
+    # the kernel's flush by mark takes every family (FakeCt's too): with IPv4 entries there, the
+    # IPv6 ones go one by one
+    assert off.flush(6) == 2 and len(off.ct.entries) == 1 and len(next(iter(off.ct.entries)).src) == 4
+    assert off.flush(4) == 1 and not off.ct.entries

@@ -182,3 +182,18 @@ def test_signal_handlers_cover_every_instant_with_rules(monkeypatch, tmp_path):
     assert log == [("check_owners", True), ("install", True), ("remove_stale", True), ("remove", True)]
     assert signal.getsignal(signal.SIGTERM) == before  # given back, after the rules went
     assert (tmp_path / "snap.json").exists()
+
+
+def test_drop_log_lines_for_both_families():
+    import json
+
+    from scapy.all import IP, TCP, raw
+    from scapy.layers.inet6 import IPv6
+
+    from nat.netfilter.droplog import drop_line
+    v4 = json.loads(drop_line(1.5, "no_mapping", raw(IP(src="192.0.2.9", dst="203.0.113.1") / TCP(sport=1, dport=2))))
+    assert v4 == {"t": 1.5, "reason": "no_mapping", "proto": 6, "src": "192.0.2.9", "sport": 1,
+                  "dst": "203.0.113.1", "dport": 2}
+    v6 = json.loads(drop_line(2.0, "filtered", raw(IPv6(src="2001:db8:2::9", dst="2001:db8:ff::1") / TCP(sport=3, dport=4))))
+    assert (v6["src"], v6["dst"], v6["sport"], v6["dport"], v6["proto"]) == ("2001:db8:2::9", "2001:db8:ff::1", 3, 4, 6)
+    assert drop_line(0, "malformed", b"\x60" + bytes(10)) is None and drop_line(0, "malformed", b"") is None

@@ -132,3 +132,48 @@ def test_translate_rst_before_any_reply_no_traceback(tmp_path, capsys):
     got = [IP(d) for d in _read(b)]
     assert [(p.src, p.dst, str(p[TCP].flags)) for p in got[:4]] == [
         (EXT, PEER, "S"), (EXT, PEER, "R"), (PEER, VM, "S"), (EXT, PEER, "RA")]
+
+
+def test_translate_an_ipv6_capture_with_nat66(tmp_path, capsys):
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, IPerror6, IPv6
+
+    from .nat_support import EXT6, PEER6, VM6, checksums_ok6
+    conf = tmp_path / "nat.conf"
+    conf.write_text(CONF + "[host]\nnatIp6Enable = 1\nnatIp6Prefix = 2001:db8:1::/64\n"
+                    "[incomingudp]\n5353 = [2001:db8:1::2]:53\n")
+    out_syn = raw(IPv6(src=VM6, dst=PEER6) / TCP(sport=40000, dport=443, flags="S"))
+    pkts = [
+        out_syn,
+        raw(IPv6(src=PEER6, dst=EXT6) / TCP(sport=443, dport=40000, flags="SA")),
+        raw(IPv6(src=PEER6, dst=EXT6) / UDP(sport=7, dport=5353) / b"q"),  # the inbound mapping
+        raw(IPv6(src=VM6, dst=PEER6) / ICMPv6EchoRequest(id=9)),
+        raw(IPv6(src=PEER6, dst=EXT6) / TCP(sport=1, dport=2222, flags="S")),  # unmapped: dropped
+        raw(IP(src=VM, dst=PEER) / UDP(sport=5000, dport=53) / b"q"),  # IPv4 beside it
+        raw(IPv6(src=PEER6, dst=EXT6) / ICMPv6DestUnreach(code=4) / raw(IPv6(src=EXT6, dst=PEER6) /
+                                                                        TCP(sport=40000, dport=443, flags="S"))),
+    ]
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    _capture(a, pkts)
+    rc = main(["nat", "translate", "--config", str(conf), "--in", str(a), "--out", str(b), "--external-ip", EXT,
+               "--external-ip6", EXT6])
+    assert rc == 0
+    got = _read(b)
+    assert len(got) == 6 and "1 no_mapping" in capsys.readouterr().err
+    v6 = [IPv6(d) for d in got if d[0] >> 4 == 6]
+    assert [(p.src, p.dst) for p in v6] == [(EXT6, PEER6), (PEER6, VM6), (PEER6, VM6), (EXT6, PEER6), (PEER6, VM6)]
+    assert v6[2][UDP].dport == 53 and raw(v6[4][IPerror6]) == out_syn
+    assert all(checksums_ok6(raw(p)) for p in v6)
+    assert IP(got[4]).src == EXT
+
+
+def test_translate_nat66_needs_an_external_ipv6_address(tmp_path, capsys):
+    conf = tmp_path / "nat.conf"
+    conf.write_text(CONF)
+    a = tmp_path / "a.pcap"
+    _capture(a, [])
+    assert main(["nat", "translate", "--config", str(conf), "--in", str(a), "--out", str(tmp_path / "b"),
+                 "--external-ip", EXT, "--internal", "2001:db8:1::/64"]) == 1
+    assert "--external-ip6" in capsys.readouterr().err
+    assert main(["nat", "translate", "--config", str(conf), "--in", str(a), "--out", str(tmp_path / "b"),
+                 "--external-ip", EXT, "--internal", "2001:db8:1::/64", "--external-ip6", EXT]) == 1
+    assert "is not an IPv6 address" in capsys.readouterr().err

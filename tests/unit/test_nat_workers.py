@@ -84,3 +84,13 @@ def test_the_merged_status_sums_the_workers_and_lists_each():
     assert st["offload"]["flows"] == 4 and len(st["mappings"]) == 7
     assert [(w["queue"], w["running"], w.get("queued_packets")) for w in st["workers"]] == \
         [(3, True, 7), (4, True, 2), (5, False, None)]
+
+
+def test_workers_refuse_nat66_with_a_clear_error(tmp_path, capsys):
+    from tools.cli import main
+    conf = tmp_path / "nat.conf"
+    conf.write_text("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\nnatIp6Enable = 1\n"
+                    "natIp6Prefix = 2001:db8:1::/64\n")
+    rc = main(["nat", "--config", str(conf), "--external", "ext0", "--workers", "2", "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "NAT66" in err and "one process" in err, err
