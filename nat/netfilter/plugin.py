@@ -38,6 +38,7 @@ from . import PluginError
 from .droplog import drop_line
 from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
                          resolve_internal)
+from .lifecycle import Signals, remove_rules
 from .offload import MARK, RECONCILE, Offloader, apply_sysctls
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
@@ -415,19 +416,15 @@ class Plugin:
         from netfilterqueue import NetfilterQueue
 
         os.makedirs(os.path.dirname(self.status_path) or ".", exist_ok=True)
-        rsig, wsig = socket.socketpair()
-        rsig.setblocking(False)
-        wsig.setblocking(False)
-        old_handlers = {}
+        sigs = Signals({signal.SIGTERM: self._sig_stop, signal.SIGINT: self._sig_stop,
+                        signal.SIGHUP: self._sig_reload, signal.SIGUSR1: self._sig_snapshot})
+        wsig = sigs.wsig
         nfq: Any = None  # our NfQueue (--gso) or NetfilterQueue's binding
         addrs = packets = nfsock = None
         ours = False  # past the owner check: the rules of this queue are ours to remove
         started = False  # rules went in: a snapshot and a status to leave
         try:
-            signal.set_wakeup_fd(wsig.fileno())
-            for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
-                            (signal.SIGHUP, self._sig_reload), (signal.SIGUSR1, self._sig_snapshot)):
-                old_handlers[sig] = signal.signal(sig, fn)
+            sigs.install()
             if self.restore:
                 self._restore()
             self.rules.check_owners()
@@ -484,18 +481,11 @@ class Plugin:
             packets = threading.Thread(target=self._gso_loop if self.gso else self._packet_loop, args=(nfq, wsig),
                                        name="roam-nat-packets", daemon=True)
             packets.start()
-            self._main_loop(addrs, rsig)
+            self._main_loop(addrs, sigs)
             log.info("roam nat stopping")
             return 0
         finally:
-            if self.on_stopping is not None:
-                self.on_stopping()
-            removed = 0
-            if ours:
-                try:
-                    removed = self.rules.remove()
-                except Exception as exc:  # still unbind and save
-                    log.error("removing rules failed: %s", exc)
+            removed = remove_rules(self.rules, ours, self.on_stopping)
             self._stop_packets = True
             if packets is not None:
                 packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
@@ -522,19 +512,14 @@ class Plugin:
                     log.error("final snapshot/status not written: %s", exc)
                 if self.worker is None:  # a worker's rules are its parent's to remove
                     log.info("removed %d rules", removed)
-            # the handlers go last: a signal while rules were being removed changed nothing
-            signal.set_wakeup_fd(-1)
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
-            rsig.close()
-            wsig.close()
+            sigs.restore()  # last: a signal while rules were being removed changed nothing
 
-    def _main_loop(self, addrs: AddressEvents, rsig: socket.socket) -> None:
+    def _main_loop(self, addrs: AddressEvents, sigs: Signals) -> None:
         """Address events, signals and housekeeping until a stop (the packet thread runs apart)."""
         next_house = next_snap = self.clock() + _HOUSEKEEPING
         next_reconcile = self.clock() + RECONCILE
         off = self.offloader
-        waits: list[Any] = [addrs, rsig] + ([off.events] if off is not None else [])
+        waits: list[Any] = [addrs, sigs.rsig] + ([off.events] if off is not None else [])
         while not self._stop:
             timeout = max(0.0, next_house - self.clock())
             try:
@@ -547,11 +532,8 @@ class Plugin:
                 addrs.drain()  # any address or link event: look again
                 with self._lock:
                     self._refresh_address()
-            if rsig in ready:
-                try:
-                    rsig.recv(64)
-                except BlockingIOError:
-                    pass
+            if sigs.rsig in ready:
+                sigs.drain()
             if self._reload:
                 self._reload = False
                 with self._lock:

@@ -42,7 +42,6 @@ import logging
 import os
 import select
 import signal
-import socket
 from typing import Any, Callable
 
 from conntrack.flow import FlowTuple
@@ -51,6 +50,7 @@ from .. import snapshot
 from . import PluginError
 from .ctnetlink import Tuple
 from .interfaces import AddressEvents, iface_address
+from .lifecycle import Signals, remove_rules
 from .offload import Offloader
 
 log = logging.getLogger("roam.nat")
@@ -372,20 +372,14 @@ class Supervisor:
         workers stop, so no packet is queued to a queue nobody listens to any more."""
         import time
 
-        rsig, wsig = socket.socketpair()
-        rsig.setblocking(False)
-        wsig.setblocking(False)
-        old = {}
+        sigs = Signals({signal.SIGTERM: self._sig_stop, signal.SIGINT: self._sig_stop, signal.SIGHUP: self._sig_reload,
+                        signal.SIGCHLD: self._sig_child, signal.SIGUSR1: self._sig_snapshot})
         ours = False
         addrs: AddressEvents | None = None
         failed: str | None = None
         self._parent = os.getpid()
         try:
-            signal.set_wakeup_fd(wsig.fileno())
-            for sig, fn in ((signal.SIGTERM, self._sig_stop), (signal.SIGINT, self._sig_stop),
-                            (signal.SIGHUP, self._sig_reload), (signal.SIGCHLD, self._sig_child),
-                            (signal.SIGUSR1, self._sig_snapshot)):
-                old[sig] = signal.signal(sig, fn)
+            sigs.install()
             self.rules.check_owners()
             ours = True
             self._address = iface_address(self.external)
@@ -396,9 +390,9 @@ class Supervisor:
             for k in range(self.n):
                 if self._stop:
                     break
-                self.pids.append(self._spawn(k, [rsig, wsig]))
+                self.pids.append(self._spawn(k, [sigs.rsig, sigs.wsig]))
             addrs = AddressEvents()
-            waits: list[Any] = [rsig, addrs]
+            waits: list[Any] = [sigs.rsig, addrs]
             ready = False
             next_status = 0.0
             while not self._stop:
@@ -406,11 +400,8 @@ class Supervisor:
                     r, _, _ = select.select(waits, [], [], _STATUS_EVERY / 4)
                 except InterruptedError:
                     continue
-                if rsig in r:
-                    try:
-                        rsig.recv(64)
-                    except BlockingIOError:
-                        pass
+                if sigs.rsig in r:
+                    sigs.drain()
                 failed = self._reap()
                 if failed:
                     log.error("%s: stopping every worker and removing the rules", failed)
@@ -441,14 +432,7 @@ class Supervisor:
             log.info("roam nat stopping")
             return 1 if failed else 0
         finally:
-            if self.on_stopping is not None:
-                self.on_stopping()
-            removed = 0
-            if ours:
-                try:
-                    removed = self.rules.remove()
-                except Exception as exc:
-                    log.error("removing rules failed: %s", exc)
+            removed = remove_rules(self.rules, ours, self.on_stopping)  # before the workers stop
             self._stop_workers()
             if ours:
                 try:
@@ -458,11 +442,7 @@ class Supervisor:
                 log.info("removed %d rules", removed)
             if addrs is not None:
                 addrs.close()
-            signal.set_wakeup_fd(-1)
-            for sig, h in old.items():
-                signal.signal(sig, h)
-            rsig.close()
-            wsig.close()
+            sigs.restore()
 
     def _sig_stop(self, signum, frame) -> None:
         self._stop = True
