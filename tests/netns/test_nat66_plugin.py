@@ -44,12 +44,7 @@ def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path, 
     assert "--queue-bypass" not in rules6  # fail-closed
     v6 = socket.AF_INET6
     # TCP: the peer sees the external IPv6 address and the VM's own port
-    srv = site.sock(site.inet, family=v6)
-    srv.bind((PEER6, 7000))
-    srv.listen()
-    c = site.sock(site.vm, family=v6)
-    c.connect((PEER6, 7000))
-    conn, peer_addr = srv.accept()
+    srv, c, conn, peer_addr = site.tcp(site.inet, (PEER6, 7000), site.vm, (PEER6, 7000), family=v6)
     assert peer_addr[0] == EXT6 and peer_addr[1] == c.getsockname()[1]
     c.sendall(b"hello")
     assert conn.recv(10) == b"hello"
@@ -73,12 +68,7 @@ def test_nat66_outbound_inbound_ping_icmp_error_and_no_rule_left(lab, tmp_path, 
         uc2.send(b"x")
         uc2.recv(10)
     # the inbound mapping to the VM's IPv6 address
-    vs = site.sock(site.vm, family=v6)
-    vs.bind((VM6, 80))
-    vs.listen()
-    ic = site.sock(site.inet, family=v6)
-    ic.connect((EXT6, 8080))
-    vc, addr = vs.accept()
+    vs, ic, vc, addr = site.tcp(site.vm, (VM6, 80), site.inet, (EXT6, 8080), family=v6)
     assert addr[0] == PEER6
     vc.sendall(b"hi")
     assert ic.recv(10) == b"hi"
@@ -116,12 +106,7 @@ def test_nat66_kill9_leaks_nothing_and_a_restart_keeps_established_tcp(lab, tmp_
     dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap, "ip6"])
     site.start()
     v6 = socket.AF_INET6
-    srv = site.sock(site.inet, family=v6)
-    srv.bind((PEER6, 7001))
-    srv.listen()
-    c = site.sock(site.vm, family=v6)
-    c.connect((PEER6, 7001))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.inet, (PEER6, 7001), site.vm, (PEER6, 7001), family=v6)
     c.sendall(b"before")
     assert conn.recv(10) == b"before"
 
@@ -244,12 +229,7 @@ def test_nat66_address_change_moves_only_its_family_and_bulk_tcp(lab, tmp_path, 
     uc4.sendto(b"3", (PEER, 5301))
     assert us4.recvfrom(10)[1][0] == "203.0.113.5"
     # bulk TCP over IPv6, every byte checked
-    srv = site.sock(site.inet, family=v6)
-    srv.bind((PEER6, 7003))
-    srv.listen()
-    c = site.sock(site.vm, family=v6)
-    c.connect((PEER6, 7003))
-    conn, addr = srv.accept()
+    srv, c, conn, addr = site.tcp(site.inet, (PEER6, 7003), site.vm, (PEER6, 7003), family=v6)
     assert addr[0] == new6
     blob = os.urandom(1 << 20)
     c.settimeout(30)

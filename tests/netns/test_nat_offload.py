@@ -267,12 +267,7 @@ def test_restart_at_a_random_instant_keeps_offloaded_flows_and_leaks_nothing(sit
     pcap = os.path.join(site.dir, "ext.pcap")
     dump = lab.tcpdump(site.inet, ["-i", "inet0", "-w", pcap])
     site.start()
-    srv = site.sock(site.inet)
-    srv.bind((PEER, 7200))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.connect((PEER, 7200))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.inet, (PEER, 7200), site.vm, (PEER, 7200))
     rx = site.sock(site.inet, socket.SOCK_DGRAM)
     rx.bind((PEER, 5500))
     rx.settimeout(0.2)
@@ -327,12 +322,7 @@ def test_sighup_gives_the_kernel_the_new_lifetimes_and_flows_go_on(site):
     lab = site.lab
     site.start()
     assert _sysctl(lab, site.host, "net.netfilter.nf_conntrack_udp_timeout") == 300
-    srv = site.sock(site.vm)
-    srv.bind((VM, 80))
-    srv.listen()
-    c = site.sock(site.inet)
-    c.connect((EXT, 8080))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.vm, (VM, 80), site.inet, (EXT, 8080))
     with open(site.conf, "a") as f:
         f.write("[udp]\ntimeout = 600\n")
     os.kill(site.proc.pid, signal.SIGHUP)
@@ -347,19 +337,9 @@ def test_the_hosts_own_traffic_stays_the_kernels_beside_offloaded_flows(site):
     """The host's own connections (from and to its external address) are tracked by the
     kernel as its own: no roam mark, no NAT; the VM's beside them are offloaded."""
     site.start()
-    hs = site.sock(site.inet)
-    hs.bind((PEER, 7300))
-    hs.listen()
-    h = site.sock(site.host)
-    h.connect((PEER, 7300))
-    hc, addr = hs.accept()
+    hs, h, hc, addr = site.tcp(site.inet, (PEER, 7300), site.host, (PEER, 7300))
     assert addr == (EXT, h.getsockname()[1])
-    sshd = site.sock(site.host)
-    sshd.bind((EXT, 2222))
-    sshd.listen()
-    r = site.sock(site.inet)
-    r.connect((EXT, 2222))
-    rc, _ = sshd.accept()
+    sshd, r, rc, _ = site.tcp(site.host, (EXT, 2222), site.inet, (EXT, 2222))
     v = site.sock(site.vm)
     v.connect((PEER, 7300))
     vc, vaddr = hs.accept()
@@ -426,12 +406,7 @@ def test_hairpinned_udp_and_internal_to_internal_traffic(site):
     assert f"src=198.18.1.2 dst={EXT} sport=41000 dport=5353" in line and MARK in line, line
     assert f"src={VM} dst={EXT} sport=53 dport=41000" in line, line
     # VM to VM directly (two internal networks): not NATed, by no path
-    t = site.sock(site.vm)
-    t.bind((VM, 7400))
-    t.listen()
-    d = site.sock(vm2)
-    d.connect((VM, 7400))
-    tc, addr = t.accept()
+    t, d, tc, addr = site.tcp(site.vm, (VM, 7400), vm2, (VM, 7400))
     assert addr == ("198.18.1.2", d.getsockname()[1])
     assert lab.ping(vm2, VM, count=1) == 1
     for s in (srv, c, t, d, tc):
@@ -449,12 +424,7 @@ def test_what_the_host_routes_elsewhere_is_not_natted(site):
     lab.addr(mgmt, "mg0", "192.0.2.2/24")
     lab.route(mgmt, "198.18.0.0/24", "192.0.2.1")
     site.start()
-    srv = site.sock(mgmt)
-    srv.bind(("192.0.2.2", 7500))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.connect(("192.0.2.2", 7500))
-    conn, addr = srv.accept()
+    srv, c, conn, addr = site.tcp(mgmt, ("192.0.2.2", 7500), site.vm, ("192.0.2.2", 7500))
     assert addr == (VM, c.getsockname()[1])  # not NATed
     assert lab.ping(site.vm, "192.0.2.2", count=1) == 1
     assert not [l for l in _entries(site) if MARK in l and "192.0.2.2" in l]
@@ -515,13 +485,7 @@ def test_the_first_mid_stream_packet_of_a_connection_the_kernel_never_saw_goes_o
     out translated, at once (no retransmission), and the flow is offloaded after it."""
     site = Site(lab, tmp_path, offload=False)
     site.start()
-    srv = site.sock(site.inet)
-    srv.bind((PEER, 7300))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.bind((VM, 43210))
-    c.connect((PEER, 7300))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.inet, (PEER, 7300), site.vm, (PEER, 7300), src=(VM, 43210))
     c.sendall(b"before")
     assert conn.recv(10) == b"before"
     lab.stop(site.proc)  # a clean stop: the snapshot holds the flow (the new host's state, migrated)
@@ -564,12 +528,7 @@ def test_sigusr1_snapshots_the_kernels_state_of_offloaded_flows_and_it_carries(s
     from conntrack.tcp_states import TcpState
 
     site.start()
-    srv = site.sock(site.inet)
-    srv.bind((PEER, 7400))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.connect((PEER, 7400))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.inet, (PEER, 7400), site.vm, (PEER, 7400))
     c.sendall(b"ask")
     assert conn.recv(10) == b"ask"
     conn.sendall(b"answer")

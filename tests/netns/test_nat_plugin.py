@@ -158,6 +158,19 @@ class Site:
         s.settimeout(5)
         return s
 
+    def tcp(self, server_ns, bind, client_ns, to, src=None, family=socket.AF_INET):
+        """A listener in ``server_ns`` on ``bind``, a client in ``client_ns`` connected to ``to`` (from
+        ``src``), and the connection accepted: (listener, client, accepted, the address it came from)."""
+        srv = self.sock(server_ns, family=family)
+        srv.bind(bind)
+        srv.listen()
+        c = self.sock(client_ns, family=family)
+        if src is not None:
+            c.bind(src)
+        c.connect(to)
+        conn, addr = srv.accept()
+        return srv, c, conn, addr
+
 
 @pytest.fixture
 def site(lab, tmp_path):
@@ -201,12 +214,7 @@ def test_outbound_tcp_udp_ping_nothing_internal_leaves(msite):
     assert "-A POSTROUTING -s 198.18.0.0/24 ! -o ext0 -m comment" in rules  # hairpin, second half
 
     # TCP
-    srv = site.sock(site.inet)
-    srv.bind((PEER, 7000))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.connect((PEER, 7000))
-    conn, peer_addr = srv.accept()
+    srv, c, conn, peer_addr = site.tcp(site.inet, (PEER, 7000), site.vm, (PEER, 7000))
     assert peer_addr[0] == EXT and peer_addr[1] == c.getsockname()[1]  # port preserved
     c.sendall(b"hello")
     assert conn.recv(10) == b"hello"
@@ -293,12 +301,7 @@ def test_inbound_mapping_and_unmapped_dropped(msite):
     site = msite
     site.start()
     lab = site.lab
-    srv = site.sock(site.vm)
-    srv.bind((VM, 80))
-    srv.listen()
-    c = site.sock(site.inet)
-    c.connect((EXT, 8080))
-    conn, addr = srv.accept()
+    srv, c, conn, addr = site.tcp(site.vm, (VM, 80), site.inet, (EXT, 8080))
     assert addr[0] == PEER  # the VM sees the real peer
     conn.sendall(b"hi")
     assert c.recv(10) == b"hi"
@@ -319,12 +322,7 @@ def test_inbound_mapping_and_unmapped_dropped(msite):
     _wait(lambda: site.counter("host_flows_in") >= 1, 5, "the host flow to be counted")
     assert site.counter("dropped_no_mapping") == 0
     # the host's own connections from the external address keep working beside the NAT
-    hs = site.sock(site.inet)
-    hs.bind((PEER, 7002))
-    hs.listen()
-    h = site.sock(site.host)
-    h.connect((PEER, 7002))
-    hc, haddr = hs.accept()
+    hs, h, hc, haddr = site.tcp(site.inet, (PEER, 7002), site.host, (PEER, 7002))
     assert haddr == (EXT, h.getsockname()[1])
     hc.sendall(b"host")
     assert h.recv(10) == b"host"
@@ -342,12 +340,7 @@ def test_inbound_mapping_and_unmapped_dropped(msite):
 def test_kill9_restart_keeps_established_tcp(site):
     site.start()
     lab = site.lab
-    srv = site.sock(site.inet)
-    srv.bind((PEER, 7001))
-    srv.listen()
-    c = site.sock(site.vm)
-    c.connect((PEER, 7001))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.inet, (PEER, 7001), site.vm, (PEER, 7001))
     c.sendall(b"before")
     assert conn.recv(10) == b"before"
 
@@ -400,12 +393,7 @@ def test_external_address_change_kills_old_mappings(site):
 
 def test_sighup_reloads_inbound_mappings_keeping_flows(site):
     site.start()
-    srv = site.sock(site.vm)
-    srv.bind((VM, 80))
-    srv.listen()
-    c = site.sock(site.inet)
-    c.connect((EXT, 8080))
-    conn, _ = srv.accept()
+    srv, c, conn, _ = site.tcp(site.vm, (VM, 80), site.inet, (EXT, 8080))
     with open(site.conf, "w") as f:
         f.write(CONF.replace("8080 = ", "9090 = "))
     os.kill(site.proc.pid, signal.SIGHUP)

@@ -54,12 +54,7 @@ def test_the_host_keeps_its_own_services(site):
         r.connect((EXT, 2223))
     # the VM is NATed as before, and the inbound mapping still reaches it
     assert lab.ping(site.vm, PEER, count=1) == 1
-    web = site.sock(site.vm)
-    web.bind((VM, 80))
-    web.listen()
-    w = site.sock(site.inet)
-    w.connect((EXT, 8080))
-    wc, _ = web.accept()
+    web, w, wc, _ = site.tcp(site.vm, (VM, 80), site.inet, (EXT, 8080))
     wc.sendall(b"vm")
     assert w.recv(10) == b"vm"
     _wait(lambda: site.counter("host_flows_in") >= 3, 5, "host flows counted")
