@@ -27,7 +27,7 @@ from collections import Counter, deque
 from conntrack.answer import Action, Answer
 from conntrack.errors import ParseError
 from conntrack.events import CtState, EventKind, Why
-from conntrack.flow import FlowTuple, packet_key, reverse_key
+from conntrack.flow import FlowTuple, packet_key
 from conntrack.packet import Packet, Proto, parse_ip
 from conntrack.table import ConnTable
 from conntrack.timeouts import Timeouts

@@ -27,7 +27,10 @@ def precompute(key: bytes, t: tuple, proto: int) -> tuple:
     """One direction's rewrite from the packed tuple ``key`` (``packet_key``) to ``t`` =
     (src, dst, sport, dport): (new src+dst bytes, new ports/id bytes, IP checksum delta,
     L4 checksum delta).  A delta d turns checksum c into ``~fold(~c + d)``: d is
-    ``adjust``'s ``new_sum + ADJ - old_sum`` summed ahead (always positive)."""
+    ``adjust``'s ``new_sum + ADJ - old_sum`` summed ahead (always positive).  An IPv6 key
+    (37 bytes) gives ``()``: its flows take the general path."""
+    if len(key) != 13:
+        return ()
     old_src, old_dst = key[1:5], key[5:9]
     osport, odport = _HH.unpack_from(key, 9)
     src, dst, sport, dport = t

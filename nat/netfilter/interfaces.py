@@ -44,22 +44,28 @@ def iface_address(ifname: str) -> str | None:
 #: IFA_F_* flags that make an IPv6 address unusable as the NAT's source (RFC 4862): a tentative
 #: (DAD running), duplicate or deprecated one
 _IFA6_UNUSABLE = 0x40 | 0x08 | 0x20
+_IFA6_TEMPORARY = 0x01  # an RFC 4941 privacy address: rotated daily, never the NAT's
 
 
-def iface_address6(ifname: str) -> str | None:
-    """The first usable global IPv6 address of ``ifname`` (None if it has none): NAT66's
-    external address, as MASQUERADE picks a source (link-local ones never cross the NAT)."""
+def iface_address6(ifname: str, keep: str | None = None) -> str | None:
+    """A usable global IPv6 address of ``ifname`` (None if it has none): NAT66's external address,
+    as MASQUERADE picks a source (link-local ones never cross the NAT).  ``keep``, the one in use,
+    stays while it is usable: a new address (a second prefix) must not end every flow; privacy
+    (temporary) addresses are never picked."""
     from pyroute2 import IPRoute
 
+    usable: list[str] = []
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
             return None
         for a in ipr.get_addr(index=idx[0], family=socket.AF_INET6):
             flags = a.get_attr("IFA_FLAGS") or a["flags"]
-            if a["scope"] == 0 and not flags & _IFA6_UNUSABLE:
-                return str(ipaddress.IPv6Address(a.get_attr("IFA_ADDRESS")))
-    return None
+            if a["scope"] == 0 and not flags & (_IFA6_UNUSABLE | _IFA6_TEMPORARY):
+                usable.append(str(ipaddress.IPv6Address(a.get_attr("IFA_ADDRESS"))))
+    if keep is not None and keep in usable:
+        return keep
+    return usable[0] if usable else None
 
 
 def iface_index(ifname: str) -> int:

@@ -17,7 +17,6 @@ engine.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import select
@@ -248,6 +247,9 @@ class Plugin:
                 except Exception:
                     pass
 
+    #: SIGUSR1 snapshots written: in the status file, written just after each, so that a hook
+    #: waits for this to rise, not for a snapshot file that a periodic round may have written
+    snapshots_asked = 0
     #: --workers: (index, :class:`.workers.Slices`); None: the one process (set in __init__)
     worker: tuple | None = None
     #: opt-in (``roam nat --drop-log FILE``): a JSON line per dropped packet, for the lab's judge
@@ -343,11 +345,11 @@ class Plugin:
         ip = iface_address(self.external)
         self.ext_index = iface_index(self.external)
         if ip != self.engine.status()["external_ip"]:
-            if self.offloader is not None:  # every entry was on the old address: all go at once
+            if self.offloader is not None:  # every IPv4 entry was on the old address: they go now
                 self.offloader.flush()
             self.engine.set_external_address(ip, self.clock())
             self.rules.set_address(ip)
-        ip6 = iface_address6(self.external) if self.cfg.nat66 else None
+        ip6 = iface_address6(self.external, keep=self.engine.status().get("external_ip6")) if self.cfg.nat66 else None
         if self.cfg.nat66 and ip6 != self.engine.status().get("external_ip6"):
             if self.offloader is not None:
                 self.offloader.flush(6)
@@ -560,11 +562,14 @@ class Plugin:
                     self.engine.expire(now)
                     if off is not None:
                         off.sweep()
+                    began = self.clock()
                     snap = self._snapshot_data(force=snap_now) if take else None
+                    self.snapshots_asked += snap_now
                     st = self._status_data()
                 if snap is not None:
                     snapshot.save(self.snapshot_path, snap)
-                    next_snap = now + max(_HOUSEKEEPING, (self.clock() - now) / _SNAPSHOT_SHARE)
+                    # what writing it cost (not the reconciliation or the lock before it)
+                    next_snap = now + max(_HOUSEKEEPING, (self.clock() - began) / _SNAPSHOT_SHARE)
                 snapshot.save(self.status_path, st)
             with self._lock:
                 events = self.engine.pop_events()

@@ -19,7 +19,7 @@ def status_data(p: "Plugin") -> dict:
         c["translated_in"] = c.get("translated_in", 0) + off["kernel_translated_in"]
     st = {"pid": os.getpid(), "queue": p.queue, "external_iface": p.external,
           "internal": list(p.cfg.internal), "written_at": p.wall(), "internal_errors": p.bugs,
-          "snapshot": p.snapshot_path, "engine": eng, "offload": off, "queued_packets": p.queued,
+          "snapshot": p.snapshot_path, "snapshots_asked": p.snapshots_asked, "engine": eng, "offload": off, "queued_packets": p.queued,
           "queue_client": {"gso": p.gso, "largest_packet": p.largest_packet,
                            "gso_packets": p.gso_packets, "checksums_filled": p.csum_filled},
           "mappings": p.engine.mapping_rows(200)}

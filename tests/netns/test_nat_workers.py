@@ -198,18 +198,16 @@ def test_sigusr1_makes_every_worker_write_its_snapshot_now(site):
     """SIGUSR1 to the parent (a migration hook's "the state now"): each worker writes its own
     snapshot at once, and every process stays up."""
     pids = site.start()
-    paths = [os.path.join(site.dir, f"nat-q3.w{k}.snapshot.json") for k in (0, 1)]
 
-    def stamp(p):
+    def asked(k):
         try:
-            return os.stat(p).st_mtime_ns
-        except OSError:
+            with open(os.path.join(site.dir, f"nat-q3.w{k}.status.json")) as f:
+                return json.load(f).get("snapshots_asked")
+        except (OSError, ValueError):
             return None
-    _wait(lambda: None not in map(stamp, paths), 10, "the workers' first snapshots")
-    time.sleep(1.5)  # past a housekeeping round: with no traffic, no worker writes another by itself
-    before = [stamp(p) for p in paths]
+    _wait(lambda: [asked(0), asked(1)] == [0, 0], 10, "both workers' status")
     os.kill(site.proc.pid, signal.SIGUSR1)
-    _wait(lambda: all(stamp(p) not in (None, b) for p, b in zip(paths, before)), 10, "both workers' snapshots")
+    _wait(lambda: [asked(0), asked(1)] == [1, 1], 10, "both workers' snapshots asked for")
     assert all(_alive(p) for p in pids) and site.proc.poll() is None
     assert site.lab.stop(site.proc) == 0
 

@@ -262,24 +262,26 @@ class Nat(Driver):
 
     def _snapshot_now(self, host: str) -> str:
         """The path of ``host``'s snapshot, after asking its ``roam nat`` for one taken now (a
-        warning, and the periodic one, if it does not come)."""
-        path = self._paths(host)[2]
+        warning, and the periodic one, if it does not come).  Its status file counts the snapshots
+        asked for and is written just after each: a periodic snapshot written meanwhile is not it."""
+        _, status, path = self._paths(host)
         p = self.procs.get(host)
         if p is None or p.poll() is not None:
             self.warnings.append(f"nat+state: {host}'s roam nat is not running; its last snapshot carried")
             return path
-        try:
-            before = os.stat(path).st_mtime_ns
-        except OSError:
-            before = None
+
+        def asked() -> int:
+            try:
+                with open(status) as f:
+                    return int(json.load(f).get("snapshots_asked", 0))
+            except (OSError, ValueError):
+                return -1
+        before = asked()
         p.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + self.SNAPSHOT_WAIT
         while time.monotonic() < deadline:
-            try:
-                if os.stat(path).st_mtime_ns != before:
-                    return path
-            except OSError:
-                pass
+            if asked() > before >= 0:
+                return path
             time.sleep(0.005)
         self.warnings.append(f"nat+state: {host}'s roam nat wrote no snapshot within {self.SNAPSHOT_WAIT:.0f} s "
                              "of SIGUSR1; its last periodic one carried")
