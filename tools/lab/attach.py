@@ -234,9 +234,9 @@ class Nat(Driver):
         """nat+state: the old host's NAT state, rebound to the new host's address, restored there.
 
         The old host's ``roam nat`` is asked for its state as it is at the move (SIGUSR1, as
-        a migration hook would: its periodic snapshot may be a second old, and a TCP flow's
-        windows that old make the new host's tracker call the flow's next segment invalid);
-        that snapshot is moved to the new host's external address
+        a migration hook would: its periodic snapshot may predate its last read of the kernel's
+        state and hold an offloaded TCP flow as SYN_SENT, whose next segment the new host's
+        tracker then calls invalid); that snapshot is moved to the new host's external address
         (ports unchanged) by the NAT engine itself, ``restore(snap, now, rebind=True)``
         as the simulator does, in an engine configured as the new host's ``roam nat``
         (which restores its state dir without rebinding), and the new host's ``roam
