@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import weakref
 from typing import Iterable, Sequence
@@ -98,6 +99,20 @@ def _kill_pids(pids: Iterable[int], wait: float) -> None:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+_suffix_lock = threading.Lock()
+
+
+def _fresh_suffix() -> str:
+    """``p<pid>x<4 hex>``, used by no live lab of this process and by no namespace on the machine: 16
+    random bits alone met a twin (the campaign makes 150 labs, five at a time, in one process)."""
+    taken = {lab.suffix for lab in list(_live_labs)} | {n.rsplit("-", 1)[-1] for n in list_lab_namespaces()}
+    for _ in range(256):
+        s = f"p{os.getpid()}x{secrets.token_hex(2)}"
+        if s not in taken:
+            return s
+    raise LabError("no free lab suffix: 256 draws were all taken")
 
 
 def list_lab_namespaces(prefix: str | None = None) -> list[str]:
@@ -180,12 +195,13 @@ class Lab:
         if not _ROLE.match(prefix) or "_" in prefix:
             raise ValueError(f"prefix must be lowercase letters/digits, got {prefix!r}")
         self.prefix = prefix
-        self.suffix = suffix or f"p{os.getpid()}x{secrets.token_hex(2)}"
         self.namespaces: list[str] = []
         self._ipr: dict[str, IPRoute] = {}
         self._procs: list[subprocess.Popen] = []
         self._closed = False
-        _live_labs.add(self)
+        with _suffix_lock:  # drawn and taken at once: labs made in parallel threads never share one
+            self.suffix = suffix or _fresh_suffix()
+            _live_labs.add(self)
 
     # -- context manager ---------------------------------------------------
     def __enter__(self) -> "Lab":
