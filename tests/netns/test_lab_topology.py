@@ -148,3 +148,36 @@ def test_roam_lab_up_status_down(lab, tmp_path, capsys):
 def test_remove_refuses_foreign_names():
     removed, errors = remove_namespaces(["someone-elses-netns", "roam-inet-p1x0000"])
     assert removed == [] and len(errors) == 2
+
+
+def test_a_move_within_one_host_keeps_that_hosts_side_of_the_vm_network(lab):
+    """The netns backend's VM moved to the host it is on: that host keeps its routed address on the VM's
+    link, so its neighbour entry for the VM survives the move, as a hypervisor's own end of a VM network
+    does.  (Removing an interface's last address flushes its neighbour entries: the lab's router then
+    resolved the VM afresh during the pause, failed, and dropped the answers due at the resume, where the
+    simulator's router, like a real one, still knew the VM: campaign scenario 8, nat.)"""
+    from sim.scenario_toml import load_scenario
+    from tools.lab.vmlink import netns_topology
+
+    sc = load_scenario(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "scenarios", "basic.toml"))
+    topo = netns_topology(lab, sc)
+    try:
+        host = topo.vm_host
+        ns = topo.host_ns(host)
+        topo.plug_routed("198.18.0.1/24")
+        topo.vm_readdress("198.18.0.10/24", "198.18.0.1")
+        assert lab.ping(ns, "198.18.0.10", count=1) == 1  # the host has resolved the VM
+
+        def known() -> bool:
+            return any(n.get_attr("NDA_DST") == "198.18.0.10" and n["state"] & 0x1e  # REACHABLE..PROBE
+                       for n in lab.ipr(ns).get_neighbours(family=2))
+        assert known()
+        topo.cut()
+        topo.pause([])
+        topo.move_vm(host)
+        topo.plug_routed("198.18.0.1/24")
+        assert known()  # kept through the move
+        topo.resume()
+        assert lab.ping(ns, "198.18.0.10", count=1) == 1
+    finally:
+        topo.close()

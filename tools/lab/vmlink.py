@@ -46,19 +46,27 @@ class SwitchedTopology(Topology):
 
     link: str = HOST_LINK
 
-    def vm_link_down(self) -> None:
-        """The VM leaves (it is paused): the old host's end leaves its bridge and its addresses, and stays up."""
+    def vm_link_down(self, keep_addresses: bool = False) -> None:
+        """The VM leaves (it is paused): the old host's end leaves its bridge and its addresses, and stays up.
+        ``keep_addresses``: it comes back to this host, whose side of the VM network stays as it was."""
         if self.vm_host is None:
             return
         ns = self.host_ns(self.vm_host)
         self.lab.ipr(ns).link("set", index=self.lab.index(ns, self.link), master=0)
-        self.lab.flush_addr(ns, self.link)
+        if not keep_addresses:
+            self.lab.flush_addr(ns, self.link)
 
     def move_vm(self, to: str, link: str | None = None) -> None:
-        """The VM's host end is now ``link`` (default: the one link) on ``to``; the driver plugs it."""
+        """The VM's host end is now ``link`` (default: the one link) on ``to``; the driver plugs it.
+
+        A move within one host keeps that host's addresses on the VM network: a hypervisor does not
+        re-address its own end when a guest migrates within it, and removing an interface's last
+        address flushes its neighbour entries (``fib_disable_ip`` -> ``arp_ifdown``), which a real
+        host's NAT gateway keeps (the simulator does: its router resolved the VM at once on return,
+        the lab's failed its resolution during the pause; campaign scenario 8, nat)."""
         if self.vm_host is None:
             raise TopologyError("the VM is not attached anywhere")
-        self.vm_link_down()
+        self.vm_link_down(keep_addresses=to == self.vm_host and (link or self.link) == self.link)
         self.vm_host, self.link = to, link or self.link
 
     def _vm_host_ns(self) -> str:
@@ -73,8 +81,12 @@ class SwitchedTopology(Topology):
 
     def plug_routed(self, cidr: str) -> None:
         ns = self._vm_host_ns()
-        self.lab.flush_addr(ns, self.link)
-        self.lab.addr(ns, self.link, cidr)
+        ip, plen = cidr.split("/")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in self.lab.ipr(ns).get_addr(index=self.lab.index(ns, self.link), family=socket.AF_INET)}
+        if have != {(ip, int(plen))}:  # (a move within the host found its side as it was: kept, see move_vm)
+            self.lab.flush_addr(ns, self.link)
+            self.lab.addr(ns, self.link, cidr)
         self.lab.up(ns, self.link)
 
 
