@@ -83,14 +83,7 @@ class Offloader:
     def install(self, data, now: float) -> bool:
         """The packet's flow into the kernel, unless it is there already.  False: it could not
         be (the caller drops the packet: the kernel would not translate it)."""
-        key: bytes | None
-        if len(data) >= 28 and data[0] == 0x45 and data[9] in (6, 17) and not data[6] & 0x3F and not data[7]:
-            key = bytes(data[9:10]) + bytes(data[12:24])  # = packet_key() of an option-less TCP/UDP head
-        else:
-            try:
-                key = packet_key(parse_ip(data))
-            except Exception:
-                return False
+        key = _flow_key(data)
         c = self.engine.table.lookup(key) if key is not None else None
         if c is None:
             return False
@@ -139,10 +132,7 @@ class Offloader:
         """The kernel's current state of the packet's offloaded flow into the engine (which saw
         none of its packets since the first): True if it moved, so the packet is judged again
         (a SYN reusing the tuple of a connection the kernel has in TIME_WAIT reopens it)."""
-        try:
-            key = packet_key(parse_ip(data))
-        except Exception:
-            return False
+        key = _flow_key(data)
         c = self.flows.get(key) if key is not None else None
         if c is None:
             return False
@@ -276,6 +266,17 @@ class Offloader:
     def status(self) -> dict:
         return dict(self.counters, flows=len(self.flows), kernel_translated_out=self.kernel_packets[0],
                     kernel_translated_in=self.kernel_packets[1], events_lost=self.events.lost)
+
+
+def _flow_key(data) -> bytes | None:
+    """The packet's flow key (``packet_key``), read straight from an option-less IPv4 TCP/UDP head
+    (the common case, on the path of every queued first packet); parsed otherwise; None if it has none."""
+    if len(data) >= 28 and data[0] == 0x45 and data[9] in (6, 17) and not data[6] & 0x3F and not data[7]:
+        return bytes(data[9:10]) + bytes(data[12:24])
+    try:
+        return packet_key(parse_ip(data))
+    except Exception:
+        return None
 
 
 def _text(e: KEntry) -> str:

@@ -191,7 +191,8 @@ class Plugin:
         v4 = data[0] >> 4 == 4
         dst, ext = (data[16:20], self.engine.external_ip) if v4 else (data[24:40], self.engine.external_ip6)
         l4, proto = ((data[0] & 15) * 4, data[9]) if v4 else (40, data[6])
-        if proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & 0x12 == 0x02 and off.flows:
+        syn = proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & 0x12 == 0x02
+        if syn and off.flows:
             # a SYN on an offloaded flow reopens it (a port reused while the kernel's entry is in
             # TIME_WAIT): the engine must judge it in the kernel's state, else it lets it pass on
             # the old entry, which conntrack then kills and replaces by one of its own, without
@@ -205,7 +206,7 @@ class Plugin:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
-        if a.action is not _ACCEPT and a.reason is _INVALID and off.refresh(data):
+        if a.action is not _ACCEPT and a.reason is _INVALID and not syn and off.refresh(data):  # (a SYN: read)
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
                               _HAIRPIN_DST if dst == ext and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow

@@ -85,13 +85,7 @@ class Site:
         lab.addr(self.host, "ext0", "203.0.113.1/24")
         lab.addr(self.inet, "inet0", "203.0.113.2/24")
         lab.sysctl(self.host, "net.ipv4.ip_forward", "1")
-        # a stateful firewall: makes the kernel track these flows (its entries must stay consistent)
-        for rule in (["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
-                     ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
-                     ["-A", "FORWARD", "-i", "hv0", "-j", "ACCEPT"],
-                     ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", VM, "-j", "ACCEPT"],
-                     ["-P", "FORWARD", "DROP"]):
-            lab.run(self.host, ["iptables-legacy", *rule])
+        self._firewall("iptables-legacy", VM)
         if v6:
             self._v6()
         self.proc = None
@@ -108,12 +102,16 @@ class Site:
         lab.addr(self.host, "hv0", "2001:db8:1::1/64")
         lab.addr(self.host, "ext0", f"{EXT6}/64")
         lab.addr(self.inet, "inet0", f"{PEER6}/64")  # and no route back to 2001:db8:1::/64
+        self._firewall("ip6tables-legacy", VM6)
+
+    def _firewall(self, tool, vm):
+        """A stateful firewall: makes the kernel track these flows (its entries must stay consistent)."""
         for rule in (["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
                      ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
                      ["-A", "FORWARD", "-i", "hv0", "-j", "ACCEPT"],
-                     ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", VM6, "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "ext0", "-m", "conntrack", "--ctstate", "NEW", "-d", vm, "-j", "ACCEPT"],
                      ["-P", "FORWARD", "DROP"]):
-            lab.run(self.host, ["ip6tables-legacy", *rule])
+            self.lab.run(self.host, [tool, *rule])
 
     def rules6(self):
         return self.lab.run(self.host, ["ip6tables-legacy-save"]).stdout
