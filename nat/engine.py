@@ -99,6 +99,7 @@ class NatEngine:
         self._nets6 = [(int(n.network_address), int(n.netmask)) for n in config.networks6()]
         self.nat66 = config.nat66
         self.table = ConnTable(nat_timeouts(config), capacity=config.capacity)
+        self.table.journal = frozenset((EventKind.DESTROY,))  # (the one kind _drain reads)
         self.counters: Counter[str] = Counter()
         self.parse_errors: Counter[str] = Counter()
         self._events: list = []  # events of the input being handled (taken into its answer)
@@ -554,7 +555,7 @@ class NatEngine:
     def status(self) -> dict:
         return {
             "external_ip": _text(self.external_ip), "flows": len(self.table),
-            "mappings_live": sum(1 for m in self.mappings() if not m.static),
+            "mappings_live": sum(not m.static for t in (self.mapping_table, self.mapping_table6) for m in t.each()),
             "inbound_mappings": len(self.config.forwards), "pools": self.mapping_table.pool_use(),
             **({"external_ip6": _text(self.external_ip6), "pools6": self.mapping_table6.pool_use()}
                if self.nat66 else {}),

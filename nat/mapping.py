@@ -19,9 +19,10 @@ addresses), as Linux keeps IPv4 and IPv6 NAT apart.  What happens to mappings is
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable, TypeVar
+from typing import Hashable, Iterator, TypeVar
 
 from conntrack.packet import Proto
 from conntrack.table import Conn
@@ -291,17 +292,21 @@ class MappingTable:
 
     # ------------------------------------------------------------------ status
     def mappings(self) -> list[Mapping]:
-        seen, out = set(), []
-        for e in list(self.by_external.values()) + list(self.by_internal.values()):
+        return list(self.each())
+
+    def each(self) -> Iterator[Mapping]:
+        """Live mappings, each once, lazily: the status file wants 200 and a count of a table
+        that may hold 100,000s (written every second while packets wait for the GIL)."""
+        seen = set()
+        for e in itertools.chain(list(self.by_external.values()), list(self.by_internal.values())):
             if id(e) not in seen:
                 seen.add(id(e))
-                out.append(e.mapping)
-        return out
+                yield e.mapping
 
     def rows(self, limit: int = 200) -> list[dict]:
         """Live mappings as plain data (for the status file), at most ``limit``."""
         rows = []
-        for m in self.mappings()[:limit]:
+        for m in itertools.islice(self.each(), limit):
             e = self.by_external.get((m.proto, m.external_port))
             rows.append({"proto": Proto(m.proto).name.lower(),
                          "internal": endpoint(m.internal_ip, m.internal_port),

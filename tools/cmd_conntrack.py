@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from conntrack import ConnTable, FlowTuple, ParseError, Proto, TcpState, Timeouts
-from conntrack.events import ConnEvent, Why
+from conntrack.events import ConnEvent, EventKind, Why
 from conntrack.pcap import CaptureError, open_capture, record_packet
 
 from .conntrack_view import as_dict, event_line, line, proto_name
@@ -210,7 +210,7 @@ def _err(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     table = ConnTable(_timeouts(args.timeout), capacity=args.capacity)
-    table.emit_events = args.event
+    table.journal = frozenset(EventKind) if args.event else frozenset()
     want = Filter.of(args)
     extended = "extended" in args.output
     bad: Counter[str] = Counter()

@@ -17,7 +17,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .netlink import attr as _attr, error_code, messages, nest as _nest, netfilter_socket, parse_attrs
+from .netlink import NLA_F_NESTED, attr as _attr, error_code, messages, nest as _nest, netfilter_socket
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -46,6 +46,7 @@ TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_ESTABLISHED = 1, 3
 
 _NLH = struct.Struct("=IHHII")
 _NFG = struct.Struct("!BBH")
+_PORT = struct.Struct("!H").pack
 
 
 class Tuple(NamedTuple):
@@ -81,7 +82,23 @@ def inverse(t: Tuple) -> Tuple:
     return Tuple(t.proto, t.dst, t.src, t.dport, t.sport)
 
 
+# an IPv4 TCP/UDP tuple and an IPv4 NAT range in one pack each (a new flow's create builds three:
+# attribute by attribute it was a third of the create's time); the same bytes as the nested
+# attr()/nest() build below (tests/unit/test_ctnetlink_build.py)
+_TUPLE4 = struct.Struct("=HH HH HH4s HH4s HH HHB3x HH2s2x HH2s2x")
+_NAT4 = struct.Struct("=HH HH4s HH4s HH HH2s2x HH2s2x")
+_N = NLA_F_NESTED
+
+
 def _tuple(kind: int, t: Tuple) -> bytes:
+    if (t.proto == 6 or t.proto == 17) and len(t.src) == 4:
+        return _TUPLE4.pack(52, kind | _N, 20, CTA_TUPLE_IP | _N, 8, CTA_IP_V4_SRC, t.src, 8, CTA_IP_V4_DST, t.dst,
+                            28, CTA_TUPLE_PROTO | _N, 5, CTA_PROTO_NUM, t.proto, 6, CTA_PROTO_SRC_PORT,
+                            _PORT(t.sport), 6, CTA_PROTO_DST_PORT, _PORT(t.dport))
+    return _tuple_nested(kind, t)
+
+
+def _tuple_nested(kind: int, t: Tuple) -> bytes:
     if t.proto == 1:
         proto = (_attr(CTA_PROTO_NUM, bytes([1])) + _attr(CTA_PROTO_ICMP_ID, struct.pack("!H", t.sport))
                  + _attr(CTA_PROTO_ICMP_TYPE, bytes([t.dport])) + _attr(CTA_PROTO_ICMP_CODE, b"\0"))
@@ -96,23 +113,43 @@ def _tuple(kind: int, t: Tuple) -> bytes:
 
 
 def _nat(kind: int, ip: bytes, port: int) -> bytes:
+    if len(ip) == 4:
+        pr = _PORT(port)
+        return _NAT4.pack(40, kind | _N, 8, CTA_NAT_V4_MINIP, ip, 8, CTA_NAT_V4_MAXIP, ip, 20, CTA_NAT_PROTO | _N,
+                          6, CTA_PROTONAT_PORT_MIN, pr, 6, CTA_PROTONAT_PORT_MAX, pr)
+    return _nat_nested(kind, ip, port)
+
+
+def _nat_nested(kind: int, ip: bytes, port: int) -> bytes:
     pr = struct.pack("!H", port)
     lo, hi = (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP) if len(ip) == 4 else (CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP)
     return _nest(kind, _attr(lo, ip), _attr(hi, ip),
                  _nest(CTA_NAT_PROTO, _attr(CTA_PROTONAT_PORT_MIN, pr), _attr(CTA_PROTONAT_PORT_MAX, pr)))
 
 
-def _attrs(buf, start: int, end: int) -> dict:
-    """Attributes as {type: (start, end)}, the spans the parsers below nest into."""
-    return {k: (o, o + n) for k, (o, n) in parse_attrs(buf, start, end).items()}
+_HH = struct.Struct("=HH").unpack_from
+_U16, _U32, _U64 = struct.Struct("!H").unpack_from, struct.Struct("!I").unpack_from, struct.Struct("!Q").unpack_from
+
+
+def _spans(buf, start: int, end: int) -> dict:
+    """Attributes as {type: (start, end)} of their payloads (a malformed one ends the list)."""
+    out = {}
+    off = start
+    while off + 4 <= end:
+        n, kind = _HH(buf, off)
+        if n < 4 or off + n > end:
+            break
+        out[kind & 0x3FFF] = (off + 4, off + n)
+        off += (n + 3) & ~3
+    return out
 
 
 def _parse_tuple(buf, span) -> Tuple | None:
-    a = _attrs(buf, *span)
+    a = _spans(buf, *span)
     if CTA_TUPLE_IP not in a or CTA_TUPLE_PROTO not in a:
         return None
-    ip = _attrs(buf, *a[CTA_TUPLE_IP])
-    pr = _attrs(buf, *a[CTA_TUPLE_PROTO])
+    ip = _spans(buf, *a[CTA_TUPLE_IP])
+    pr = _spans(buf, *a[CTA_TUPLE_PROTO])
     if CTA_PROTO_NUM not in pr:
         return None
     if CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
@@ -123,43 +160,59 @@ def _parse_tuple(buf, span) -> Tuple | None:
         return None
     src, dst = bytes(buf[s:e]), bytes(buf[d:d + e - s])
     proto = buf[pr[CTA_PROTO_NUM][0]]
+    if proto == 1 or proto == 58:
+        kid, ktype = (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE) if proto == 1 else \
+            (CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE)
+        return Tuple(proto, src, dst, _U16(buf, pr[kid][0])[0] if kid in pr else 0,
+                     buf[pr[ktype][0]] if ktype in pr else 0)
+    sp, dp = pr.get(CTA_PROTO_SRC_PORT), pr.get(CTA_PROTO_DST_PORT)
+    return Tuple(proto, src, dst, _U16(buf, sp[0])[0] if sp else 0, _U16(buf, dp[0])[0] if dp else 0)
 
-    def u16(k):
-        return struct.unpack_from("!H", buf, pr[k][0])[0] if k in pr else 0
-    if proto == 1:
-        return Tuple(1, src, dst, u16(CTA_PROTO_ICMP_ID), buf[pr[CTA_PROTO_ICMP_TYPE][0]] if CTA_PROTO_ICMP_TYPE in pr
-                     else 0)
-    if proto == 58:
-        return Tuple(58, src, dst, u16(CTA_PROTO_ICMPV6_ID),
-                     buf[pr[CTA_PROTO_ICMPV6_TYPE][0]] if CTA_PROTO_ICMPV6_TYPE in pr else 0)
-    return Tuple(proto, src, dst, u16(CTA_PROTO_SRC_PORT), u16(CTA_PROTO_DST_PORT))
+
+def _packets(buf, span) -> int:
+    c = _spans(buf, *span) if span else {}
+    return _U64(buf, c[CTA_COUNTERS_PACKETS][0])[0] if CTA_COUNTERS_PACKETS in c else 0
 
 
 def parse_entry(buf, off: int, end: int) -> KEntry | None:
-    """The entry in one ctnetlink message (``off`` at its nlmsghdr)."""
-    a = _attrs(buf, off + _NLH.size + _NFG.size, end)
+    """The entry in one ctnetlink message (``off`` at its nlmsghdr): dumps and events parse
+    thousands a second, so one dict per nesting level and no helpers per field."""
+    a = _spans(buf, off + _NLH.size + _NFG.size, end)
     if CTA_TUPLE_ORIG not in a or CTA_TUPLE_REPLY not in a:
         return None
     o, r = _parse_tuple(buf, a[CTA_TUPLE_ORIG]), _parse_tuple(buf, a[CTA_TUPLE_REPLY])
     if o is None or r is None:
         return None
-    mark = struct.unpack_from("!I", buf, a[CTA_MARK][0])[0] if CTA_MARK in a else 0
-
-    def packets(k):
-        if k not in a:
-            return 0
-        c = _attrs(buf, *a[k])
-        return struct.unpack_from("!Q", buf, c[CTA_COUNTERS_PACKETS][0])[0] if CTA_COUNTERS_PACKETS in c else 0
-    status = struct.unpack_from("!I", buf, a[CTA_STATUS][0])[0] if CTA_STATUS in a else 0
+    get = a.get
+    mark, status, left = get(CTA_MARK), get(CTA_STATUS), get(CTA_TIMEOUT)
     state = 0
     if CTA_PROTOINFO in a:
-        pi = _attrs(buf, *a[CTA_PROTOINFO])
-        if CTA_PROTOINFO_TCP in pi:
-            t = _attrs(buf, *pi[CTA_PROTOINFO_TCP])
-            if CTA_PROTOINFO_TCP_STATE in t:
-                state = buf[t[CTA_PROTOINFO_TCP_STATE][0]]
-    left = struct.unpack_from("!I", buf, a[CTA_TIMEOUT][0])[0] if CTA_TIMEOUT in a else 0
-    return KEntry(o, r, mark, packets(CTA_COUNTERS_ORIG), packets(CTA_COUNTERS_REPLY), status, state, left)
+        tcp = _spans(buf, *a[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP)
+        st = _spans(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE) if tcp else None
+        if st:
+            state = buf[st[0]]
+    return KEntry(o, r, _U32(buf, mark[0])[0] if mark else 0, _packets(buf, get(CTA_COUNTERS_ORIG)),
+                  _packets(buf, get(CTA_COUNTERS_REPLY)), _U32(buf, status[0])[0] if status else 0, state,
+                  _U32(buf, left[0])[0] if left else 0)
+
+
+_MIDDLE: dict[tuple, bytes] = {}  # create's timeout, mark, status and TCP info: a few values, built once
+
+
+def _middle(key: tuple) -> bytes:
+    timeout, mark, status, tcp_state = key
+    parts = [_attr(CTA_TIMEOUT, struct.pack("!I", timeout)), _attr(CTA_MARK, struct.pack("!I", mark))]
+    if status:
+        parts.append(_attr(CTA_STATUS, struct.pack("!I", status)))
+    if tcp_state:  # TCP: liberal (no window checks), roam's tracker judged the segments
+        lib = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)
+        parts.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, _attr(CTA_PROTOINFO_TCP_STATE, bytes([tcp_state])),
+                                                _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, lib),
+                                                _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, lib))))
+    if len(_MIDDLE) > 1024:  # (bounded: timeouts come from the config, marks and states are few)
+        _MIDDLE.clear()
+    out = _MIDDLE[key] = b"".join(parts)
+    return out
 
 
 def _family(t: Tuple) -> int:
@@ -198,16 +251,9 @@ class CtSocket:
         inverse: the kernel's NAT set-up derives the translated one from it (given already
         translated, it would see nothing to do and set no NAT).  TCP entries are liberal (no
         window checks): roam's tracker judged the segments."""
+        key = (max(1, int(timeout)), mark, status, (tcp_state or 1) if original.proto == 6 else 0)
         body = [_tuple(CTA_TUPLE_ORIG, original), _tuple(CTA_TUPLE_REPLY, inverse(original)),
-                _attr(CTA_TIMEOUT, struct.pack("!I", max(1, int(timeout)))), _attr(CTA_MARK, struct.pack("!I", mark))]
-        if status:
-            body.append(_attr(CTA_STATUS, struct.pack("!I", status)))
-        if original.proto == 6:
-            lib = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)
-            body.append(_nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP,
-                                                   _attr(CTA_PROTOINFO_TCP_STATE, bytes([tcp_state or 1])),
-                                                   _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, lib),
-                                                   _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, lib))))
+                _MIDDLE.get(key) or _middle(key)]
         if dnat is not None:
             body.append(_nat(CTA_NAT_DST, *dnat))
         if snat is not None:

@@ -29,7 +29,10 @@ log = logging.getLogger("roam.nat")
 
 MARK = 0x20000000  # the conntrack mark bit of roam's entries (and the packet mark of pre-conntrack queueing)
 RECONCILE = 2.0  # seconds between reconciliations (kernel entries vs engine flows), at least
-_PER_SECOND = 1000  # entries a reconciliation may read per second of its interval (a dump costs ~20 us each: 2%)
+#: entries a reconciliation may read per second of its interval: a dump costs ~20 us an entry on a
+#: quiet core, ~60 under a flood of new connections (it takes the GIL from the packets): ~1.5% then;
+#: events do the work and a lost one brings the next round forward (:attr:`Offloader.overrun`)
+_PER_SECOND = 250
 _SYSCTL = "/proc/sys/net/netfilter/"
 
 
@@ -62,6 +65,7 @@ class Offloader:
         self.kernel_packets = [0, 0]  # packets the kernel translated: out, in (entries alive at the last dump)
         self._dead_packets = [0, 0]  # ... of entries that died
         self.changes = 0  # kernel-side moves of offloaded flows (a new snapshot is due)
+        self._lost_seen = 0  # events.lost at the last reconciliation
         self.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
 
     def close(self) -> None:
@@ -75,6 +79,11 @@ class Offloader:
         """Seconds between reconciliations: events do the work, the dumps are the safety net, so
         a big table is read less often (its cost stays a few percent of a core)."""
         return max(RECONCILE, len(self.flows) / _PER_SECOND)
+
+    @property
+    def overrun(self) -> bool:
+        """Events were lost since the last reconciliation: it is due now, not in minutes."""
+        return self.events.lost != self._lost_seen
 
     def _hold(self) -> float:
         """How long an offloaded flow lives in the engine without a reconciliation seeing it."""
@@ -170,10 +179,12 @@ class Offloader:
     def on_events(self, now: float) -> int:
         """Read the kernel's DESTROY events: each of ours ends its engine flow."""
         n = 0
+        debug = log.isEnabledFor(logging.DEBUG)  # (the text of each of 1,000s of events a second)
         for e in self.events.read():
             if e.mark & MARK:
                 k = _key(e.original)
-                log.debug("kernel entry destroyed: %s", _text(e))
+                if debug:
+                    log.debug("kernel entry destroyed: %s", _text(e))
                 if self._replaced.get(k):  # the one roam replaced, not the live one
                     self._replaced[k] -= 1
                     if not self._replaced[k]:
@@ -189,6 +200,7 @@ class Offloader:
         """roam's entries in the kernel, and the generation of the dump (no engine state touched:
         call it without the lock; flows installed meanwhile are newer than the dump)."""
         self._gen += 1
+        self._lost_seen = self.events.lost  # (before the dump: a loss during it brings another)
         return self._gen, self.ct_dump.dump(MARK, MARK)
 
     def reconcile(self, now: float, adopt: bool = False, fetched: tuple | None = None) -> None:

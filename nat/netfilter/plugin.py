@@ -551,7 +551,7 @@ class Plugin:
             # an offloaded flow's packets pass the engine by: its TCP state is the kernel's, read
             # at each reconciliation -- and at once for a snapshot asked for (a carried SYN_SENT
             # makes the flow's next segment INVALID on the new host)
-            if off is not None and (now >= next_reconcile or snap_now):
+            if off is not None and (now >= next_reconcile or snap_now or off.overrun):
                 next_reconcile = now + off.interval
                 fetched = off.fetch()  # the kernel's entries, read while packets go on
                 with self._lock:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import types
+
+from hypothesis import given, strategies as st
 
 from conntrack.flow import FlowTuple, packet_key
 from conntrack.packet import parse_ip
@@ -127,6 +130,25 @@ def test_create_message_carries_tuples_nat_and_mark():
     assert ip(EXT) in m and struct.pack("!H", 5001) in m
 
 
+@given(st.sampled_from((6, 17)), st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
+       st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from((ctnetlink.CTA_TUPLE_ORIG,
+                                                                         ctnetlink.CTA_TUPLE_REPLY)))
+def test_packed_ipv4_tuples_and_nat_ranges_are_the_nested_builds_bytes(proto, src, dst, sport, dport, kind):
+    t = Tuple(proto, src, dst, sport, dport)
+    assert ctnetlink._tuple(kind, t) == ctnetlink._tuple_nested(kind, t)
+    assert ctnetlink._nat(ctnetlink.CTA_NAT_SRC, src, sport) == ctnetlink._nat_nested(ctnetlink.CTA_NAT_SRC, src, sport)
+
+
+def test_a_tcp_create_carries_its_state_and_liberal_flags_whatever_came_before():
+    ct, sent = _acking_ct()
+    o = Tuple(6, ip(VM), ip(PEER), 5000, 80)
+    ct.create(Tuple(17, ip(VM), ip(PEER), 5000, 53), 300, 0x20000000)  # (a cached middle of another shape)
+    ct.create(o, 7440, 0x20000000, snat=(ip(EXT), 5000), tcp_state=3)
+    parsed = ctnetlink.parse_entry(sent[1], 0, len(sent[1]))
+    assert parsed.original == o and parsed.tcp_state == 3 and parsed.timeout == 7440 and parsed.mark == 0x20000000
+    assert struct.pack("BB", 8, 8) in sent[1]  # IP_CT_TCP_FLAG_BE_LIBERAL both ways
+
+
 class FakeCt:
     """The kernel's conntrack table as the driver sees it."""
 
@@ -159,6 +181,7 @@ def _offloader(e):
     o = object.__new__(Offloader)
     o.engine, o.cfg, o.ct, o.flows, o.changes, o._gen, o._born = e, e.config, FakeCt(), {}, 0, 0, {}
     o.ct_dump, o._replaced = o.ct, {}
+    o.events, o._lost_seen = types.SimpleNamespace(lost=0), 0  # (the kernel's DESTROY events: none here)
     o.kernel_packets, o._dead_packets = [0, 0], [0, 0]
     o.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
     e.ended = []
@@ -241,6 +264,15 @@ class KernelCt(FakeCt):
         self.deleted.append(t)
         k = self._holder(t)
         return 0 if k and self.entries.pop(k) else 2
+
+
+def test_lost_events_bring_the_reconciliation_forward():
+    o = _offloader(engine())
+    assert not o.overrun
+    o.events.lost += 1  # ENOBUFS: a DESTROY the engine never heard of
+    assert o.overrun and o.interval >= 2.0  # due now, whatever the table's size says
+    o.reconcile(0.0)
+    assert not o.overrun
 
 
 def test_a_flow_first_seen_mid_stream_replaces_the_kernels_own_entries_established():

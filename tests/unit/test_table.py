@@ -64,12 +64,20 @@ def test_events_new_update_destroy():
     assert table.pop_events() == []
 
 
-def test_emit_events_off_records_nothing():
+def test_an_empty_journal_records_nothing():
     table = ConnTable()
-    table.emit_events = False
+    table.journal = frozenset()
     table.track(udp(), 1.0)
     table.expire(100)
     assert table.pop_events() == []
+
+
+def test_a_journal_of_destroys_keeps_only_them():
+    table = ConnTable()
+    table.journal = frozenset((EventKind.DESTROY,))
+    table.track(udp(), 1.0)
+    table.expire(100)
+    assert [e.kind for e in table.pop_events()] == [EventKind.DESTROY]
 
 
 def test_icmp_echo_request_reply():
