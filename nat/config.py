@@ -109,6 +109,9 @@ class NatConfig:
     port_range: tuple[int, int] = (1024, 65535)
     low_port_range: tuple[int, int] = (600, 1023)
     icmp_id_range: tuple[int, int] = (1, 65535)
+    #: ``roam nat --workers``: this worker's lane of the TCP/UDP ranges (:func:`nat.ports.in_lane`);
+    #: set by the plugin, never read from a file
+    port_lane: tuple[int, int, int] | None = None
     udp_timeout: float = 300
     tcp_established: float = TCP_ESTABLISHED_MIN
     tcp_transitory: float = TCP_TRANSITORY_MIN

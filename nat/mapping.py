@@ -142,12 +142,10 @@ class MappingTable:
         cfg = self.config
         self.by_internal.clear()
         self.by_external.clear()
-        self.pools = {
-            Proto.TCP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.TCP), self._seed),
-            Proto.UDP: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(Proto.UDP), self._seed),
-            Proto.ICMP if self.family == 4 else Proto.ICMPV6: PortPool(cfg.icmp_id_range, None, frozenset(),
-                                                                      self._seed),
-        }
+        self.pools = {p: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(p), self._seed, cfg.port_lane)
+                      for p in (Proto.TCP, Proto.UDP)}
+        icmp = Proto.ICMP if self.family == 4 else Proto.ICMPV6
+        self.pools[icmp] = PortPool(cfg.icmp_id_range, None, frozenset(), self._seed)
         if external_ip is not None:
             for f in self._mine(cfg.forwards):
                 self._add_static(f)
@@ -255,7 +253,7 @@ class MappingTable:
         old_cfg = self.config
         old = {(f.proto, f.external_port): f for f in self._mine(old_cfg.forwards)}
         new = {(f.proto, f.external_port): f for f in self._mine(config.forwards)}
-        fixed = ("port_range", "low_port_range", "internal", "icmp_id_range", "nat66", "internal6")
+        fixed = ("port_range", "low_port_range", "port_lane", "internal", "icmp_id_range", "nat66", "internal6")
         if any(getattr(config, k) != getattr(old_cfg, k) for k in fixed):
             self._events.append(ConfigWarning("port ranges, internal networks and NAT66 change only on restart"))
             config = config.with_(**{k: getattr(old_cfg, k) for k in fixed})

@@ -18,26 +18,35 @@ class PoolUse:
     size: int
 
 
-class PortRange:
-    """One contiguous range of ports; tracks which are in use."""
+def in_lane(port: int, lane: tuple[int, int, int] | None) -> bool:
+    """Whether ``port`` is in ``lane`` = (modulus, lo, hi): lo <= (port >> 1) % modulus <= hi
+    (modulus a power of two; None: every port).  ``roam nat --workers`` gives each worker a
+    lane of the pools (:mod:`nat.netfilter.workers` says why interleaved, not contiguous)."""
+    return lane is None or lane[1] <= (port >> 1) & (lane[0] - 1) <= lane[2]
 
-    __slots__ = ("first", "last", "used", "reserved", "_rng")
+
+class PortRange:
+    """One contiguous range of ports, or its ports in one lane; tracks which are in use."""
+
+    __slots__ = ("first", "last", "used", "reserved", "lane", "_size", "_rng")
 
     def __init__(self, first: int, last: int, reserved: frozenset[int] = frozenset(),
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, lane: tuple[int, int, int] | None = None) -> None:
         if not 0 <= first <= last <= 65535:
             raise ValueError(f"bad port range {first}-{last}")
-        self.first, self.last = first, last
-        self.reserved = frozenset(p for p in reserved if first <= p <= last)
+        self.first, self.last, self.lane = first, last, lane
+        self.reserved = frozenset(p for p in reserved if p in self)
         self.used: set[int] = set()
+        self._size = (last - first + 1 if lane is None else sum(in_lane(p, lane) for p in range(first, last + 1))) \
+            - len(self.reserved)
         self._rng = rng or random.Random()
 
     @property
     def size(self) -> int:
-        return self.last - self.first + 1 - len(self.reserved)
+        return self._size
 
     def __contains__(self, port: int) -> bool:
-        return self.first <= port <= self.last
+        return self.first <= port <= self.last and in_lane(port, self.lane)
 
     def full(self) -> bool:
         return len(self.used) >= self.size
@@ -54,10 +63,10 @@ class PortRange:
             return None
         n = self.last - self.first + 1
         start = self._rng.randrange(n)
-        used, reserved = self.used, self.reserved
+        used, reserved, lane = self.used, self.reserved, self.lane
         for i in range(n):
             p = self.first + (start + i) % n
-            if p not in used and p not in reserved:
+            if p not in used and p not in reserved and in_lane(p, lane):
                 used.add(p)
                 return p
         return None  # unreachable while size is counted right
@@ -70,10 +79,11 @@ class PortPool:
     """The external ports of one protocol on one external address."""
 
     def __init__(self, high: tuple[int, int], low: tuple[int, int] | None = None,
-                 reserved: frozenset[int] = frozenset(), seed: int | None = None) -> None:
+                 reserved: frozenset[int] = frozenset(), seed: int | None = None,
+                 lane: tuple[int, int, int] | None = None) -> None:
         rng = random.Random(seed)
-        self.high = PortRange(*high, reserved=reserved, rng=rng)
-        self.low = PortRange(*low, reserved=reserved, rng=rng) if low else None
+        self.high = PortRange(*high, reserved=reserved, rng=rng, lane=lane)
+        self.low = PortRange(*low, reserved=reserved, rng=rng, lane=lane) if low else None
 
     def class_of(self, internal_port: int) -> PortRange:
         """The range an internal port's external port comes from (RFC 4787 REQ-3a)."""

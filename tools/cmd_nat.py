@@ -301,6 +301,9 @@ def _status(args: argparse.Namespace) -> int:
         f"{off['adopted']} adopted at start, {off['offload_failed']} failed)" if off else "offload off"))
     for w in st.get("workers", []):
         ports = ", ".join(f"{a}-{b}" for a, b in (w.get("ports") or [])[:2])
+        if w.get("lane"):  # (modulus, lo, hi): the ports p with lo <= (p >> 1) % modulus <= hi
+            m, lo, hi = w["lane"]
+            ports += f" (lane {lo}-{hi} of {m})"
         up = w["running"] and _pid_alive(w["pid"])
         print(f"worker {w['index']} pid {w['pid']} ({'running' if up else 'NOT running'}), "
               f"queue {w['queue']}, ports {ports or '?'}: queued packets {w.get('queued_packets', 0)}, translated "

@@ -373,7 +373,7 @@ class Plugin:
         pinned: dict[str, Any] = {"internal": self.cfg.internal}
         if self.worker is not None:  # its slices of the pools, not the config's whole ranges
             pinned.update(port_range=self.cfg.port_range, low_port_range=self.cfg.low_port_range,
-                          icmp_id_range=self.cfg.icmp_id_range)
+                          port_lane=self.cfg.port_lane, icmp_id_range=self.cfg.icmp_id_range)
         self.engine.reload(cfg.with_(**pinned), self.clock())
         if self.offloader is not None:
             self.offloader.cfg = self.engine.config

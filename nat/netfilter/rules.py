@@ -16,9 +16,10 @@ kernel drops queued packets, so nothing leaves untranslated while the rules exis
 refuses to run beside a live owner (of this queue, or of any queue on this external
 interface), inserts its own rules ahead of a dead owner's and only then deletes those:
 there is no instant without a rule, so a restart after ``kill -9`` leaks nothing.
-With ``--workers N`` each queue rule becomes one per worker slice (``tcp``/``udp`` port-range
-matches: the internal source port from the inside, the destination port from outside, to
-queue N+k) ahead of the one to worker 0's queue; :mod:`.workers` says why not ``--queue-balance``.
+With ``--workers N`` each queue rule becomes one per worker and port range (``tcp``/``udp``
+port-range and ``u32`` lane matches: the internal source port from the inside, the
+destination port from outside, to queue N+k) ahead of the one to worker 0's queue;
+:mod:`.workers` says why not ``--queue-balance``, and why lanes.
 
 NAT66 (``nat66``) adds the same rules in ip6tables (``Table6``, the same queue, comments
 ending in ``v6``, ``pre-ct6``, ``hairpin6-src``, ``hairpin6-dst``): offloaded or per packet as
@@ -33,6 +34,15 @@ import re
 from . import PluginError
 
 _ANY = "roam-nat q"  # the start of every roam nat rule's comment, whatever its queue
+
+
+def lane_u32(by: str, lane: tuple[int, int, int]) -> str:
+    """The ``u32`` match of a port lane (:func:`nat.ports.in_lane`): from the IPv4 header
+    length to the transport header, whose first word is sport << 16 | dport, then
+    ``(port >> 1) & (modulus - 1)`` in ``lo..hi``.  (The port-range match beside it has
+    already refused a non-first fragment, whose "header" would be payload.)"""
+    m, lo, hi = lane
+    return f"0>>22&0x3C@0>>{17 if by == 'sport' else 1}&{hex(m - 1)}={lo}:{hi}"
 
 
 class Rules:
@@ -50,7 +60,7 @@ class Rules:
         self.external = external
         self.internal6 = internal6
         self.nat66 = nat66
-        #: --workers N: each worker's TCP/UDP port slices ([(first, last), ...] per worker; worker k
+        #: --workers N: each worker's TCP/UDP ports ([(first, last, lane), ...] per worker; worker k
         #: listens on queue ``queue + k``); None: one queue (:mod:`.workers` says why by port)
         self.workers = workers
         self.offload_mark = offload_mark  # 0: the per-packet rules (--no-offload)
@@ -178,17 +188,19 @@ class Rules:
 
     def _queue(self, tname: str, cname: str, comment: str, by: str, protos=("tcp", "udp"), matches=(),
                **kw) -> None:
-        """One rule to the queue; with workers, one per worker slice (``by``: ``sport`` for packets
-        from the inside, ``dport`` from outside) ahead of the one to worker 0 (the rest)."""
+        """One rule to the queue; with workers, one per worker's port range and lane (``by``:
+        ``sport`` for packets from the inside, ``dport`` from outside) ahead of the one to
+        worker 0 (the rest)."""
         matches = list(matches)
         self._add(tname, cname, comment, matches=matches, **kw)
-        for k, slices in enumerate(self.workers or ()):
+        for k, ranges in enumerate(self.workers or ()):
             if k == 0:
-                continue  # worker 0's slices: the rule above
+                continue  # worker 0's ports: the rule above
             for proto in protos:
-                for a, b in slices:
-                    self._add(tname, cname, comment, proto=proto, matches=matches + [(proto, {by: f"{a}:{b}"})],
-                              queue=self.queue + k, **kw)
+                for a, b, lane in ranges:
+                    self._add(tname, cname, comment, proto=proto, queue=self.queue + k,
+                              matches=matches + [(proto, {by: f"{a}:{b}"}), ("u32", {"u32": lane_u32(by, lane)})],
+                              **kw)
 
     def install(self, external_ip: str | None) -> None:
         """Every rule (NAT66's hairpin ones come with :meth:`set_address6`)."""

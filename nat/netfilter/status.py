@@ -25,5 +25,5 @@ def status_data(p: "Plugin") -> dict:
           "mappings": p.engine.mapping_rows(200)}
     if p.worker is not None:
         st.update(worker=p.worker[0], ports=[list(p.cfg.port_range), list(p.cfg.low_port_range),
-                                             list(p.cfg.icmp_id_range)])
+                                             list(p.cfg.icmp_id_range)], lane=list(p.cfg.port_lane or ()))
     return st

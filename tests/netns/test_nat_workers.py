@@ -1,5 +1,5 @@
 """`roam nat --workers 2` (issue 10, section 4) on real packets in namespaces: new flows spread
-over two processes by port, each handing out only its own slice of the pools, one status;
+over two processes by port, each handing out only its own lane of the pools, one status;
 a signal or a dead worker leaves no rule and no process.
 
 The topology is test_nat_plugin.py's (``Site``); only the command line differs."""
@@ -18,11 +18,13 @@ import time
 
 import pytest
 
+from nat import parse_toml
+from nat.netfilter.workers import Slices
+
 from .test_nat_plugin import EXT, PEER, ROOT, VM, Site, _wait
 
-#: the default pools cut in two (tests/unit/test_nat_workers.py checks the arithmetic)
-HIGH = [(1024, 33279), (33280, 65535)]
-LOW = [(600, 811), (812, 1023)]
+#: the default pools dealt to two workers (tests/unit/test_nat_workers.py checks the arithmetic)
+SLICES = Slices(parse_toml('internal = ["198.18.0.0/24"]'), 2)
 
 
 class Workers(Site):
@@ -60,19 +62,12 @@ def _queues(site) -> set[str]:
     return {l.split()[0] for l in out.splitlines() if l.strip()}
 
 
-def _slice_of(port: int) -> tuple[int, list]:
-    """(worker, its slices) of an internal source port: the worker the rules send it to."""
-    for k in (0, 1):
-        if any(a <= port <= b for a, b in (HIGH[k], LOW[k])):
-            return k, [HIGH[k], LOW[k]]
-    return 0, [HIGH[0], LOW[0]]
-
-
 def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site):
-    """120 TCP connections from source ports on both sides of the cut (and privileged ones,
-    below the low range, which are never kept): every one goes through, the peer sees the
-    external address and a port of the slice of the worker the source port belongs to; both
-    queues saw packets; `roam nat status` shows one view with a line per worker."""
+    """120 TCP connections from chosen source ports (and privileged ones, below the low range,
+    which are never kept): every one goes through, the peer sees the external address and
+    the port itself (only its lane's worker could hand it out), or for a privileged one a low
+    port of worker 0's lane; then 64 connections from ports the VM's kernel picks (in
+    sequence): both workers get some; `roam nat status` shows one view with a line per worker."""
     lab = site.lab
     pids = site.start()
     assert len(set(pids)) == 2 and all(_alive(p) for p in pids)
@@ -115,17 +110,36 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site):
     for sp in sports:
         addr, port = seen[sp]
         assert addr == EXT, (sp, seen[sp])
-        k, slices = _slice_of(sp)
-        owners[k] += 1
-        assert any(a <= port <= b for a, b in slices), (sp, port, k)
-        if sp < 600:  # privileged, below the low range: a port of worker 0's low slice, not its own
-            assert LOW[0][0] <= port <= LOW[0][1], (sp, port)
+        owners[SLICES.owner(6, sp)] += 1
+        if sp < 600:  # privileged, below the low range: a low port of worker 0's lane, not its own
+            assert 600 <= port <= 1023 and SLICES.owner(6, port) == 0, (sp, port)
+        else:
+            assert port == sp, (sp, port)
     assert owners[0] and owners[1]
     _wait(lambda: all(w.get("queued_packets", 0) > 0 for w in site.status()["workers"]), 5,
           "both workers' queued packets in the merged status")
     st = site.status()
     assert [w["queue"] for w in st["workers"]] == [3, 4]
-    assert [w["ports"][:2] for w in st["workers"]] == [[list(HIGH[k]), list(LOW[k])] for k in (0, 1)]
+    assert [w["ports"][:2] for w in st["workers"]] == [[[1024, 65535], [600, 1023]]] * 2
+    assert [w["lane"] for w in st["workers"]] == [[8, 0, 3], [8, 4, 7]]
+    # a burst of connections from the ports the VM's kernel hands out one after another
+    before = [w["queued_packets"] for w in st["workers"]]
+    srv = site.sock(site.inet)
+    srv.bind((PEER, 7201))
+    srv.listen(256)
+    clients = []
+    for _ in range(64):
+        c = site.sock(site.vm)
+        c.connect((PEER, 7201))
+        clients.append(c)
+        srv.accept()[0].close()
+    picked = [c.getsockname()[1] for c in clients]
+    for c in clients:
+        c.close()
+    srv.close()
+    assert {SLICES.owner(6, p) for p in picked} == {0, 1}, picked
+    _wait(lambda: all(w["queued_packets"] > b for w, b in zip(site.status()["workers"], before)), 5,
+          "both workers to take part of a burst from sequential ports")
     _wait(lambda: site.status()["engine"]["counters"].get("translated_out", 0) >= len(sports), 5,
           "the merged translated count")
     out = lab.run(site.host, [sys.executable, "-m", "tools.cli", "nat", "status", "--queue", "3",
@@ -238,7 +252,7 @@ def test_kill9_of_the_parent_takes_the_workers_and_a_restart_replaces_its_rules(
 
 
 def test_established_flows_of_both_workers_survive_a_restart_each_readopted_by_its_owner(site):
-    """Two TCP connections, one per worker (source ports on both sides of the cut), offloaded;
+    """Two TCP connections, one per worker (source ports in the two lanes), offloaded;
     the parent is killed with -9 (the kernel keeps forwarding them), a new run starts: each
     worker adopts only its own entry (none removes the other's), and both connections go on."""
     srv = site.sock(site.inet)
@@ -246,12 +260,13 @@ def test_established_flows_of_both_workers_survive_a_restart_each_readopted_by_i
     srv.listen(4)
     pids = site.start()
     conns = []
+    assert [SLICES.owner(6, sp) for sp in (20001, 45001)] == [0, 1]
     for sp in (20001, 45001):
         c = site.sock(site.vm)
         c.bind((VM, sp))
         c.connect((PEER, 7300))
         s, addr = srv.accept()
-        assert addr == (EXT, sp)  # kept: each port is in its own worker's slice
+        assert addr == (EXT, sp)  # kept: each port is in its own worker's lane
         conns.append((c, s))
     _wait(lambda: [w.get("offloaded", 0) for w in site.status()["workers"]] == [1, 1], 5,
           "one offloaded flow per worker")
@@ -317,13 +332,14 @@ def test_a_signal_at_any_instant_of_start_up_leaves_no_rule_no_queue_no_process(
 
 def test_an_address_change_moves_every_workers_flows_and_the_hairpin_rules(site):
     """The new address: both workers' old flows die, the parent points every hairpin rule
-    (one per worker slice) at it, and both workers NAT to it."""
+    (one per worker and port range) at it, and both workers NAT to it."""
     site.start()
     lab = site.lab
     n_rules = len([l for l in site.rules().splitlines() if "roam-nat q3" in l])
     us = site.sock(site.inet, socket.SOCK_DGRAM)
     us.bind(("0.0.0.0", 5301))
     ucs = []
+    assert [SLICES.owner(17, sp) for sp in (20002, 45002)] == [0, 1]
     for sp in (20002, 45002):
         uc = site.sock(site.vm, socket.SOCK_DGRAM)
         uc.bind((VM, sp))

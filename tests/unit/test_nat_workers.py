@@ -8,6 +8,7 @@ import pytest
 
 from nat import parse_toml
 from nat.netfilter import PluginError
+from nat.ports import PortPool
 from nat.netfilter.workers import Slices, merge_status, partition, worker_path
 
 
@@ -24,20 +25,39 @@ def test_partition_is_contiguous_disjoint_and_covers_the_range():
 
 def test_the_default_pools_for_two_workers():
     sl = Slices(parse_toml('internal = ["198.18.0.0/24"]'), 2)
-    assert sl.high == [(1024, 33279), (33280, 65535)]
-    assert sl.low == [(600, 811), (812, 1023)]
-    assert sl.icmp == [(1, 32767), (32768, 65535)]
-    assert sl.ports(1) == [(33280, 65535), (812, 1023)]
-    assert [sl.owner(6, p) for p in (1024, 33279, 33280, 65535, 700, 900, 22, 80)] == [0, 0, 1, 1, 0, 1, 0, 0]
+    assert (sl.modulus, sl.lanes) == (8, [(0, 3), (4, 7)])
+    assert sl.ports(1) == [(1024, 65535, (8, 4, 7)), (600, 1023, (8, 4, 7))]
+    # the even ports connect() hands out in sequence change worker every four
+    assert [sl.owner(6, p) for p in range(20000, 20032, 2)] == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
+    assert [sl.owner(17, p) for p in (1024, 1031, 1032, 65535, 600, 607, 608, 22, 80)] == [0, 0, 1, 1, 1, 1, 0, 0, 0]
     assert [sl.owner(1, i) for i in (1, 32767, 32768)] == [0, 0, 1]
 
 
-def test_each_worker_config_holds_only_its_slices():
+def test_each_worker_config_holds_only_its_lane():
     cfg = parse_toml('internal = ["198.18.0.0/24"]\n[timeouts]\nudp = 77\n')
     sl = Slices(cfg, 2)
     w1 = sl.config(cfg, 1)
-    assert (w1.port_range, w1.low_port_range, w1.icmp_id_range) == ((33280, 65535), (812, 1023), (32768, 65535))
+    assert (w1.port_range, w1.low_port_range, w1.port_lane, w1.icmp_id_range) == \
+        ((1024, 65535), (600, 1023), (8, 4, 7), (32768, 65535))
     assert w1.udp_timeout == 77 and w1.internal == cfg.internal  # all else as configured
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64])
+def test_the_workers_pools_deal_every_port_once_and_the_owner_allocates_it(n):
+    """Each port of both ranges is in exactly one worker's pool -- the one ``owner`` (so the
+    rules) sends it to -- and that worker preserves it; the pools are near equal in size."""
+    cfg = parse_toml('internal = ["198.18.0.0/24"]\n[ports]\nrange = "1024-9999"\n')
+    sl = Slices(cfg, n)
+    pools = [PortPool(w.port_range, w.low_port_range, lane=w.port_lane)
+             for w in (sl.config(cfg, k) for k in range(n))]
+    for p in list(range(600, 1024)) + list(range(1024, 10000)):
+        holders = [k for k, pool in enumerate(pools) if p in pool.class_of(p)]
+        assert holders == [sl.owner(6, p)], (p, holders)
+        assert pools[holders[0]].allocate(p) == p
+    sizes = [pool.use().size for pool in pools]
+    assert sum(sizes) == 424 + 8976 and max(sizes) - min(sizes) <= sum(sizes) // sl.modulus + 16  # a lane, give or take the ends
+    assert all(pool.use().used == pool.use().size for pool in pools)  # every port handed out once
+    assert all(pool.allocate(5000) is None for pool in pools)
 
 
 @pytest.mark.parametrize("first,last,n,what", [(1024, 1026, 4, "port range 1024-1026 has 3 port(s)"),
