@@ -278,6 +278,7 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
     section = None
     host_ip = netmask = None
     host_line = ip6_line = 0
+    prefix_where = ""
     kw: dict = {}
     forwards: list[PortForward] = []
     warnings: list[str] = []
@@ -318,7 +319,7 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
             elif k == "natip6enable":
                 kw["nat66"], ip6_line = _flag(value, where, "natIp6Enable"), n
             elif k == "natip6prefix":
-                kw["internal6"] = (_cidr6(value, where),)
+                kw["internal6"], prefix_where = (_cidr6(value, where),), where
             elif k == "externalip6":
                 kw["external_ip6"] = _ipv6(value, where)
             else:
@@ -358,6 +359,8 @@ def parse_nat_conf(text: str, name: str = "nat.conf") -> NatConfig:
         kw["internal"] = (str(net),)
     if kw.get("nat66") and not kw.get("internal6"):
         raise ConfigError(f"{name}:{ip6_line}", "natIp6Enable = 1 needs natIp6Prefix (the internal IPv6 network)")
+    if prefix_where and not ip6_line:  # (natIp6Enable = 0 beside it is VMware's default: said, no warning)
+        warnings.append(f"{prefix_where}: natIp6Prefix without natIp6Enable: IPv6 is not translated (natIp6Enable = 1)")
     try:
         return check_minimums(NatConfig(forwards=tuple(forwards), warnings=tuple(warnings),
                                         other_sections=tuple((k, tuple(v)) for k, v in other.items()), **kw))

@@ -247,13 +247,16 @@ class NatEngine:
     def _v6(self, data, pkt: Packet, side: Side, now: float, stage: Stage) -> Answer:
         """An IPv6 packet: NAT66 if on.  Link-scoped traffic never crosses the NAT: link-local and
         link-local multicast addresses (RFC 4291) and neighbour discovery (hop limit 255, RFC 4861:
-        the host's own, even between global addresses) are passed as they are."""
+        the host's own, even between global addresses) are passed as they are -- but not ND from
+        outside to an internal address, which is nobody's on that link (forwarded, it would have
+        reached a VM untranslated, to be dropped there for its hop limit)."""
         if not self.nat66:
             return self._drop(NatReason.NOT_IPV4)
         src, dst = pkt.src, pkt.dst
         if (src[0] == 0xFE and src[1] & 0xC0 == 0x80 or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80
                 or dst[0] == 0xFF and dst[1] & 0x0F <= 2
-                or pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255):
+                or pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255
+                and not (side == Side.EXTERNAL and self.is_internal(dst))):
             return self._pass(bytearray(data[:pkt.end]))
         if self.external_ip6 is None:
             return self._drop(NatReason.NO_EXTERNAL_ADDRESS)

@@ -154,6 +154,8 @@ def test_link_scoped_traffic_passes_untouched():
     assert inn(e, na).data == na
     routed = raw(IPv6(src=PEER6, dst=EXT6, hlim=64) / ICMPv6ND_NA(tgt=PEER6))  # came through a router: not ND
     assert inn(e, routed).reason == NatReason.UNSUPPORTED_PROTOCOL
+    inward = raw(IPv6(src=PEER6, dst=VM6, hlim=255) / ICMPv6ND_NA(tgt=PEER6))  # from outside to a VM's address
+    assert inn(e, inward).action == Action.DROP
     assert e.status()["flows"] == 0
 
 
@@ -223,6 +225,9 @@ def test_nat_conf_nat66_keys_and_bracketed_forwards():
     assert cfg.nat66 and cfg.internal6 == ("2001:db8:1::/64",) and len(cfg.forwards) == 2 and not cfg.warnings
     off = parse_nat_conf("[host]\nnatIp6Enable = 0\nnatIp6Prefix = fd15:4ba5:5a2b:1008::/64\n")  # VMware's default
     assert not off.nat66 and not off.warnings
+    silent = parse_nat_conf("[host]\nnatIp6Prefix = 2001:db8:1::/64\n")  # meant NAT66, forgot to enable it
+    assert not silent.nat66 and silent.warnings == ("nat.conf:2: natIp6Prefix without natIp6Enable: IPv6 is not "
+                                                    "translated (natIp6Enable = 1)",)
     with pytest.raises(ConfigError, match=r"nat.conf:2: natIp6Enable = 1 needs natIp6Prefix"):
         parse_nat_conf("[host]\nnatIp6Enable = 1\n")
     with pytest.raises(ConfigError, match=r"nat.conf:2: .*brackets"):
