@@ -207,9 +207,8 @@ class NatEngine:
                         if b is not None and b.internal >> d & 1 == side:  # bit d set: from the inside
                             return self._drop(NatReason.WRONG_SIDE)  # before any state change
                         if b is not None and table.track_conn(c, d, flags, total, now):
-                            if table.has_events:  # UPDATEs only (track_conn destroys nothing)
-                                self._drain()
-                                self._to_journal()  # so no NAT event of this packet: any is older
+                            # (no event to drain: track_conn journals UPDATEs only, and this table keeps
+                            # DESTROYs only)
                             # The rewrite with the deltas Binding.prepare summed ahead: RFC 1624 eqn 3
                             # as conntrack.checksum.adjust (the reference) does it, inline as a call
                             # costs ~25 ns more per checksum (measured: 2.5% of this path); two folds
@@ -253,10 +252,11 @@ class NatEngine:
         if not self.nat66:
             return self._drop(NatReason.NOT_IPV4)
         src, dst = pkt.src, pkt.dst
-        if (src[0] == 0xFE and src[1] & 0xC0 == 0x80 or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80
-                or dst[0] == 0xFF and dst[1] & 0x0F <= 2
-                or pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255
-                and not (side == Side.EXTERNAL and self.is_internal(dst))):
+        nd = pkt.proto == 58 and 133 <= pkt.icmp_type <= 137 and data[pkt.l3 + 7] == 255
+        if nd and side == Side.EXTERNAL and self.is_internal(dst):
+            return self._drop(NatReason.NOT_EXTERNAL_ADDRESS)
+        if (nd or src[0] == 0xFE and src[1] & 0xC0 == 0x80 or dst[0] == 0xFE and dst[1] & 0xC0 == 0x80
+                or dst[0] == 0xFF and dst[1] & 0x0F <= 2):
             return self._pass(bytearray(data[:pkt.end]))
         if self.external_ip6 is None:
             return self._drop(NatReason.NO_EXTERNAL_ADDRESS)

@@ -294,9 +294,10 @@ class MappingTable:
 
     def each(self) -> Iterator[Mapping]:
         """Live mappings, each once, lazily: the status file wants 200 and a count of a table
-        that may hold 100,000s (written every second while packets wait for the GIL)."""
+        that may hold 100,000s (written every second while packets wait for the GIL).  The dicts
+        are read as they are: the caller holds the engine, which does not change meanwhile."""
         seen = set()
-        for e in itertools.chain(list(self.by_external.values()), list(self.by_internal.values())):
+        for e in itertools.chain(self.by_external.values(), self.by_internal.values()):
             if id(e) not in seen:
                 seen.add(id(e))
                 yield e.mapping

@@ -25,6 +25,16 @@ def in_lane(port: int, lane: tuple[int, int, int] | None) -> bool:
     return lane is None or lane[1] <= (port >> 1) & (lane[0] - 1) <= lane[2]
 
 
+def lane_count(first: int, last: int, lane: tuple[int, int, int] | None) -> int:
+    """How many ports of ``first..last`` are in ``lane``: every 2*modulus ports hold each lane
+    value twice, so only the tail is counted one by one."""
+    if lane is None:
+        return last - first + 1
+    m, lo, hi = lane
+    full = (last - first + 1) // (2 * m)
+    return full * 2 * (hi - lo + 1) + sum(in_lane(p, lane) for p in range(first + full * 2 * m, last + 1))
+
+
 class PortRange:
     """One contiguous range of ports, or its ports in one lane; tracks which are in use."""
 
@@ -37,8 +47,7 @@ class PortRange:
         self.first, self.last, self.lane = first, last, lane
         self.reserved = frozenset(p for p in reserved if p in self)
         self.used: set[int] = set()
-        self._size = (last - first + 1 if lane is None else sum(in_lane(p, lane) for p in range(first, last + 1))) \
-            - len(self.reserved)
+        self._size = lane_count(first, last, lane) - len(self.reserved)
         self._rng = rng or random.Random()
 
     @property

@@ -92,7 +92,8 @@ def register(sub, help_text: str) -> None:
                         "leave the kernel)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N processes for new flows, on queues Q..Q+N-1 (Q: --queue; default 1): each owns a "
-                        "slice of the port pools; a packet from the inside reaches the owner of its source port, "
+                        "lane of the port pools (every few ports in turn; the kernel's u32 match); a packet from "
+                        "the inside reaches the owner of its source port, "
                         "one from outside the owner of its destination port; one set of rules, one status "
                         "(offload only)")
     daemon.add_options(p)

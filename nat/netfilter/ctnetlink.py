@@ -17,7 +17,7 @@ import socket
 import struct
 from typing import NamedTuple
 
-from .netlink import NLA_F_NESTED, attr as _attr, error_code, messages, nest as _nest, netfilter_socket
+from .netlink import NLA_F_NESTED, attr as _attr, attr_spans, error_code, messages, nest as _nest, netfilter_socket
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -84,7 +84,7 @@ def inverse(t: Tuple) -> Tuple:
 
 # an IPv4 TCP/UDP tuple and an IPv4 NAT range in one pack each (a new flow's create builds three:
 # attribute by attribute it was a third of the create's time); the same bytes as the nested
-# attr()/nest() build below (tests/unit/test_ctnetlink_build.py)
+# attr()/nest() build below (tests/unit/test_nat_offload.py)
 _TUPLE4 = struct.Struct("=HH HH HH4s HH4s HH HHB3x HH2s2x HH2s2x")
 _NAT4 = struct.Struct("=HH HH4s HH4s HH HH2s2x HH2s2x")
 _N = NLA_F_NESTED
@@ -127,29 +127,15 @@ def _nat_nested(kind: int, ip: bytes, port: int) -> bytes:
                  _nest(CTA_NAT_PROTO, _attr(CTA_PROTONAT_PORT_MIN, pr), _attr(CTA_PROTONAT_PORT_MAX, pr)))
 
 
-_HH = struct.Struct("=HH").unpack_from
 _U16, _U32, _U64 = struct.Struct("!H").unpack_from, struct.Struct("!I").unpack_from, struct.Struct("!Q").unpack_from
 
 
-def _spans(buf, start: int, end: int) -> dict:
-    """Attributes as {type: (start, end)} of their payloads (a malformed one ends the list)."""
-    out = {}
-    off = start
-    while off + 4 <= end:
-        n, kind = _HH(buf, off)
-        if n < 4 or off + n > end:
-            break
-        out[kind & 0x3FFF] = (off + 4, off + n)
-        off += (n + 3) & ~3
-    return out
-
-
 def _parse_tuple(buf, span) -> Tuple | None:
-    a = _spans(buf, *span)
+    a = attr_spans(buf, *span)
     if CTA_TUPLE_IP not in a or CTA_TUPLE_PROTO not in a:
         return None
-    ip = _spans(buf, *a[CTA_TUPLE_IP])
-    pr = _spans(buf, *a[CTA_TUPLE_PROTO])
+    ip = attr_spans(buf, *a[CTA_TUPLE_IP])
+    pr = attr_spans(buf, *a[CTA_TUPLE_PROTO])
     if CTA_PROTO_NUM not in pr:
         return None
     if CTA_IP_V4_SRC in ip and CTA_IP_V4_DST in ip:
@@ -170,14 +156,14 @@ def _parse_tuple(buf, span) -> Tuple | None:
 
 
 def _packets(buf, span) -> int:
-    c = _spans(buf, *span) if span else {}
+    c = attr_spans(buf, *span) if span else {}
     return _U64(buf, c[CTA_COUNTERS_PACKETS][0])[0] if CTA_COUNTERS_PACKETS in c else 0
 
 
 def parse_entry(buf, off: int, end: int) -> KEntry | None:
     """The entry in one ctnetlink message (``off`` at its nlmsghdr): dumps and events parse
     thousands a second, so one dict per nesting level and no helpers per field."""
-    a = _spans(buf, off + _NLH.size + _NFG.size, end)
+    a = attr_spans(buf, off + _NLH.size + _NFG.size, end)
     if CTA_TUPLE_ORIG not in a or CTA_TUPLE_REPLY not in a:
         return None
     o, r = _parse_tuple(buf, a[CTA_TUPLE_ORIG]), _parse_tuple(buf, a[CTA_TUPLE_REPLY])
@@ -187,8 +173,8 @@ def parse_entry(buf, off: int, end: int) -> KEntry | None:
     mark, status, left = get(CTA_MARK), get(CTA_STATUS), get(CTA_TIMEOUT)
     state = 0
     if CTA_PROTOINFO in a:
-        tcp = _spans(buf, *a[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP)
-        st = _spans(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE) if tcp else None
+        tcp = attr_spans(buf, *a[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP)
+        st = attr_spans(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE) if tcp else None
         if st:
             state = buf[st[0]]
     return KEntry(o, r, _U32(buf, mark[0])[0] if mark else 0, _packets(buf, get(CTA_COUNTERS_ORIG)),

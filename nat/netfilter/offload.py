@@ -66,6 +66,7 @@ class Offloader:
         self._dead_packets = [0, 0]  # ... of entries that died
         self.changes = 0  # kernel-side moves of offloaded flows (a new snapshot is due)
         self._lost_seen = 0  # events.lost at the last reconciliation
+        self._last = self._next = 0.0  # when the last reconciliation's dump began; the next is due
         self.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
 
     def close(self) -> None:
@@ -82,8 +83,14 @@ class Offloader:
 
     @property
     def overrun(self) -> bool:
-        """Events were lost since the last reconciliation: it is due now, not in minutes."""
+        """Events were lost since the last reconciliation: it is due soon, not in minutes."""
         return self.events.lost != self._lost_seen
+
+    def due(self, now: float, asked: bool = False) -> bool:
+        """Whether a reconciliation is due: its interval passed, a snapshot ``asked`` for the kernel's
+        state, or events were lost -- then no sooner than RECONCILE after the last one (a big table's
+        dump under a flood can itself overflow the event socket: a dump per loss would never end)."""
+        return asked or now >= self._next or self.overrun and now >= self._last + RECONCILE
 
     def _hold(self) -> float:
         """How long an offloaded flow lives in the engine without a reconciliation seeing it."""
@@ -137,7 +144,7 @@ class Offloader:
         self.counters["offloaded"] += 1
         return True
 
-    def refresh(self, data) -> bool:
+    def refresh(self, data, now: float) -> bool:
         """The kernel's current state of the packet's offloaded flow into the engine (which saw
         none of its packets since the first): True if it moved, so the packet is judged again
         (a SYN reusing the tuple of a connection the kernel has in TIME_WAIT reopens it)."""
@@ -147,7 +154,10 @@ class Offloader:
             return False
         f = FlowTuple.from_key(c.original)
         e = self.ct.get(Tuple(f.proto, f.src, f.dst, f.sport, f.dport))
-        return e is not None and offload.sync(c, e.status, e.tcp_state)
+        if e is None:  # gone, or expired and reaped by this read: its DESTROY ends the flow now, before
+            self.on_events(now)  # the SYN reopens the tuple (read later, it would end the new flow)
+            return False
+        return offload.sync(c, e.status, e.tcp_state)
 
     # -- flows out -----------------------------------------------------------------
     def sweep(self) -> None:
@@ -196,18 +206,22 @@ class Offloader:
                     n += 1
         return n
 
-    def fetch(self) -> tuple[int, list[KEntry]]:
+    def fetch(self, now: float) -> tuple[int, list[KEntry]]:
         """roam's entries in the kernel, and the generation of the dump (no engine state touched:
         call it without the lock; flows installed meanwhile are newer than the dump)."""
         self._gen += 1
         self._lost_seen = self.events.lost  # (before the dump: a loss during it brings another)
+        self._last, self._next = now, now + self.interval
         return self._gen, self.ct_dump.dump(MARK, MARK)
 
     def reconcile(self, now: float, adopt: bool = False, fetched: tuple | None = None) -> None:
         """Engine flows vs kernel entries: held while there, ended when gone (a lost event);
         an engine flow that died (address change, reclaim) loses its kernel entry.  With
         ``adopt``, marked entries the engine lacks become engine flows (a restart)."""
-        gen, entries = fetched if fetched is not None else self.fetch()
+        gen, entries = fetched if fetched is not None else self.fetch(now)
+        # the DESTROYs of the entries the dump reaped first (expired ones: a dump removes them):
+        # read later, one would end a flow reopened on the same tuple meanwhile
+        self.on_events(now)
         seen = set()
         live = [0, 0]
         for e in entries:

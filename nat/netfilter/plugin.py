@@ -38,7 +38,7 @@ from .droplog import drop_line
 from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
                          resolve_internal)
 from .lifecycle import Signals, remove_rules
-from .offload import MARK, RECONCILE, Offloader, apply_sysctls
+from .offload import MARK, Offloader, apply_sysctls
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
 from .status import status_data
@@ -99,7 +99,7 @@ class Plugin:
         if not nets:
             raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
         self.cfg = cfg.with_(internal=nets)
-        self.worker = worker  # this process owns slice ``index`` of each pool
+        self.worker = worker  # this process owns lane ``index`` of the port pools
         if worker is not None:
             self.cfg = worker[1].config(self.cfg, worker[0])
         for w in forwards_outside(self.cfg) if nets != cfg.internal else ():  # the config's own were checked
@@ -202,7 +202,7 @@ class Plugin:
             # TIME_WAIT): the engine must judge it in the kernel's state, else it lets it pass on
             # the old entry, which conntrack then kills and replaces by one of its own, without
             # roam's NAT, racing the answer (measured: 1.7% of new connections lost a SYN)
-            off.refresh(data)
+            off.refresh(data, now)
         if indev == self.ext_index:
             a = self._process(data, _EXTERNAL, now, _FULL)
         elif dst == ext:
@@ -211,7 +211,7 @@ class Plugin:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
-        if a.action is not _ACCEPT and a.reason is _INVALID and not syn and off.refresh(data):  # (a SYN: read)
+        if a.action is not _ACCEPT and a.reason is _INVALID and not syn and off.refresh(data, now):  # (a SYN: read)
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
                               _HAIRPIN_DST if dst == ext and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
@@ -371,7 +371,7 @@ class Plugin:
         for w in cfg.warnings:
             log.warning("%s", w)
         pinned: dict[str, Any] = {"internal": self.cfg.internal}
-        if self.worker is not None:  # its slices of the pools, not the config's whole ranges
+        if self.worker is not None:  # its share of the pools, not the config's whole ranges
             pinned.update(port_range=self.cfg.port_range, low_port_range=self.cfg.low_port_range,
                           port_lane=self.cfg.port_lane, icmp_id_range=self.cfg.icmp_id_range)
         self.engine.reload(cfg.with_(**pinned), self.clock())
@@ -479,9 +479,10 @@ class Plugin:
             if self._stop:  # a signal during start-up
                 log.info("roam nat stopped during start-up")
                 return 0
-            lo, hi = self.cfg.port_range
-            log.info("roam nat running: queue %d, external %s (%s), internal %s, ports %d-%d, %s", self.queue,
+            (lo, hi), lane = self.cfg.port_range, self.cfg.port_lane
+            log.info("roam nat running: queue %d, external %s (%s), internal %s, ports %d-%d%s, %s", self.queue,
                      self.external, self.engine.status()["external_ip"], ", ".join(self.cfg.internal), lo, hi,
+                     f" (lane {lane[1]}-{lane[2]} of {lane[0]})" if lane else "",
                      "offload to the kernel's conntrack" if self.offload else "every packet in user space")
             self._write_status()
             if self.on_ready is not None:
@@ -525,7 +526,6 @@ class Plugin:
     def _main_loop(self, addrs: AddressEvents, sigs: Signals) -> None:
         """Address events, signals and housekeeping until a stop (the packet thread runs apart)."""
         next_house = next_snap = self.clock() + _HOUSEKEEPING
-        next_reconcile = self.clock() + RECONCILE
         off = self.offloader
         base: list[Any] = [addrs, sigs.rsig]
         events_at = 0.0  # the kernel's DESTROY events are read no sooner than this (see _EVENTS_EVERY)
@@ -565,9 +565,8 @@ class Plugin:
             # an offloaded flow's packets pass the engine by: its TCP state is the kernel's, read
             # at each reconciliation -- and at once for a snapshot asked for (a carried SYN_SENT
             # makes the flow's next segment INVALID on the new host)
-            if off is not None and (now >= next_reconcile or snap_now or off.overrun):
-                next_reconcile = now + off.interval
-                fetched = off.fetch()  # the kernel's entries, read while packets go on
+            if off is not None and off.due(now, snap_now):
+                fetched = off.fetch(now)  # the kernel's entries, read while packets go on
                 with self._lock:
                     off.reconcile(self.clock(), fetched=fetched)
             if now >= next_house or snap_now:

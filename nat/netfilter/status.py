@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 def status_data(p: "Plugin") -> dict:
     """The engine's status with the driver's around it: queue client, offload (its kernel-side
-    translations added to the counters), worker slices; under the plugin's lock."""
+    translations added to the counters), a worker's share of the pools; under the plugin's lock."""
     eng = p.engine.status()
     off = p.offloader.status() if p.offloader is not None else None
     if off is not None:  # translated: by roam, or by the kernel for it

@@ -48,7 +48,7 @@ from typing import Any, Callable
 from conntrack.flow import FlowTuple
 
 from .. import snapshot
-from ..ports import in_lane
+from ..ports import lane_count
 from . import PluginError
 from .ctnetlink import Tuple
 from .interfaces import AddressEvents, iface_address
@@ -96,7 +96,8 @@ class Slices:
     worker 0)."""
 
     def __init__(self, cfg, n: int) -> None:
-        partition(1, MAX_WORKERS, n)  # (1..64 workers, or a clear error)
+        if not 1 <= n <= MAX_WORKERS:
+            raise PluginError(f"--workers {n}: give 1 to {MAX_WORKERS}")
         self.n = n
         self.modulus = lane_modulus(n)
         m = self.modulus
@@ -105,10 +106,10 @@ class Slices:
         self.icmp = partition(cfg.icmp_id_range[0], cfg.icmp_id_range[1], n, "ICMP identifier range")
         for what, (a, b) in (("port range", self.high), ("low port range", self.low)):
             for k in range(n):
-                if not any(in_lane(p, self.lane(k)) for p in range(a, b + 1)):
-                    raise PluginError(f"--workers {n}: the {what} {a}-{b} has no port for worker {k} (each "
-                                      f"takes every {self.modulus // n * 2} ports in {self.modulus * 2}); widen it "
-                                      "in the config or use fewer workers")
+                if not lane_count(a, b, self.lane(k)):
+                    raise PluginError(f"--workers {n}: the {what} {a}-{b} has no port for worker {k} (the ports "
+                                      f"are dealt in turns of {2 * self.modulus}); widen it in the config or use "
+                                      "fewer workers")
 
     def lane(self, k: int) -> tuple[int, int, int]:
         return (self.modulus, *self.lanes[k])
@@ -154,8 +155,8 @@ class WorkerOffloader(Offloader):
             return self.index == 0
         return self.slices.owner(o.proto, port) == self.index
 
-    def fetch(self):
-        gen, entries = super().fetch()
+    def fetch(self, now: float):
+        gen, entries = super().fetch(now)
         return gen, [e for e in entries if self.mine(e)]
 
     def flush(self, family: int = 4) -> int:

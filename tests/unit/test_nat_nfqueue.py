@@ -14,7 +14,7 @@ from scapy.all import IP, TCP, UDP, raw
 
 from conntrack.build import fill_l4_checksum
 from nat.netfilter import queue as nq
-from nat.netfilter.netlink import parse_attrs
+from nat.netfilter.netlink import attr_spans
 
 
 def _client(sock):
@@ -54,11 +54,11 @@ def test_verdict_encoding(payload, pid, accept):
     length, kind, flags, _, _ = struct.unpack_from("=IHHII", msg)
     assert length == len(msg) and length % 4 == 0 and kind == (3 << 8 | 1) and flags & nq.NLM_F_REQUEST
     assert struct.unpack_from("!BBH", msg, 16) == (0, 0, 3)
-    attrs = parse_attrs(msg, 20, length)
-    off, n = attrs[nq.NFQA_VERDICT_HDR]
+    attrs = attr_spans(msg, 20, length)
+    off, _ = attrs[nq.NFQA_VERDICT_HDR]
     assert struct.unpack_from("!II", msg, off) == (1 if accept else 0, pid)
-    off, n = attrs[nq.NFQA_PAYLOAD]
-    assert msg[off:off + n] == payload
+    off, end = attrs[nq.NFQA_PAYLOAD]
+    assert msg[off:end] == payload
 
 
 def _pseudo_only(pkt, at):
@@ -110,10 +110,10 @@ def test_batched_verdicts_go_out_in_one_datagram():
     seen, off = [], 0
     while off < len(msg):
         length = struct.unpack_from("=I", msg, off)[0]
-        attrs = parse_attrs(msg, off + 20, off + length)
+        attrs = attr_spans(msg, off + 20, off + length)
         v, pid = struct.unpack_from("!II", msg, attrs[nq.NFQA_VERDICT_HDR][0])
         p = attrs.get(nq.NFQA_PAYLOAD)
-        seen.append((pid, v, msg[p[0]:p[0] + p[1]] if p else None))
+        seen.append((pid, v, msg[p[0]:p[1]] if p else None))
         off += length
     assert seen == [(1, 1, None), (2, 1, b"abcde"), (3, 0, None)]
 

@@ -181,7 +181,8 @@ def _offloader(e):
     o = object.__new__(Offloader)
     o.engine, o.cfg, o.ct, o.flows, o.changes, o._gen, o._born = e, e.config, FakeCt(), {}, 0, 0, {}
     o.ct_dump, o._replaced = o.ct, {}
-    o.events, o._lost_seen = types.SimpleNamespace(lost=0), 0  # (the kernel's DESTROY events: none here)
+    o.events, o._lost_seen = types.SimpleNamespace(lost=0, read=list), 0  # (the kernel's DESTROY events: none)
+    o._last = o._next = 0.0
     o.kernel_packets, o._dead_packets = [0, 0], [0, 0]
     o.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
     e.ended = []
@@ -225,7 +226,7 @@ def test_reconciliation_holds_ends_and_adopts():
     off3.reconcile(403.0, adopt=True)
     assert off.ct.entries and off3.counters["adopted"] == 0 and not off3.ct.entries and len(e3.table) == 0
     # a flow installed while a dump was under way is not judged by that dump
-    fetched = off.fetch()
+    fetched = off.fetch(402.0)
     late = udp(VM, PEER, 6000, 53)
     e.process(late, Side.INTERNAL, 402.0)
     assert off.install(late, 402.0)
@@ -266,13 +267,16 @@ class KernelCt(FakeCt):
         return 0 if k and self.entries.pop(k) else 2
 
 
-def test_lost_events_bring_the_reconciliation_forward():
+def test_lost_events_bring_the_reconciliation_forward_but_never_dump_after_dump():
     o = _offloader(engine())
-    assert not o.overrun
+    o.reconcile(100.0)
+    o.flows.update({bytes([6]) + bytes(12 - len(str(i))) + str(i).encode(): None for i in range(5000)})
+    assert not o.due(101.0) and o.due(101.0, asked=True)  # (a snapshot asked for: at once)
     o.events.lost += 1  # ENOBUFS: a DESTROY the engine never heard of
-    assert o.overrun and o.interval >= 2.0  # due now, whatever the table's size says
-    o.reconcile(0.0)
-    assert not o.overrun
+    assert o.overrun and not o.due(101.0)  # not sooner than RECONCILE after the last dump ...
+    assert o.due(102.0)  # ... but then, though 5,000 flows put the next round 20 s away
+    o.fetch(102.0)
+    assert not o.overrun and not o.due(110.0) and o.due(122.0)
 
 
 def test_a_flow_first_seen_mid_stream_replaces_the_kernels_own_entries_established():
