@@ -11,6 +11,9 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+#: a packed key's length by address family
+KEY_SIZE = {4: 13, 6: 37}
+
 from .packet import ICMP4_QUERIES, ICMP6_QUERIES, Packet, Proto
 
 _K4 = struct.Struct("!B4s4sHH")

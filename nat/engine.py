@@ -27,7 +27,7 @@ from collections import Counter, deque
 from conntrack.answer import Action, Answer
 from conntrack.errors import ParseError
 from conntrack.events import CtState, EventKind, Why
-from conntrack.flow import FlowTuple, packet_key
+from conntrack.flow import KEY_SIZE, FlowTuple, packet_key
 from conntrack.packet import Packet, Proto, parse_ip
 from conntrack.table import ConnTable
 from conntrack.timeouts import Timeouts
@@ -265,6 +265,10 @@ class NatEngine:
     def _ext(self, family: int) -> bytes | None:
         return self.external_ip if family == 4 else self.external_ip6
 
+    def table_of(self, e: MapEntry) -> MappingTable:
+        """The mapping table an entry lives in (its external address's family)."""
+        return self.mapping_table if len(e.mapping.external_ip) == 4 else self.mapping_table6
+
     def _maps(self, family: int) -> MappingTable:
         return self.mapping_table if family == 4 else self.mapping_table6
 
@@ -454,7 +458,7 @@ class NatEngine:
         if tr.conn is None or tr.ctstate == CtState.INVALID:
             self._drain()
             for e, _, _ in b.attached:
-                self._maps(4 if len(e.mapping.external_ip) == 4 else 6).release_if_unused(e)
+                self.table_of(e).release_if_unused(e)
             return self._drop(_DROP_WHY.get(tr.why, NatReason.INVALID))
         c = tr.conn
         c.extra = b
@@ -470,7 +474,6 @@ class NatEngine:
 
     def _drain(self) -> None:
         """Let go of the mappings of every connection the tracker destroyed."""
-        release4, release6 = self.mapping_table.release_if_unused, self.mapping_table6.release_if_unused
         for ev in self.table.pop_events():
             if ev.kind == EventKind.DESTROY and ev.conn is not None:
                 b = ev.conn.extra
@@ -484,7 +487,7 @@ class NatEngine:
                     self._mid.pop(k, None)
                 for e, rip, rport in b.attached:
                     e.detach(rip, rport)
-                    (release4 if len(e.mapping.external_ip) == 4 else release6)(e)
+                    self.table_of(e).release_if_unused(e)
 
     # ------------------------------------------------------------------ answers
     def _drop(self, reason: NatReason) -> Answer:
@@ -506,7 +509,7 @@ class NatEngine:
         if new == old:
             return 0
         killed = 0
-        size = 13 if family == 4 else 37
+        size = KEY_SIZE[family]
         for c in list(self.table):
             if len(c.original) == size:
                 self.table.remove(c, now, Why.REMOVED)
@@ -554,6 +557,10 @@ class NatEngine:
     def mapping_rows(self, limit: int = 200) -> list[dict]:
         """Live mappings as plain data (for the status file), at most ``limit``."""
         return (self.mapping_table.rows(limit) + self.mapping_table6.rows(limit))[:limit]
+
+    def address_text(self, family: int = 4) -> str | None:
+        """The external address of ``family`` as text (status() has it too, but counts every mapping)."""
+        return _text(self._ext(family))
 
     def status(self) -> dict:
         return {

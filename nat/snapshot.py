@@ -100,7 +100,7 @@ def restore(engine: "NatEngine", snap: dict, now: float, rebind: bool = False) -
         n += 1
     for e in entries:
         if e is not None:
-            (engine.mapping_table if len(e.mapping.external_ip) == 4 else engine.mapping_table6).release_if_unused(e)
+            engine.table_of(e).release_if_unused(e)
     return n
 
 

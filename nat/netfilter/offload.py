@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 
-from conntrack.flow import FlowTuple, packet_key
+from conntrack.flow import KEY_SIZE, FlowTuple, packet_key
 from conntrack.packet import parse_ip
 from conntrack.table import Conn
 
@@ -271,7 +271,7 @@ class Offloader:
         """Remove every roam entry of ``family`` (its external address changed: all were on the old
         one).  At once by mark -- unless the other family has entries, which must go on: then one
         by one (measured: the kernel's flush by mark ignores the request's family)."""
-        size = 13 if family == 4 else 37
+        size = KEY_SIZE[family]
         gone = [k for k in self.flows if len(k) == size]
         others = len(gone) < len(self.flows)
         for k in gone:

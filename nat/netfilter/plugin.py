@@ -350,13 +350,13 @@ class Plugin:
             self.routes.clear()
         ip = iface_address(self.external)
         self.ext_index = iface_index(self.external)
-        if ip != self.engine.status()["external_ip"]:
+        if ip != self.engine.address_text():
             if self.offloader is not None:  # every IPv4 entry was on the old address: they go now
                 self.offloader.flush()
             self.engine.set_external_address(ip, self.clock())
             self.rules.set_address(ip)
-        ip6 = iface_address6(self.external, keep=self.engine.status().get("external_ip6")) if self.cfg.nat66 else None
-        if self.cfg.nat66 and ip6 != self.engine.status().get("external_ip6"):
+        ip6 = iface_address6(self.external, keep=self.engine.address_text(6)) if self.cfg.nat66 else None
+        if self.cfg.nat66 and ip6 != self.engine.address_text(6):
             if self.offloader is not None:
                 self.offloader.flush(6)
             self.engine.set_external_address(ip6, self.clock(), family=6)
@@ -461,9 +461,9 @@ class Plugin:
                 started = True
                 if self.offloader is not None:  # a dead run's entries: its flows go on, held here
                     self.offloader.reconcile(self.clock(), adopt=True)
-                self.rules.install(self.engine.status()["external_ip"])
+                self.rules.install(self.engine.address_text())
                 if self.cfg.nat66:
-                    self.rules.set_address6(self.engine.status()["external_ip6"])
+                    self.rules.set_address6(self.engine.address_text(6))
                 log_events(self.engine.pop_events())
             stale = self.rules.remove_stale()  # only now: ours match first already
             if stale:
@@ -481,7 +481,7 @@ class Plugin:
                 return 0
             (lo, hi), lane = self.cfg.port_range, self.cfg.port_lane
             log.info("roam nat running: queue %d, external %s (%s), internal %s, ports %d-%d%s, %s", self.queue,
-                     self.external, self.engine.status()["external_ip"], ", ".join(self.cfg.internal), lo, hi,
+                     self.external, self.engine.address_text(), ", ".join(self.cfg.internal), lo, hi,
                      f" (lane {lane[1]}-{lane[2]} of {lane[0]})" if lane else "",
                      "offload to the kernel's conntrack" if self.offload else "every packet in user space")
             self._write_status()
