@@ -163,6 +163,9 @@ class FakeCt:
                                         mark, 1, 0, 0x8, 0)
         return 0
 
+    def get(self, original):
+        return self.entries.get(original)
+
     def delete(self, original):
         self.deleted.append(original)
         return 0 if self.entries.pop(original, None) else 2
@@ -265,6 +268,52 @@ class KernelCt(FakeCt):
         self.deleted.append(t)
         k = self._holder(t)
         return 0 if k and self.entries.pop(k) else 2
+
+
+class PendingEvents:
+    """The kernel's DESTROY events not read yet."""
+
+    def __init__(self):
+        self.lost, self.pending = 0, []
+
+    def read(self):
+        out, self.pending = self.pending, []
+        return out
+
+
+def _reaped(off, data):
+    """The kernel removed the flow's expired entry (a dump or a read does) and queued its DESTROY."""
+    f = FlowTuple.from_key(packet_key(parse_ip(data)))
+    off.events.pending.append(off.ct.entries.pop(Tuple(f.proto, f.src, f.dst, f.sport, f.dport)))
+
+
+def test_a_dumps_pending_destroys_do_not_end_the_flow_reopened_after_it():
+    e = engine()
+    off = _offloader(e)
+    off.events = PendingEvents()
+    p = udp(VM, PEER, 5000, 53)
+    e.process(p, Side.INTERNAL, 0.0)
+    assert off.install(p, 0.0)
+    _reaped(off, p)
+    off.reconcile(10.0)  # the dump misses it; its DESTROY is read first, and ends the flow
+    assert not off.flows and off.counters["offload_ended"] == 1
+    assert e.process(p, Side.INTERNAL, 10.1).action == Action.ACCEPT and off.install(p, 10.1)  # the VM again
+    off.on_events(10.2)  # (read late, the old DESTROY would end this new flow: its mapping freed, its entry on)
+    assert len(off.flows) == 1 and _conn(e, p) is not None and e.status()["mappings_live"] == 1
+
+
+def test_a_syn_whose_entry_a_read_reaped_opens_a_flow_that_the_old_destroy_leaves_alone():
+    e = engine()
+    off = _offloader(e)
+    off.events = PendingEvents()
+    syn = tcp(VM, PEER, 40000, 443)
+    e.process(syn, Side.INTERNAL, 0.0)
+    assert off.install(syn, 0.0)
+    _reaped(off, syn)  # expired in the kernel; the refresh's GET reaps it
+    assert not off.refresh(syn, 300.0)
+    assert e.process(syn, Side.INTERNAL, 300.0).action == Action.ACCEPT and off.install(syn, 300.0)
+    off.on_events(300.1)
+    assert len(off.flows) == 1 and len(off.ct.entries) == 1 and _conn(e, syn) is not None
 
 
 def test_lost_events_bring_the_reconciliation_forward_but_never_dump_after_dump():
