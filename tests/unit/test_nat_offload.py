@@ -287,14 +287,20 @@ def _reaped(off, data):
     off.events.pending.append(off.ct.entries.pop(Tuple(f.proto, f.src, f.dst, f.sport, f.dport)))
 
 
-def test_a_dumps_pending_destroys_do_not_end_the_flow_reopened_after_it():
+def _offloaded_then_reaped(data):
+    """An engine and its offloader with the packet's flow offloaded at 0, its entry since reaped."""
     e = engine()
     off = _offloader(e)
     off.events = PendingEvents()
+    e.process(data, Side.INTERNAL, 0.0)
+    assert off.install(data, 0.0)
+    _reaped(off, data)
+    return e, off
+
+
+def test_a_dumps_pending_destroys_do_not_end_the_flow_reopened_after_it():
     p = udp(VM, PEER, 5000, 53)
-    e.process(p, Side.INTERNAL, 0.0)
-    assert off.install(p, 0.0)
-    _reaped(off, p)
+    e, off = _offloaded_then_reaped(p)
     off.reconcile(10.0)  # the dump misses it; its DESTROY is read first, and ends the flow
     assert not off.flows and off.counters["offload_ended"] == 1
     assert e.process(p, Side.INTERNAL, 10.1).action == Action.ACCEPT and off.install(p, 10.1)  # the VM again
@@ -303,13 +309,8 @@ def test_a_dumps_pending_destroys_do_not_end_the_flow_reopened_after_it():
 
 
 def test_a_syn_whose_entry_a_read_reaped_opens_a_flow_that_the_old_destroy_leaves_alone():
-    e = engine()
-    off = _offloader(e)
-    off.events = PendingEvents()
     syn = tcp(VM, PEER, 40000, 443)
-    e.process(syn, Side.INTERNAL, 0.0)
-    assert off.install(syn, 0.0)
-    _reaped(off, syn)  # expired in the kernel; the refresh's GET reaps it
+    e, off = _offloaded_then_reaped(syn)  # expired in the kernel; the refresh's GET reaps it
     assert not off.refresh(syn, 300.0)
     assert e.process(syn, Side.INTERNAL, 300.0).action == Action.ACCEPT and off.install(syn, 300.0)
     off.on_events(300.1)
