@@ -96,10 +96,11 @@ class Offloader:
         """How long an offloaded flow lives in the engine without a reconciliation seeing it."""
         return 3 * self.interval + 5
 
-    def install(self, data, now: float) -> bool:
+    def install(self, data, now: float, key: bytes | None = None) -> bool:
         """The packet's flow into the kernel, unless it is there already.  False: it could not
-        be (the caller drops the packet: the kernel would not translate it)."""
-        key = _flow_key(data)
+        be (the caller drops the packet: the kernel would not translate it).  ``key``: the packet's
+        :func:`flow_key`, if the caller read it already."""
+        key = flow_key(data) if key is None else key
         c = self.engine.table.lookup(key) if key is not None else None
         if c is None:
             return False
@@ -144,11 +145,11 @@ class Offloader:
         self.counters["offloaded"] += 1
         return True
 
-    def refresh(self, data, now: float) -> bool:
+    def refresh(self, data, now: float, key: bytes | None = None) -> bool:
         """The kernel's current state of the packet's offloaded flow into the engine (which saw
         none of its packets since the first): True if it moved, so the packet is judged again
         (a SYN reusing the tuple of a connection the kernel has in TIME_WAIT reopens it)."""
-        key = _flow_key(data)
+        key = flow_key(data) if key is None else key
         c = self.flows.get(key) if key is not None else None
         if c is None:
             return False
@@ -294,7 +295,7 @@ class Offloader:
                     kernel_translated_in=self.kernel_packets[1], events_lost=self.events.lost)
 
 
-def _flow_key(data) -> bytes | None:
+def flow_key(data) -> bytes | None:
     """The packet's flow key (``packet_key``), read straight from an option-less IPv4 TCP/UDP head
     (the common case, on the path of every queued first packet); parsed otherwise; None if it has none."""
     if len(data) >= 28 and data[0] == 0x45 and data[9] in (6, 17) and not data[6] & 0x3F and not data[7]:

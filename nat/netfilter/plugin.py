@@ -38,7 +38,7 @@ from .droplog import drop_line
 from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
                          resolve_internal)
 from .lifecycle import Signals, remove_rules
-from .offload import MARK, Offloader, apply_sysctls
+from .offload import MARK, Offloader, apply_sysctls, flow_key
 from .queue import NF_ACCEPT, NF_DROP, NfQueue
 from .rules import Rules
 from .status import status_data
@@ -197,12 +197,13 @@ class Plugin:
         dst, ext = (data[16:20], self.engine.external_ip) if v4 else (data[24:40], self.engine.external_ip6)
         l4, proto = ((data[0] & 15) * 4, data[9]) if v4 else (40, data[6])
         syn = proto == 6 and len(data) > l4 + 13 and data[l4 + 13] & 0x12 == 0x02
+        key = flow_key(data)  # (read once for the refreshes and the install below)
         if syn and off.flows:
             # a SYN on an offloaded flow reopens it (a port reused while the kernel's entry is in
             # TIME_WAIT): the engine must judge it in the kernel's state, else it lets it pass on
             # the old entry, which conntrack then kills and replaces by one of its own, without
             # roam's NAT, racing the answer (measured: 1.7% of new connections lost a SYN)
-            off.refresh(data, now)
+            off.refresh(data, now, key)
         if indev == self.ext_index:
             a = self._process(data, _EXTERNAL, now, _FULL)
         elif dst == ext:
@@ -211,7 +212,7 @@ class Plugin:
             return data  # it will not leave the external interface: never NATed, the kernel's own
         else:
             a = self._process(data, _INTERNAL, now, _FULL)
-        if a.action is not _ACCEPT and a.reason is _INVALID and not syn and off.refresh(data, now):  # (a SYN: read)
+        if a.action is not _ACCEPT and a.reason is _INVALID and not syn and off.refresh(data, now, key):  # (a SYN: read)
             a = self._process(data, _EXTERNAL if indev == self.ext_index else _INTERNAL, now,
                               _HAIRPIN_DST if dst == ext and indev != self.ext_index
                               else _FULL)  # judged again with the kernel's state of the flow
@@ -219,7 +220,7 @@ class Plugin:
             return None
         if self.engine.ended:
             off.sweep()
-        if a.reason in _DECIDED and not off.install(data, now):
+        if a.reason in _DECIDED and not off.install(data, now, key):
             return None
         return data
 

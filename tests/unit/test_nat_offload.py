@@ -271,7 +271,8 @@ class KernelCt(FakeCt):
 
 
 class PendingEvents:
-    """The kernel's DESTROY events not read yet."""
+    """The kernel's DESTROY events not read yet: a stand-in, as the race's instant (an entry reaped
+    between a read and the SYN that reopens its tuple) cannot be staged in the kernel at will."""
 
     def __init__(self):
         self.lost, self.pending = 0, []
