@@ -33,6 +33,12 @@ the flow goes into the kernel's connection tracking as an entry carrying its NAT
 only packets of flows without such an entry are queued (a new TCP flow's SYN and an echo
 request before conntrack, others after it). The namespace's conntrack timeouts are set to
 roam's lifetimes. Offloaded flows go on while the plugin is down; new ones wait.
+The kernel path (the default with offload, one process, IPv4): a new outbound TCP or UDP
+flow whose mapping is its own port (the endpoint holds it, or no mapping does) is NATed by
+the kernel alone (MASQUERADE within the port range), guided by IP sets roam keeps
+(roam-qN-pPID-*: held ports, endpoints keeping their port, endpoints mapped elsewhere, a
+liveness entry renewed every second); roam learns the flow from its conntrack NEW event.
+Everything else is queued as above. Within 3 s of a kill -9 the kernel path closes too.
 With --no-offload every packet is translated in user space as follows. It
 installs its own iptables rules (legacy xtables, through python-iptables): in `raw
 PREROUTING` every packet arriving on the external interface is queued to NFQUEUE N and
@@ -90,6 +96,9 @@ def register(sub, help_text: str) -> None:
                    help="translate every packet in user space (the per-packet path) instead of installing each "
                         "decided flow in the kernel's conntrack with its NAT (the default: later packets never "
                         "leave the kernel)")
+    p.add_argument("--no-kernel-path", dest="no_kernel_path", action="store_true",
+                   help="queue every new flow's first packet to roam, even one keeping its own port (the default "
+                        "lets the kernel NAT those alone, guided by roam's IP sets)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="N processes for new flows, on queues Q..Q+N-1 (Q: --queue; default 1): each owns a "
                         "lane of the port pools (every few ports in turn; the kernel's u32 match); a packet from "
@@ -369,7 +378,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             runner = plugin = Plugin(cfg, args.config, args.external, args.internal, args.queue, status_path,
                                      snap_path, clock=time.monotonic, wall=time.time, restore=not args.no_restore,
-                                     gso=args.gso, offload=not args.no_offload)
+                                     gso=args.gso, offload=not args.no_offload,
+                                     kernel_path=not args.no_kernel_path)
             if args.drop_log:
                 plugin.drop_log = open(args.drop_log, "a", buffering=1)
             what = f"translating {', '.join(plugin.cfg.internal)} behind {args.external}, queue {args.queue}"

@@ -96,9 +96,11 @@ class NatCollector:
         if off is not None:
             yield _gauge("roam_nat_offloaded_flows", "flows translated by the kernel (conntrack entries of roam's)",
                          (), (((), off["flows"]),))
-            yield _counter("roam_nat_offload", "offload events: entries installed, ended, adopted at start, failed",
+            yield _counter("roam_nat_offload", "offload events: entries installed, ended, adopted at start, failed; "
+                           "flows the kernel path NATed, and its clashes",
                            ("event",), (((k,), off[k]) for k in ("offloaded", "offload_ended", "adopted",
-                                                                  "offload_failed") if k in off))
+                                                                  "offload_failed", "kernel_flows", "kernel_clashes")
+                                        if k in off))
 
 
 class TunnelCollector:

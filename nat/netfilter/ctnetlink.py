@@ -6,8 +6,9 @@ the path of the new-connection rate.  This is one sendmsg and one recv per reque
 Constants from linux include/uapi/linux/netfilter/nfnetlink_conntrack.h.
 
 What roam needs: create an entry carrying the NAT (``create``), delete one (``delete``),
-list its own (``dump`` by mark, with packet counters) and hear the kernel destroy them
-(:class:`Events`, group NFNLGRP_CONNTRACK_DESTROY).  An entry is a :class:`KEntry`.
+list its own (``dump`` by mark, with packet counters), hear the kernel destroy them
+(:class:`Events`, group NFNLGRP_CONNTRACK_DESTROY) and, for the kernel path, make them
+(NFNLGRP_CONNTRACK_NEW).  An entry is a :class:`KEntry`.
 IPv4 and IPv6 (NAT66) alike: a tuple's family is its addresses' length.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ MSG_NEW, MSG_GET, MSG_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | 0, (NFNL_SUBSYS_CT
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 1, 2, 4, 0x200, 0x400
 NLM_F_DUMP = 0x300
-NFNLGRP_CONNTRACK_DESTROY = 3
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 # enum ctattr_type
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO, CTA_NAT_SRC, CTA_TIMEOUT, CTA_MARK = 1, 2, 3, 4, 6, 7, 8
 CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_NAT_DST, CTA_MARK_MASK = 9, 10, 13, 21
@@ -71,6 +72,7 @@ class KEntry(NamedTuple):
     status: int = 0  # IPS_* bits
     tcp_state: int = 0  # TCP_CONNTRACK_* (roam's TcpState numbers)
     timeout: int = 0  # seconds left
+    born: bool = False  # (an event) the kernel made it, rather than destroyed it
 
 
 def inverse(t: Tuple) -> Tuple:
@@ -160,26 +162,31 @@ def _packets(buf, span) -> int:
     return _U64(buf, c[CTA_COUNTERS_PACKETS][0])[0] if CTA_COUNTERS_PACKETS in c else 0
 
 
-def parse_entry(buf, off: int, end: int) -> KEntry | None:
+def parse_entry(buf, off: int, end: int, born: bool = False, marked: int = 0) -> KEntry | None:
     """The entry in one ctnetlink message (``off`` at its nlmsghdr): dumps and events parse
-    thousands a second, so one dict per nesting level and no helpers per field."""
+    thousands a second, so one dict per nesting level and no helpers per field.  ``marked``:
+    None unless the entry's mark has one of these bits (the rest is not even parsed)."""
     a = attr_spans(buf, off + _NLH.size + _NFG.size, end)
     if CTA_TUPLE_ORIG not in a or CTA_TUPLE_REPLY not in a:
+        return None
+    mark = a.get(CTA_MARK)
+    mark = _U32(buf, mark[0])[0] if mark else 0
+    if marked and not mark & marked:
         return None
     o, r = _parse_tuple(buf, a[CTA_TUPLE_ORIG]), _parse_tuple(buf, a[CTA_TUPLE_REPLY])
     if o is None or r is None:
         return None
     get = a.get
-    mark, status, left = get(CTA_MARK), get(CTA_STATUS), get(CTA_TIMEOUT)
+    status, left = get(CTA_STATUS), get(CTA_TIMEOUT)
     state = 0
     if CTA_PROTOINFO in a:
         tcp = attr_spans(buf, *a[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP)
         st = attr_spans(buf, *tcp).get(CTA_PROTOINFO_TCP_STATE) if tcp else None
         if st:
             state = buf[st[0]]
-    return KEntry(o, r, _U32(buf, mark[0])[0] if mark else 0, _packets(buf, get(CTA_COUNTERS_ORIG)),
+    return KEntry(o, r, mark, _packets(buf, get(CTA_COUNTERS_ORIG)),
                   _packets(buf, get(CTA_COUNTERS_REPLY)), _U32(buf, status[0])[0] if status else 0, state,
-                  _U32(buf, left[0])[0] if left else 0)
+                  _U32(buf, left[0])[0] if left else 0, born)
 
 
 _MIDDLE: dict[tuple, bytes] = {}  # create's timeout, mark, status and TCP info: a few values, built once
@@ -293,10 +300,14 @@ class CtSocket:
 
 
 class Events:
-    """The kernel's DESTROY events (select()-able); ``read`` returns the entries that died."""
+    """The kernel's DESTROY events, and with ``new`` (a mark bit) its NEW ones of entries with that
+    mark (select()-able); ``read`` returns the entries that died and were made (``born``), in the
+    kernel's order."""
 
-    def __init__(self, rcvbuf: int = 4 << 20) -> None:
-        self.sock = netfilter_socket(rcvbuf, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+    def __init__(self, rcvbuf: int = 4 << 20, new: int = 0) -> None:
+        groups = 1 << (NFNLGRP_CONNTRACK_DESTROY - 1) | (1 << (NFNLGRP_CONNTRACK_NEW - 1) if new else 0)
+        self.new = new
+        self.sock = netfilter_socket(rcvbuf, groups)
         self.sock.setblocking(False)
         self.lost = 0  # ENOBUFS: events the kernel could not deliver (the reconciliation finds them)
         self._buf = bytearray(1 << 16)
@@ -304,10 +315,20 @@ class Events:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[KEntry]:
+    #: the last read stopped at its limit: more events are waiting
+    more = False
+
+    def read(self, limit: int = 0) -> list[KEntry]:
+        """The events waiting (at most ``limit`` datagrams -- an event each -- if given)."""
         out: list[KEntry] = []
         buf = self._buf
+        self.more = False
         while True:
+            if limit:
+                limit -= 1
+                if not limit:
+                    self.more = True
+                    return out
             try:
                 n = self.sock.recv_into(buf)
             except BlockingIOError:
@@ -320,6 +341,10 @@ class Events:
             for off, length, kind, _ in messages(buf, n):
                 if kind == MSG_DELETE:
                     e = parse_entry(buf, off, off + length)
+                    if e is not None:
+                        out.append(e)
+                elif kind == MSG_NEW:
+                    e = parse_entry(buf, off, off + length, True, self.new)
                     if e is not None:
                         out.append(e)
 

@@ -24,6 +24,7 @@ from conntrack.table import Conn
 from .. import offload
 from ..config import NatConfig
 from .ctnetlink import CtSocket, Events, KEntry, Tuple
+from .kernelpath import KERNEL
 
 log = logging.getLogger("roam.nat")
 
@@ -51,12 +52,16 @@ def apply_sysctls(cfg: NatConfig) -> dict[str, int]:
 class Offloader:
     """The engine's flows in the kernel's conntrack table (owned by the plugin's lock holder)."""
 
-    def __init__(self, engine, cfg: NatConfig) -> None:
+    kernel = None  # the kernel path (set in __init__)
+
+    def __init__(self, engine, cfg: NatConfig, kernel=None) -> None:
         self.engine = engine
         self.cfg = cfg
+        self.kernel = kernel  # the kernel path (:class:`.kernelpath.KernelPath`): its flows are learned here
         self.ct = CtSocket()
         self.ct_dump = CtSocket()  # the main loop's, for dumps (self.ct is the packet thread's)
-        self.events = Events()
+        # (the kernel path's NEW events double the flow of them: a bigger buffer)
+        self.events = Events(16 << 20 if kernel is not None else 4 << 20, new=KERNEL if kernel is not None else 0)
         engine.ended = []  # flows the engine ends (reclaim, expiry): their kernel entries go at once
         self.flows: dict[bytes, Conn] = {}  # original key -> engine Conn, offloaded
         self._gen = 0  # dump generation: a flow installed after a dump began is not judged by it
@@ -187,11 +192,16 @@ class Offloader:
             if c.extra is not None:
                 self.engine.end_flow(key, now)
 
-    def on_events(self, now: float) -> int:
-        """Read the kernel's DESTROY events: each of ours ends its engine flow."""
+    def on_events(self, now: float, limit: int = 0) -> int:
+        """Read the kernel's events (at most ``limit``; ``events.more``: some are left): each DESTROY
+        of ours ends its engine flow, each NEW of the kernel path's becomes one (:meth:`learn`)."""
         n = 0
         debug = log.isEnabledFor(logging.DEBUG)  # (the text of each of 1,000s of events a second)
-        for e in self.events.read():
+        for e in self.events.read(limit):
+            if e.born:  # (only the kernel path's are read)
+                if _key(e.original) not in self.flows:
+                    self.learn(e, now)
+                continue
             if e.mark & MARK:
                 k = _key(e.original)
                 if debug:
@@ -206,6 +216,42 @@ class Offloader:
                     self._gone(k, now)
                     n += 1
         return n
+
+    def learn(self, e: KEntry, now: float) -> Conn | None:
+        """A flow the kernel NATed on its own (the kernel path) as an engine flow holding its
+        mapping; None (entry removed, counted) if the engine cannot take it: its port is another
+        endpoint's by now (two took it at once), or the table is full."""
+        kp = self.kernel
+        if kp is None:
+            return None
+        o, r = e.original, e.reply
+        if r.dst != self.engine.external_ip:  # made on an address gone since: no mapping to hold
+            self.ct.delete(o)
+            return None
+        k = _key(o)
+        if self.engine.table.lookup(k) is not None:  # the kernel's new entry replaced the flow the engine had
+            self.engine.end_flow(k, now)  # on this tuple (it reopened it): that one is over
+        c = offload.adopt(self.engine, o.proto, o.src, o.dst, o.sport, o.dport, r.src, r.dst, r.sport, r.dport,
+                          now, now + self._hold())
+        held = (o.proto, o.sport) in self.engine.mapping_table.by_external
+        if c is None:
+            kp.counters["kernel_clashes"] += 1
+            if kp.counters["kernel_clashes"] & (kp.counters["kernel_clashes"] - 1) == 0:
+                log.info("kernel path clash, flow removed and its endpoint queued from now on: %s (%d so far)",
+                         _text(e), kp.counters["kernel_clashes"])
+            self.ct.delete(o)
+            if o.proto in kp.held:
+                kp.clash(o.proto, o.src, o.sport, held)
+            return None
+        self.flows[k] = c
+        self._born[k] = self._gen
+        self.changes += 1
+        kp.counters["kernel_flows"] += 1
+        if r.dport != o.sport:  # the kernel chose another port: the sets say what the engine holds
+            kp.unclaim(o.proto, o.src, o.sport, held)
+        # (the mapping goes into the sets again from the journal, though the kernel's rules put it
+        # there: a freeing of the flow's predecessor read just before may have taken it out since)
+        return c
 
     def fetch(self, now: float) -> tuple[int, list[KEntry]]:
         """roam's entries in the kernel, and the generation of the dump (no engine state touched:
@@ -228,6 +274,11 @@ class Offloader:
         for e in entries:
             k = _key(e.original)
             c = self.flows.get(k)
+            if c is None and not adopt and e.mark & KERNEL:  # its NEW event was lost
+                c = self.engine.table.lookup(k) or self.learn(e, now)
+                if c is None:
+                    continue
+                self.flows[k] = c
             if c is None and adopt:
                 c = self.engine.table.lookup(k)
                 if c is None:
@@ -291,7 +342,8 @@ class Offloader:
         return n
 
     def status(self) -> dict:
-        return dict(self.counters, flows=len(self.flows), kernel_translated_out=self.kernel_packets[0],
+        kp = self.kernel.status() if self.kernel is not None else {}
+        return dict(self.counters, **kp, flows=len(self.flows), kernel_translated_out=self.kernel_packets[0],
                     kernel_translated_in=self.kernel_packets[1], events_lost=self.events.lost)
 
 

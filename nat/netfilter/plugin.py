@@ -16,7 +16,6 @@ engine.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -37,9 +36,11 @@ from . import PluginError
 from .droplog import drop_line
 from .interfaces import (AddressEvents, RouteCache, iface_address, iface_address6, iface_index, iface_networks,
                          resolve_internal)
+from .kernelpath import KernelPath
 from .lifecycle import Signals, remove_rules
 from .offload import MARK, Offloader, apply_sysctls, flow_key
-from .queue import NF_ACCEPT, NF_DROP, NfQueue
+from .packets import PacketThread
+from .queue import NfQueue
 from .rules import Rules
 from .status import status_data
 from .workers import NoRules, WorkerOffloader
@@ -55,13 +56,13 @@ _HOUSEKEEPING = 1.0  # seconds between expiry/status/snapshot rounds
 #: by the thousand per second, each held through TIME_WAIT) costs a second's CPU to write, taken from
 #: the packet thread (one GIL); such a table is written less often than every round (SIGUSR1: at once)
 _SNAPSHOT_SHARE = 0.05
-_BURST = 32  # --gso: packets taken from the queue before their verdicts go out together
 _RECV_TIMEOUT = 0.2  # seconds the idle packet thread waits in recv before looking for a stop
 #: seconds between two reads of the kernel's DESTROY events: read as they came, a flood of short
 #: connections woke the main thread 3,000 times a second, each round taking the lock and the GIL
 #: from the packets (measured: a fifth of the process's CPU); a flow's mapping outlives its entry
 #: by this much at most
 _EVENTS_EVERY = 0.05
+_EVENTS_SLICE = 256
 _ACCEPT, _NOT_OURS = Action.ACCEPT, NatReason.NOT_OURS
 _DECIDED = (NatReason.TRANSLATED, NatReason.HAIRPINNED)
 _INVALID = NatReason.INVALID
@@ -75,10 +76,10 @@ def log_events(events) -> None:
         log.log(ev.level, "%s", ev)
 
 
-class Plugin:
+class Plugin(PacketThread):
     def __init__(self, cfg: NatConfig, config_path: str, external: str, internal: list[str], queue: int,
                  status_path: str, snapshot_path: str, clock, wall, restore: bool = True, gso: bool = False,
-                 offload: bool = True, worker: tuple | None = None) -> None:
+                 offload: bool = True, worker: tuple | None = None, kernel_path: bool = True) -> None:
         self.config_path = config_path
         self.external = external
         self.internal_specs = internal
@@ -114,8 +115,10 @@ class Plugin:
         self.offloader: Offloader | None = None
         self.routes: RouteCache | None = None
         self.queued = 0
+        # the kernel path (.kernelpath): new outbound flows keeping their own port never come here
+        self.kernel = KernelPath(queue, self.cfg.port_range) if offload and kernel_path and worker is None else None
         self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0,
-                           internal6=self.cfg.internal6, nat66=self.cfg.nat66) \
+                           internal6=self.cfg.internal6, nat66=self.cfg.nat66, kernel=self.kernel) \
             if worker is None else NoRules()  # a worker's rules are its parent's
         self.ext_index = 0
         self._stop = False
@@ -235,30 +238,13 @@ class Plugin:
                 self.offloader.install(data, now)
             self._deferred.clear()
 
-    def _on_packet(self, p) -> None:
-        """NetfilterQueue's callback (in the packet thread)."""
-        with self._lock:
-            try:
-                data = p.get_payload()
-                out = self._answer(p.hook, p.indev, p.outdev, data, 0, p.get_mark() if self.offload else 0)
-                if out is None:
-                    p.drop()
-                    return
-                if out is not data:
-                    p.set_payload(out)
-                p.accept()
-            except Exception:  # the binding refused: ours too
-                self._bug()
-                try:
-                    p.drop()
-                except Exception:
-                    pass
-
     #: SIGUSR1 snapshots written: in the status file, written just after each, so that a hook
     #: waits for this to rise, not for a snapshot file that a periodic round may have written
     snapshots_asked = 0
     #: --workers: (index, :class:`.workers.Slices`); None: the one process (set in __init__)
     worker: tuple | None = None
+    #: the kernel path's sets (:mod:`.kernelpath`); None: every new flow is queued (set in __init__)
+    kernel: KernelPath | None = None
     #: opt-in (``roam nat --drop-log FILE``): a JSON line per dropped packet, for the lab's judge
     drop_log: IO[str] | None = None
     #: called once every rule is in place and packets flow (sd_notify READY=1), and when stopping
@@ -275,78 +261,10 @@ class Plugin:
             self.drop_log.write(line)
         return False
 
-    def _bug(self) -> None:
-        """A bug of ours, not the peer's: counted apart (and logged at 1, 2, 4, 8...)."""
-        self.bugs += 1
-        if self.bugs & (self.bugs - 1) == 0:
-            log.exception("internal error on a packet (%d so far); packet dropped", self.bugs)
-
-    def _gso_verdict(self, q, p) -> None:
-        """One packet from our own queue client (--gso); OSError from the socket goes up."""
-        data = p.payload
-        if len(data) > self.largest_packet:
-            self.largest_packet = len(data)
-        if p.skbinfo & 2:  # NFQA_SKB_GSO
-            self.gso_packets += 1
-        out = self._answer(p.hook, p.indev, p.outdev, data, p.skbinfo, p.mark)
-        if out is None:
-            q.verdict(p.id, NF_DROP)
-        elif out is data:
-            q.verdict(p.id, NF_ACCEPT)
-        else:
-            q.verdict(p.id, NF_ACCEPT, out)
-
-    def _gso_loop(self, q, wsig: socket.socket) -> None:
-        """The packet thread with --gso: our own client's recv loop until told to stop."""
-        while not self._stop_packets:
-            try:
-                try:
-                    batch = q.receive()
-                except (BlockingIOError, TimeoutError, socket.timeout):
-                    continue
-                # a burst: what else is queued already (bounded), verdicts sent together
-                for _ in range(_BURST - 1):
-                    try:
-                        more = q.receive(socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        break
-                    batch.extend(more)
-                with self._lock:
-                    try:
-                        for p in batch:
-                            self._gso_verdict(q, p)
-                    finally:
-                        q.flush()
-                        self._install_deferred()
-                    self.engine.counters["queue_overruns"] = q.overruns
-            except OSError as exc:
-                self._fail(exc, wsig)
-                return
-
-    def _packet_loop(self, nfq, wsig: socket.socket) -> None:
-        """The packet thread: the binding's blocking recv loop until told to stop."""
-        while not self._stop_packets:
-            try:
-                nfq.run(block=True)  # returns when the receive timeout passes with nothing queued
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    with self._lock:
-                        self.engine.counters["queue_overruns"] += 1
-                    continue
-                self._fail(exc, wsig)
-                return
-
-    def _fail(self, exc: OSError, wsig: socket.socket) -> None:
-        """The queue socket failed: stop, and wake the main loop, which raises it."""
-        self._packet_error = exc
-        self._stop = True
-        try:
-            wsig.send(b"x")
-        except OSError:
-            pass
-
     # -- control -----------------------------------------------------------------
     def _refresh_address(self) -> None:
+        if self.kernel is not None and self.offloader is not None:  # flows made on the old address first
+            self.offloader.on_events(self.clock())
         if self.routes is not None:
             self.routes.clear()
         ip = iface_address(self.external)
@@ -430,7 +348,7 @@ class Plugin:
         wsig = sigs.wsig
         nfq: Any = None  # our NfQueue (--gso) or NetfilterQueue's binding
         addrs = packets = nfsock = None
-        ours = False  # past the owner check: the rules of this queue are ours to remove
+        ours = made_sets = False  # past the owner check: the rules of this queue are ours to remove
         started = False  # rules went in: a snapshot and a status to leave
         try:
             sigs.install()
@@ -441,7 +359,7 @@ class Plugin:
             if self.offload:
                 apply_sysctls(self.cfg)
                 if self.worker is None:
-                    self.offloader = Offloader(self.engine, self.engine.config)
+                    self.offloader = Offloader(self.engine, self.engine.config, self.kernel)
                 else:
                     wo = WorkerOffloader(self.engine, self.engine.config)
                     wo.index, wo.slices = self.worker
@@ -462,6 +380,17 @@ class Plugin:
                 started = True
                 if self.offloader is not None:  # a dead run's entries: its flows go on, held here
                     self.offloader.reconcile(self.clock(), adopt=True)
+                if self.kernel is not None:  # its sets, full, before the rules that read them
+                    made_sets = True
+                    try:
+                        self.kernel.create()
+                        self.kernel.fill(self.engine.mapping_table, self.clock())
+                    except Exception as exc:  # (a kernel without IP sets) every new flow is queued
+                        log.warning("kernel path off: its IP sets cannot be made (%s)", exc)
+                        self.kernel.destroy()
+                        self.kernel = self.rules.kernel = None
+                        assert self.offloader is not None
+                        self.offloader.kernel = None
                 self.rules.install(self.engine.address_text())
                 if self.cfg.nat66:
                     self.rules.set_address6(self.engine.address_text(6))
@@ -469,6 +398,8 @@ class Plugin:
             stale = self.rules.remove_stale()  # only now: ours match first already
             if stale:
                 log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
+            if self.kernel is not None:
+                self.kernel.remove_stale()
             # The packet thread blocks in the binding's own recv loop (one syscall a packet, no
             # select round per wake-up); the receive timeout lets it see a stop when idle.
             nfsock = nfq.sock if self.gso else socket.fromfd(nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
@@ -496,6 +427,8 @@ class Plugin:
             return 0
         finally:
             removed = remove_rules(self.rules, ours, self.on_stopping)
+            if made_sets and self.kernel is not None:  # (their rules are gone)
+                self.kernel.destroy()
             self._stop_packets = True
             if packets is not None:
                 packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
@@ -561,8 +494,11 @@ class Plugin:
                 self._snap_now = False
             if off is not None and off.events in ready:
                 events_at = now + _EVENTS_EVERY
-                with self._lock:
-                    off.on_events(now)
+                for _ in range(1000):  # in slices, so queued packets need not wait for all of them
+                    with self._lock:
+                        off.on_events(now, _EVENTS_SLICE)
+                    if not off.events.more:
+                        break
             # an offloaded flow's packets pass the engine by: its TCP state is the kernel's, read
             # at each reconciliation -- and at once for a snapshot asked for (a carried SYN_SENT
             # makes the flow's next segment INVALID on the new host)
@@ -588,6 +524,9 @@ class Plugin:
                 snapshot.save(self.status_path, st)
             with self._lock:
                 events = self.engine.pop_events()
+                if self.kernel is not None:  # what the events and expiry freed; the kernel path kept open
+                    self.kernel.sync()
+                    self.kernel.renew(now)
             log_events(events)
 
     def _sig_stop(self, signum, frame) -> None:

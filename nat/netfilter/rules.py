@@ -30,6 +30,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from typing import Any
 
 from . import PluginError
 
@@ -56,8 +57,9 @@ class Rules:
 
     def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False,
                  offload_mark: int = 0, workers: list | None = None, internal6: tuple[str, ...] = (),
-                 nat66: bool = False) -> None:
+                 nat66: bool = False, kernel=None) -> None:
         self.external = external
+        self.kernel = kernel  # the kernel path's sets (:class:`.kernelpath.KernelPath`), or None
         self.internal6 = internal6
         self.nat66 = nat66
         #: --workers N: each worker's TCP/UDP ports ([(first, last, lane), ...] per worker; worker k
@@ -95,7 +97,10 @@ class Rules:
             yield from self._each_of(prefix, v6)
 
     def _each_of(self, prefix: str | None, v6: bool):
-        for tname, cname in (("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("mangle", "POSTROUTING")):
+        chains = [("raw", "PREROUTING"), ("mangle", "PREROUTING"), ("mangle", "POSTROUTING")]
+        if not v6 and _loaded("nat"):  # (looking would load it: its hooks change nothing, but --no-offload has none)
+            chains.append(("nat", "POSTROUTING"))
+        for tname, cname in chains:
             chain = self._chain(tname, cname, v6)
             for rule in list(chain.rules):
                 c = self._comments(rule, prefix)
@@ -155,10 +160,11 @@ class Rules:
 
     def _add(self, tname: str, cname: str, comment: str, *, in_if: str | None = None, out_if: str | None = None,
              src: str | None = None, dst: str | None = None, proto: str | None = None, matches=(),
-             mark_target: int = 0, queue: int | None = None, v6: bool = False) -> None:
+             mark_target: int = 0, queue: int | None = None, v6: bool = False, target=None) -> None:
         """Insert one rule at the top: the comment comes first among the matches (so the
         listing reads ``... -m comment --comment "roam-nat ..." ...``); ``matches`` are
-        (name, {option: value}); the target is NFQUEUE N, or MARK --or-mark ``mark_target``."""
+        (name, {option: value}); the target is NFQUEUE N, MARK --or-mark ``mark_target``, or
+        ``target`` (name, {option: value})."""
         import iptc
 
         rule = iptc.Rule6() if v6 else iptc.Rule()
@@ -178,12 +184,16 @@ class Rules:
             m = rule.create_match(name)
             for k, v in opts.items():
                 setattr(m, k, v)
-        if mark_target:
-            target = rule.create_target("MARK")
-            target.or_mark = hex(mark_target)
+        if target is not None:
+            t = rule.create_target(target[0])
+            for k, v in target[1].items():
+                setattr(t, k, v)
+        elif mark_target:
+            t = rule.create_target("MARK")
+            t.or_mark = hex(mark_target)
         else:
-            target = rule.create_target("NFQUEUE")
-            target.queue_num = str(self.queue if queue is None else queue)  # no --queue-bypass: fail-closed
+            t = rule.create_target("NFQUEUE")
+            t.queue_num = str(self.queue if queue is None else queue)  # no --queue-bypass: fail-closed
         self._chain(tname, cname, v6).insert_rule(rule)
 
     def _queue(self, tname: str, cname: str, comment: str, by: str, protos=("tcp", "udp"), matches=(),
@@ -267,6 +277,52 @@ class Rules:
                                 "sport", out_if="!" + self.external, src=net, matches=cond, v6=v6)
             if not v6:
                 self.set_address(external_ip)
+        if self.kernel is not None and not v6:
+            self._install_kernel_path()
+
+    def _install_kernel_path(self) -> None:
+        """The kernel path's rules (:mod:`.kernelpath` says when a flow takes it), ahead of the
+        others.  TCP: in ``raw`` a SYN that qualifies gets the packet mark KERNEL and is ACCEPTed
+        (past roam's pre-conntrack queueing), and its new connection the connmark KERNEL|MARK in
+        ``mangle POSTROUTING``; UDP, queued after conntrack anyway: there, a new connection's
+        first packet that qualifies (no rule on later packets: ``--ctstate NEW`` first).  In ``nat
+        POSTROUTING`` a KERNEL connection's port and endpoint go into the sets, then MASQUERADE
+        within the port range (fail-closed: no address, no packet)."""
+        from .kernelpath import KERNEL
+
+        kp, tag = self.kernel, self.mine + " kernel"
+        lo, hi = kp.port_range
+        both = hex(KERNEL | self.offload_mark)
+        km = [("mark", {"mark": f"{hex(KERNEL)}/{hex(KERNEL)}"})]
+        ckm = [("connmark", {"mark": f"{hex(KERNEL)}/{hex(KERNEL)}"})]
+        for proto in ("udp", "tcp"):
+            held = kp.held[6 if proto == "tcp" else 17]
+            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
+                      target=("MASQUERADE", {"to_ports": f"{lo}-{hi}"}))
+            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
+                      target=("SET", {"add_set": [kp.keep, "src,src"]}))
+            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
+                      target=("SET", {"add_set": [held, "src"]}))
+        self._add("raw", "PREROUTING", tag, proto="tcp", matches=km, target=("ACCEPT", {}))
+        self._add("mangle", "POSTROUTING", tag, out_if=self.external, proto="tcp",
+                  matches=[("conntrack", {"ctstate": "NEW"})] + km, target=("CONNMARK", {"or_mark": both}))
+        for net in self.internal:
+            for proto in ("udp", "tcp"):
+                first: dict[str, Any] = {"sport": f"{lo}:{hi}"}
+                if proto == "tcp":
+                    first["tcp_flags"] = ["FIN,SYN,RST,ACK", "SYN"]
+                held = kp.held[6 if proto == "tcp" else 17]
+                base = [(proto, first), ("set", {"match_set": [kp.alive, "src"]}),
+                        ("set", {"match_set": ["!", kp.moved, "src,src"]})]
+                for which in (("set", {"match_set": ["!", held, "src"]}), ("set", {"match_set": [kp.keep, "src,src"]})):
+                    if proto == "tcp":
+                        self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst="!" + net,
+                                  proto=proto, matches=[("addrtype", {"dst_type": "!LOCAL"})] + base + [which],
+                                  mark_target=KERNEL)
+                    else:
+                        self._add("mangle", "POSTROUTING", tag, out_if=self.external, src=net, proto=proto,
+                                  matches=[("conntrack", {"ctstate": "NEW"}), ("addrtype", {"src_type": "!LOCAL"})]
+                                  + base + [which], target=("CONNMARK", {"or_mark": both}))
 
     def set_address(self, external_ip: str | None) -> None:
         """Point the hairpin rules at the external address (none while there is no address)."""
@@ -339,6 +395,15 @@ def _ip6tables_loaded() -> bool:
     try:
         with open("/proc/net/ip6_tables_names") as f:
             return bool(f.read().split())
+    except OSError:
+        return False
+
+
+def _loaded(table: str) -> bool:
+    """Whether this namespace has the iptables table ``table``."""
+    try:
+        with open("/proc/net/ip_tables_names") as f:
+            return table in f.read().split()
     except OSError:
         return False
 

@@ -176,6 +176,8 @@ class WorkerOffloader(Offloader):
 class NoRules:
     """A worker's rules: none (the parent's :class:`Rules` are the only ones)."""
 
+    kernel = None  # (workers have no kernel path)
+
     def check_owners(self) -> None:
         pass
 

@@ -94,7 +94,8 @@ def test_nat_metrics_scraped_inside_the_namespace(lab, tmp_path, notify_factory)
         cli.close()
         srv.close()
     assert value(after, "roam_nat_pool_ports_used", proto="tcp") >= 1
-    assert value(after, "roam_nat_offload_total", event="offloaded") >= 1
+    assert (value(after, "roam_nat_offload_total", event="offloaded") or 0) \
+        + (value(after, "roam_nat_offload_total", event="kernel_flows") or 0) >= 1  # roam's, or the kernel path's
 
 
 def test_tunnel_metrics_scraped_inside_the_namespace(lab, tmp_path, notify_factory):

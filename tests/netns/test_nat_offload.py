@@ -20,9 +20,8 @@ import pytest
 
 from conntrack.pcap import read_pcap, record_packet
 
-from .test_nat_plugin import EXT, INTERNAL, PEER, RULES_OFFLOAD, VM, Site, _captured_records, _wait
+from .test_nat_plugin import EXT, INTERNAL, PEER, RULES_OFFLOAD, VM, Site, _captured_records, _wait, ours
 
-MARK = "mark=536870912"  # roam's conntrack mark bit (0x20000000)
 PEER2 = "203.0.113.3"
 
 
@@ -103,7 +102,7 @@ def test_only_new_flows_reach_the_queue_the_kernel_translates_the_rest(site):
     queued = _settled(site) - base
     assert queued <= 10, queued  # the SYN, the first datagram (and a stray or two): not 2 x 300 + 4 MiB
     line = next(l for l in _entries(site, "-p", "udp") if "dport=5300" in l)
-    assert f"src={VM} dst={PEER} sport=41234 dport=5300" in line and MARK in line, line
+    assert f"src={VM} dst={PEER} sport=41234 dport=5300" in line and ours(line), line
     assert f"src={PEER} dst={EXT} sport=5300 dport=41234" in line, line
     # endpoint-independent mapping: another destination, the same external endpoint ...
     us2 = site.sock(site.inet, socket.SOCK_DGRAM)
@@ -198,9 +197,12 @@ def test_idle_udp_outlives_the_kernel_default_and_configured_lifetimes_hold(site
         s.close()
 
 
-def test_an_address_change_removes_every_offloaded_entry_at_once(site):
+@pytest.mark.parametrize("kernel_path", [True, False], ids=["kernel-path", "queued"])
+def test_an_address_change_removes_every_offloaded_entry_at_once(site, kernel_path):
+    """Flows roam decided are removed by roam (at once, by mark); flows the kernel path NATed
+    (MASQUERADE) by the kernel itself when the address goes, their DESTROYs ending them in roam."""
     lab = site.lab
-    site.start()
+    site.start(extra=() if kernel_path else ["--no-kernel-path"])
     us = site.sock(site.inet, socket.SOCK_DGRAM)
     us.bind(("0.0.0.0", 5301))
     socks = []
@@ -210,13 +212,17 @@ def test_an_address_change_removes_every_offloaded_entry_at_once(site):
         uc.sendto(b"1", (PEER, 5301))
         assert us.recvfrom(10)[1] == (EXT, port)
         socks.append(uc)
-    assert len([l for l in _entries(site) if MARK in l]) == 3
+    assert len([l for l in _entries(site) if ours(l)]) == 3
     lab.flush_addr(site.host, "ext0")
     lab.addr(site.host, "ext0", "203.0.113.5/24")
     _wait(lambda: (site.status() or {}).get("engine", {}).get("external_ip") == "203.0.113.5", 10,
           "the plugin to see the new address")
-    assert not [l for l in _entries(site) if MARK in l and f"dst={EXT} " in l]
-    assert site.counter("flows_killed_by_address_change") == 3
+    assert not [l for l in _entries(site) if ours(l) and f"dst={EXT} " in l]
+    if kernel_path:
+        _wait(lambda: _off(site)["kernel_flows"] == 3 and _off(site)["flows"] == 0, 5,
+              "the kernel's DESTROYs to end the kernel path's three flows in roam")
+    else:
+        assert site.counter("flows_killed_by_address_change") == 3
     socks[0].sendto(b"2", (PEER, 5301))
     assert us.recvfrom(10)[1] == ("203.0.113.5", 44000)
     for s in socks + [us]:
@@ -351,8 +357,8 @@ def test_the_hosts_own_traffic_stays_the_kernels_beside_offloaded_flows(site):
     host_lines = [l for l in lines if f"src={EXT} dst={PEER} sport={h.getsockname()[1]} dport=7300" in l
                   or f"src={PEER} dst={EXT} sport={r.getsockname()[1]} dport=2222" in l]
     vm_line = next(l for l in lines if f"src={VM} dst={PEER}" in l)
-    assert MARK in vm_line, vm_line
-    assert len(host_lines) == 2 and not [l for l in host_lines if MARK in l], lines
+    assert ours(vm_line), vm_line
+    assert len(host_lines) == 2 and not [l for l in host_lines if ours(l)], lines
     for s in (hs, h, hc, sshd, r, rc, v, vc):
         s.close()
 
@@ -371,7 +377,7 @@ def test_no_offload_queues_every_packet_and_leaves_no_kernel_nat(lab, tmp_path):
         uc.recvfrom(10)
     assert _settled(site) - base >= 100  # every packet, both ways
     assert (site.status() or {}).get("offload") is None
-    assert not [l for l in _entries(site) if MARK in l]
+    assert not [l for l in _entries(site) if ours(l)]
     for s in (us, uc):
         s.close()
 
@@ -403,7 +409,7 @@ def test_hairpinned_udp_and_internal_to_internal_traffic(site):
         assert c.recvfrom(10) == (data, (EXT, 5353))
     assert _settled(site) - base <= 4  # the first packet's two halves (and a stray), not 100
     line = next(l for l in _entries(site, "-p", "udp") if "sport=41000" in l)
-    assert f"src=198.18.1.2 dst={EXT} sport=41000 dport=5353" in line and MARK in line, line
+    assert f"src=198.18.1.2 dst={EXT} sport=41000 dport=5353" in line and ours(line), line
     assert f"src={VM} dst={EXT} sport=53 dport=41000" in line, line
     # VM to VM directly (two internal networks): not NATed, by no path
     t, d, tc, addr = site.tcp(site.vm, (VM, 7400), vm2, (VM, 7400))
@@ -427,7 +433,7 @@ def test_what_the_host_routes_elsewhere_is_not_natted(site):
     srv, c, conn, addr = site.tcp(mgmt, ("192.0.2.2", 7500), site.vm, ("192.0.2.2", 7500))
     assert addr == (VM, c.getsockname()[1])  # not NATed
     assert lab.ping(site.vm, "192.0.2.2", count=1) == 1
-    assert not [l for l in _entries(site) if MARK in l and "192.0.2.2" in l]
+    assert not [l for l in _entries(site) if ours(l) and "192.0.2.2" in l]
     # the route moves to the external side: from now on such flows are NATed there
     lab.flush_addr(site.host, "mg0")
     lab.addr(site.inet, "inet0", "192.0.2.2/32")
@@ -445,11 +451,14 @@ def test_what_the_host_routes_elsewhere_is_not_natted(site):
         s.close()
 
 
-def test_an_address_changed_while_down_leaves_no_entry_on_the_old_one(site):
+@pytest.mark.parametrize("kernel_path", [True, False], ids=["kernel-path", "queued"])
+def test_an_address_changed_while_down_leaves_no_entry_on_the_old_one(site, kernel_path):
     """Killed with offloaded flows on the old address, restarted on a new one: what the new run
-    cannot take over is removed from the kernel, not left translating to a gone address."""
+    cannot take over is removed from the kernel, not left translating to a gone address (the
+    kernel path's MASQUERADEd entries: by the kernel, as the address goes)."""
     lab = site.lab
-    site.start()
+    extra = () if kernel_path else ["--no-kernel-path"]
+    site.start(extra=extra)
     us = site.sock(site.inet, socket.SOCK_DGRAM)
     us.bind(("0.0.0.0", 5303))
     uc = site.sock(site.vm, socket.SOCK_DGRAM)
@@ -457,13 +466,13 @@ def test_an_address_changed_while_down_leaves_no_entry_on_the_old_one(site):
     uc.sendto(b"1", (PEER, 5303))
     assert us.recvfrom(10)[1] == (EXT, 45000)
     lab.stop(site.proc, sig=signal.SIGKILL)
-    assert [l for l in _entries(site) if MARK in l and f"dst={EXT} " in l]  # still there, and working
+    assert [l for l in _entries(site) if ours(l) and f"dst={EXT} " in l]  # still there, and working
     lab.flush_addr(site.host, "ext0")
     lab.addr(site.host, "ext0", "203.0.113.5/24")
-    site.start()
-    assert not [l for l in _entries(site) if MARK in l and f"dst={EXT} " in l]
+    site.start(extra=extra)
+    assert not [l for l in _entries(site) if ours(l) and f"dst={EXT} " in l]
     with open(site.log) as f:
-        assert "removed the kernel's entry of an earlier run" in f.read()
+        assert kernel_path or "removed the kernel's entry of an earlier run" in f.read()
     uc.sendto(b"2", (PEER, 5303))
     assert us.recvfrom(10)[1] == ("203.0.113.5", 45000)
     for s in (us, uc):
@@ -509,7 +518,7 @@ def test_the_first_mid_stream_packet_of_a_connection_the_kernel_never_saw_goes_o
                                                               (socket.inet_aton(EXT), 43210, 6)], data
     assert _total_retrans(c) == retrans  # the first one went out: nothing was sent twice
     line = next(l for l in _entries(site, "-p", "tcp") if "dport=7300" in l)
-    assert MARK in line and f"src={PEER} dst={EXT} sport=7300 dport=43210" in line, line  # offloaded after it
+    assert ours(line) and f"src={PEER} dst={EXT} sport=7300 dport=43210" in line, line  # offloaded after it
     for s in (srv, conn, c):
         s.close()
 
@@ -588,4 +597,4 @@ def test_a_port_reused_while_its_kernel_entry_is_in_time_wait_connects_without_a
     srv.close()
     assert _nstat(site, site.vm, "TcpExtTCPSynRetrans") == before
     line = next(l for l in _entries(site, "-p", "tcp") if "sport=45000" in l)
-    assert MARK in line and f"dst={EXT} sport=7500 dport=45000" in line, line  # the last one offloaded, its port kept
+    assert ours(line) and f"dst={EXT} sport=7500 dport=45000" in line, line  # the last one offloaded, its port kept

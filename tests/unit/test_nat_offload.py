@@ -184,7 +184,7 @@ def _offloader(e):
     o = object.__new__(Offloader)
     o.engine, o.cfg, o.ct, o.flows, o.changes, o._gen, o._born = e, e.config, FakeCt(), {}, 0, 0, {}
     o.ct_dump, o._replaced = o.ct, {}
-    o.events, o._lost_seen = types.SimpleNamespace(lost=0, read=list), 0  # (the kernel's DESTROY events: none)
+    o.events, o._lost_seen = types.SimpleNamespace(lost=0, read=lambda limit=0: []), 0  # (the kernel's DESTROY events: none)
     o._last = o._next = 0.0
     o.kernel_packets, o._dead_packets = [0, 0], [0, 0]
     o.counters = {"offloaded": 0, "offload_failed": 0, "offload_ended": 0, "adopted": 0}
@@ -277,7 +277,7 @@ class PendingEvents:
     def __init__(self):
         self.lost, self.pending = 0, []
 
-    def read(self):
+    def read(self, limit=0):
         out, self.pending = self.pending, []
         return out
 

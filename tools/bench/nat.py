@@ -1,11 +1,12 @@
 """NAT speed: the engine alone in-process (established-flow translations/s), and in a namespace
-lab (VM -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, the
-default), `roam nat --workers 2`, `roam nat --no-offload` and `--no-offload --gso`, each measured the
-same way: iperf3
+lab (VM -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, with the
+kernel path: the defaults), `roam nat --workers 2`, `roam nat --no-kernel-path`, `roam nat
+--no-offload` and `--no-offload --gso`, each measured the same way: iperf3
 TCP throughput, 64-byte UDP packets/s received (one iperf3 client per core, so one sender is
 not the bottleneck) and new TCP connections/s (the same connect/close clients and accepting servers against each).
 Every figure is also given as a ratio to kernel MASQUERADE (lab) or to a bare parse loop
-(engine); new connections with --workers 2 also to one worker's rate. Printed, never asserted."""
+(engine); new connections with --workers 2 also to one worker's rate; and whether roam learned
+the kernel path's flows as fast as the kernel made them. Printed, never asserted."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +118,7 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
 
 # ----------------------------------------------------------------------------- lab
 WORKERS = "roam nat --workers 2"
+NO_KERNEL_PATH = "roam nat --no-kernel-path"
 _UDP_SENDERS = 2  # iperf3 3.12 runs one thread: one client process per core, each to its own server
 _IN_FLIGHT = 64  # connects each client keeps going at once: the rate is the NAT's, not one round trip's
 #: accepting processes per port (SO_REUSEPORT): one could not keep up with MASQUERADE (measured:
@@ -281,7 +283,7 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(1 + _UDP_SENDERS)]
         ports = {}
         for i, name in enumerate(("kernel MASQUERADE", "roam nat", "roam nat --no-offload",
-                                  "roam nat --no-offload --gso", WORKERS)):
+                                  "roam nat --no-offload --gso", WORKERS, NO_KERNEL_PATH)):
             ports[name] = 6000 + i  # a port each: no tuple of one run meets another's
             servers += [lab.popen(inet, [sys.executable, "-c", _CONN_SERVER, str(ports[name])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(_CONN_SERVERS)]
@@ -295,11 +297,15 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
         results["kernel MASQUERADE"] = measure("kernel MASQUERADE")
         lab.run(host, ["iptables-legacy", "-t", "nat", "-F"])
         lab.run(host, ["conntrack", "-F"], check=False)
-        for q, (name, extra) in zip((8, 9, 10, 11), (("roam nat", []), (WORKERS, ["--workers", "2"]),
-                                                      ("roam nat --no-offload", ["--no-offload"]),
-                                                      ("roam nat --no-offload --gso", ["--no-offload", "--gso"]))):
+        for q, (name, extra) in zip((8, 9, 11, 12, 13), (("roam nat", []), (WORKERS, ["--workers", "2"]),
+                                                          (NO_KERNEL_PATH, ["--no-kernel-path"]),
+                                                          ("roam nat --no-offload", ["--no-offload"]),
+                                                          ("roam nat --no-offload --gso", ["--no-offload", "--gso"]))):
             nat = _start_nat(lab, host, conf, d, q, extra)  # --workers 2 on queues 9 and 10
             results[name] = measure(name)
+            if name == "roam nat":
+                KEPT_UP.append(_kept_up(os.path.join(d, f"q{q}", f"nat-q{q}.status.json"),
+                                        results[name][2] * seconds))
             lab.stop(nat)
             lab.run(host, ["conntrack", "-F"], check=False)
         for s in servers:
@@ -311,6 +317,31 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
                 row += [v, v / r if r else float("nan")]
             rows.append(row + [round(100 * vals[3])])
     return rows
+
+
+#: (filled by bench_lab) how the default run's learning of the kernel path's flows went
+KEPT_UP: list[str] = []
+
+
+def _kept_up(status_path: str, made: float) -> str:
+    """Whether roam learned the kernel path's flows (from their NEW events) as fast as the kernel
+    made them: the status once its count stops moving (read every 0.5 s, for at most 30 s)."""
+    def read() -> dict:
+        try:
+            with open(status_path) as f:
+                return json.load(f).get("offload") or {}
+        except (OSError, ValueError):
+            return {}
+    t0 = time.monotonic()
+    last, st = -1, read()
+    while st.get("kernel_flows", 0) != last and time.monotonic() < t0 + 30:
+        last = st.get("kernel_flows", 0)
+        time.sleep(1.2)  # (the status is written every second)
+        st = read()
+    return (f"roam nat's kernel path: {st.get('kernel_flows', 0):,} flows NATed by the kernel and learned by roam "
+            f"(~{made:,.0f} new TCP connections measured, and the iperf3 flows), settled "
+            f"{time.monotonic() - t0:.1f} s after the load; clashes {st.get('kernel_clashes', 0)}, "
+            f"event losses {st.get('events_lost', 0)}, flows roam decided itself {st.get('offloaded', 0):,}")
 
 
 def workers_line(rows: list[list]) -> str:
@@ -341,5 +372,7 @@ def run(args: argparse.Namespace) -> int:
                           "idle %"], lab))
             line = workers_line(lab)
             if line:
+                print(line)
+            for line in KEPT_UP:
                 print(line)
     return 0

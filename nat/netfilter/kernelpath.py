@@ -1,0 +1,165 @@
+"""The kernel path: a new outbound TCP or UDP flow whose mapping is already known -- its own
+port -- is NATed by the kernel alone, with no packet queued.
+
+Why: a queued first packet costs ~100 us of CPU in roam (queue, engine, ctnetlink create,
+verdict), and the new-connection rate was a fifth of kernel MASQUERADE's (issue 10).  Most
+new flows need no decision at all: port preservation gives an internal endpoint its own
+port whenever no other endpoint holds it.  The kernel can tell that itself, from sets roam
+keeps (the engine's mapping table stays the one truth):
+
+* ``HELD`` (bitmap:port, one per protocol): every external port a mapping holds;
+* ``KEEP`` (hash:ip,port): every internal endpoint whose mapping is its own port;
+* ``MOVED`` (hash:ip,port): every endpoint mapped to another port (or queued after a clash);
+* ``ALIVE`` (hash:net, both halves of IPv4, a timeout renewed while roam runs).
+
+An outbound SYN or UDP packet from an internal endpoint (ip, port), port in the port
+range, not MOVED, and KEEP or with a port not HELD, gets the packet mark ``KERNEL`` in
+``raw`` and skips roam's queueing; its new connection gets the connmark ``MARK|KERNEL``
+and ``MASQUERADE --to-ports`` the range (which keeps a free port), and the same step adds
+the port to HELD and the endpoint to KEEP (``SET``), so another endpoint's flow with that
+port is queued from the next packet on.  Everything else comes to roam as before: ICMP,
+inbound, hairpin, ports out of the range, endpoints mapped elsewhere.
+
+roam learns each such flow from its NEW event as an engine flow holding its mapping
+(:func:`nat.offload.adopt`): endpoint-independent filtering, hairpinning, snapshots and
+status see it, its DESTROY frees it.  A clash (two endpoints took one port at the same
+instant; the kernel kept no port because a tuple was taken) removes the entry, counted,
+and the endpoint is queued from then on (MOVED, for 10 minutes).  The mapping table's
+journal (mappings made and freed) goes into the sets before any verdict that depends on
+it.  Fail-closed as the queue: with roam gone, ALIVE lapses after ``ALIVE_FOR`` seconds,
+and new flows then wait at the dead queue.  IPv4 only, one process (``--workers`` and NAT66
+queue every new flow).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from . import ipset
+from .ipset import member
+from .rules import _is_roam
+
+log = logging.getLogger("roam.nat")
+
+KERNEL = 0x10000000  # the packet mark of the kernel path; with offload.MARK, its entries' connmark
+ALIVE_FOR = 3  # seconds the kernel path outlives roam's last renewal (renewed every second)
+CLASH_QUEUED = 600  # seconds an endpoint that clashed is queued
+_HALVES = (b"\0\0\0\0", b"\x80\0\0\0")
+
+
+class KernelPath:
+    """The sets of one run (names carry the queue and the pid, as the rules' comments do)."""
+
+    def __init__(self, queue: int, port_range: tuple[int, int]) -> None:
+        base = f"roam-q{queue}-p{os.getpid()}-"
+        self.prefix = f"roam-q{queue}-p"
+        self.held = {6: base + "tcp", 17: base + "udp"}
+        self.keep, self.moved, self.alive = base + "keep", base + "moved", base + "alive"
+        self.port_range = port_range
+        self.writer: ipset.SetWriter | None = None
+        self.journal: list | None = None
+        self._renewed = float("-inf")
+        self.counters = {"kernel_flows": 0, "kernel_clashes": 0}
+
+    def names(self) -> list[str]:
+        return [*self.held.values(), self.keep, self.moved, self.alive]
+
+    def create(self) -> None:
+        """The sets, empty (before the rules that use them)."""
+        for name in self.held.values():
+            ipset.create(name, "bitmap:port", (0, 65535))
+        ipset.create(self.keep, "hash:ip,port")
+        ipset.create(self.moved, "hash:ip,port", timeout=CLASH_QUEUED)
+        ipset.create(self.alive, "hash:net", timeout=ALIVE_FOR)
+        self.writer = ipset.SetWriter()
+
+    def fill(self, table, now: float) -> None:
+        """Every mapping of ``table`` (the IPv4 one) into the sets, then its journal on: from
+        here on each mapping made or freed follows (:meth:`sync`)."""
+        for e in table.by_external.values():
+            self._apply(1, e.mapping)
+        table.journal = self.journal = []
+        self.renew(now, force=True)
+
+    def sync(self) -> None:
+        """The journal into the sets, sent (call before the verdicts that depend on it go out)."""
+        j = self.journal
+        if j:
+            for op, m in j:
+                self._apply(op, m)
+            j.clear()
+        if self.writer is not None:
+            self.writer.send()
+
+    def _apply(self, op: int, m) -> None:
+        w = self.writer
+        assert w is not None, "sets made first"
+        if op == 0:  # the address changed: every mapping went
+            for name in (*self.held.values(), self.keep, self.moved):
+                w.send()
+                ipset.flush(name)
+            return
+        held = self.held.get(m.proto)
+        if held is None or len(m.internal_ip) != 4:
+            return
+        add = op > 0
+        w.change(add, held, member(port=m.external_port))
+        who = member(m.internal_ip, m.internal_port, m.proto)
+        if m.internal_port == m.external_port:
+            w.change(add, self.keep, who)
+        else:
+            w.change(add, self.moved, who + (member(timeout=0) if add else b""))  # (0: no timeout)
+
+    def renew(self, now: float, force: bool = False) -> None:
+        """Keep the kernel path open for ALIVE_FOR more seconds (once a second is enough)."""
+        if self.writer is None or not force and now < self._renewed + 1.0:
+            return
+        self._renewed = now
+        for half in _HALVES:
+            self.writer.change(True, self.alive, member(half, cidr=1, timeout=ALIVE_FOR))
+        self.writer.send()
+
+    def clash(self, proto: int, ip: bytes, port: int, port_held: bool) -> None:
+        """An endpoint the kernel NATed that roam cannot take (its port is another's, or the kernel
+        gave it another port): undo what the kernel's rules added for it, queue it from now on."""
+        w = self.writer
+        assert w is not None, "sets made first"
+        who = member(ip, port, proto)
+        w.change(False, self.keep, who)
+        if not port_held:
+            w.change(False, self.held[proto], member(port=port))
+        w.change(True, self.moved, who + member(timeout=CLASH_QUEUED))
+        w.send()
+
+    def unclaim(self, proto: int, ip: bytes, port: int, port_held: bool) -> None:
+        """The kernel gave the endpoint another port (a tuple of its own was taken): its own port
+        is not its mapping (KEEP), nor held unless another mapping holds it."""
+        w = self.writer
+        assert w is not None, "sets made first"
+        w.change(False, self.keep, member(ip, port, proto))
+        if not port_held:
+            w.change(False, self.held[proto], member(port=port))
+
+    def status(self) -> dict:
+        return dict(self.counters, kernel_set_errors=self.writer.errors() if self.writer is not None else 0)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def destroy(self) -> None:
+        """Remove this run's sets (once no rule uses them)."""
+        self.close()
+        for name in self.names():
+            ipset.destroy(name)
+
+    def remove_stale(self) -> int:
+        """Remove the sets of dead runs on this queue (their rules are gone by now)."""
+        n = 0
+        for name in ipset.names():
+            m = re.match(re.escape(self.prefix) + r"(\d+)-", name)
+            if m and int(m.group(1)) != os.getpid() and not _is_roam(int(m.group(1))):
+                n += ipset.destroy(name)
+        return n
