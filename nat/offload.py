@@ -99,17 +99,20 @@ def adopt(engine, proto: int, osrc: bytes, odst: bytes, osport: int, odport: int
     held and freed with it: the original tuple and the reply tuple as the kernel has them
     (after its NAT).  None if it is not one of the NAT's (another address) or its port is
     taken by now."""
-    from conntrack.table import Conn as _Conn
-    from .mapping import Binding as _Binding
-
     v4 = len(osrc) == 4
     ext = engine.external_ip if v4 else engine.external_ip6
     maps = engine.mapping_table if v4 else engine.mapping_table6
     icmp = proto == 1 or proto == 58
     if ext is None:
         return None
+    ok, rk = FlowTuple(proto, osrc, odst, osport, odport).key(), FlowTuple(proto, rsrc, rdst, rsport, rdport).key()
+    t = engine.table
+    if t.lookup(ok) is not None or t.lookup(rk) is not None or len(t) >= t.capacity:
+        return None  # (before any mapping is claimed: one claimed for nothing would stay)
     if rdst == ext and odst != ext:  # outbound: source NAT
         entry = maps.claim(proto, osrc, osport, rdport, False)
+        if entry is None:
+            return None
         att = [(entry, odst, odport)]
         internal = 1
     elif odst == ext and not icmp:  # inbound mapping (source untouched) or hairpin
@@ -126,17 +129,10 @@ def adopt(engine, proto: int, osrc: bytes, odst: bytes, osport: int, odport: int
             internal = 3
     else:
         return None
-    if any(e is None for e, _, _ in att):
-        return None
-    o = FlowTuple(proto, osrc, odst, osport, odport)
-    r = FlowTuple(proto, rsrc, rdst, rsport, rdport)
-    t = engine.table
-    if t.lookup(o.key()) is not None or t.lookup(r.key()) is not None or len(t) >= t.capacity:
-        return None
-    c = _Conn(o.key(), r.key(), proto, 3 if proto == 6 else 0, now)
+    c = Conn(ok, rk, proto, 3 if proto == 6 else 0, now)
     c.deadline = until
-    rr = r.reversed()
-    c.extra = _Binding((rr.src, rr.dst, rr.sport, rr.dport), (odst, osrc, odport, osport), internal, att)
+    rr = FlowTuple(proto, rsrc, rdst, rsport, rdport).reversed()  # where packets on the original tuple go
+    c.extra = Binding((rr.src, rr.dst, rr.sport, rr.dport), (odst, osrc, odport, osport), internal, att)
     c.extra.prepare(c)
     t.adopt(c)
     for e, rip, rport in att:

@@ -65,10 +65,14 @@ class SetWriter:
         self._seq = 0
         self.failed = 0  # changes the kernel refused (counted as the error messages come back)
         self._buf = bytearray(1 << 14)
+        self._heads: dict[str, bytes] = {}
 
     def change(self, add: bool, name: str, data: bytes) -> None:
-        body = _NFG.pack(socket.AF_INET, 0, 0) + attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])) \
-            + attr(IPSET_ATTR_SETNAME, name.encode() + b"\0") + attr(IPSET_ATTR_DATA | NLA_F_NESTED, data)
+        head = self._heads.get(name)
+        if head is None:  # (a few sets, a change per mapping made or freed: built once)
+            head = self._heads[name] = _NFG.pack(socket.AF_INET, 0, 0) \
+                + attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])) + attr(IPSET_ATTR_SETNAME, name.encode() + b"\0")
+        body = head + attr(IPSET_ATTR_DATA | NLA_F_NESTED, data)
         self._seq += 1
         msg = _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_IPSET << 8) | (IPSET_CMD_ADD if add else IPSET_CMD_DEL),
                         NLM_F_REQUEST, self._seq, 0) + body

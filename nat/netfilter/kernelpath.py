@@ -35,6 +35,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+from typing import Callable
 
 from . import ipset
 from .ipset import member
@@ -44,6 +46,7 @@ log = logging.getLogger("roam.nat")
 
 KERNEL = 0x10000000  # the packet mark of the kernel path; with offload.MARK, its entries' connmark
 ALIVE_FOR = 3  # seconds the kernel path outlives roam's last renewal (renewed every second)
+STALL = 30.0  # seconds the main loop may go without a round before the renewals stop (a wedged roam)
 CLASH_QUEUED = 600  # seconds an endpoint that clashed is queued
 _HALVES = (b"\0\0\0\0", b"\x80\0\0\0")
 
@@ -58,9 +61,12 @@ class KernelPath:
         self.keep, self.moved, self.alive = base + "keep", base + "moved", base + "alive"
         self.port_range = port_range
         self.writer: ipset.SetWriter | None = None
+        self._alive: ipset.SetWriter | None = None  # the liveness entry's own socket: renewed without the lock
         self.journal: list | None = None
         self._renewed = float("-inf")
-        self.counters = {"kernel_flows": 0, "kernel_clashes": 0}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counters = {"kernel_flows": 0, "kernel_clashes": 0, "kernel_table_full": 0}
 
     def names(self) -> list[str]:
         return [*self.held.values(), self.keep, self.moved, self.alive]
@@ -72,7 +78,7 @@ class KernelPath:
         ipset.create(self.keep, "hash:ip,port")
         ipset.create(self.moved, "hash:ip,port", timeout=CLASH_QUEUED)
         ipset.create(self.alive, "hash:net", timeout=ALIVE_FOR)
-        self.writer = ipset.SetWriter()
+        self.writer, self._alive = ipset.SetWriter(), ipset.SetWriter()
 
     def fill(self, table, now: float) -> None:
         """Every mapping of ``table`` (the IPv4 one) into the sets, then its journal on: from
@@ -112,13 +118,27 @@ class KernelPath:
             w.change(add, self.moved, who + (member(timeout=0) if add else b""))  # (0: no timeout)
 
     def renew(self, now: float, force: bool = False) -> None:
-        """Keep the kernel path open for ALIVE_FOR more seconds (once a second is enough)."""
-        if self.writer is None or not force and now < self._renewed + 1.0:
+        """Keep the kernel path open for ALIVE_FOR more seconds (its own socket: :meth:`start`'s
+        thread calls it without the plugin's lock)."""
+        w = self._alive
+        if w is None or not force and now < self._renewed + 1.0:
             return
         self._renewed = now
         for half in _HALVES:
-            self.writer.change(True, self.alive, member(half, cidr=1, timeout=ALIVE_FOR))
-        self.writer.send()
+            w.change(True, self.alive, member(half, cidr=1, timeout=ALIVE_FOR))
+        w.send()
+
+    def start(self, clock: Callable[[], float], progress: Callable[[], float]) -> None:
+        """Renew the liveness entry every second from a thread of its own -- a big table's dump or a
+        backlog of events holds the main loop for seconds, and a lapse would queue every new flow --
+        as long as the main loop went round (``progress``: when it last did) within STALL seconds."""
+        def run() -> None:
+            while not self._stopping.wait(1.0):
+                now = clock()
+                if now - progress() < STALL:
+                    self.renew(now, force=True)
+        self._thread = threading.Thread(target=run, name="roam-nat-alive", daemon=True)
+        self._thread.start()
 
     def clash(self, proto: int, ip: bytes, port: int, port_held: bool) -> None:
         """An endpoint the kernel NATed that roam cannot take (its port is another's, or the kernel
@@ -142,12 +162,16 @@ class KernelPath:
             w.change(False, self.held[proto], member(port=port))
 
     def status(self) -> dict:
-        return dict(self.counters, kernel_set_errors=self.writer.errors() if self.writer is not None else 0)
+        return dict(self.counters, kernel_set_errors=sum(w.errors() for w in (self.writer, self._alive) if w is not None))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for w in (self.writer, self._alive):
+            if w is not None:
+                w.close()
+        self.writer = self._alive = None
 
     def destroy(self) -> None:
         """Remove this run's sets (once no rule uses them)."""

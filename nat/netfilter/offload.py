@@ -231,6 +231,11 @@ class Offloader:
         k = _key(o)
         if self.engine.table.lookup(k) is not None:  # the kernel's new entry replaced the flow the engine had
             self.engine.end_flow(k, now)  # on this tuple (it reopened it): that one is over
+        t = self.engine.table
+        if len(t) >= t.capacity:  # full: the flow is refused, as a queued one would be (counted)
+            kp.counters["kernel_table_full"] += 1
+            self.ct.delete(o)
+            return None
         c = offload.adopt(self.engine, o.proto, o.src, o.dst, o.sport, o.dport, r.src, r.dst, r.sport, r.dport,
                           now, now + self._hold())
         held = (o.proto, o.sport) in self.engine.mapping_table.by_external

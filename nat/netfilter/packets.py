@@ -18,6 +18,7 @@ from .queue import NF_ACCEPT, NF_DROP
 log = logging.getLogger("roam.nat")
 
 _BURST = 32  # --gso: packets taken from the queue before their verdicts go out together
+_DRAIN = 512  # the kernel path's events the packet thread reads before a burst, at most
 
 
 class PacketThread:
@@ -102,8 +103,10 @@ class PacketThread:
                     if self.kernel is not None:
                         # the kernel path's flows made meanwhile first: their NEW events are in the
                         # socket before any packet that depends on them is queued (an answer to one of
-                        # them; another endpoint's flow that must not be given a port one holds)
-                        self.offloader.on_events(self.clock())
+                        # them; another endpoint's flow that must not be given a port one holds) --
+                        # unless roam runs behind (a backlog): then the main loop learns them, and a
+                        # port given meanwhile may clash (removed, counted)
+                        self.offloader.on_events(self.clock(), _DRAIN)
                     try:
                         for p in batch:
                             self._gso_verdict(q, p)

@@ -62,7 +62,7 @@ _RECV_TIMEOUT = 0.2  # seconds the idle packet thread waits in recv before looki
 #: from the packets (measured: a fifth of the process's CPU); a flow's mapping outlives its entry
 #: by this much at most
 _EVENTS_EVERY = 0.05
-_EVENTS_SLICE = 256
+_EVENTS_SLICE, _EVENT_SLICES = 256, 20  # events read under the lock at once; slices per main-loop round
 _ACCEPT, _NOT_OURS = Action.ACCEPT, NatReason.NOT_OURS
 _DECIDED = (NatReason.TRANSLATED, NatReason.HAIRPINNED)
 _INVALID = NatReason.INVALID
@@ -130,6 +130,7 @@ class Plugin(PacketThread):
         # engine: each packet and each control step holds this lock.
         self._lock = threading.Lock()
         self._stop_packets = False
+        self._loop_at = 0.0  # when the main loop last went round
         self._packet_error: OSError | None = None
         self._deferred: list = []  # (offload) TCP packets whose flow's entry goes in after their verdicts
 
@@ -417,6 +418,9 @@ class Plugin(PacketThread):
                      f" (lane {lane[1]}-{lane[2]} of {lane[0]})" if lane else "",
                      "offload to the kernel's conntrack" if self.offload else "every packet in user space")
             self._write_status()
+            if self.kernel is not None:
+                self._loop_at = self.clock()
+                self.kernel.start(self.clock, lambda: self._loop_at)
             if self.on_ready is not None:
                 self.on_ready()
             packets = threading.Thread(target=self._gso_loop if self.gso else self._packet_loop, args=(nfq, wsig),
@@ -465,6 +469,7 @@ class Plugin(PacketThread):
         events_at = 0.0  # the kernel's DESTROY events are read no sooner than this (see _EVENTS_EVERY)
         while not self._stop:
             now = self.clock()
+            self._loop_at = now  # (the kernel path's liveness follows it: .kernelpath.KernelPath.start)
             timeout = max(0.0, next_house - now)
             waits = base
             if off is not None:
@@ -494,11 +499,13 @@ class Plugin(PacketThread):
                 self._snap_now = False
             if off is not None and off.events in ready:
                 events_at = now + _EVENTS_EVERY
-                for _ in range(1000):  # in slices, so queued packets need not wait for all of them
+                for _ in range(_EVENT_SLICES):  # in slices, so queued packets need not wait for all of them
                     with self._lock:
                         off.on_events(now, _EVENTS_SLICE)
                     if not off.events.more:
                         break
+                else:  # a backlog: the rest after this round's housekeeping (the kernel path's liveness)
+                    events_at = now
             # an offloaded flow's packets pass the engine by: its TCP state is the kernel's, read
             # at each reconciliation -- and at once for a snapshot asked for (a carried SYN_SENT
             # makes the flow's next segment INVALID on the new host)
@@ -526,7 +533,6 @@ class Plugin(PacketThread):
                 events = self.engine.pop_events()
                 if self.kernel is not None:  # what the events and expiry freed; the kernel path kept open
                     self.kernel.sync()
-                    self.kernel.renew(now)
             log_events(events)
 
     def _sig_stop(self, signum, frame) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import time
+
+from nat.netfilter.kernelpath import ALIVE_FOR
 
 from .test_nat_plugin import EXT, PEER, VM, _wait, site  # noqa: F401  (site: the fixture)
 
@@ -82,7 +85,16 @@ def test_flows_keeping_their_port_never_reach_roam_and_roam_still_knows_them(sit
     third.bind((PEER, 5601))
     third.sendto(b"hello", (EXT, 43101))
     assert uc.recvfrom(10) == (b"hello", (PEER, 5601))
-    for s in (srv, c, conn, uc, us, third):
+    # the liveness entry is renewed while roam runs: past its timeout, a new flow still takes the path
+    time.sleep(ALIVE_FOR + 1.5)
+    before = _queued(site)
+    late = site.sock(site.vm, socket.SOCK_DGRAM)
+    late.bind((VM, 43102))
+    late.sendto(b"late", (PEER, 5600))
+    assert us.recvfrom(10) == (b"late", (EXT, 43102))
+    _wait(lambda: _off(site).get("kernel_flows", 0) >= 3, 5, "roam to learn the late flow")
+    assert _queued(site) == before
+    for s in (srv, c, conn, uc, us, third, late):
         s.close()
 
 

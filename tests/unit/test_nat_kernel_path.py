@@ -73,7 +73,7 @@ def test_the_journal_becomes_set_changes_kept_port_or_moved():
 def test_a_learned_flow_holds_its_mapping_like_any_other():
     e, kp, off = _setup()
     c = off.learn(_kernel_entry(VM, 40000, 40000), 1.0)
-    assert c is not None and kp.counters == {"kernel_flows": 1, "kernel_clashes": 0}
+    assert c is not None and kp.counters == {"kernel_flows": 1, "kernel_clashes": 0, "kernel_table_full": 0}
     m = e.mapping_table.by_external[(17, 40000)].mapping
     assert (m.internal_ip, m.internal_port) == (ip(VM), 40000)
     # endpoint-independent: the same endpoint to another destination keeps the mapping (roam decides
@@ -132,3 +132,14 @@ def test_an_address_change_empties_the_sets():
     finally:
         kpm.ipset.flush = real
     assert sorted(flushed) == sorted([*kp.held.values(), kp.keep, kp.moved])
+
+
+def test_a_full_table_refuses_the_kernels_flow_counted_not_queued():
+    e, kp, off = _setup()
+    e.table.capacity = len(e.table)
+    ev = _kernel_entry(VM, 44000, 44000)
+    off.ct.entries[ev.original] = ev
+    kp.writer.changes.clear()
+    assert off.learn(ev, 1.0) is None
+    assert kp.counters["kernel_table_full"] == 1 and kp.counters["kernel_clashes"] == 0
+    assert ev.original not in off.ct.entries and kp.writer.changes == []
