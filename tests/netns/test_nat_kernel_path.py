@@ -49,6 +49,20 @@ def _queued(site) -> int:
     return (site.status() or {}).get("queued_packets", 0)
 
 
+def _two_vms_and_a_flow(site, server_port: int, port: int):
+    """A second VM address beside VM's, roam running, and a UDP flow from VM's ``port`` (its own,
+    through the kernel path) to a peer socket on ``server_port``: (peer socket, VM's socket)."""
+    site.lab.addr(site.vm, "vm0", f"{VM2}/24")
+    site.start()
+    us = site.sock(site.inet, socket.SOCK_DGRAM)
+    us.bind(("0.0.0.0", server_port))
+    a = site.sock(site.vm, socket.SOCK_DGRAM)
+    a.bind((VM, port))
+    a.sendto(b"a", (PEER, server_port))
+    assert us.recvfrom(10)[1] == (EXT, port)
+    return us, a
+
+
 def test_flows_keeping_their_port_never_reach_roam_and_roam_still_knows_them(site):
     """TCP and UDP from the VM's own ports: not one packet queued, the kernel's entries carry the
     kernel path's mark, the sets hold port and endpoint, roam's table holds the mappings (status),
@@ -102,14 +116,7 @@ def test_a_port_another_endpoint_holds_is_queued_and_mapped_elsewhere(site):
     """VM2 sends from the port VM holds: roam decides (another port, no port overloading), and
     VM2's next flow from that endpoint keeps roam's mapping (endpoint-independent), not the port."""
     lab = site.lab
-    lab.addr(site.vm, "vm0", f"{VM2}/24")
-    site.start()
-    us = site.sock(site.inet, socket.SOCK_DGRAM)
-    us.bind(("0.0.0.0", 5700))
-    a = site.sock(site.vm, socket.SOCK_DGRAM)
-    a.bind((VM, 44000))
-    a.sendto(b"a", (PEER, 5700))
-    assert us.recvfrom(10)[1] == (EXT, 44000)
+    us, a = _two_vms_and_a_flow(site, 5700, 44000)
     _wait(lambda: "44000" in _of(_sets(site), "-udp"), 5, "the port in the held set")
     before = _queued(site)
     b = site.sock(site.vm, socket.SOCK_DGRAM)
@@ -146,14 +153,7 @@ def test_a_clash_is_removed_counted_and_the_endpoint_queued_from_then_on(site):
     cannot take that flow -- it removes the entry, counts the clash, and queues VM2's endpoint,
     whose retry gets a port of its own; VM's mapping is untouched."""
     lab = site.lab
-    lab.addr(site.vm, "vm0", f"{VM2}/24")
-    site.start()
-    us = site.sock(site.inet, socket.SOCK_DGRAM)
-    us.bind(("0.0.0.0", 5800))
-    a = site.sock(site.vm, socket.SOCK_DGRAM)
-    a.bind((VM, 45000))
-    a.sendto(b"a", (PEER, 5800))
-    assert us.recvfrom(10)[1] == (EXT, 45000)
+    us, a = _two_vms_and_a_flow(site, 5800, 45000)
     _wait(lambda: _off(site).get("kernel_flows", 0) >= 1, 5, "roam to learn VM's flow")
     held = next(k for k in _sets(site) if k.endswith("-udp"))
     lab.run(site.host, [sys.executable, "-c", _DROP_HELD, held, "45000"])
@@ -191,7 +191,6 @@ def test_sets_go_with_a_stop_and_a_restart_removes_a_killed_runs(site):
 
 
 def test_no_kernel_path_queues_every_new_flow(site):
-    lab = site.lab
     site.start(extra=["--no-kernel-path"])
     assert _sets(site) == {} and " kernel" not in site.rules()
     before = _queued(site)
