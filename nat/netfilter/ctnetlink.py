@@ -323,12 +323,13 @@ class Events:
         out: list[KEntry] = []
         buf = self._buf
         self.more = False
+        left = limit
         while True:
             if limit:
-                limit -= 1
-                if not limit:
+                if not left:
                     self.more = True
                     return out
+                left -= 1
             try:
                 n = self.sock.recv_into(buf)
             except BlockingIOError:

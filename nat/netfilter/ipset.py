@@ -101,6 +101,11 @@ class SetWriter:
                 n = self.sock.recv_into(self._buf)
             except BlockingIOError:
                 return self.failed
+            except OSError as exc:  # ENOBUFS: more refusals than the buffer held
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.failed += 1
+                continue
             for off, _, kind, _ in messages(self._buf, n):
                 if kind == NLMSG_ERROR and struct.unpack_from("=i", self._buf, off + _NLH.size)[0]:
                     self.failed += 1
@@ -117,12 +122,13 @@ def names() -> list[str]:
         return [m.get_attr("IPSET_ATTR_SETNAME") for m in s.list()]
 
 
-def create(name: str, kind: str, ports: tuple[int, int] | None = None, timeout: int | None = None) -> None:
+def create(name: str, kind: str, ports: tuple[int, int] | None = None, timeout: int | None = None,
+           maxelem: int | None = None) -> None:
     """A new set (an old one of the name is an error: names carry the owner's pid)."""
     from pyroute2.ipset import IPSet
 
     with IPSet() as s:
-        s.create(name, stype=kind, bitmap_ports_range=ports, timeout=timeout)
+        s.create(name, stype=kind, bitmap_ports_range=ports, timeout=timeout, maxelem=maxelem)
 
 
 def destroy(name: str) -> bool:

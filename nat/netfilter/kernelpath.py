@@ -56,7 +56,6 @@ class KernelPath:
 
     def __init__(self, queue: int, port_range: tuple[int, int]) -> None:
         base = f"roam-q{queue}-p{os.getpid()}-"
-        self.prefix = f"roam-q{queue}-p"
         self.held = {6: base + "tcp", 17: base + "udp"}
         self.keep, self.moved, self.alive = base + "keep", base + "moved", base + "alive"
         self.port_range = port_range
@@ -66,7 +65,7 @@ class KernelPath:
         self._renewed = float("-inf")
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.counters = {"kernel_flows": 0, "kernel_clashes": 0, "kernel_table_full": 0}
+        self.counters = {"kernel_flows": 0, "kernel_clashes": 0, "kernel_table_full": 0, "kernel_foreign": 0}
 
     def names(self) -> list[str]:
         return [*self.held.values(), self.keep, self.moved, self.alive]
@@ -75,8 +74,9 @@ class KernelPath:
         """The sets, empty (before the rules that use them)."""
         for name in self.held.values():
             ipset.create(name, "bitmap:port", (0, 65535))
-        ipset.create(self.keep, "hash:ip,port")
-        ipset.create(self.moved, "hash:ip,port", timeout=CLASH_QUEUED)
+        most = 4 * (self.port_range[1] - self.port_range[0] + 1) + 65536  # (the default 65,536 is too few)
+        ipset.create(self.keep, "hash:ip,port", maxelem=most)
+        ipset.create(self.moved, "hash:ip,port", timeout=CLASH_QUEUED, maxelem=most)
         ipset.create(self.alive, "hash:net", timeout=ALIVE_FOR)
         self.writer, self._alive = ipset.SetWriter(), ipset.SetWriter()
 
@@ -91,6 +91,8 @@ class KernelPath:
     def sync(self) -> None:
         """The journal into the sets, sent (call before the verdicts that depend on it go out)."""
         j = self.journal
+        if self.writer is None:  # (stopped)
+            return
         if j:
             for op, m in j:
                 self._apply(op, m)
@@ -110,7 +112,8 @@ class KernelPath:
         if held is None or len(m.internal_ip) != 4:
             return
         add = op > 0
-        w.change(add, held, member(port=m.external_port))
+        if add or not m.static:  # (a static one removed by a reload: the pool keeps its port reserved)
+            w.change(add, held, member(port=m.external_port))
         who = member(m.internal_ip, m.internal_port, m.proto)
         if m.internal_port == m.external_port:
             w.change(add, self.keep, who)
@@ -140,23 +143,28 @@ class KernelPath:
         self._thread = threading.Thread(target=run, name="roam-nat-alive", daemon=True)
         self._thread.start()
 
-    def clash(self, proto: int, ip: bytes, port: int, port_held: bool) -> None:
+    def clash(self, proto: int, ip: bytes, port: int, port_held: bool, mapped: bool) -> None:
         """An endpoint the kernel NATed that roam cannot take (its port is another's, or the kernel
-        gave it another port): undo what the kernel's rules added for it, queue it from now on."""
+        gave it another port): undo what the kernel's rules added for it, queue it from now on
+        (``mapped``: it has a mapping elsewhere, its member is there for good already: an add
+        would overwrite its timeout)."""
         w = self.writer
-        assert w is not None, "sets made first"
+        if w is None:
+            return
         who = member(ip, port, proto)
         w.change(False, self.keep, who)
         if not port_held:
             w.change(False, self.held[proto], member(port=port))
-        w.change(True, self.moved, who + member(timeout=CLASH_QUEUED))
+        if not mapped:
+            w.change(True, self.moved, who + member(timeout=CLASH_QUEUED))
         w.send()
 
     def unclaim(self, proto: int, ip: bytes, port: int, port_held: bool) -> None:
         """The kernel gave the endpoint another port (a tuple of its own was taken): its own port
         is not its mapping (KEEP), nor held unless another mapping holds it."""
         w = self.writer
-        assert w is not None, "sets made first"
+        if w is None:
+            return
         w.change(False, self.keep, member(ip, port, proto))
         if not port_held:
             w.change(False, self.held[proto], member(port=port))
@@ -180,10 +188,11 @@ class KernelPath:
             ipset.destroy(name)
 
     def remove_stale(self) -> int:
-        """Remove the sets of dead runs on this queue (their rules are gone by now)."""
+        """Remove the sets of dead runs (their rules are gone by now: those of this queue and of any
+        queue on this external interface, :meth:`.rules.Rules.remove_stale`)."""
         n = 0
         for name in ipset.names():
-            m = re.match(re.escape(self.prefix) + r"(\d+)-", name)
+            m = re.match(r"roam-q\d+-p(\d+)-", name)
             if m and int(m.group(1)) != os.getpid() and not _is_roam(int(m.group(1))):
                 n += ipset.destroy(name)
         return n

@@ -222,15 +222,19 @@ class Offloader:
         mapping; None (entry removed, counted) if the engine cannot take it: its port is another
         endpoint's by now (two took it at once), or the table is full."""
         kp = self.kernel
-        if kp is None:
+        if kp is None or kp.writer is None:  # (not started, or stopping: a restart adopts it)
             return None
         o, r = e.original, e.reply
-        if r.dst != self.engine.external_ip:  # made on an address gone since: no mapping to hold
+        if o.proto not in kp.held or len(o.src) != 4 or r.dst != self.engine.external_ip:
+            # not the kernel path's (a foreign mark), or made on an address gone since (or one the
+            # engine does not use): no mapping to hold
+            kp.counters["kernel_foreign"] += 1
             self.ct.delete(o)
             return None
         k = _key(o)
         if self.engine.table.lookup(k) is not None:  # the kernel's new entry replaced the flow the engine had
             self.engine.end_flow(k, now)  # on this tuple (it reopened it): that one is over
+            self.sweep()  # (now: a later sweep would delete the new entry)
         t = self.engine.table
         if len(t) >= t.capacity:  # full: the flow is refused, as a queued one would be (counted)
             kp.counters["kernel_table_full"] += 1
@@ -245,8 +249,8 @@ class Offloader:
                 log.info("kernel path clash, flow removed and its endpoint queued from now on: %s (%d so far)",
                          _text(e), kp.counters["kernel_clashes"])
             self.ct.delete(o)
-            if o.proto in kp.held:
-                kp.clash(o.proto, o.src, o.sport, held)
+            mine = self.engine.mapping_table.by_internal.get((o.proto, o.src, o.sport))
+            kp.clash(o.proto, o.src, o.sport, held, mine is not None and mine.mapping.external_port != o.sport)
             return None
         self.flows[k] = c
         self._born[k] = self._gen
@@ -279,8 +283,9 @@ class Offloader:
         for e in entries:
             k = _key(e.original)
             c = self.flows.get(k)
-            if c is None and not adopt and e.mark & KERNEL:  # its NEW event was lost
-                c = self.engine.table.lookup(k) or self.learn(e, now)
+            if c is None and not adopt and e.mark & KERNEL:  # its NEW event was lost -- or it ended since
+                # the dump (read without the lock): then the kernel no longer has it
+                c = self.engine.table.lookup(k) or (self.learn(e, now) if self.ct.get(e.original) else None)
                 if c is None:
                     continue
                 self.flows[k] = c

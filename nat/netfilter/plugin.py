@@ -431,13 +431,13 @@ class Plugin(PacketThread):
             return 0
         finally:
             removed = remove_rules(self.rules, ours, self.on_stopping)
-            if made_sets and self.kernel is not None:  # (their rules are gone)
-                self.kernel.destroy()
             self._stop_packets = True
             if packets is not None:
                 packets.join(10 * _RECV_TIMEOUT + 5)  # what is queued still gets its verdict
                 if packets.is_alive():
                     log.error("packet thread did not stop")
+            if made_sets and self.kernel is not None:  # (their rules are gone, the packet thread too)
+                self.kernel.destroy()
             try:
                 if nfq is not None:
                     nfq.close() if self.gso else nfq.unbind()

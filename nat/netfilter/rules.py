@@ -35,6 +35,9 @@ from typing import Any
 from . import PluginError
 
 _ANY = "roam-nat q"  # the start of every roam nat rule's comment, whatever its queue
+#: a connection's first packet: NEW alone is any packet before a reply, and a later one of a connection
+#: whose NAT was set up already (as none: made while roam was stopped) would be marked and leave untranslated
+_FIRST = ("conntrack", {"ctstate": "NEW", "ctstatus": "!CONFIRMED"})
 
 
 def lane_u32(by: str, lane: tuple[int, int, int]) -> str:
@@ -305,7 +308,7 @@ class Rules:
                       target=("SET", {"add_set": [held, "src"]}))
         self._add("raw", "PREROUTING", tag, proto="tcp", matches=km, target=("ACCEPT", {}))
         self._add("mangle", "POSTROUTING", tag, out_if=self.external, proto="tcp",
-                  matches=[("conntrack", {"ctstate": "NEW"})] + km, target=("CONNMARK", {"or_mark": both}))
+                  matches=[_FIRST] + km, target=("CONNMARK", {"or_mark": both}))
         for net in self.internal:
             for proto in ("udp", "tcp"):
                 first: dict[str, Any] = {"sport": f"{lo}:{hi}"}
@@ -321,7 +324,7 @@ class Rules:
                                   mark_target=KERNEL)
                     else:
                         self._add("mangle", "POSTROUTING", tag, out_if=self.external, src=net, proto=proto,
-                                  matches=[("conntrack", {"ctstate": "NEW"}), ("addrtype", {"src_type": "!LOCAL"})]
+                                  matches=[_FIRST, ("addrtype", {"src_type": "!LOCAL"})]
                                   + base + [which], target=("CONNMARK", {"or_mark": both}))
 
     def set_address(self, external_ip: str | None) -> None:

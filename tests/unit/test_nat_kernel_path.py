@@ -73,7 +73,7 @@ def test_the_journal_becomes_set_changes_kept_port_or_moved():
 def test_a_learned_flow_holds_its_mapping_like_any_other():
     e, kp, off = _setup()
     c = off.learn(_kernel_entry(VM, 40000, 40000), 1.0)
-    assert c is not None and kp.counters == {"kernel_flows": 1, "kernel_clashes": 0, "kernel_table_full": 0}
+    assert c is not None and kp.counters == {"kernel_flows": 1, "kernel_clashes": 0, "kernel_table_full": 0, "kernel_foreign": 0}
     m = e.mapping_table.by_external[(17, 40000)].mapping
     assert (m.internal_ip, m.internal_port) == (ip(VM), 40000)
     # endpoint-independent: the same endpoint to another destination keeps the mapping (roam decides
@@ -143,3 +143,22 @@ def test_a_full_table_refuses_the_kernels_flow_counted_not_queued():
     assert off.learn(ev, 1.0) is None
     assert kp.counters["kernel_table_full"] == 1 and kp.counters["kernel_clashes"] == 0
     assert ev.original not in off.ct.entries and kp.writer.changes == []
+
+
+def test_an_entry_not_the_kernel_paths_is_removed_and_counted_never_raised():
+    e, kp, off = _setup()
+    gre = KEntry(Tuple(47, ip(VM), ip(PEER), 0, 0), Tuple(47, ip(PEER), ip(EXT), 0, 0), MARK | KERNEL, 1, 0, born=True)
+    other = _kernel_entry(VM, 46000, 46000)._replace(reply=Tuple(17, ip(PEER), ip("203.0.113.5"), 53, 46000))
+    for ev in (gre, other):
+        off.ct.entries[ev.original] = ev
+        assert off.learn(ev, 1.0) is None and ev.original not in off.ct.entries
+    assert kp.counters["kernel_foreign"] == 2 and not e.table
+
+
+def test_a_static_mapping_removed_by_a_reload_keeps_its_port_held():
+    from nat.mapping import Mapping
+
+    _, kp, _ = _setup()
+    kp.writer.changes.clear()
+    kp._apply(-1, Mapping(6, ip(VM), 80, ip(EXT), 8080, static=True))
+    assert kp.writer.changes == [(False, kp.moved, member(ip(VM), 80, 6))]  # the endpoint goes, the port stays held
