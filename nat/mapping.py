@@ -137,6 +137,11 @@ class MappingTable:
         self.journal: list | None = None
         self.reset(external_ip)
 
+    def _tell(self, op: int, m: Mapping | None) -> None:
+        """A mapping made (1), freed (-1), or every one gone (0), into the journal if one is kept."""
+        if self.journal is not None:
+            self.journal.append((op, m))
+
     # ------------------------------------------------------------------ the address
     def reset(self, external_ip: bytes | None) -> None:
         """Start over on ``external_ip`` (None: no address, no mappings): fresh pools and the
@@ -145,8 +150,7 @@ class MappingTable:
         cfg = self.config
         self.by_internal.clear()
         self.by_external.clear()
-        if self.journal is not None:
-            self.journal.append((0, None))
+        self._tell(0, None)
         self.pools = {p: PortPool(cfg.port_range, cfg.low_port_range, self._reserved(p), self._seed, cfg.port_lane)
                       for p in (Proto.TCP, Proto.UDP)}
         icmp = Proto.ICMP if self.family == 4 else Proto.ICMPV6
@@ -174,8 +178,7 @@ class MappingTable:
         e = MapEntry(m)
         self.by_external[(f.proto, f.external_port)] = e
         self.by_internal.setdefault((f.proto, m.internal_ip, f.internal_port), e)
-        if self.journal is not None:
-            self.journal.append((1, m))
+        self._tell(1, m)
         return e
 
     # ------------------------------------------------------------------ lookups and allocation
@@ -202,8 +205,7 @@ class MappingTable:
         self.by_external[(proto, eport)] = e
         self._counters["mappings_created"] += 1
         self._events.append(MappingCreated(e.mapping))
-        if self.journal is not None:
-            self.journal.append((1, e.mapping))
+        self._tell(1, e.mapping)
         return e
 
     def inbound(self, proto: int, eport: int) -> MapEntry | None:
@@ -221,8 +223,7 @@ class MappingTable:
             entry = MapEntry(Mapping(proto, ip, port, ip, port))
             self.by_internal[(proto, ip, port)] = entry
             self.by_external[(proto, port)] = entry
-            if self.journal is not None:
-                self.journal.append((1, entry.mapping))
+            self._tell(1, entry.mapping)
         return entry
 
     def claim(self, proto: int, iip: bytes, iport: int, eport: int, static: bool) -> MapEntry | None:
@@ -236,8 +237,7 @@ class MappingTable:
         e = MapEntry(Mapping(proto, iip, iport, self._address(), eport))
         self.by_external[(proto, eport)] = e
         self.by_internal.setdefault((proto, iip, iport), e)
-        if self.journal is not None:
-            self.journal.append((1, e.mapping))
+        self._tell(1, e.mapping)
         return e
 
     def release_if_unused(self, e: MapEntry) -> None:
@@ -253,8 +253,7 @@ class MappingTable:
                 self.pools[m.proto].free(m.external_port)
         self._counters["mappings_freed"] += 1
         self._events.append(MappingFreed(m))
-        if self.journal is not None:
-            self.journal.append((-1, m))
+        self._tell(-1, m)
 
     # ------------------------------------------------------------------ reload
     def reload(self, config: NatConfig, tell: bool = True) -> NatConfig:
@@ -295,8 +294,7 @@ class MappingTable:
                         ik = (e.mapping.proto, e.mapping.internal_ip, e.mapping.internal_port)
                         if self.by_internal.get(ik) is e:
                             del self.by_internal[ik]
-                        if self.journal is not None:
-                            self.journal.append((-1, e.mapping))
+                        self._tell(-1, e.mapping)
             for f in keep:
                 if (f.proto, f.external_port) not in old or old[(f.proto, f.external_port)] != f:
                     self.pools[f.proto].take(f.external_port)  # keep it from dynamic use

@@ -97,8 +97,7 @@ class KernelPath:
             for op, m in j:
                 self._apply(op, m)
             j.clear()
-        if self.writer is not None:
-            self.writer.send()
+        self.writer.send()
 
     def _apply(self, op: int, m) -> None:
         w = self.writer
