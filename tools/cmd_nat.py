@@ -33,7 +33,7 @@ the flow goes into the kernel's connection tracking as an entry carrying its NAT
 only packets of flows without such an entry are queued (a new TCP flow's SYN and an echo
 request before conntrack, others after it). The namespace's conntrack timeouts are set to
 roam's lifetimes. Offloaded flows go on while the plugin is down; new ones wait.
-The kernel path (the default with offload, one process, IPv4): a new outbound TCP or UDP
+The kernel path (the default with offload, IPv4; with --workers one per lane): a new outbound TCP or UDP
 flow whose mapping is its own port (the endpoint holds it, or no mapping does) is NATed by
 the kernel alone (MASQUERADE within the port range), guided by IP sets roam keeps
 (roam-qN-pPID-*: held ports, endpoints keeping their port, endpoints mapped elsewhere, a
@@ -103,8 +103,9 @@ def register(sub, help_text: str) -> None:
                    help="N processes for new flows, on queues Q..Q+N-1 (Q: --queue; default 1): each owns a "
                         "lane of the port pools (every few ports in turn; the kernel's u32 match); a packet from "
                         "the inside reaches the owner of its source port, "
-                        "one from outside the owner of its destination port; one set of rules, one status "
-                        "(offload only)")
+                        "one from outside the owner of its destination port; one set of rules, one status, and "
+                        "each worker its own kernel path for its lane (offload only). New connections that keep "
+                        "their port never reach a worker: workers help where first packets are queued")
     daemon.add_options(p)
     p.set_defaults(func=_run)
     subs = p.add_subparsers(dest="nat_command", metavar="{translate,status}")
@@ -309,6 +310,10 @@ def _status(args: argparse.Namespace) -> int:
         f"offloaded flows {off['flows']} (kernel translated out {off['kernel_translated_out']}, in "
         f"{off['kernel_translated_in']}; {off['offloaded']} offloaded, {off['offload_ended']} ended, "
         f"{off['adopted']} adopted at start, {off['offload_failed']} failed)" if off else "offload off"))
+    if off and "kernel_flows" in off:
+        print(f"kernel path: {off['kernel_flows']} flows NATed by the kernel alone and learned, "
+              f"{off['kernel_clashes']} clashes, {off['kernel_table_full']} refused (table full), "
+              f"{off['kernel_foreign']} foreign, {off['kernel_set_errors']} set errors")
     for w in st.get("workers", []):
         ports = ", ".join(f"{a}-{b}" for a, b in (w.get("ports") or [])[:2])
         if w.get("lane"):  # (modulus, lo, hi): the ports p with lo <= (p >> 1) % modulus <= hi
@@ -318,7 +323,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"worker {w['index']} pid {w['pid']} ({'running' if up else 'NOT running'}), "
               f"queue {w['queue']}, ports {ports or '?'}: queued packets {w.get('queued_packets', 0)}, translated "
               f"out {w.get('translated_out', 0)}, in {w.get('translated_in', 0)}, "
-              f"offloaded flows {w.get('offloaded', 0)}")
+              f"offloaded flows {w.get('offloaded', 0)}, kernel path flows {w.get('kernel_flows', 0)}")
     drops = {k[len('dropped_'):]: v for k, v in c.items() if k.startswith("dropped_")}
     print("dropped: " + (", ".join(f"{v} {k}" for k, v in sorted(drops.items(), key=lambda x: -x[1])) or "none"))
     other = {k: v for k, v in c.items() if not k.startswith(("dropped_", "translated_"))}
@@ -372,6 +377,7 @@ def _run(args: argparse.Namespace) -> int:
 
             runner: Any = supervisor(cfg, args.config, args.external, args.internal, args.queue, status_path, snap_path,
                                 clock=time.monotonic, wall=time.time, n=args.workers, restore=not args.no_restore,
+                                kernel_path=not args.no_kernel_path,
                                 drop_log=open(args.drop_log, "a", buffering=1) if args.drop_log else None)
             last = args.queue + args.workers - 1
             what = f"{args.workers} workers behind {args.external}, queues {args.queue}-{last}"

@@ -27,8 +27,13 @@ instant; the kernel kept no port because a tuple was taken) removes the entry, c
 and the endpoint is queued from then on (MOVED, for 10 minutes).  The mapping table's
 journal (mappings made and freed) goes into the sets before any verdict that depends on
 it.  Fail-closed as the queue: with roam gone, ALIVE lapses after ``ALIVE_FOR`` seconds,
-and new flows then wait at the dead queue.  IPv4 only, one process (``--workers`` and NAT66
-queue every new flow).
+and new flows then wait at the dead queue.  IPv4 only (NAT66 queues every new flow).
+
+``--workers N``: each worker has sets of its own for its lane of the ports (the parent makes
+them before its rules and removes them after the workers; the worker fills them, renews its
+ALIVE, learns the NEW events of its lane's source ports), and each lane's rules read its
+worker's sets: a dead or late worker closes its lane only.  The kernel may give a flow whose
+tuple is taken a port of another lane: its worker cannot hold that, a clash.
 """
 from __future__ import annotations
 
@@ -54,8 +59,10 @@ _HALVES = (b"\0\0\0\0", b"\x80\0\0\0")
 class KernelPath:
     """The sets of one run (names carry the queue and the pid, as the rules' comments do)."""
 
-    def __init__(self, queue: int, port_range: tuple[int, int]) -> None:
-        base = f"roam-q{queue}-p{os.getpid()}-"
+    def __init__(self, queue: int, port_range: tuple[int, int], owner: int | None = None) -> None:
+        # owner: the pid of the --workers parent that makes and removes these sets (None: this process)
+        self.owns = owner is None
+        base = f"roam-q{queue}-p{os.getpid() if owner is None else owner}-"
         self.held = {6: base + "tcp", 17: base + "udp"}
         self.keep, self.moved, self.alive = base + "keep", base + "moved", base + "alive"
         self.port_range = port_range
@@ -71,14 +78,20 @@ class KernelPath:
         return [*self.held.values(), self.keep, self.moved, self.alive]
 
     def create(self) -> None:
-        """The sets, empty (before the rules that use them)."""
+        """The sets, empty (before the rules that use them), unless a --workers parent made them;
+        then this process's sockets to them."""
+        if self.owns:
+            self.make()
+        self.writer, self._alive = ipset.SetWriter(), ipset.SetWriter()
+
+    def make(self) -> None:
+        """The sets alone (a --workers parent's: its workers fill them)."""
         for name in self.held.values():
             ipset.create(name, "bitmap:port", (0, 65535))
         most = 4 * (self.port_range[1] - self.port_range[0] + 1) + 65536  # (the default 65,536 is too few)
         ipset.create(self.keep, "hash:ip,port", maxelem=most)
         ipset.create(self.moved, "hash:ip,port", timeout=CLASH_QUEUED, maxelem=most)
         ipset.create(self.alive, "hash:net", timeout=ALIVE_FOR)
-        self.writer, self._alive = ipset.SetWriter(), ipset.SetWriter()
 
     def fill(self, table, now: float) -> None:
         """Every mapping of ``table`` (the IPv4 one) into the sets, then its journal on: from
@@ -181,15 +194,19 @@ class KernelPath:
         self.writer = self._alive = None
 
     def destroy(self) -> None:
-        """Remove this run's sets (once no rule uses them)."""
+        """Remove this run's sets (once no rule uses them; a worker leaves its parent's be)."""
         self.close()
-        for name in self.names():
-            ipset.destroy(name)
+        if self.owns:
+            for name in self.names():
+                ipset.destroy(name)
 
     def remove_stale(self) -> int:
         """Remove the sets of dead runs (their rules are gone by now: those of this queue and of any
-        queue on this external interface, :meth:`.rules.Rules.remove_stale`)."""
+        queue on this external interface, :meth:`.rules.Rules.remove_stale`); a worker leaves that to
+        its parent."""
         n = 0
+        if not self.owns:
+            return n
         for name in ipset.names():
             m = re.match(r"roam-q\d+-p(\d+)-", name)
             if m and int(m.group(1)) != os.getpid() and not _is_roam(int(m.group(1))):

@@ -79,7 +79,8 @@ def log_events(events) -> None:
 class Plugin(PacketThread):
     def __init__(self, cfg: NatConfig, config_path: str, external: str, internal: list[str], queue: int,
                  status_path: str, snapshot_path: str, clock, wall, restore: bool = True, gso: bool = False,
-                 offload: bool = True, worker: tuple | None = None, kernel_path: bool = True) -> None:
+                 offload: bool = True, worker: tuple | None = None, kernel_path: bool = True,
+                 kernel_owner: int | None = None) -> None:
         self.config_path = config_path
         self.external = external
         self.internal_specs = internal
@@ -116,7 +117,9 @@ class Plugin(PacketThread):
         self.routes: RouteCache | None = None
         self.queued = 0
         # the kernel path (.kernelpath): new outbound flows keeping their own port never come here
-        self.kernel = KernelPath(queue, self.cfg.port_range) if offload and kernel_path and worker is None else None
+        # (a worker's: for its lane, in sets its parent ``kernel_owner`` made)
+        self.kernel = KernelPath(queue, self.cfg.port_range, kernel_owner) \
+            if offload and kernel_path and (worker is None or kernel_owner is not None) else None
         self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0,
                            internal6=self.cfg.internal6, nat66=self.cfg.nat66, kernel=self.kernel) \
             if worker is None else NoRules()  # a worker's rules are its parent's
@@ -362,7 +365,7 @@ class Plugin(PacketThread):
                 if self.worker is None:
                     self.offloader = Offloader(self.engine, self.engine.config, self.kernel)
                 else:
-                    wo = WorkerOffloader(self.engine, self.engine.config)
+                    wo = WorkerOffloader(self.engine, self.engine.config, self.kernel)
                     wo.index, wo.slices = self.worker
                     self.offloader = wo
                 self.routes = RouteCache()

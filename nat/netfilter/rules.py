@@ -62,7 +62,9 @@ class Rules:
                  offload_mark: int = 0, workers: list | None = None, internal6: tuple[str, ...] = (),
                  nat66: bool = False, kernel=None) -> None:
         self.external = external
-        self.kernel = kernel  # the kernel path's sets (:class:`.kernelpath.KernelPath`), or None
+        #: the kernel path's sets (:class:`.kernelpath.KernelPath`; with workers a list, worker k's
+        #: for its lane), or None
+        self.kernel = kernel
         self.internal6 = internal6
         self.nat66 = nat66
         #: --workers N: each worker's TCP/UDP ports ([(first, last, lane), ...] per worker; worker k
@@ -290,33 +292,46 @@ class Rules:
         ``mangle POSTROUTING``; UDP, queued after conntrack anyway: there, a new connection's
         first packet that qualifies (no rule on later packets: ``--ctstate NEW`` first).  In ``nat
         POSTROUTING`` a KERNEL connection's port and endpoint go into the sets, then MASQUERADE
-        within the port range (fail-closed: no address, no packet)."""
+        within the port range (fail-closed: no address, no packet).  With workers each lane's
+        rules read (and add to) its own worker's sets."""
         from .kernelpath import KERNEL
 
-        kp, tag = self.kernel, self.mine + " kernel"
-        lo, hi = kp.port_range
+        kps, tag = self.kernel if isinstance(self.kernel, list) else [self.kernel], self.mine + " kernel"
+        lo, hi = kps[0].port_range
         both = hex(KERNEL | self.offload_mark)
         km = [("mark", {"mark": f"{hex(KERNEL)}/{hex(KERNEL)}"})]
         ckm = [("connmark", {"mark": f"{hex(KERNEL)}/{hex(KERNEL)}"})]
         for proto in ("udp", "tcp"):
-            held = kp.held[6 if proto == "tcp" else 17]
             self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
                       target=("MASQUERADE", {"to_ports": f"{lo}-{hi}"}))
-            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
-                      target=("SET", {"add_set": [kp.keep, "src,src"]}))
-            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=ckm,
-                      target=("SET", {"add_set": [held, "src"]}))
         self._add("raw", "PREROUTING", tag, proto="tcp", matches=km, target=("ACCEPT", {}))
         self._add("mangle", "POSTROUTING", tag, out_if=self.external, proto="tcp",
                   matches=[_FIRST] + km, target=("CONNMARK", {"or_mark": both}))
+        for k, kp in enumerate(kps):
+            self._kernel_lane(kp, tag, both, ckm, self.workers[k][0][2] if self.workers else None)
+
+    def _kernel_lane(self, kp, tag: str, both: str, ckm: list, lane: tuple[int, int, int] | None) -> None:
+        """The kernel path's rules for the flows of one set of sets: the one process's, or a
+        worker's (``lane``: the source ports its rules match, beside the range)."""
+        from .kernelpath import KERNEL
+
+        lo, hi = kp.port_range
+        for proto in ("udp", "tcp"):
+            held = kp.held[6 if proto == "tcp" else 17]
+            mine = ckm + ([(proto, {"sport": f"{lo}:{hi}"}), ("u32", {"u32": lane_u32("sport", lane)})] if lane
+                          else [])
+            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=mine,
+                      target=("SET", {"add_set": [kp.keep, "src,src"]}))
+            self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=mine,
+                      target=("SET", {"add_set": [held, "src"]}))
         for net in self.internal:
             for proto in ("udp", "tcp"):
                 first: dict[str, Any] = {"sport": f"{lo}:{hi}"}
                 if proto == "tcp":
                     first["tcp_flags"] = ["FIN,SYN,RST,ACK", "SYN"]
                 held = kp.held[6 if proto == "tcp" else 17]
-                base = [(proto, first), ("set", {"match_set": [kp.alive, "src"]}),
-                        ("set", {"match_set": ["!", kp.moved, "src,src"]})]
+                base = [(proto, first)] + ([("u32", {"u32": lane_u32("sport", lane)})] if lane else []) + [
+                    ("set", {"match_set": [kp.alive, "src"]}), ("set", {"match_set": ["!", kp.moved, "src,src"]})]
                 for which in (("set", {"match_set": ["!", held, "src"]}), ("set", {"match_set": [kp.keep, "src,src"]})):
                     if proto == "tcp":
                         self._add("raw", "PREROUTING", tag, in_if="!" + self.external, src=net, dst="!" + net,

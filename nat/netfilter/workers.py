@@ -52,6 +52,7 @@ from ..ports import lane_count
 from . import PluginError
 from .ctnetlink import Tuple
 from .interfaces import AddressEvents, iface_address
+from .kernelpath import KernelPath, KERNEL
 from .lifecycle import Signals, remove_rules
 from .offload import Offloader
 
@@ -147,13 +148,21 @@ class WorkerOffloader(Offloader):
     def mine(self, e) -> bool:
         o, r = e.original, e.reply
         ext = self.engine.external_ip
-        if r.dst == ext and o.dst != ext:  # outbound: the port it was given
-            port = r.dport
+        if r.dst == ext and o.dst != ext:  # outbound: the port it was given (the kernel path's: its own)
+            port = o.sport if e.mark & KERNEL else r.dport
         elif o.dst == ext:  # inbound: the port it came to; hairpin: the port its source was given
             port = r.dport if self.engine.is_internal(o.src) and r.dst == ext else o.dport
         else:  # not the NAT's: worker 0 judges it (removes it, as a single plugin would)
             return self.index == 0
         return self.slices.owner(o.proto, port) == self.index
+
+    def learn(self, e, now: float):
+        """A kernel path flow of this worker's lane (the owner of its source port, whose sets let
+        it through: by its reply port, a port the kernel chose in another lane, it would be that
+        lane's worker's, which knows nothing of the endpoint)."""
+        if self.slices.owner(e.original.proto, e.original.sport) != self.index:
+            return None
+        return super().learn(e, now)
 
     def fetch(self, now: float):
         gen, entries = super().fetch(now)
@@ -176,7 +185,7 @@ class WorkerOffloader(Offloader):
 class NoRules:
     """A worker's rules: none (the parent's :class:`Rules` are the only ones)."""
 
-    kernel = None  # (workers have no kernel path)
+    kernel = None  # (the kernel path's rules are the parent's too)
 
     def check_owners(self) -> None:
         pass
@@ -222,7 +231,8 @@ def merge_status(parts: list[dict | None], pids: list[int], base: dict) -> dict:
                    queued_packets=p.get("queued_packets", 0),
                    translated_out=e["counters"].get("translated_out", 0),
                    translated_in=e["counters"].get("translated_in", 0), flows=e["flows"],
-                   offloaded=(p.get("offload") or {}).get("flows", 0))
+                   offloaded=(p.get("offload") or {}).get("flows", 0),
+                   kernel_flows=(p.get("offload") or {}).get("kernel_flows", 0))
         eng["external_ip"] = eng["external_ip"] or e.get("external_ip")
         eng["inbound_mappings"] = max(eng["inbound_mappings"], e.get("inbound_mappings", 0))
         for key in ("flows", "mappings_live"):
@@ -247,9 +257,11 @@ def merge_status(parts: list[dict | None], pids: list[int], base: dict) -> dict:
 
 
 def supervisor(cfg, config_path: str, external: str, internal: list[str], queue: int, status_path: str,
-               snapshot_path: str, clock, wall, n: int, restore: bool = True, drop_log=None) -> "Supervisor":
+               snapshot_path: str, clock, wall, n: int, restore: bool = True, drop_log=None,
+               kernel_path: bool = True) -> "Supervisor":
     """The parent of ``n`` workers on queues ``queue .. queue+n-1`` (offload only: the per-packet
-    path's hairpin halves and ICMP would need one engine for both)."""
+    path's hairpin halves and ICMP would need one engine for both); with ``kernel_path`` each
+    worker's lane has one (:mod:`.kernelpath`), in sets the parent makes."""
     from .interfaces import iface_networks, resolve_internal
     from .offload import MARK
     from .plugin import Plugin
@@ -260,11 +272,14 @@ def supervisor(cfg, config_path: str, external: str, internal: list[str], queue:
     if not nets:
         raise PluginError("no internal network: give --internal IFACE|CIDR or [host] ip/netmask in the config")
     slices = Slices(cfg, n)
-    rules = Rules(external, queue, nets, cfg.hairpinning, MARK, workers=[slices.ports(k) for k in range(n)])
+    kernels = [KernelPath(queue + k, cfg.port_range) for k in range(n)] if kernel_path else None
+    rules = Rules(external, queue, nets, cfg.hairpinning, MARK, workers=[slices.ports(k) for k in range(n)],
+                  kernel=kernels)
 
-    def make(k: int):
+    def make(k: int, kernel_owner: int | None):
         p = Plugin(cfg, config_path, external, internal, queue + k, worker_path(status_path, k),
-                   worker_path(snapshot_path, k), clock, wall, restore=restore, offload=True, worker=(k, slices))
+                   worker_path(snapshot_path, k), clock, wall, restore=restore, offload=True, worker=(k, slices),
+                   kernel_owner=kernel_owner)
         p.drop_log = drop_log
         return p
     return Supervisor(make, n, rules, external, queue, status_path, wall)
@@ -292,9 +307,11 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    """The parent of ``--workers N``: rules, signals, worker lives, the merged status.
+    """The parent of ``--workers N``: rules, the kernel path's sets, signals, worker lives, the
+    merged status.
 
-    ``make_worker(k)`` builds worker k's :class:`Plugin` (in the child, after the fork)."""
+    ``make_worker(k, kernel_owner)`` builds worker k's :class:`Plugin` (in the child, after the
+    fork; ``kernel_owner``: the pid whose sets it fills, None: no kernel path)."""
 
     #: called once every worker is up (sd_notify READY=1), and when stopping
     on_ready: Callable[[], None] | None = None
@@ -353,7 +370,7 @@ class Supervisor:
             _die_with_parent()
             if os.getppid() != self._parent or self._stop:  # (a stop passed on before the handlers reset)
                 os._exit(0)
-            code = self.make_worker(k).run()
+            code = self.make_worker(k, self._parent if self.rules.kernel else None).run()
         except PluginError as exc:
             log.error("%s", exc)
         except BaseException:
@@ -418,15 +435,26 @@ class Supervisor:
         addrs: AddressEvents | None = None
         failed: str | None = None
         self._parent = os.getpid()
+        kernels: list[KernelPath] = []  # the kernel path's sets made (the workers fill them)
         try:
             sigs.install()
             self.rules.check_owners()
             ours = True
             self._address = iface_address(self.external)
+            for kp in self.rules.kernel or ():  # before the rules that read them (empty: closed till filled)
+                try:
+                    kernels.append(kp)
+                    kp.make()
+                except Exception as exc:  # (a kernel without IP sets) every new flow is queued
+                    log.warning("kernel path off: its IP sets cannot be made (%s)", exc)
+                    self.rules.kernel = None
+                    break
             self.rules.install(self._address)
             stale = self.rules.remove_stale()
             if stale:
                 log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
+            if kernels:
+                kernels[0].remove_stale()
             for k in range(self.n):
                 if self._stop:
                     break
@@ -474,6 +502,8 @@ class Supervisor:
         finally:
             removed = remove_rules(self.rules, ours, self.on_stopping)  # before the workers stop
             self._stop_workers()
+            for kp in kernels:  # (their rules gone, their workers too)
+                kp.destroy()
             if ours:
                 try:
                     snapshot.save(self.status_path, self.live_status())

@@ -28,11 +28,11 @@ SLICES = Slices(parse_toml('internal = ["198.18.0.0/24"]'), 2)
 
 
 class Workers(Site):
-    def start(self, internal="hv0", n=2):
+    def start(self, internal="hv0", n=2, extra=()):
         with open(self.log, "a") as log:
             self.proc = self.lab.popen(self.host, [sys.executable, "-m", "tools.cli", "-v", "nat", "--config",
                                                   self.conf, "--external", "ext0", "--internal", internal, "--queue",
-                                                  "3", "--state-dir", self.dir, "--workers", str(n)],
+                                                  "3", "--state-dir", self.dir, "--workers", str(n), *extra],
                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         pid = self.proc.pid
 
@@ -62,14 +62,31 @@ def _queues(site) -> set[str]:
     return {l.split()[0] for l in out.splitlines() if l.strip()}
 
 
-def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site):
+def _sets(site) -> dict[str, set[int]]:
+    """The roam IP sets in the host namespace: name -> members (ports, for the bitmap ones)."""
+    out = site.lab.run(site.host, ["ipset", "list"], check=False).stdout
+    sets: dict[str, set[int]] = {}
+    name = None
+    for line in out.splitlines():
+        if line.startswith("Name: "):
+            name = line[6:].strip()
+            sets[name] = set()
+        elif name and name.startswith("roam-") and line.strip().isdigit():
+            sets[name].add(int(line.strip()))
+    return {k: v for k, v in sets.items() if k.startswith("roam-")}
+
+
+@pytest.mark.parametrize("kernel_path", [True, False], ids=["kernel-path", "no-kernel-path"])
+def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site, kernel_path):
     """120 TCP connections from chosen source ports (and privileged ones, below the low range,
     which are never kept): every one goes through, the peer sees the external address and
     the port itself (only its lane's worker could hand it out), or for a privileged one a low
     port of worker 0's lane; then 64 connections from ports the VM's kernel picks (in
-    sequence): both workers get some; `roam nat status` shows one view with a line per worker."""
+    sequence): both workers get some -- queued, or with the kernel path (the default) NATed
+    by the kernel alone in each lane, learned by that lane's worker, the port in its own sets
+    only; `roam nat status` shows one view with a line per worker."""
     lab = site.lab
-    pids = site.start()
+    pids = site.start(extra=() if kernel_path else ("--no-kernel-path",))
     assert len(set(pids)) == 2 and all(_alive(p) for p in pids)
     assert {"3", "4"} <= _queues(site)
     srv = site.sock(site.inet)
@@ -138,8 +155,21 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site):
         c.close()
     srv.close()
     assert {SLICES.owner(6, p) for p in picked} == {0, 1}, picked
-    _wait(lambda: all(w.get("queued_packets", 0) > b for w, b in zip(site.status()["workers"], before)), 5,
-          "both workers to take part of a burst from sequential ports")
+    if kernel_path:
+        _wait(lambda: all(w.get("kernel_flows", 0) >= sum(SLICES.owner(6, p) == k for p in picked)
+                          for k, w in enumerate(site.status()["workers"])), 5,
+              "each worker to learn its lane's share of the burst from the kernel path")
+        assert [w.get("queued_packets", 0) for w in site.status()["workers"]] == before  # not one packet queued
+        sets = _sets(site)
+        parent = site.proc.pid
+        for k in (0, 1):
+            held = sets[f"roam-q{3 + k}-p{parent}-tcp"]
+            assert {p for p in picked if SLICES.owner(6, p) == k} <= held, (k, picked, held)
+            # (nat.conf's inbound mapping 8080 is every worker's: held in every worker's sets)
+            assert all(SLICES.owner(6, p) == k for p in held if p >= 1024 and p != 8080), (k, held)
+    else:
+        _wait(lambda: all(w.get("queued_packets", 0) > b for w, b in zip(site.status()["workers"], before)), 5,
+              "both workers to take part of a burst from sequential ports")
     _wait(lambda: site.status()["engine"]["counters"].get("translated_out", 0) >= len(sports), 5,
           "the merged translated count")
     out = lab.run(site.host, [sys.executable, "-m", "tools.cli", "nat", "status", "--queue", "3",
@@ -148,9 +178,11 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site):
     lines = [l for l in out.stdout.splitlines() if l.startswith("worker ")]
     assert len(lines) == 2, out.stdout
     for k, line in enumerate(lines):
-        m = re.match(rf"worker {k} pid {pids[k]} \(running\), queue {3 + k}, ports .*: queued packets (\d+)", line)
-        assert m and int(m.group(1)) > 0, line
+        m = re.match(rf"worker {k} pid {pids[k]} \(running\), queue {3 + k}, ports .*: queued packets (\d+)"
+                     r".*kernel path flows (\d+)$", line)
+        assert m and int(m.group(1)) > 0 and (int(m.group(2)) > 0) == kernel_path, line
     assert lab.stop(site.proc) == 0
+    assert not _sets(site)  # the parent removed every worker's sets
 
 
 def test_sigterm_leaves_no_rule_no_queue_and_no_process(site):
@@ -163,6 +195,7 @@ def test_sigterm_leaves_no_rule_no_queue_and_no_process(site):
     assert "roam-nat" not in site.rules()
     assert not {"3", "4"} & _queues(site)
     assert not [p for p in pids if _alive(p)]
+    assert not _sets(site)
     with open(site.log) as f:
         log = f.read()
     assert f"removed {len(rules)} rules" in log, log[-2000:]
@@ -181,6 +214,7 @@ def test_kill9_of_one_worker_stops_all_and_removes_the_rules(site):
     assert site.proc.returncode == 1
     assert "roam-nat" not in site.rules()
     assert not {"3", "4"} & _queues(site)
+    assert not _sets(site)
     _wait(lambda: not _alive(pids[0]), 5, "worker 0 to be gone")
     with open(site.log) as f:
         log = f.read()
@@ -243,12 +277,16 @@ def test_kill9_of_the_parent_takes_the_workers_and_a_restart_replaces_its_rules(
     _wait(lambda: not any(_alive(p) for p in pids), 10, "the workers to die with their parent")
     assert len([l for l in site.rules().splitlines() if "roam-nat q3" in l]) == n_rules  # still dropping
     assert site.lab.ping(site.vm, PEER, count=1, timeout=1) == 0
+    dead = site.proc.pid
+    names = ("tcp", "udp", "keep", "moved", "alive")
+    assert {f"roam-q{q}-p{dead}-{n}" for q in (3, 4) for n in names} == set(_sets(site))  # stale, kept
     site.start()
     assert len([l for l in site.rules().splitlines() if "roam-nat q3" in l]) == n_rules
     with open(site.log) as f:
         assert f"replaced {n_rules} stale rules" in f.read()
+    assert all(f"-p{site.proc.pid}-" in name for name in _sets(site)), _sets(site)  # the dead run's removed
     assert lab_ok(site)
-    assert site.lab.stop(site.proc) == 0 and "roam-nat" not in site.rules()
+    assert site.lab.stop(site.proc) == 0 and "roam-nat" not in site.rules() and not _sets(site)
 
 
 def test_established_flows_of_both_workers_survive_a_restart_each_readopted_by_its_owner(site):

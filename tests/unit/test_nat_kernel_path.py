@@ -162,3 +162,54 @@ def test_a_static_mapping_removed_by_a_reload_keeps_its_port_held():
     kp.writer.changes.clear()
     kp._apply(-1, Mapping(6, ip(VM), 80, ip(EXT), 8080, static=True))
     assert kp.writer.changes == [(False, kp.moved, member(ip(VM), 80, 6))]  # the endpoint goes, the port stays held
+
+
+def _worker(k: int):
+    """Worker ``k`` of two: its engine holds only its lane of the pools, its offloader learns
+    only the kernel path's flows from its lane's source ports."""
+    from nat import NatEngine
+    from nat.netfilter.workers import Slices, WorkerOffloader
+
+    base = engine()
+    slices = Slices(base.config, 2)
+    e = NatEngine(slices.config(base.config, k), EXT, seed=7)
+    kp = KernelPath(3 + k, (1024, 65535), owner=1)
+    kp.writer = Writer()
+    kp.fill(e.mapping_table, 0.0)
+    off = _offloader(e)
+    off.__class__ = WorkerOffloader
+    off.kernel, off.index, off.slices = kp, k, slices
+    return e, kp, off, slices
+
+
+def test_a_worker_learns_its_own_lanes_kernel_flows_only():
+    e0, kp0, off0, slices = _worker(0)
+    e1, kp1, off1, _ = _worker(1)
+    ports = [p for p in range(40000, 40040, 2)]
+    assert {slices.owner(17, p) for p in ports} == {0, 1}
+    for p in ports:
+        ev = _kernel_entry(VM, p, p)
+        mine, theirs = (off0, off1) if slices.owner(17, p) == 0 else (off1, off0)
+        assert mine.learn(ev, 1.0) is not None and mine.mine(ev)
+        assert theirs.learn(ev, 1.0) is None and not theirs.mine(ev)
+    for e, k in ((e0, 0), (e1, 1)):
+        held = {port for (proto, port) in e.mapping_table.by_external if proto == 17}
+        assert held == {p for p in ports if slices.owner(17, p) == k}
+    assert kp0.counters["kernel_flows"] + kp1.counters["kernel_flows"] == len(ports)
+    assert kp0.counters["kernel_foreign"] == kp1.counters["kernel_foreign"] == 0
+
+
+def test_a_port_the_kernel_chose_in_another_workers_lane_is_a_clash():
+    """The kernel path's MASQUERADE may pick any port of the range when the flow's own tuple is
+    taken: one of another lane is not the worker's to hold (that worker knows nothing of the
+    endpoint), so the entry goes, counted, and the endpoint is queued from then on."""
+    e0, kp0, off0, slices = _worker(0)
+    own = next(p for p in range(40000, 40100) if slices.owner(17, p) == 0)
+    other = next(p for p in range(40000, 40100) if slices.owner(17, p) == 1)
+    ev = _kernel_entry(VM, own, other)
+    off0.ct.entries[ev.original] = ev
+    assert off0.mine(ev)  # by its source port: the worker its packets reach
+    assert off0.learn(ev, 1.0) is None
+    assert kp0.counters["kernel_clashes"] == 1 and ev.original not in off0.ct.entries
+    assert (True, kp0.moved, member(ip(VM), own, 17) + member(timeout=CLASH_QUEUED)) in kp0.writer.changes
+    assert not e0.mapping_table.by_external

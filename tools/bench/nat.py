@@ -1,12 +1,14 @@
 """NAT speed: the engine alone in-process (established-flow translations/s), and in a namespace
-lab (VM -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, with the
-kernel path: the defaults), `roam nat --workers 2`, `roam nat --no-kernel-path`, `roam nat
---no-offload` and `--no-offload --gso`, each measured the same way: iperf3
+lab (two VMs -> host -> internet), in one run: kernel MASQUERADE, `roam nat` (offloaded, with the
+kernel path: the defaults), `roam nat --workers 2`, `roam nat --no-kernel-path`, the same with
+`--workers 2`, `roam nat --no-offload` and `--no-offload --gso`, each measured the same way: iperf3
 TCP throughput, 64-byte UDP packets/s received (one iperf3 client per core, so one sender is
-not the bottleneck) and new TCP connections/s (the same connect/close clients and accepting servers against each).
+not the bottleneck) and new TCP connections/s (the same connect/close clients and accepting
+servers against each), from one VM and from two (whose kernels pick source ports on their own).
 Every figure is also given as a ratio to kernel MASQUERADE (lab) or to a bare parse loop
-(engine); new connections with --workers 2 also to one worker's rate; and whether roam learned
-the kernel path's flows as fast as the kernel made them. Printed, never asserted."""
+(engine); new connections with --workers 2 also to one process's rate; whether roam learned
+the kernel path's flows as fast as the kernel made them; and how many of the two VMs' flows
+roam still had to decide itself. Printed, never asserted."""
 from __future__ import annotations
 
 import argparse
@@ -119,6 +121,7 @@ def bench_engine(flows: int, packets: int, seed: int) -> list[list]:
 # ----------------------------------------------------------------------------- lab
 WORKERS = "roam nat --workers 2"
 NO_KERNEL_PATH = "roam nat --no-kernel-path"
+WORKERS_QUEUED = "roam nat --workers 2 --no-kernel-path"
 _UDP_SENDERS = 2  # iperf3 3.12 runs one thread: one client process per core, each to its own server
 _IN_FLIGHT = 64  # connects each client keeps going at once: the rate is the NAT's, not one round trip's
 #: accepting processes per port (SO_REUSEPORT): one could not keep up with MASQUERADE (measured:
@@ -216,20 +219,22 @@ def _idle() -> tuple[int, int]:
     return ticks[3] + ticks[4], sum(ticks)
 
 
-def _conn_rate(lab, vm, port: int, seconds: float) -> tuple[float, float]:
-    """New TCP connections/s: _UDP_SENDERS connect/close clients (one per core), each keeping
-    _IN_FLIGHT connects going, for ``seconds``; connects that failed are not counted.  Also the
-    share of the machine left idle meanwhile: none left, the generator shares the cores with
-    the path; some left with the path's process at one core, that process is the limit."""
+def _conn_rate(lab, vms: list[str], port: int, seconds: float) -> tuple[float, float]:
+    """New TCP connections/s: _UDP_SENDERS connect/close clients (one per core, dealt over
+    ``vms``), each keeping _IN_FLIGHT connects going, for ``seconds``; connects that failed
+    are not counted.  Also the share of the machine left idle meanwhile: none left, the
+    generator shares the cores with the path; some left with the path's process at one core,
+    that process is the limit."""
     i0, t0 = _idle()
-    rate = _conn_count(lab, vm, port, seconds) / seconds
+    rate = _conn_count(lab, vms, port, seconds) / seconds
     i1, t1 = _idle()
     return rate, (i1 - i0) / max(1, t1 - t0)
 
 
-def _conn_count(lab, vm, port: int, seconds: float) -> float:
-    procs = [lab.popen(vm, [sys.executable, "-c", _CONN_CLIENT, str(port), str(seconds), str(_IN_FLIGHT)],
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(_UDP_SENDERS)]
+def _conn_count(lab, vms: list[str], port: int, seconds: float) -> float:
+    procs = [lab.popen(vms[i % len(vms)], [sys.executable, "-c", _CONN_CLIENT, str(port), str(seconds),
+                                           str(_IN_FLIGHT)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       text=True) for i in range(_UDP_SENDERS)]
     n = 0
     for p in procs:
         out, _ = p.communicate(timeout=seconds + 30)
@@ -269,42 +274,51 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
         f.write("[host]\nip = 198.18.0.1\nnetmask = 255.255.255.0\n")
     rows = []
     with Lab("roam") as lab:
-        vm, host, inet = lab.ns("benchvm"), lab.ns("benchhost"), lab.ns("benchinet")
-        lab.veth(vm, "vm0", host, "hv0")
+        vm, vm2, host, inet = lab.ns("benchvm"), lab.ns("benchvm2"), lab.ns("benchhost"), lab.ns("benchinet")
+        for v, port, ip in ((vm, "hv0", "198.18.0.2/24"), (vm2, "hv1", "198.18.0.3/24")):
+            lab.veth(v, "vm0", host, port)
+            lab.addr(v, "vm0", ip)
+            lab.route(v, "default", "198.18.0.1")
+            lab.sysctl(v, "net.ipv4.ip_local_port_range", "1024 65000")
+        lab.bridge(host, "br0", ["hv0", "hv1"])
         lab.veth(host, "ext0", inet, "inet0")
-        lab.addr(vm, "vm0", "198.18.0.2/24")
-        lab.route(vm, "default", "198.18.0.1")
-        lab.addr(host, "hv0", "198.18.0.1/24")
+        lab.addr(host, "br0", "198.18.0.1/24")
         lab.addr(host, "ext0", "203.0.113.1/24")
         lab.addr(inet, "inet0", "203.0.113.2/24")
         lab.sysctl(host, "net.ipv4.ip_forward", "1")
-        lab.sysctl(vm, "net.ipv4.ip_local_port_range", "1024 65000")
         servers = [lab.popen(inet, ["iperf3", "-s", "-B", "203.0.113.2", "-p", str(5201 + i)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(1 + _UDP_SENDERS)]
         ports = {}
         for i, name in enumerate(("kernel MASQUERADE", "roam nat", "roam nat --no-offload",
-                                  "roam nat --no-offload --gso", WORKERS, NO_KERNEL_PATH)):
+                                  "roam nat --no-offload --gso", WORKERS, NO_KERNEL_PATH, WORKERS_QUEUED)):
             ports[name] = 6000 + i  # a port each: no tuple of one run meets another's
             servers += [lab.popen(inet, [sys.executable, "-c", _CONN_SERVER, str(ports[name])],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(_CONN_SERVERS)]
         time.sleep(0.5)
 
-        def measure(name):
-            return (_iperf_tcp(lab, vm, seconds), _iperf_udp(lab, vm, seconds),
-                    *_conn_rate(lab, vm, ports[name], seconds))
+        def measure(name, status=None):
+            one = (_iperf_tcp(lab, vm, seconds), _iperf_udp(lab, vm, seconds),
+                   *_conn_rate(lab, [vm], ports[name], seconds))
+            if status:
+                KEPT_UP.append(_kept_up(lab, host, status))
+            before = _decided(status)
+            two, _ = _conn_rate(lab, [vm, vm2], ports[name], seconds)
+            if status:
+                TWO_VMS.append(_two_vms_line(two * seconds, _decided(status, settle=True) - before))
+            return (*one, two)
         results = {}
         lab.run(host, ["iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-o", "ext0", "-j", "MASQUERADE"])
         results["kernel MASQUERADE"] = measure("kernel MASQUERADE")
         lab.run(host, ["iptables-legacy", "-t", "nat", "-F"])
         lab.run(host, ["conntrack", "-F"], check=False)
-        for q, (name, extra) in zip((8, 9, 11, 12, 13), (("roam nat", []), (WORKERS, ["--workers", "2"]),
-                                                          (NO_KERNEL_PATH, ["--no-kernel-path"]),
+        for q, (name, extra) in zip((8, 9, 11, 14, 12, 13), (("roam nat", []), (WORKERS, ["--workers", "2"]),
+                                                              (NO_KERNEL_PATH, ["--no-kernel-path"]),
+                                                              (WORKERS_QUEUED, ["--workers", "2", "--no-kernel-path"]),
                                                           ("roam nat --no-offload", ["--no-offload"]),
                                                           ("roam nat --no-offload --gso", ["--no-offload", "--gso"]))):
-            nat = _start_nat(lab, host, conf, d, q, extra)  # --workers 2 on queues 9 and 10
-            results[name] = measure(name)
-            if name == "roam nat":
-                KEPT_UP.append(_kept_up(lab, host, os.path.join(d, f"q{q}", f"nat-q{q}.status.json")))
+            nat = _start_nat(lab, host, conf, d, q, extra)  # --workers 2 on queues 9 and 10, 14 and 15
+            results[name] = measure(name, os.path.join(d, f"q{q}", f"nat-q{q}.status.json")
+                                    if name == "roam nat" else None)
             lab.stop(nat)
             lab.run(host, ["conntrack", "-F"], check=False)
         for s in servers:
@@ -314,12 +328,40 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
             row: list = [name]
             for v, r in zip(vals[:3], ref):
                 row += [v, v / r if r else float("nan")]
-            rows.append(row + [round(100 * vals[3])])
+            rows.append(row + [round(100 * vals[3]), vals[4], vals[4] / ref[4] if ref[4] else float("nan")])
     return rows
 
 
 #: (filled by bench_lab) how the default run's learning of the kernel path's flows went
 KEPT_UP: list[str] = []
+#: (filled by bench_lab) how many of the two VMs' new flows the default run queued and decided itself
+TWO_VMS: list[str] = []
+
+
+def _decided(status_path: str | None, settle: bool = False) -> int:
+    """Flows roam decided itself (queued, not the kernel path's) per its status file; ``settle``:
+    first wait for a status written 1.5 s after now (the count is from the queued packets, never
+    behind the load, unlike the learning that _kept_up waits for)."""
+    if not status_path:
+        return 0
+    after = time.time() + 1.5
+    deadline = time.monotonic() + (10 if settle else 0)
+    while True:
+        try:
+            fresh = os.stat(status_path).st_mtime > after
+            with open(status_path) as f:
+                n = (json.load(f).get("offload") or {}).get("offloaded", 0)
+        except (OSError, ValueError):
+            fresh, n = False, 0
+        if fresh or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.2)
+
+
+def _two_vms_line(connections: float, decided: int) -> str:
+    return (f"roam nat, new connections from two VMs whose kernels pick source ports independently: roam decided "
+            f"{decided:,} of {connections:,.0f} new flows itself ({100 * decided / max(1, connections):.0f}%: a port "
+            "another VM held, or an endpoint mapped elsewhere); the kernel path took the rest")
 
 
 def _kept_up(lab, host: str, status_path: str) -> str:
@@ -352,19 +394,17 @@ def _kept_up(lab, host: str, status_path: str) -> str:
 
 
 def workers_line(rows: list[list]) -> str:
-    """New connections/s with two workers, as ratios to MASQUERADE and to one worker (same run):
-    the default one (with the kernel path) and one queueing every new flow as workers do."""
+    """New connections/s with two workers as ratios to one process (same run): with the kernel
+    path (the defaults), and with every new flow queued (what workers share out)."""
     by = {r[0]: r for r in rows}
-    if WORKERS not in by or "roam nat" not in by:
+    parts = []
+    for two, one in ((WORKERS, "roam nat"), (WORKERS_QUEUED, NO_KERNEL_PATH)):
+        if two in by and one in by:
+            w, o = by[two][5], by[one][5]
+            parts.append(f"{two}: {w:,.0f} = {w / o if o else float('nan'):.2f}x one process ({one}, {o:,.0f}/s)")
+    if not parts:
         return ""
-    w, one = by[WORKERS][5], by["roam nat"][5]
-    line = (f"New TCP connections/s, {WORKERS}: {w:,.0f} = {by[WORKERS][6]:.2f}x MASQUERADE, "
-            f"{w / one if one else float('nan'):.2f}x one worker ({one:,.0f}/s; target 1.6x)")
-    if NO_KERNEL_PATH in by:
-        q = by[NO_KERNEL_PATH][5]
-        line += (f"; workers queue every new flow: {w / q if q else float('nan'):.2f}x one worker doing the same "
-                 f"({NO_KERNEL_PATH}, {q:,.0f}/s)")
-    return line
+    return "New TCP connections/s with two workers (target 1.6x one worker): " + "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,16 +416,17 @@ def run(args: argparse.Namespace) -> int:
         lab = bench_lab(args.seconds)
         if lab:
             print()
-            print(f"Lab: VM -> host -> internet, {args.seconds:g} s per figure (2-core machine: noisy). TCP: one "
+            print(f"Lab: VMs -> host -> internet, {args.seconds:g} s per figure (2-core machine: noisy). TCP: one "
                   f"iperf3 stream; UDP: {_UDP_SENDERS} iperf3 clients (one per core, -l 64 -b 0), packets received; "
                   f"new connections: {_UDP_SENDERS} Python connect/close clients with {_IN_FLIGHT} connects in "
-                  f"flight each and {_CONN_SERVERS} accepting servers, the same against each; 'idle': the machine's "
-                  "idle share meanwhile (0: the generator and the path share saturated cores)")
+                  f"flight each and {_CONN_SERVERS} accepting servers, the same against each, all in one VM and then "
+                  "one client in each of two VMs; 'idle': the machine's idle share meanwhile (one VM; 0: the "
+                  "generator and the path share saturated cores)")
             print(render(["path", "TCP Mbit/s", "x MASQ", "UDP 64 B pkt/s", "x MASQ", "new TCP conn/s", "x MASQ",
-                          "idle %"], lab))
+                          "idle %", "new conn/s, 2 VMs", "x MASQ"], lab))
             line = workers_line(lab)
             if line:
                 print(line)
-            for line in KEPT_UP:
+            for line in KEPT_UP + TWO_VMS:
                 print(line)
     return 0
