@@ -364,6 +364,7 @@ def test_a_signal_at_any_instant_of_start_up_leaves_no_rule_no_queue_no_process(
         assert rc == 0 or delay >= 0, (tries, rc)
         assert "roam-nat" not in site.rules(), tries
         assert not {"3", "4"} & _queues(site), tries
+        assert not _sets(site), tries
         out = site.lab.run(site.host, ["ps", "-eo", "pid,args"], check=False).stdout
         assert not [l for l in out.splitlines() if "--workers" in l and site.dir in l], (tries, out)
 
