@@ -70,6 +70,11 @@ def register(subparsers, help_text: str) -> None:
                        "virtio-net header instead of 1500-byte frames: on by default, negotiated per session "
                        "(on when both ends can; a TAP without virtio-net headers, or an end given --no-offload, "
                        "makes it off); `roam tunnel status` shows what was negotiated")
+        q.add_argument("--cipher", choices=("auto", "aes-256-gcm", "chacha20-poly1305"), default="auto",
+                       help="the session keys' AEAD: AES-256-GCM when both ends ask for it, else "
+                       "ChaCha20-Poly1305; auto (default) asks for AES-256-GCM where this CPU has AES "
+                       "instructions (there it seals 64 KiB about 3x faster); the handshakes and the pre-shared "
+                       "key stay ChaCha20-Poly1305's; `roam tunnel status` shows what was negotiated")
         q.add_argument("--path-mtu", type=int, default=1500, metavar="BYTES",
                        help="--transport udp: the underlay's MTU (default 1500; a host end also takes its "
                        "route's MTU if smaller): larger messages are cut into tunnel segments that fit it, "
@@ -312,7 +317,7 @@ def cmd_proxy(args) -> int:
     engine = ProxyEnd(cipher, session_timeout=args.session_timeout, mac_age=args.mac_age,
                       max_sessions=args.max_sessions, mac_capacity=args.mac_capacity,
                       max_frame=_max_frame(args), offload=tap.offload,
-                      segment_size=_segment_size(args, family(listen[0])))
+                      segment_size=_segment_size(args, family(listen[0])), aes=_aes(args))
     return _serve(args, "proxy", tap, lambda: ProxyDriver(
         engine, tap, listen, args.transport, time.monotonic, args.status_dir,
         max_tcp_conns=args.max_tcp_connections, tcp_auth_timeout=args.tcp_auth_timeout),
@@ -332,11 +337,18 @@ def cmd_host(args) -> int:
     cipher, (proxy, macs), tap = ready
     engine = HostEnd(cipher, macs, learn_macs=not args.no_learn, keepalive=args.keepalive,
                      dead_after=args.dead_after, max_frame=_max_frame(args), offload=tap.offload,
-                     segment_size=_segment_size(args, family(proxy[0]), proxy))
+                     segment_size=_segment_size(args, family(proxy[0]), proxy), aes=_aes(args))
     return _serve(args, "host", tap, lambda: HostDriver(engine, tap, proxy, args.transport, time.monotonic,
                                                         args.status_dir, **agent_kwargs(args)),
                   f"host end to {args.proxy} ({args.transport}), tap {tap.name}"
                   + (f" in bridge {args.bridge}" if args.bridge else ""))
+
+
+def _aes(args) -> bool:
+    """Whether this end asks for AES-256-GCM session keys (``--cipher``)."""
+    from tunnel.crypto import aes_is_fast
+
+    return args.cipher == "aes-256-gcm" or args.cipher == "auto" and aes_is_fast()
 
 
 def cmd_status(args) -> int:
@@ -362,7 +374,7 @@ def cmd_status(args) -> int:
         for s in st.get("sessions", []):
             print(f"  session {s['session']} {_state(s['state'], alive)}  endpoint {s['endpoint']}  "
                   f"last seen {_ago(s['last_heard_ago'])}  macs {', '.join(s['named_macs']) or '-'}  "
-                  f"offload {'on' if s.get('offload') else 'off'}  {_fmt(s['counters'])}")
+                  f"offload {'on' if s.get('offload') else 'off'}  {s.get('cipher', '')}  {_fmt(s['counters'])}")
         if st.get("macs") and st.get("role") == "proxy":
             print("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
         print(f"  counters: {_fmt(st.get('counters', {}))}")

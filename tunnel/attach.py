@@ -4,10 +4,11 @@ Split from :mod:`tunnel.proxy` (one idea per module): everything here runs for a
 message of a session the proxy does not (yet) know.  An ATTACH opens a session only
 with a cookie of this run, still good, sealed under the session key that cookie's
 nonces make; any other authentic ATTACH draws an EPOCH (a challenge) and changes
-nothing; anything else of an unknown session draws a rate-limited RESET.  Offload is
-negotiated here: the hello's OFFLOAD flag asks, the EPOCH's agrees when the proxy can
-carry it too, and the session keeps the flag of the ATTACH that opened it (all of
-them associated data: nobody on the way can flip the choice).
+nothing; anything else of an unknown session draws a rate-limited RESET.  Offload and
+the suite are negotiated here: the hello's OFFLOAD (AES) flag asks, the EPOCH's agrees
+when the proxy can carry it (would take AES-256-GCM) too, and the session keeps the
+flags of the ATTACH that opened it (all of them associated data: nobody on the way can
+flip the choice; and the EPOCH and that ATTACH are sealed under the agreed suite's key).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .wire import (
 RESET_RATE = 100.0
 _RESET_TYPES = (MsgType.DATA, MsgType.KEEPALIVE, MsgType.SEGMENT)  # what a host end sends under a key we may have lost
 _OFFLOAD, _FROM_PROXY, _PLAINTEXT = int(Flag.OFFLOAD), int(Flag.FROM_PROXY), int(Flag.PLAINTEXT)
+_AES = int(Flag.AES)
 _CONSUME = Action.CONSUME
 
 
@@ -78,7 +80,9 @@ class ProxyHandshake(_ProxyState):
         if hs.hello:
             keys = [(psk, hello_cipher(psk, sid, hs.host_nonce)) for psk in (self.cipher, *self.old_ciphers)]
         else:
-            keys = [(psk, session_cipher(psk, sid, hs.host_nonce, hs.proxy_nonce))
+            if h.aes and not self.aes:  # our EPOCH said no: only a broken host end asks again
+                raise WireError(Drop.MODE_MISMATCH, "AES-256-GCM asked of a proxy that would not take it")
+            keys = [(psk, session_cipher(psk, sid, hs.host_nonce, hs.proxy_nonce, h.aes))
                     for psk in (self.cipher, *self.old_ciphers)]
         for psk, key in keys:
             try:
@@ -93,7 +97,7 @@ class ProxyHandshake(_ProxyState):
                 if h.offload and not self.offload:  # our EPOCH said no: only a broken host end asks again
                     raise WireError(Drop.MODE_MISMATCH, "offload asked of a proxy that cannot carry it")
                 s = ProxySession(sid, endpoint, now, now, ReplayWindow(), 1, cipher=key)  # 0 was the EPOCH's
-                self._negotiate(s, h.offload)
+                self._negotiate(s, h.offload, h.aes)
                 s.reassembly = Reassembly(self._budget, self.max_message)
                 self.sessions[sid] = s
                 self.counters["sessions_opened"] += 1
@@ -102,18 +106,20 @@ class ProxyHandshake(_ProxyState):
                     self._events.append(TunnelEvent(EventKind.OFFLOAD, s.id, now, endpoint,
                                                     "on" if s.offload else "off"))
                 return self._authentic(s, h, b"", attach, endpoint, True, now)
-            # A hello asks for offload if its host end can carry it; the EPOCH agrees if we can too.
-            return self._challenge(psk, sid, hs.host_nonce, endpoint, now, h.offload and self.offload)
+            # A hello asks for offload if its host end can carry it (and for AES-256-GCM if it would
+            # take it); the EPOCH agrees if we can (would) too.
+            return self._challenge(psk, sid, hs.host_nonce, endpoint, now, h.offload and self.offload,
+                                   h.aes and self.aes)
         raise WireError(Drop.AUTH_FAILED, "attach does not verify")
 
     def _challenge(self, psk: Cipher, sid: int, host_nonce: bytes, endpoint: Hashable, now: float,
-                   offload: bool = False) -> Answer:
+                   offload: bool = False, aes: bool = False) -> Answer:
         """EPOCH: a fresh nonce (so a fresh session key, whose sequence 0 it takes) and a cookie."""
         proxy_nonce = self._fresh_nonce()
         issued = int(now) & 0xFFFFFFFF
         c = Challenge(self.epoch, issued, cookie(self._secret, sid, host_nonce, proxy_nonce, issued))
-        key = session_cipher(psk, sid, host_nonce, proxy_nonce)
-        flags = _FROM_PROXY | (_OFFLOAD if offload else 0)
+        key = session_cipher(psk, sid, host_nonce, proxy_nonce, aes)
+        flags = _FROM_PROXY | (_OFFLOAD if offload else 0) | (_AES if aes else 0)
         self._sends.append((endpoint, seal_parts(key, MsgType.EPOCH, flags, sid, 0, build_challenge(c), proxy_nonce)))
         self.counters["epochs_sent"] += 1
         return self._answer(_CONSUME, Cause.CHALLENGE)
@@ -125,7 +131,7 @@ class ProxyHandshake(_ProxyState):
         self._reset_at = now
         if h.type in _RESET_TYPES and len(message) >= RESET_LEN and self._reset_tokens >= 1.0:
             self._reset_tokens -= 1.0
-            flags = _FROM_PROXY | (int(h.flags) & _OFFLOAD) | (_PLAINTEXT if self.cipher.plaintext else 0)
+            flags = _FROM_PROXY | (int(h.flags) & (_OFFLOAD | _AES)) | (_PLAINTEXT if self.cipher.plaintext else 0)
             header = HEADER.pack(VERSION, MsgType.RESET, flags, 0, h.session, h.seq)
             self._sends.append((endpoint, header + reset_tag(self.cipher, header)))
             self.counters["resets_sent"] += 1

@@ -33,6 +33,7 @@ from .wire import (
 from .vnet import NO_OFFLOAD
 
 _OFFLOAD, _FROM_PROXY, _PLAINTEXT = int(Flag.OFFLOAD), int(Flag.FROM_PROXY), int(Flag.PLAINTEXT)
+_AES = int(Flag.AES)
 _DROP, _CONSUME = Action.DROP, Action.CONSUME
 _PEER_HEARD = SessionEvent.PEER_HEARD
 #: The data path makes its answers with ``tuple.__new__`` (all five fields given): NamedTuple's own
@@ -57,6 +58,7 @@ class Session:
     counters: Counter = field(default_factory=Counter)
     cipher: Cipher | None = None  # the session key (None: not agreed yet)
     offload: bool = False  # negotiated: DATA payloads carry the virtio-net header (GSO super-frames)
+    aes: bool = False  # negotiated: the session key is AES-256-GCM's (else ChaCha20-Poly1305's)
     tx_flags: int = _FROM_PROXY  # the flags of our messages in this session
     rx_flags: int = 0  # the exact flags of the peer's DATA messages (the fast path's key)
     reassembly: Reassembly | None = None
@@ -69,10 +71,12 @@ class End:
     from_bits = 0
 
     def __init__(self, cipher: Cipher, *, max_frame: int = DEFAULT_MAX_FRAME, offload: bool = False,
-                 segment_size: int = 0, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+                 segment_size: int = 0, random_bytes: Callable[[int], bytes] = os.urandom, aes: bool = False) -> None:
         """What every end is given (each end's own options come on top): the pre-shared key, the largest
-        frame, whether its TAP can carry offload, the largest UDP datagram (0: never cut), randomness."""
+        frame, whether its TAP can carry offload, the largest UDP datagram (0: never cut), randomness,
+        whether it would take AES-256-GCM session keys (negotiated: both ends must)."""
         self.cipher = cipher
+        self.aes = aes and not cipher.plaintext
         self.max_frame = max_frame
         #: Whether this end *can* carry offload: its TAP's frames start with a virtio-net header.
         #: Whether a session does is negotiated (:attr:`Session.offload`): both ends must be able to.
@@ -217,10 +221,11 @@ class End:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _negotiate(self, s: Session, offload: bool) -> None:
-        """Settle ``s``'s offload (both ends can carry it, or not) and so the exact flags each way."""
-        o = _OFFLOAD if offload else 0
-        s.offload = offload
+    def _negotiate(self, s: Session, offload: bool, aes: bool = False) -> None:
+        """Settle ``s``'s offload (both ends can carry it, or not) and suite (both ends asked for AES,
+        or not), and so the exact flags each way."""
+        o = (_OFFLOAD if offload else 0) | (_AES if aes else 0)
+        s.offload, s.aes = offload, aes
         s.tx_flags = self.from_bits | o
         s.rx_flags = (self.from_bits ^ _FROM_PROXY) | o | (_PLAINTEXT if self.cipher.plaintext else 0)
 

@@ -59,7 +59,7 @@ from .vnet import strip
 _LIVE = (SessionState.ATTACHING, SessionState.ATTACHED)
 _ACCEPT, _CONSUME = Action.ACCEPT, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
-_OFFLOAD = int(Flag.OFFLOAD)
+_OFFLOAD, _AES = int(Flag.OFFLOAD), int(Flag.AES)
 #: Where the host end's own messages go: its one peer.
 PROXY = "proxy"
 
@@ -281,8 +281,8 @@ class HostEnd(End):
                 return self._on_reset(h, message, now)
             if self._key is None:
                 raise WireError(Drop.UNKNOWN_SESSION, "no session key yet")
-            if h.offload != self.session_offload:
-                raise WireError(Drop.MODE_MISMATCH, "offload differs from what the session negotiated")
+            if h.offload != self.session_offload or h.aes != self._s.aes:
+                raise WireError(Drop.MODE_MISMATCH, "offload or suite differs from what the session negotiated")
             if not self._window.check(h.seq):
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
             if h.type == MsgType.SEGMENT:
@@ -363,7 +363,9 @@ class HostEnd(End):
         proxy_nonce = clear_part(h, message)
         if len(proxy_nonce) != NONCE_LEN or proxy_nonce == ZERO_NONCE:
             raise WireError(Drop.TRUNCATED, "epoch without its nonce")
-        key = session_cipher(self.cipher, self.session, self._nonce, proxy_nonce)
+        if h.aes and not self.aes:  # (our hello did not ask: a broken or forged EPOCH)
+            raise WireError(Drop.MODE_MISMATCH, "AES-256-GCM offered to a host end that did not ask")
+        key = session_cipher(self.cipher, self.session, self._nonce, proxy_nonce, h.aes)
         c = parse_challenge(open_body(key, h, message))
         self.counters["epochs_received"] += 1
         if self._key is None:  # the answer to our hello: the session key, and the ATTACH that opens it
@@ -372,7 +374,7 @@ class HostEnd(End):
             self.sessions = {s.id: s}  # keyed: DATA may come
             # Offload: we asked for it in the hello if we can; the proxy's EPOCH (authenticated,
             # header included) says whether it can too.  Both: on for the whole session.
-            self._negotiate(s, bool(self.offload and h.offload))
+            self._negotiate(s, bool(self.offload and h.offload), h.aes)
             if self.offload:  # an end that cannot carry offload has nothing to negotiate (nor tell)
                 self._events.append(TunnelEvent(EventKind.OFFLOAD, self.session, now,
                                                 detail="on" if self.session_offload else "off"))
@@ -448,7 +450,9 @@ class HostEnd(End):
             "last_heard_ago": None if self.last_heard is None else round(now - self.last_heard, 3),
             "counters": dict(self.counters),
             "drops": {d.name.lower(): n for d, n in self.drops.items()},
-            "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
+            # the session's suite (negotiated; before it is: the one this end asks for)
+            "cipher": "plaintext" if self.cipher.plaintext else "aes-256-gcm"
+            if (self._s.aes if self._key is not None else self.aes) else "chacha20-poly1305",
             "offload": self.session_offload,
             "offload_capable": self.offload,
             "segment_size": self.segment_size,
@@ -524,8 +528,10 @@ class HostEnd(End):
             return False
         key = self._key or self._hello
         assert key is not None  # start() made the hello key; every send comes after it
-        # A hello asks for offload when we can carry it; the session's messages say what was agreed.
-        flags = self._s.tx_flags if self._key is not None else (_OFFLOAD if self.offload else 0)
+        # A hello asks for offload when we can carry it, and for AES-256-GCM when we would take it;
+        # the session's messages say what was agreed.
+        flags = self._s.tx_flags if self._key is not None else \
+            (_OFFLOAD if self.offload else 0) | (_AES if self.aes else 0)
         self._sends.append((PROXY, seal_parts(key, mtype, flags, self.session, self._seq, payload, clear)))
         self._seq += 1
         self.last_sent = now

@@ -152,8 +152,8 @@ class ProxyEnd(Presence, ProxyHandshake, End):
                 raise WireError(Drop.REPLAYED, f"sequence {h.seq}")
             if h.type == MsgType.ATTACH and parse_handshake(clear_part(h, message)).hello:
                 raise WireError(Drop.REPLAYED, f"hello for live session {h.session:08x}")
-            if h.offload != s.offload:
-                raise WireError(Drop.MODE_MISMATCH, "offload differs from what the session negotiated")
+            if h.offload != s.offload or h.aes != s.aes:
+                raise WireError(Drop.MODE_MISMATCH, "offload or suite differs from what the session negotiated")
             if h.type == MsgType.SEGMENT:
                 if h.plaintext != self.cipher.plaintext:
                     raise WireError(Drop.MODE_MISMATCH, "plaintext and encryption mixed")
@@ -400,7 +400,8 @@ class ProxyEnd(Presence, ProxyHandshake, End):
     def status(self, now: float) -> dict:
         return {
             "role": "proxy",
-            "cipher": "plaintext" if self.cipher.plaintext else "chacha20-poly1305",
+            # the suite it takes for sessions whose host end asks for it (each session's: below)
+            "cipher": "plaintext" if self.cipher.plaintext else "aes-256-gcm" if self.aes else "chacha20-poly1305",
             "offload": self.offload,
             "segment_size": self.segment_size,
             "superframes_lost": self._lost_closed + sum(s.reassembly.lost for s in self.sessions.values()
@@ -416,6 +417,7 @@ class ProxyEnd(Presence, ProxyHandshake, End):
                     "age": round(now - s.created, 3),
                     "named_macs": [format_mac(m) for m in s.named],
                     "offload": s.offload,
+                    "cipher": "plaintext" if self.cipher.plaintext else "aes-256-gcm" if s.aes else "chacha20-poly1305",
                     "counters": dict(s.counters),
                 }
                 for s in self.sessions.values()

@@ -22,6 +22,9 @@ Every tunnel message, over UDP (one per datagram) or TCP (length-framed, see
   and then DATA payloads start with a 10-byte virtio-net header (little-endian
   ``struct virtio_net_hdr``) and may be GSO super-frames.  A session message whose
   flag differs from what its session negotiated is a counted MODE_MISMATCH drop.
+  :attr:`Flag.AES` is negotiated the same way: a hello asks for AES-256-GCM, the
+  EPOCH agrees, and the session key is then one of AES-256-GCM, not of
+  ChaCha20-Poly1305 (see :mod:`tunnel.crypto`); every later message says which.
   The flags are associated data: nobody can flip the choice on the way.
 * ``session id`` names one attachment of a host end to the proxy; ``sequence`` is
   the sender's per-session counter, from 0 (below 2**56, see :mod:`tunnel.crypto`).
@@ -110,9 +113,10 @@ class Flag(IntFlag):
     FROM_PROXY = 0x01
     PLAINTEXT = 0x02
     OFFLOAD = 0x04  # on ATTACH/EPOCH: "I can carry offload"; on a session's messages: it was negotiated
+    AES = 0x08  # on ATTACH/EPOCH: "I would take AES-256-GCM"; on a session's messages: its key is one
 
 
-_KNOWN_FLAGS = int(Flag.FROM_PROXY | Flag.PLAINTEXT | Flag.OFFLOAD)
+_KNOWN_FLAGS = int(Flag.FROM_PROXY | Flag.PLAINTEXT | Flag.OFFLOAD | Flag.AES)
 #: Length of the virtio-net header (struct virtio_net_hdr, little-endian) in offload mode.
 VNET_HDR_LEN = 10
 #: Largest frame in offload mode: a GSO super-frame whose sealed message (with its virtio-net header)
@@ -170,6 +174,10 @@ class Header:
     @property
     def offload(self) -> bool:
         return bool(int(self.flags) & 0x04)
+
+    @property
+    def aes(self) -> bool:
+        return bool(int(self.flags) & 0x08)
 
 
 def build_header(h: Header) -> bytes:
