@@ -32,7 +32,8 @@ def register(subparsers, help_text: str) -> None:
     p = subparsers.add_parser(
         "tunnel", help=help_text,
         description="The layer-2 tunnel home (the VNET model): a VM's Ethernet frames are carried over UDP "
-        "or TCP, authenticated and encrypted with ChaCha20-Poly1305 under a pre-shared key, from the host "
+        "or TCP, authenticated and encrypted (AES-256-GCM or ChaCha20-Poly1305, negotiated) under keys derived "
+        "from a pre-shared key, from the host "
         "it runs on to a proxy on its home LAN, so it keeps its home MAC and IP wherever it moves.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"

@@ -6,7 +6,8 @@ input, timer or call (the input going on as ``data``, the end's own messages as
 
 * :mod:`tunnel.wire`     versioned message format, ``parse_*``/``build_*``, :class:`WireError`
                          (a ``conntrack.errors.ParseError``; our own misuse: ``LocalProtocolError``)
-* :mod:`tunnel.crypto`   ChaCha20-Poly1305 with a pre-shared key, nonces, the replay window
+* :mod:`tunnel.crypto`   ChaCha20-Poly1305 (AES-256-GCM session keys where both ends ask) with a
+                         pre-shared key, nonces, the replay window
 * :mod:`tunnel.session`  session states: one IntEnum, one transition table
 * :mod:`tunnel.end`      what both ends share: the session record, the answer, the DATA receive path
 * :mod:`tunnel.host`     the host end (attach, keepalives, roaming re-attach)
@@ -34,7 +35,8 @@ Frames above the maximum are counted (OVERSIZED) and dropped, never truncated.
 Security model: one pre-shared key for the proxy and all its host ends, from
 which every session derives its own key (HKDF over both ends' random nonces,
 exchanged in ATTACH and EPOCH: no (key, nonce) pair repeats across sessions,
-restarts or proxies); ChaCha20-Poly1305 with the header as associated data;
+restarts or proxies); ChaCha20-Poly1305 (or AES-256-GCM, negotiated) with the
+header as associated data;
 per-session replay windows; a session exists only after an authentic ATTACH
 carrying a fresh cookie of the proxy's current run, so nothing replayed opens a
 session, counts as authentic (:func:`proves_peer`) or draws an answer larger

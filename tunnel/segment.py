@@ -8,7 +8,7 @@ largest UDP payload the path takes, e.g. 1500 - 28) is cut into SEGMENT messages
 each one UDP datagram, sent with UDP GSO in one system call.
 
 Sealed once, reassembled before opening (the measured choice): one ChaCha20-Poly1305
-call over 64 KiB costs 32 us here, 46 calls over its 1436-byte pieces 84 us; sealing
+call over 64 KiB cost 32 us here (2026-12-02), 46 calls over its 1436-byte pieces 84 us; sealing
 each segment on its own would also add 16 bytes of tag per segment.  Segments are
 not authenticated one by one: a forged or altered segment makes its message fail
 authentication when it is opened (AUTH_FAILED), and until then it only occupies a

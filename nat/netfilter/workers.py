@@ -448,6 +448,9 @@ class Supervisor:
                 except Exception as exc:  # (a kernel without IP sets) every new flow is queued
                     log.warning("kernel path off: its IP sets cannot be made (%s)", exc)
                     self.rules.kernel = None
+                    for made in kernels:  # (what was made before: no rule will read it)
+                        made.destroy()
+                    kernels.clear()
                     break
             self.rules.install(self._address)
             stale = self.rules.remove_stale()

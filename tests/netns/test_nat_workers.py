@@ -76,6 +76,19 @@ def _sets(site) -> dict[str, set[int]]:
     return {k: v for k, v in sets.items() if k.startswith("roam-")}
 
 
+def _settled(site) -> dict:
+    """The merged status once the workers' counts stand still (each worker writes its file and
+    the parent merges them every second): two reads 1.2 s apart that agree, within 10 s."""
+    last = site.status()
+    for _ in range(8):
+        time.sleep(1.2)
+        st = site.status()
+        if [w.get("queued_packets") for w in st["workers"]] == [w.get("queued_packets") for w in last["workers"]]:
+            return st
+        last = st
+    raise AssertionError("the workers' queued packet counts did not settle")
+
+
 @pytest.mark.parametrize("kernel_path", [True, False], ids=["kernel-path", "no-kernel-path"])
 def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site, kernel_path):
     """120 TCP connections from chosen source ports (and privileged ones, below the low range,
@@ -135,7 +148,7 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site, ker
     assert owners[0] and owners[1]
     _wait(lambda: all(w.get("queued_packets", 0) > 0 for w in site.status()["workers"]), 5,
           "both workers' queued packets in the merged status")
-    st = site.status()
+    st = _settled(site)
     assert [w["queue"] for w in st["workers"]] == [3, 4]
     assert [w["ports"][:2] for w in st["workers"]] == [[[1024, 65535], [600, 1023]]] * 2
     assert [w["lane"] for w in st["workers"]] == [[8, 0, 3], [8, 4, 7]]

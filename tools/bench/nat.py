@@ -301,7 +301,7 @@ def _bench_lab(Lab, d: str, seconds: float) -> list[list]:
                    *_conn_rate(lab, [vm], ports[name], seconds))
             if status:
                 KEPT_UP.append(_kept_up(lab, host, status))
-            before = _decided(status)
+            before = _decided(status, settle=True)
             two, _ = _conn_rate(lab, [vm, vm2], ports[name], seconds)
             if status:
                 TWO_VMS.append(_two_vms_line(two * seconds, _decided(status, settle=True) - before))

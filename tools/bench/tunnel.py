@@ -6,7 +6,8 @@ attaching after another:
 
 * direct:       the VM's link on the home bridge itself (the LAN path, no tunnel);
 * vxlan:        kernel VXLAN from host A to the home site (the limit for L2 over UDP);
-* roam-udp:     `roam tunnel` with its defaults: UDP, ChaCha20-Poly1305, offload negotiated (the TAPs
+* roam-udp:     `roam tunnel` with its defaults: UDP, the suite negotiated (AES-256-GCM where both CPUs
+                have AES instructions, else ChaCha20-Poly1305), offload negotiated (the TAPs
                 carry IFF_VNET_HDR and TCP GSO super-frames of up to ~64 KiB, the VM's own TSO
                 output, each sealed once and cut into UDP segments that fit the path, sent with
                 UDP GSO and read with UDP GRO);

@@ -2,9 +2,10 @@
 
 Issue 11 asks that one proxy serve at least 100 host ends and 1,000 VM MACs.  The
 engines are sans-I/O, so :class:`Fabric` wires N real :class:`~tunnel.host.HostEnd`
-engines and one :class:`~tunnel.proxy.ProxyEnd` in this process (real ChaCha20-Poly1305,
-real handshakes, each answer's ``data``/``sends`` delivered to the other side, time
-passed in), the VMs' MACs learned from their frames as a host agent learns them.  The
+engines and one :class:`~tunnel.proxy.ProxyEnd` in this process (real crypto in the suite the
+daemons negotiate here by default, real handshakes, each answer's ``data``/``sends``
+delivered to the other side, time passed in), the VMs' MACs learned from their frames as
+a host agent learns them.  The
 same wiring drives ``tests/unit/test_tunnel_scale.py``.
 
 Printed (never asserted):
