@@ -33,11 +33,12 @@ the flow goes into the kernel's connection tracking as an entry carrying its NAT
 only packets of flows without such an entry are queued (a new TCP flow's SYN and an echo
 request before conntrack, others after it). The namespace's conntrack timeouts are set to
 roam's lifetimes. Offloaded flows go on while the plugin is down; new ones wait.
-The kernel path (the default with offload, IPv4; with --workers one per lane): a new outbound TCP or UDP
-flow whose mapping is its own port (the endpoint holds it, or no mapping does) is NATed by
-the kernel alone (MASQUERADE within the port range), guided by IP sets roam keeps
-(roam-qN-pPID-*: held ports, endpoints keeping their port, endpoints mapped elsewhere, a
-liveness entry renewed every second); roam learns the flow from its conntrack NEW event.
+The kernel path (the default with offload, IPv4; with --workers, one per lane): a new
+outbound TCP or UDP flow whose mapping is its own port (the endpoint holds it, or no
+mapping does) is NATed by the kernel alone (MASQUERADE within the port range), guided by IP
+sets roam keeps (roam-qN-pPID-*: held ports, endpoints keeping their port, endpoints mapped
+elsewhere, a liveness entry renewed every second); roam learns the flow from its conntrack
+NEW event.
 Everything else is queued as above. Within 3 s of a kill -9 the kernel path closes too.
 With --no-offload every packet is translated in user space as follows. It
 installs its own iptables rules (legacy xtables, through python-iptables): in `raw
@@ -58,13 +59,15 @@ same external interface is refused), and all are removed on SIGINT/SIGTERM, when
 comes, start-up included (after a deliberate stop forwarding is up to the host's own
 firewall again: give FORWARD a DROP policy if that must not happen). Inbound traffic to
 the external address that no inbound mapping claims is the host's own (its sshd, pings)
-and reaches it as under MASQUERADE. SIGUSR1 writes the snapshot and the status at once (a migration hook's
-"the state as it is now"; the lab's nat+state takes it at the move). SIGHUP re-reads the config (inbound mappings,
-timeouts, filtering) without dropping established flows. The external address is followed through netlink: when it changes or
+and reaches it as under MASQUERADE. SIGUSR1 writes the snapshot and the status at once (a
+migration hook's "the state as it is now"; the lab's nat+state takes it at the move).
+SIGHUP re-reads the config (inbound mappings, timeouts, filtering) without dropping
+established flows. The external address is followed through netlink: when it changes or
 vanishes every mapping on the old address dies at once, as with MASQUERADE. Mappings and
 flows are snapshotted to the state dir every second (when packets went through; a table so
-big that writing it takes more than 5% of the time, less often), on SIGUSR1 and on exit, and restored at start, so a restart keeps established
-connections. Malformed packets are counted and dropped. Counters: `roam nat status`.
+big that writing it takes more than 5% of the time, less often), on SIGUSR1 and on exit,
+and restored at start, so a restart keeps established connections. Malformed packets are
+counted and dropped. Counters: `roam nat status`.
 NAT66: with natIp6Enable = 1 and natIp6Prefix in [host] (TOML: nat66, internal6) IPv6 is
 translated too, as ip6tables MASQUERADE does, with the same rules in ip6tables; the external
 IPv6 address is the interface's first usable global one.
