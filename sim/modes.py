@@ -336,15 +336,18 @@ class Tunnel(Mode):
         if not moved:
             self._start_agents()
         super().attach(host)
+        self.home.silent.discard(self.address)  # it answers ARP again (through the tunnel)
         if moved:  # QEMU announces the resumed guest: its RARP names it to this host's agent at once
             ans = self.agents[host.name].send_frame(build.rarp_announce(self.mac), self.clock.now)
             self._end_answer(host, ans, -1, to_proxy=True)
 
     def detach(self) -> None:
-        """The VM stops on its host and its TAP leaves the bridge: that agent forgets it (at once)."""
+        """The VM stops on its host and its TAP leaves the bridge: that agent forgets it (at once).  Its
+        address stays behind the proxy's bridge port, but the home gateway's ARP probes go unanswered."""
         host = self.host
         if host is not None:
             self._end_answer(host, self.agents[host.name].forget([self.mac], self.clock.now, "TAP left"), -1)
+        self.home.silent.add(self.address)
         super().detach()
 
     def from_vm(self, data: bytes, tag: int) -> None:
@@ -426,10 +429,26 @@ class Tunnel(Mode):
             ip = self._ip_of(frame, self.gw_mac)
             if ip is not None:
                 self.net.send(ip, tag, self.home)
+            else:
+                garp = _gratuitous_arp(frame)
+                if garp is not None:  # the proxy announces a VM that moved: the gateway's entry takes it
+                    self.clock.after(self.home.lan_latency, _garp_arrives, self.net, (self.home, garp))
         self.proxy_timer.update()
 
     def vm_address(self) -> bytes:
         return self.address
+
+
+def _gratuitous_arp(frame: bytes) -> bytes | None:
+    """The address a gratuitous ARP (sender address = target address) announces; None for other frames."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x06" or frame[14:20] != b"\x00\x01\x08\x00\x06\x04":
+        return None
+    sip, tip = bytes(frame[28:32]), bytes(frame[38:42])
+    return sip if sip == tip else None
+
+
+def _garp_arrives(net: Network, where: tuple[Site, bytes]) -> None:
+    net.gratuitous(*where)
 
 
 # ------------------------------------------------------------------- nat

@@ -155,7 +155,7 @@ class Site:
     """
 
     __slots__ = ("name", "prefix", "net", "mask", "gateway", "latency", "loss", "lan_latency",
-                 "holders", "_leases", "_next_lease", "reserved", "neigh", "neighbours")
+                 "holders", "silent", "_leases", "_next_lease", "reserved", "neigh", "neighbours")
 
     def __init__(self, name: str, prefix: str, gateway: str | None = None, latency: float = 0.005,
                  loss: float = 0.0, lan_latency: float = 0.0002, neigh: NeighParams | None = ROUTER_NEIGH) -> None:
@@ -171,6 +171,9 @@ class Site:
         self.loss = loss
         self.lan_latency = lan_latency
         self.holders: dict[bytes, Receiver] = {}
+        #: addresses whose holder still takes frames but answers no neighbour probe: a paused VM whose MAC
+        #: lives behind a port that stays (the tunnel proxy's), so the gateway's probes go unanswered
+        self.silent: set[bytes] = set()
         self._leases: dict[bytes, bytes] = {}  # MAC -> leased address (DHCP remembers clients)
         self._next_lease = 100
         self.reserved: set[bytes] = {self.gateway}
@@ -373,7 +376,7 @@ class Network:
         n.probes += 1
         holder = site.holders.get(dst)
         # INCOMPLETE broadcasts its request (whoever holds the address answers); PROBE asks the old MAC
-        if holder is not None and (n.state == Nud.INCOMPLETE or holder == n.lladdr):
+        if holder is not None and dst not in site.silent and (n.state == Nud.INCOMPLETE or holder == n.lladdr):
             self._reachable(site, dst, n, holder)
             return
         self._neigh_arm(site, dst, n, now + p.retrans)
@@ -385,6 +388,22 @@ class Network:
         self._neigh_arm(site, dst, n, n.confirmed + _neigh(site).reachable)
         for data, tag in queue:
             holder(data, tag)
+
+    def gratuitous(self, site: Site, dst: bytes) -> None:
+        """The gateway hears a gratuitous ARP for ``dst`` from its holder (``arp_process``, arp_accept off): an
+        entry it has takes it (``neigh_update`` to NUD_STALE, override), so one resolving or failed sends what
+        it held; a valid one with the same address keeps its state; none is made."""
+        n = site.neighbours.get(dst)
+        holder = site.holders.get(dst)
+        if n is None or holder is None:
+            return
+        if n.state not in (Nud.NONE, Nud.INCOMPLETE, Nud.FAILED) and n.lladdr == holder:
+            return
+        n.state, n.lladdr = Nud.STALE, holder
+        n.gen += 1  # its timer is deleted: STALE has none
+        queue, n.queue = n.queue, []
+        for data, tag in queue:
+            self._to_lladdr(site, dst, n, data, tag)
 
     def _failed(self, site: Site, n: Neighbour) -> None:
         """``neigh_invalidate``: every held packet is answered with ICMP host unreachable."""

@@ -16,23 +16,6 @@ VM2 = "198.18.0.3"
 KERNEL_MARK = 0x30000000  # roam's bit and the kernel path's: the entry's connmark
 
 
-def _sets(site) -> dict[str, list[str]]:
-    """This namespace's roam IP sets: {name: members}."""
-    out = site.lab.run(site.host, ["ipset", "list"], check=False).stdout
-    sets: dict[str, list[str]] = {}
-    name = None
-    members = False
-    for line in out.splitlines():
-        if line.startswith("Name: "):
-            name, members = line[6:], False
-            sets[name] = []
-        elif line.startswith("Members:"):
-            members = True
-        elif members and line.strip() and name is not None:
-            sets[name].append(line.split()[0])
-    return {k: v for k, v in sets.items() if k.startswith("roam-")}
-
-
 def _of(sets: dict, suffix: str) -> list[str]:
     return next(v for k, v in sets.items() if k.endswith(suffix))
 
@@ -69,7 +52,7 @@ def test_flows_keeping_their_port_never_reach_roam_and_roam_still_knows_them(sit
     and a third party may send in through one (endpoint-independent filtering, judged by roam)."""
     lab = site.lab
     site.start()
-    _wait(lambda: _sets(site), 5, "the kernel path's sets")
+    _wait(lambda: site.sets(), 5, "the kernel path's sets")
     before = _queued(site)
     srv, c, conn, addr = site.tcp(site.inet, (PEER, 7100), site.vm, (PEER, 7100), src=(VM, 43100))
     assert addr == (EXT, 43100)
@@ -86,7 +69,7 @@ def test_flows_keeping_their_port_never_reach_roam_and_roam_still_knows_them(sit
         got += len(conn.recv(65536))
     lines = [l for l in _conntrack(site) if "sport=43100" in l or "sport=43101" in l]
     assert len(lines) == 2 and all(f"mark={KERNEL_MARK}" in l for l in lines), lines
-    sets = _sets(site)
+    sets = site.sets()
     assert "43100" in _of(sets, "-tcp") and "43101" in _of(sets, "-udp"), sets
     assert f"{VM},tcp:43100" in _of(sets, "-keep") and f"{VM},udp:43101" in _of(sets, "-keep"), sets
     _wait(lambda: _off(site).get("kernel_flows", 0) >= 2, 5, "roam to learn both flows")
@@ -117,7 +100,7 @@ def test_a_port_another_endpoint_holds_is_queued_and_mapped_elsewhere(site):
     VM2's next flow from that endpoint keeps roam's mapping (endpoint-independent), not the port."""
     lab = site.lab
     us, a = _two_vms_and_a_flow(site, 5700, 44000)
-    _wait(lambda: "44000" in _of(_sets(site), "-udp"), 5, "the port in the held set")
+    _wait(lambda: "44000" in _of(site.sets(), "-udp"), 5, "the port in the held set")
     before = _queued(site)
     b = site.sock(site.vm, socket.SOCK_DGRAM)
     b.bind((VM2, 44000))
@@ -125,7 +108,7 @@ def test_a_port_another_endpoint_holds_is_queued_and_mapped_elsewhere(site):
     _, src = us.recvfrom(10)
     assert src[0] == EXT and src[1] != 44000, src
     _wait(lambda: _queued(site) == before + 1, 5, "roam to have decided it (one packet queued)")
-    assert f"{VM2},udp:44000" in _of(_sets(site), "-moved")
+    assert f"{VM2},udp:44000" in _of(site.sets(), "-moved")
     us2 = site.sock(site.inet, socket.SOCK_DGRAM)
     lab.addr(site.inet, "inet0", "203.0.113.3/24")
     us2.bind(("203.0.113.3", 5701))
@@ -155,14 +138,14 @@ def test_a_clash_is_removed_counted_and_the_endpoint_queued_from_then_on(site):
     lab = site.lab
     us, a = _two_vms_and_a_flow(site, 5800, 45000)
     _wait(lambda: _off(site).get("kernel_flows", 0) >= 1, 5, "roam to learn VM's flow")
-    held = next(k for k in _sets(site) if k.endswith("-udp"))
+    held = next(k for k in site.sets() if k.endswith("-udp"))
     lab.run(site.host, [sys.executable, "-c", _DROP_HELD, held, "45000"])
     b = site.sock(site.vm, socket.SOCK_DGRAM)
     b.bind((VM2, 45000))
     b.sendto(b"b1", ("203.0.113.2", 5801))  # the kernel NATs it onto VM's port (another destination)
     _wait(lambda: _off(site).get("kernel_clashes", 0) == 1, 5, "the clash to be counted")
     assert not [l for l in _conntrack(site, "-p", "udp") if f"src={VM2}" in l and "dport=5801" in l]
-    assert f"{VM2},udp:45000" in _of(_sets(site), "-moved")
+    assert f"{VM2},udp:45000" in _of(site.sets(), "-moved")
     b.sendto(b"b2", (PEER, 5800))
     data, src = us.recvfrom(10)
     assert data == b"b2" and src[0] == EXT and src[1] != 45000, src
@@ -178,21 +161,21 @@ def test_sets_go_with_a_stop_and_a_restart_removes_a_killed_runs(site):
     removes everything."""
     lab = site.lab
     site.start()
-    first = set(_sets(site))
+    first = set(site.sets())
     assert len(first) == 5 and all(f"-p{site.proc.pid}-" in k for k in first), first
     lab.stop(site.proc, sig=signal.SIGKILL)
-    assert set(_sets(site)) == first
+    assert set(site.sets()) == first
     site.start()
-    second = set(_sets(site))
+    second = set(site.sets())
     assert len(second) == 5 and not second & first, (first, second)
     site.proc.send_signal(signal.SIGTERM)
     site.proc.wait(15)
-    assert _sets(site) == {} and "roam-nat" not in site.rules()
+    assert site.sets() == {} and "roam-nat" not in site.rules()
 
 
 def test_no_kernel_path_queues_every_new_flow(site):
     site.start(extra=["--no-kernel-path"])
-    assert _sets(site) == {} and " kernel" not in site.rules()
+    assert site.sets() == {} and " kernel" not in site.rules()
     before = _queued(site)
     srv, c, conn, addr = site.tcp(site.inet, (PEER, 7101), site.vm, (PEER, 7101), src=(VM, 43200))
     assert addr == (EXT, 43200)

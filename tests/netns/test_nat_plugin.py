@@ -162,6 +162,21 @@ class Site:
     def rules(self):
         return self.lab.run(self.host, ["iptables-legacy-save"]).stdout
 
+    def sets(self) -> dict[str, list[str]]:
+        """The host namespace's roam IP sets: {name: members} (as ``ipset list`` prints them)."""
+        out = self.lab.run(self.host, ["ipset", "list"], check=False).stdout
+        sets: dict[str, list[str]] = {}
+        name, members = None, False
+        for line in out.splitlines():
+            if line.startswith("Name: "):
+                name, members = line[6:].strip(), False
+                sets[name] = []
+            elif line.startswith("Members:"):
+                members = True
+            elif members and line.strip() and name is not None:
+                sets[name].append(line.split()[0])
+        return {k: v for k, v in sets.items() if k.startswith("roam-")}
+
     def sock(self, ns, kind=socket.SOCK_STREAM, family=socket.AF_INET):
         s = self.lab.socket(ns, family, kind)
         s.settimeout(5)

@@ -62,20 +62,6 @@ def _queues(site) -> set[str]:
     return {l.split()[0] for l in out.splitlines() if l.strip()}
 
 
-def _sets(site) -> dict[str, set[int]]:
-    """The roam IP sets in the host namespace: name -> members (ports, for the bitmap ones)."""
-    out = site.lab.run(site.host, ["ipset", "list"], check=False).stdout
-    sets: dict[str, set[int]] = {}
-    name = None
-    for line in out.splitlines():
-        if line.startswith("Name: "):
-            name = line[6:].strip()
-            sets[name] = set()
-        elif name and name.startswith("roam-") and line.strip().isdigit():
-            sets[name].add(int(line.strip()))
-    return {k: v for k, v in sets.items() if k.startswith("roam-")}
-
-
 def _settled(site) -> dict:
     """The merged status once the workers' counts stand still (each worker writes its file and
     the parent merges them every second): two reads 1.2 s apart that agree, within 10 s."""
@@ -173,10 +159,10 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site, ker
                           for k, w in enumerate(site.status()["workers"])), 5,
               "each worker to learn its lane's share of the burst from the kernel path")
         assert [w.get("queued_packets", 0) for w in site.status()["workers"]] == before  # not one packet queued
-        sets = _sets(site)
+        sets = site.sets()
         parent = site.proc.pid
         for k in (0, 1):
-            held = sets[f"roam-q{3 + k}-p{parent}-tcp"]
+            held = {int(p) for p in sets[f"roam-q{3 + k}-p{parent}-tcp"]}
             assert {p for p in picked if SLICES.owner(6, p) == k} <= held, (k, picked, held)
             # (nat.conf's inbound mapping 8080 is every worker's: held in every worker's sets)
             assert all(SLICES.owner(6, p) == k for p in held if p >= 1024 and p != 8080), (k, held)
@@ -195,7 +181,7 @@ def test_new_connections_spread_over_two_workers_each_in_its_own_ports(site, ker
                      r".*kernel path flows (\d+)$", line)
         assert m and int(m.group(1)) > 0 and (int(m.group(2)) > 0) == kernel_path, line
     assert lab.stop(site.proc) == 0
-    assert not _sets(site)  # the parent removed every worker's sets
+    assert not site.sets()  # the parent removed every worker's sets
 
 
 def test_sigterm_leaves_no_rule_no_queue_and_no_process(site):
@@ -208,7 +194,7 @@ def test_sigterm_leaves_no_rule_no_queue_and_no_process(site):
     assert "roam-nat" not in site.rules()
     assert not {"3", "4"} & _queues(site)
     assert not [p for p in pids if _alive(p)]
-    assert not _sets(site)
+    assert not site.sets()
     with open(site.log) as f:
         log = f.read()
     assert f"removed {len(rules)} rules" in log, log[-2000:]
@@ -227,7 +213,7 @@ def test_kill9_of_one_worker_stops_all_and_removes_the_rules(site):
     assert site.proc.returncode == 1
     assert "roam-nat" not in site.rules()
     assert not {"3", "4"} & _queues(site)
-    assert not _sets(site)
+    assert not site.sets()
     _wait(lambda: not _alive(pids[0]), 5, "worker 0 to be gone")
     with open(site.log) as f:
         log = f.read()
@@ -292,14 +278,14 @@ def test_kill9_of_the_parent_takes_the_workers_and_a_restart_replaces_its_rules(
     assert site.lab.ping(site.vm, PEER, count=1, timeout=1) == 0
     dead = site.proc.pid
     names = ("tcp", "udp", "keep", "moved", "alive")
-    assert {f"roam-q{q}-p{dead}-{n}" for q in (3, 4) for n in names} == set(_sets(site))  # stale, kept
+    assert {f"roam-q{q}-p{dead}-{n}" for q in (3, 4) for n in names} == set(site.sets())  # stale, kept
     site.start()
     assert len([l for l in site.rules().splitlines() if "roam-nat q3" in l]) == n_rules
     with open(site.log) as f:
         assert f"replaced {n_rules} stale rules" in f.read()
-    assert all(f"-p{site.proc.pid}-" in name for name in _sets(site)), _sets(site)  # the dead run's removed
+    assert all(f"-p{site.proc.pid}-" in name for name in site.sets()), site.sets()  # the dead run's removed
     assert lab_ok(site)
-    assert site.lab.stop(site.proc) == 0 and "roam-nat" not in site.rules() and not _sets(site)
+    assert site.lab.stop(site.proc) == 0 and "roam-nat" not in site.rules() and not site.sets()
 
 
 def test_established_flows_of_both_workers_survive_a_restart_each_readopted_by_its_owner(site):
@@ -377,7 +363,7 @@ def test_a_signal_at_any_instant_of_start_up_leaves_no_rule_no_queue_no_process(
         assert rc == 0 or delay >= 0, (tries, rc)
         assert "roam-nat" not in site.rules(), tries
         assert not {"3", "4"} & _queues(site), tries
-        assert not _sets(site), tries
+        assert not site.sets(), tries
         out = site.lab.run(site.host, ["ps", "-eo", "pid,args"], check=False).stdout
         assert not [l for l in out.splitlines() if "--workers" in l and site.dir in l], (tries, out)
 

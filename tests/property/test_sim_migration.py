@@ -33,6 +33,13 @@ def test_tunnel_every_connection_survives_moves_shorter_than_the_timeout(sc):
     assert run.error is None, run.error
     for c in sc.connections:
         r = run.results[c.id]
+        if not r.established and _handshake_meets_a_move(sc, c.start, r.established_at):
+            # a peer's SYN that reaches the home LAN while the VM is paused: the gateway's ARP requests
+            # go unanswered (the proxy floods them to host ends where the VM is not running), and
+            # ICMP host unreachable in SYN_SENT is a hard error (tcp_v4_err), as in bridged mode
+            assert (c.direction, r.cause.text) == ("inbound", "unreachable"), (c, r)
+            event("tunnel: a handshake across a move")
+            continue
         assert r.established, (c, r)
         assert r.outcome == Outcome.SURVIVED, (c, r)
         # the peer only ever saw the VM's home address

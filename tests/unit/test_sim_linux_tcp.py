@@ -176,6 +176,59 @@ def test_incomplete_entry_fails_after_three_probes_retrans_time_apart():
     assert 0.025 + 3.0 + 0.025 < got[0][0] <= 0.025 + 3 * 1.036 + 0.025
 
 
+def _held_lan():
+    """A gateway resolving VM, whose holder takes frames but answers no probe (``Site.silent``)."""
+    clock = Clock()
+    net = Network(clock, random.Random(1))
+    lan = net.add_site(Site("lan", "203.0.113.0/24", latency=0.005, neigh=linux.LINUX_NEIGH))
+    far = net.add_site(Site("far", "198.51.100.10/32", latency=0.02))
+    got, icmp = [], []
+    lan.holders[VM] = lambda d, t: got.append((clock.now, t))
+    far.holders[PEER] = lambda d, t: icmp.append(clock.now)
+    lan.silent.add(VM)
+    return clock, net, lan, far, got, icmp
+
+
+def test_a_silent_holder_answers_no_probe_and_its_packets_wait_then_fail():
+    """A paused VM whose MAC lives behind a port that stays (the tunnel proxy's): the gateway's ARP
+    requests go unanswered, so what it holds meets host unreachable, as for a machine that left."""
+    clock, net, lan, far, got, icmp = _held_lan()
+    net.send(build.udp(PEER, VM, 1, 2, b"x"), 0, far)
+    clock.run(10.0)
+    assert got == [] and len(icmp) == 1 and lan.neighbours[VM].state == Nud.FAILED
+
+
+def test_gratuitous_arp_sends_what_a_resolving_entry_held():
+    """arp_process with arp_accept off: a gratuitous ARP updates an entry the gateway has (neigh_update
+    to NUD_STALE with override), and an INCOMPLETE entry sends its queue at once; none is made for an
+    address the gateway never asked about."""
+    clock, net, lan, far, got, icmp = _held_lan()
+    other = wire.addr("203.0.113.6")
+    lan.holders[other] = lambda d, t: got.append((clock.now, t))
+    net.gratuitous(lan, other)
+    assert other not in lan.neighbours
+    net.send(build.udp(PEER, VM, 1, 2, b"x"), 7, far)
+    net.send(build.udp(PEER, VM, 1, 2, b"y"), 8, far)
+    clock.run(1.5)  # the entry is INCOMPLETE, its probes unanswered: both packets wait
+    assert got == [] and lan.neighbours[VM].state == Nud.INCOMPLETE
+    lan.silent.discard(VM)
+    net.gratuitous(lan, VM)
+    assert [t for _, t in got] == [7, 8] and lan.neighbours[VM].state == Nud.STALE
+    clock.run(10.0)
+    assert icmp == []  # its probe timer went with the update
+
+
+def test_gratuitous_arp_leaves_a_valid_entry_with_the_same_address_alone():
+    clock, net, lan, far, got, icmp = _held_lan()
+    lan.silent.discard(VM)
+    net.send(build.udp(PEER, VM, 1, 2, b"x"), 0, far)
+    clock.run(0.1)
+    n = lan.neighbours[VM]
+    assert n.state == Nud.REACHABLE
+    net.gratuitous(lan, VM)
+    assert n.state == Nud.REACHABLE
+
+
 def test_no_route_is_answered_with_net_unreachable_and_a_syn_sent_connect_fails_at_once():
     """ip_error sends ICMP net unreachable; tcp_v4_err in SYN_SENT: the connect fails (tcp_done)."""
     clock = Clock()
