@@ -103,6 +103,7 @@ class HostEnd(End):
         self._nonce = ZERO_NONCE
         self._hello: Cipher | None = None
         self._handshake: Handshake | None = None
+        self._hellos = 0  # hellos sent in this session (unanswered so far: no key yet)
         self._key_first = 0  # our first sequence number under the session key
         self._acked = False
         self.learned: dict[bytes, float] = {}  # MAC -> last seen (oldest first)
@@ -488,7 +489,7 @@ class HostEnd(End):
         # A fresh nonce, hence fresh keys: sequence numbers can start at 0 (see tunnel.crypto).
         self._nonce = self._fresh_nonce()
         self._hello = hello_cipher(self.cipher, sid, self._nonce)
-        self._handshake, self._acked = None, False
+        self._handshake, self._acked, self._hellos = None, False, 0
         self.counters["sessions"] += 1
 
     def _lose_session(self, now: float, why: str) -> None:
@@ -528,10 +529,18 @@ class HostEnd(End):
             return False
         key = self._key or self._hello
         assert key is not None  # start() made the hello key; every send comes after it
-        # A hello asks for offload when we can carry it, and for AES-256-GCM when we would take it;
-        # the session's messages say what was agreed.
-        flags = self._s.tx_flags if self._key is not None else \
-            (_OFFLOAD if self.offload else 0) | (_AES if self.aes else 0)
+        # A hello asks for offload when we can carry it, and for AES-256-GCM when we would take it --
+        # but not every third unanswered one: a proxy from before the AES flag drops hellos that carry
+        # it (bad flags), and a host end upgraded first must still attach (to ChaCha20-Poly1305).  The
+        # session's messages say what was agreed.
+        if self._key is not None:
+            flags = self._s.tx_flags
+        else:
+            self._hellos += mtype == MsgType.ATTACH
+            aes = self.aes and self._hellos % 3 != 0
+            if self.aes and not aes:
+                self.counters["hellos_without_aes"] += 1
+            flags = (_OFFLOAD if self.offload else 0) | (_AES if aes else 0)
         self._sends.append((PROXY, seal_parts(key, mtype, flags, self.session, self._seq, payload, clear)))
         self._seq += 1
         self.last_sent = now

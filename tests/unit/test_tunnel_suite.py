@@ -115,3 +115,29 @@ def test_plaintext_never_asks_for_aes():
 
     h = HostEnd(PlainCipher(), [VM], random_bytes=rng(), aes=True)
     assert not h.aes
+
+
+def test_a_host_end_upgraded_before_its_proxy_still_attaches():
+    """A proxy from before the AES flag drops a hello that carries it (bad flags, no answer): every
+    third unanswered hello goes without it, so the session opens, with ChaCha20-Poly1305."""
+    h = HostEnd(CIPHER, [VM], random_bytes=rng(), aes=True, retry=1.0)
+    p = ProxyEnd(CIPHER, random_bytes=rng(), aes=True)
+    old_proxy_drops = 0
+    msgs = [m for _, m in h.start(0.0).sends]
+    now = 0.0
+    for _ in range(12):  # bounded: hellos, retries, then the handshake's steps
+        back = []
+        for m in msgs:
+            if parse_header(m).flags & Flag.AES:  # what a proxy from before the flag does with it
+                old_proxy_drops += 1
+                continue
+            back += [b for _, b in p.receive(m, EP, now).sends]
+        msgs = [b for m in back for _, b in h.receive(m, now).sends]
+        if h.state == SessionState.ATTACHED:
+            break
+        if not msgs:
+            now = h.next_deadline()
+            msgs = [m for _, m in h.expire(now).sends]
+    assert h.state == SessionState.ATTACHED and old_proxy_drops == 2
+    assert not h._s.aes and not p.sessions[h.session].aes  # ChaCha20-Poly1305
+    assert h.counters["hellos_without_aes"] == 1
