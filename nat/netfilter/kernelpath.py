@@ -56,6 +56,17 @@ CLASH_QUEUED = 600  # seconds an endpoint that clashed is queued
 _HALVES = (b"\0\0\0\0", b"\x80\0\0\0")
 
 
+def remove_stale_sets() -> int:
+    """Remove the sets of dead runs, whatever their queue (their rules are gone by now: those of this
+    queue and of any queue on this external interface, :meth:`.rules.Rules.remove_stale`)."""
+    n = 0
+    for name in ipset.names():
+        m = re.match(r"roam-q\d+-p(\d+)-", name)
+        if m and int(m.group(1)) != os.getpid() and not _is_roam(int(m.group(1))):
+            n += ipset.destroy(name)
+    return n
+
+
 class KernelPath:
     """The sets of one run (names carry the queue and the pid, as the rules' comments do)."""
 
@@ -201,14 +212,5 @@ class KernelPath:
                 ipset.destroy(name)
 
     def remove_stale(self) -> int:
-        """Remove the sets of dead runs (their rules are gone by now: those of this queue and of any
-        queue on this external interface, :meth:`.rules.Rules.remove_stale`); a worker leaves that to
-        its parent."""
-        n = 0
-        if not self.owns:
-            return n
-        for name in ipset.names():
-            m = re.match(r"roam-q\d+-p(\d+)-", name)
-            if m and int(m.group(1)) != os.getpid() and not _is_roam(int(m.group(1))):
-                n += ipset.destroy(name)
-        return n
+        """:func:`remove_stale_sets`, but a worker leaves that to its parent."""
+        return remove_stale_sets() if self.owns else 0

@@ -121,7 +121,8 @@ class Plugin(PacketThread):
         self.kernel = KernelPath(queue, self.cfg.port_range, kernel_owner) \
             if offload and kernel_path and (worker is None or kernel_owner is not None) else None
         self.rules = Rules(external, queue, self.cfg.internal, self.cfg.hairpinning, MARK if offload else 0,
-                           internal6=self.cfg.internal6, nat66=self.cfg.nat66, kernel=self.kernel) \
+                           internal6=self.cfg.internal6, nat66=self.cfg.nat66,
+                           kernel=[self.kernel] if self.kernel else None) \
             if worker is None else NoRules()  # a worker's rules are its parent's
         self.ext_index = 0
         self._stop = False
@@ -392,7 +393,7 @@ class Plugin(PacketThread):
                     except Exception as exc:  # (a kernel without IP sets) every new flow is queued
                         log.warning("kernel path off: its IP sets cannot be made (%s)", exc)
                         self.kernel.destroy()
-                        self.kernel = self.rules.kernel = None
+                        self.kernel, self.rules.kernel = None, []
                         assert self.offloader is not None
                         self.offloader.kernel = None
                 self.rules.install(self.engine.address_text())

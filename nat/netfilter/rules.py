@@ -60,11 +60,11 @@ class Rules:
 
     def __init__(self, external: str, queue: int, internal: tuple[str, ...] = (), hairpin: bool = False,
                  offload_mark: int = 0, workers: list | None = None, internal6: tuple[str, ...] = (),
-                 nat66: bool = False, kernel=None) -> None:
+                 nat66: bool = False, kernel: list | None = None) -> None:
         self.external = external
-        #: the kernel path's sets (:class:`.kernelpath.KernelPath`; with workers a list, worker k's
-        #: for its lane), or None
-        self.kernel = kernel
+        #: the kernel path's sets (:class:`.kernelpath.KernelPath`): the one process's, or with workers
+        #: worker k's for its lane; empty: no kernel path
+        self.kernel = list(kernel or ())
         self.internal6 = internal6
         self.nat66 = nat66
         #: --workers N: each worker's TCP/UDP ports ([(first, last, lane), ...] per worker; worker k
@@ -282,7 +282,7 @@ class Rules:
                                 "sport", out_if="!" + self.external, src=net, matches=cond, v6=v6)
             if not v6:
                 self.set_address(external_ip)
-        if self.kernel is not None and not v6:
+        if self.kernel and not v6:
             self._install_kernel_path()
 
     def _install_kernel_path(self) -> None:
@@ -296,7 +296,7 @@ class Rules:
         rules read (and add to) its own worker's sets."""
         from .kernelpath import KERNEL
 
-        kps, tag = self.kernel if isinstance(self.kernel, list) else [self.kernel], self.mine + " kernel"
+        kps, tag = self.kernel, self.mine + " kernel"
         lo, hi = kps[0].port_range
         both = hex(KERNEL | self.offload_mark)
         km = [("mark", {"mark": f"{hex(KERNEL)}/{hex(KERNEL)}"})]
@@ -316,10 +316,10 @@ class Rules:
         from .kernelpath import KERNEL
 
         lo, hi = kp.port_range
+        in_lane = [("u32", {"u32": lane_u32("sport", lane)})] if lane else []
         for proto in ("udp", "tcp"):
             held = kp.held[6 if proto == "tcp" else 17]
-            mine = ckm + ([(proto, {"sport": f"{lo}:{hi}"}), ("u32", {"u32": lane_u32("sport", lane)})] if lane
-                          else [])
+            mine = ckm + ([(proto, {"sport": f"{lo}:{hi}"})] + in_lane if lane else [])
             self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=mine,
                       target=("SET", {"add_set": [kp.keep, "src,src"]}))
             self._add("nat", "POSTROUTING", tag, out_if=self.external, proto=proto, matches=mine,
@@ -330,7 +330,7 @@ class Rules:
                 if proto == "tcp":
                     first["tcp_flags"] = ["FIN,SYN,RST,ACK", "SYN"]
                 held = kp.held[6 if proto == "tcp" else 17]
-                base = [(proto, first)] + ([("u32", {"u32": lane_u32("sport", lane)})] if lane else []) + [
+                base = [(proto, first)] + in_lane + [
                     ("set", {"match_set": [kp.alive, "src"]}), ("set", {"match_set": ["!", kp.moved, "src,src"]})]
                 for which in (("set", {"match_set": ["!", held, "src"]}), ("set", {"match_set": [kp.keep, "src,src"]})):
                     if proto == "tcp":

@@ -52,7 +52,7 @@ from ..ports import lane_count
 from . import PluginError
 from .ctnetlink import Tuple
 from .interfaces import AddressEvents, iface_address
-from .kernelpath import KernelPath, KERNEL
+from .kernelpath import KERNEL, KernelPath, remove_stale_sets
 from .lifecycle import Signals, remove_rules
 from .offload import Offloader
 
@@ -441,13 +441,13 @@ class Supervisor:
             self.rules.check_owners()
             ours = True
             self._address = iface_address(self.external)
-            for kp in self.rules.kernel or ():  # before the rules that read them (empty: closed till filled)
+            for kp in self.rules.kernel:  # before the rules that read them (empty: closed till filled)
                 try:
                     kernels.append(kp)
                     kp.make()
                 except Exception as exc:  # (a kernel without IP sets) every new flow is queued
                     log.warning("kernel path off: its IP sets cannot be made (%s)", exc)
-                    self.rules.kernel = None
+                    self.rules.kernel = []
                     for made in kernels:  # (what was made before: no rule will read it)
                         made.destroy()
                     kernels.clear()
@@ -457,7 +457,7 @@ class Supervisor:
             if stale:
                 log.warning("replaced %d stale rules of an earlier run on queue %d", stale, self.queue)
             if kernels:
-                kernels[0].remove_stale()
+                remove_stale_sets()
             for k in range(self.n):
                 if self._stop:
                     break
