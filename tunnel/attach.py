@@ -98,7 +98,7 @@ class ProxyHandshake(_ProxyState):
                     raise WireError(Drop.MODE_MISMATCH, "offload asked of a proxy that cannot carry it")
                 s = ProxySession(sid, endpoint, now, now, ReplayWindow(), 1, cipher=key)  # 0 was the EPOCH's
                 self._negotiate(s, h.offload, h.aes)
-                s.reassembly = Reassembly(self._budget, self.max_message)
+                s.reassembly = Reassembly(self._budget, self.max_message, reserve=self.max_message)
                 self.sessions[sid] = s
                 self.counters["sessions_opened"] += 1
                 self._events.append(TunnelEvent(EventKind.SESSION_OPENED, s.id, now, endpoint))

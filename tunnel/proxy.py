@@ -80,7 +80,8 @@ CLOSED_MAX = 65536
 TO_LAN = "lan"
 _ACCEPT, _CONSUME = Action.ACCEPT, Action.CONSUME
 _DATA, _CONTROL = Cause.DATA, Cause.CONTROL
-#: Bytes held in reassembly for all sessions together (each session holds at most MAX_PENDING messages).
+#: Bytes held in reassembly for all sessions together, beyond each session's reserve of one message
+#: (:mod:`.segment`; a session holds at most MAX_PENDING messages).  At most: this plus max_sessions messages.
 REASSEMBLY_BUDGET = 16 << 20
 
 

@@ -28,7 +28,10 @@ a message that does not verify.
 
 Bounds (:class:`Reassembly`): at most :data:`MAX_PENDING` messages in reassembly
 per session, and the bytes held for an end's sessions together at most ``budget``
-(a :class:`Budget` the proxy shares between its sessions).  A message whose
+(a :class:`Budget` the proxy shares between its sessions) beyond each session's own
+``reserve``.  The reserve (one whole message at the proxy) is why segments forged
+under one session's clear-text id, which only fail when their message is opened,
+cannot spend what another session needs: each can always put one message together.  A message whose
 segments do not all arrive is lost, and counted, when a newer one needs its slot or
 one :data:`REORDER_SPAN` sequence numbers newer is whole.
 """
@@ -118,14 +121,28 @@ class Budget:
 class Reassembly:
     """The messages of one session being put back together, keyed by sequence number."""
 
-    __slots__ = ("pending", "budget", "max_message", "lost")
+    __slots__ = ("pending", "budget", "max_message", "lost", "reserve", "size")
 
-    def __init__(self, budget: Budget, max_message: int) -> None:
+    def __init__(self, budget: Budget, max_message: int, reserve: int = 0) -> None:
         #: seq -> [count, received, size, pieces]; insertion order is arrival order (oldest first)
         self.pending: dict[int, list] = {}
         self.budget = budget
         self.max_message = max_message
         self.lost = 0  # messages given up, their segments incomplete
+        self.reserve = reserve  # bytes this session holds without drawing on the shared budget
+        self.size = 0  # bytes held
+
+    def _need(self, n: int) -> int:
+        """What holding ``n`` more bytes draws from the shared budget (past the reserve)."""
+        return max(0, self.size + n - self.reserve) - max(0, self.size - self.reserve)
+
+    def _hold(self, n: int) -> None:
+        self.budget.left -= self._need(n)
+        self.size += n
+
+    def _release(self, n: int) -> None:
+        self.budget.left -= self._need(-n)  # (negative: given back)
+        self.size -= n
 
     def add(self, segment: bytes | memoryview, seq: int) -> bytes | None:
         """Hold one segment (the caller checked its header and the sequence number's freshness).
@@ -151,15 +168,15 @@ class Reassembly:
             raise WireError(Drop.REPLAYED, f"segment {index} again")
         if entry[2] + n > self.max_message:
             raise WireError(Drop.OVERSIZED, "segments larger than a message")
-        while self.budget.left < n and self.pending:  # over the end's budget: the oldest go first
+        while self.budget.left < self._need(n) and self.pending:  # over the end's budget: the oldest go first
             oldest = next(iter(self.pending))
             if oldest == seq:
                 break
             self._give_up(oldest)
-        if self.budget.left < n:
+        if self.budget.left < self._need(n):
             raise WireError(Drop.OVERSIZED, "reassembly budget spent")
         pieces[index] = bytes(segment[SEGMENT_HEAD:])
-        self.budget.left -= n
+        self._hold(n)
         entry[1] += 1
         entry[2] += n
         if entry[1] < count:
@@ -168,7 +185,7 @@ class Reassembly:
 
     def _complete(self, seq: int, entry: list) -> bytes:
         del self.pending[seq]
-        self.budget.left += entry[2]
+        self._release(entry[2])
         for old in [q for q in self.pending if q + REORDER_SPAN < seq]:
             self._give_up(old)
         return b"".join(entry[3])
@@ -193,15 +210,15 @@ class Reassembly:
         n = len(pieces)
         if entry[2] + n > self.max_message:
             raise WireError(Drop.OVERSIZED, "segments larger than a message")
-        while self.budget.left < n and next(iter(self.pending)) != seq:
+        while self.budget.left < self._need(n) and next(iter(self.pending)) != seq:
             self._give_up(next(iter(self.pending)))
-        if self.budget.left < n:
+        if self.budget.left < self._need(n):
             raise WireError(Drop.OVERSIZED, "reassembly budget spent")
         slots = entry[3]
         slots[first] = pieces
         for i in range(first + 1, first + k):
             slots[i] = b""  # their bytes ride in ``pieces``, at ``first``
-        self.budget.left -= n
+        self._hold(n)
         entry[1] += k
         entry[2] += n
         return self._complete(seq, entry) if entry[1] == count else None
@@ -210,7 +227,7 @@ class Reassembly:
         """Forget a message (opened, or found forged) without counting it lost."""
         entry = self.pending.pop(seq, None)
         if entry is not None:
-            self.budget.left += entry[2]
+            self._release(entry[2])
 
     def clear(self) -> None:
         """The session ended: give back every held byte (messages in flight are lost, counted)."""
@@ -219,9 +236,9 @@ class Reassembly:
 
     def _give_up(self, seq: int) -> None:
         entry = self.pending.pop(seq)
-        self.budget.left += entry[2]
+        self._release(entry[2])
         self.lost += 1
 
     @property
     def held(self) -> int:
-        return sum(e[2] for e in self.pending.values())
+        return self.size

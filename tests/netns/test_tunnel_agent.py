@@ -111,3 +111,38 @@ def test_agents_running_before_the_vm_carry_it_across_moves_and_detach_drops_it(
     except BaseException:
         print(t.dump_logs())
         raise
+
+
+def test_a_vm_port_leaving_the_bridge_is_forgotten_with_no_other_host_in_sight(lab, tmp_path):
+    """The VM's port leaves A's bridge and joins no other (a VM stopped, or a migration whose
+    destination has not spoken yet): only the agent's bridge watch can tell, and it must.  The agent
+    forgets the MAC (``macs_forgotten``, not ``macs_seen_elsewhere``) and withdraws it, so the proxy
+    releases it."""
+    t = AgentLab(lab, tmp_path, "udp")
+    ns = t.ns
+    try:
+        lab.ipr(ns["hosta"]).link("set", index=lab.index(ns["hosta"], "vmport"), master=0, state="down")
+        proxy = t.start_proxy()
+        wait_for(lambda: t.status(proxy), 20, "the proxy to start")
+        agent = t.start_agent("hosta")
+        wait_for(lambda: t.attached(agent), 20, "the agent on A to attach")
+        t.enslave("hosta", "vmport")
+        _flows(t)
+        wait_for(lambda: _served_by(t, proxy, agent), 10, "the proxy to place the VM behind A")
+        wait_for(lambda: (t.attached(agent) or {}).get("macs") == [VM_MAC], 5, "A's status to name the VM")
+        released = t.status(proxy)["counters"].get("macs_released", 0)
+
+        lab.ipr(ns["hosta"]).link("set", index=lab.index(ns["hosta"], "vmport"), master=0)
+        st = wait_for(lambda: (s := t.attached(agent)) and VM_MAC not in s["macs"] and s, 10,
+                      "the agent to forget the VM whose port left its bridge")
+        assert st["driver"].get("bridge_ports_left", 0) == 1, st["driver"]
+        assert st["counters"].get("macs_forgotten", 0) == 1 and not st["counters"].get("macs_seen_elsewhere"), \
+            st["counters"]
+        wait_for(lambda: t.status(proxy)["counters"].get("macs_released", 0) == released + 1, 10,
+                 "the proxy to release the withdrawn MAC")
+        assert VM_MAC not in t.status(proxy)["macs"]
+        for p in (agent, proxy):
+            lab.stop(p)
+    except BaseException:
+        print(t.dump_logs())
+        raise

@@ -287,6 +287,35 @@ def test_forged_segments_cannot_exhaust_reassembly():
     assert b.left == 4000 and r1.lost == 1 and r2.lost == 2
 
 
+def test_a_spent_shared_budget_still_lets_each_session_put_one_message_together():
+    """Segments forged under other sessions' clear-text ids only fail when their message is opened; until
+    then they may spend the proxy's shared budget.  Each session's reserve of one message keeps its own
+    super-frames crossing (without it, every one of them would be an OVERSIZED drop)."""
+    h, p, _ = attached()
+    p._budget.left = 0  # spent by other sessions' forgeries
+    for k in range(3):
+        f = gso_frame(PEER, VM, BIG - k)
+        assert deliver_to_proxy(p, h.send_frame(f, 1.0).data)[-1].data == f
+    assert p._budget.left == 0 and p.sessions[h.session].reassembly.held == 0
+    # two sessions sharing a spent budget: forgeries under one hold at most its reserve, the other's
+    # message still comes together
+    b = Budget(0)
+    r1, r2 = Reassembly(b, 70000, reserve=70000), Reassembly(b, 70000, reserve=70000)
+    piece = bytes(HEADER_LEN) + bytes([0, 60]) + bytes(1400)
+    for seq in range(1, 200):
+        try:
+            r1.add(piece, seq)
+        except WireError as e:
+            assert e.reason == Drop.OVERSIZED
+    assert r1.held <= 70000 and b.left == 0
+    last = bytes(HEADER_LEN) + bytes([1, 2]) + bytes(100)
+    assert r2.add(bytes(HEADER_LEN) + bytes([0, 2]) + bytes(1400), 7) is None
+    assert r2.add(last, 7) == bytes(1500)
+    assert r2.held == 0 and b.left == 0
+    r1.clear()
+    assert b.left == 0 and r1.held == 0
+
+
 def test_segments_at_the_host_end_a_restart_of_the_proxy_and_plain_frames_uncut():
     h, p, _ = attached()
     small = h.send_frame(NO_OFFLOAD + frame(PEER, VM), 1.0).data
