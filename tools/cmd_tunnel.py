@@ -18,14 +18,15 @@ import sys
 import time
 
 from . import daemon
-from .cli import at_least_one
-from .tunnel_control import add_agent_options, add_control_commands, agent_kwargs
+from .cli import above_zero, at_least_one
+from .tunnel_control import DEFAULT_STATUS_DIR, add_agent_options, add_control_commands, agent_kwargs
+from .tunnel_options import (
+    MTU_MAX, MTU_MIN, PATH_MTU_MAX, PATH_MTU_MIN, checked, endpoint, ifname, unicast_mac, within,
+)
 
-DEFAULT_STATUS_DIR = "/run/roam/tunnel"
-
-_MTU_HELP = ("MTU of the TAP device (default 1500). Each frame costs 32 bytes of tunnel overhead plus "
-             "UDP/IPv4 28 (IPv6 48); over UDP a message larger than --path-mtu allows leaves as tunnel "
-             "segments that each fit (never as IP fragments).")
+_MTU_HELP = (f"MTU of the TAP device, {MTU_MIN}..{MTU_MAX} (default 1500). Each frame costs 32 bytes of tunnel "
+             "overhead plus UDP/IPv4 28 (IPv6 48); over UDP a message larger than --path-mtu allows leaves as "
+             "tunnel segments that each fit (never as IP fragments).")
 
 
 def register(subparsers, help_text: str) -> None:
@@ -54,14 +55,16 @@ def register(subparsers, help_text: str) -> None:
     g.set_defaults(func=cmd_genkey)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--key-file", help="pre-shared key file written by `roam tunnel genkey`; refused when "
-                       "group or others may read it. SIGHUP reads it again (key rotation; sessions kept)")
+        q.add_argument("--key-file", metavar="FILE",
+                       help="pre-shared key file written by `roam tunnel genkey`, required unless --plaintext; "
+                       "refused when group or others may read it. SIGHUP reads it again (key rotation; "
+                       "sessions kept)")
         q.add_argument("--insecure-key-perms", action="store_true",
                        help="accept a key file that group or others may read (not recommended)")
         q.add_argument("--transport", choices=("udp", "tcp"), default="udp",
                        help="udp (default) or tcp with length framing, for sites that only let TCP out")
-        q.add_argument("--mtu", type=int, default=1500, help=_MTU_HELP)
-        q.add_argument("--status-dir", default=DEFAULT_STATUS_DIR,
+        q.add_argument("--mtu", type=within(MTU_MIN, MTU_MAX), default=1500, metavar="BYTES", help=_MTU_HELP)
+        q.add_argument("--status-dir", default=DEFAULT_STATUS_DIR, metavar="DIR",
                        help=f"where the running end publishes its status for `roam tunnel status` "
                        f"(default {DEFAULT_STATUS_DIR})")
         q.add_argument("--plaintext", action="store_true",
@@ -76,8 +79,9 @@ def register(subparsers, help_text: str) -> None:
                        "ChaCha20-Poly1305; auto (default) asks for AES-256-GCM where this CPU has AES "
                        "instructions (there it seals 64 KiB about 3x faster); the handshakes and the pre-shared "
                        "key stay ChaCha20-Poly1305's; `roam tunnel status` shows what was negotiated")
-        q.add_argument("--path-mtu", type=int, default=1500, metavar="BYTES",
-                       help="--transport udp: the underlay's MTU (default 1500; a host end also takes its "
+        q.add_argument("--path-mtu", type=within(PATH_MTU_MIN, PATH_MTU_MAX), default=1500, metavar="BYTES",
+                       help=f"--transport udp: the underlay's MTU, {PATH_MTU_MIN}..{PATH_MTU_MAX} (default 1500; "
+                       "a host end also takes its "
                        "route's MTU if smaller): larger messages are cut into tunnel segments that fit it, "
                        "sent with UDP GSO and received with UDP GRO")
         daemon.add_options(q)
@@ -86,25 +90,28 @@ def register(subparsers, help_text: str) -> None:
                         description="Run the proxy end: make a TAP device, enslave it to the existing "
                         "home-LAN bridge BR, and carry frames between it and the host ends that attach. "
                         "Learns MACs, floods broadcast, serves several host ends and VMs, and announces a "
-                        "VM's addresses (gratuitous ARP / unsolicited NA) when it re-attaches.")
-    pr.add_argument("--listen", required=True, metavar="IP:PORT", help="address to listen on")
-    pr.add_argument("--bridge", required=True, metavar="BR", help="existing home-LAN bridge to join")
-    pr.add_argument("--tap", default=None, metavar="NAME", help="name of the TAP to make (default roamp<PORT>)")
-    pr.add_argument("--session-timeout", type=float, default=60.0,
+                        "VM's addresses (gratuitous ARP / unsolicited NA, on the LAN and to the other host ends) "
+                        "every time its MAC moves to another host end, and when that host end's address changes.")
+    pr.add_argument("--listen", required=True, type=endpoint, metavar="IP:PORT", help="address to listen on")
+    pr.add_argument("--bridge", required=True, type=ifname, metavar="BR", help="existing home-LAN bridge to join")
+    pr.add_argument("--tap", default=None, type=ifname, metavar="NAME",
+                    help="name of the TAP to make (default roamp<PORT>)")
+    pr.add_argument("--session-timeout", type=above_zero, default=60.0, metavar="SECONDS",
                     help="close a session after this many seconds without authentic traffic (default 60)")
-    pr.add_argument("--mac-age", type=float, default=300.0, help="MAC table ageing in seconds (default 300)")
+    pr.add_argument("--mac-age", type=above_zero, default=300.0, metavar="SECONDS",
+                    help="MAC table ageing in seconds (default 300)")
     pr.add_argument("--max-sessions", type=at_least_one, default=256, metavar="N",
                     help="host ends served at once (default 256); beyond it a new one is refused, counted")
     pr.add_argument("--mac-capacity", type=at_least_one, default=4096, metavar="N",
                     help="VM MACs known at once (default 4096); beyond it the least recently used is dropped")
-    pr.add_argument("--max-tcp-connections", type=int, default=512, metavar="N",
+    pr.add_argument("--max-tcp-connections", type=at_least_one, default=512, metavar="N",
                     help="--transport tcp: connections held at once; beyond it the oldest one not yet "
                     "authenticated is closed, or the new one refused (default 512)")
-    pr.add_argument("--tcp-auth-timeout", type=float, default=10.0, metavar="SECONDS",
+    pr.add_argument("--tcp-auth-timeout", type=above_zero, default=10.0, metavar="SECONDS",
                     help="--transport tcp: close a connection that sent no authentic message within this "
                     "many seconds (default 10)")
     common(pr)
-    pr.set_defaults(func=cmd_proxy)
+    pr.set_defaults(func=checked(pr, cmd_proxy))
 
     h = sub.add_parser("host", help="run the host agent: one per host, for every VM on its bridge",
                        description="Run the host agent, one per hypervisor host: make TAP NAME (enslaved to BR "
@@ -113,24 +120,29 @@ def register(subparsers, help_text: str) -> None:
                        "(or `roam tunnel attach`), forgotten when its TAP leaves the bridge (or `roam tunnel "
                        "detach`); a claim never pulls a VM's traffic from the host where it is speaking. "
                        "Sends keepalives and re-attaches at once when this host's address changes.")
-    h.add_argument("--proxy", required=True, metavar="IP:PORT", help="the proxy's address")
-    h.add_argument("--tap", required=True, metavar="NAME", help="name of the TAP to make")
-    h.add_argument("--bridge", metavar="BR", help="existing bridge to enslave the TAP to")
-    h.add_argument("--mac", action="append", default=[], metavar="MAC",
-                   help="a VM MAC this host end serves (a claim, repeatable; not needed: VMs are learned "
-                   "from their frames)")
+    h.add_argument("--proxy", required=True, type=endpoint, metavar="IP:PORT", help="the proxy's address")
+    h.add_argument("--tap", required=True, type=ifname, metavar="NAME", help="name of the TAP to make")
+    h.add_argument("--bridge", type=ifname, metavar="BR", help="existing bridge to enslave the TAP to")
+    h.add_argument("--mac", action="append", default=[], type=unicast_mac, metavar="MAC",
+                   help="a VM's unicast MAC this host end serves (a claim, repeatable; not needed: VMs are "
+                   "learned from their frames)")
     h.add_argument("--no-learn", action="store_true", help="do not learn more VM MACs from frames")
-    h.add_argument("--keepalive", type=float, default=5.0, help="keepalive interval in seconds (default 5)")
-    h.add_argument("--dead-after", type=float, default=15.0,
-                   help="re-attach under a new session after this many silent seconds (default 15)")
+    h.add_argument("--keepalive", type=above_zero, default=5.0, metavar="SECONDS",
+                   help="keepalive interval in seconds (default 5)")
+    h.add_argument("--dead-after", type=above_zero, default=15.0, metavar="SECONDS",
+                   help="re-attach under a new session after this many silent seconds, more than --keepalive "
+                   "(default 15)")
     common(h)
     add_agent_options(h)
-    h.set_defaults(func=cmd_host)
+    h.set_defaults(func=checked(h, cmd_host))
 
     s = sub.add_parser("status", help="show running tunnel ends: sessions, endpoints, last seen, counters",
                        description="Show the sessions, endpoints, last-seen times and counters of every "
-                       "tunnel end running with the same --status-dir.")
-    s.add_argument("--status-dir", default=DEFAULT_STATUS_DIR)
+                       "tunnel end running with the same --status-dir; a status file that cannot be read is "
+                       "named on stderr and skipped. Exit status: 0 when at least one end runs; 1 when none does "
+                       "(no status file, or every end the files describe is GONE: its process no longer runs).")
+    s.add_argument("--status-dir", default=DEFAULT_STATUS_DIR, metavar="DIR",
+                   help=f"the --status-dir the ends were started with (default {DEFAULT_STATUS_DIR})")
     s.add_argument("--json", action="store_true", help="print the raw status as JSON")
     s.set_defaults(func=cmd_status)
     add_control_commands(sub)
@@ -145,9 +157,14 @@ def cmd_genkey(args) -> int:
         except OSError as exc:
             print(f"roam tunnel genkey: cannot create {args.out}: {exc}", file=sys.stderr)
             return 1
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(text)
+        except OSError as exc:  # a full disk: no half-written key left behind
+            os.unlink(args.out)
+            print(f"roam tunnel genkey: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         return 0
     try:  # `genkey > FILE` under the usual umask made a 0644 key: narrow a regular file of ours
         st = os.fstat(sys.stdout.fileno())
@@ -155,8 +172,27 @@ def cmd_genkey(args) -> int:
             os.fchmod(sys.stdout.fileno(), 0o600)
     except (OSError, ValueError, AttributeError):
         pass
-    sys.stdout.write(text)
+    try:
+        _write_stdout(text)
+    except OSError as exc:  # `genkey > /dev/full`, a closed stdout...
+        print(f"roam tunnel genkey: cannot write the key to standard output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    """``text`` on stdout, straight to its descriptor when it has one: a write that fails leaves nothing
+    buffered for Python to fail on again (and print a traceback of) at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # replaced by a stream without one (tests)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()
+    data = text.encode()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class KeyFileRefused(Exception):
@@ -260,9 +296,6 @@ def _prepare(args, what: str, parse, tap_name, label: str = ""):
     except (ValueError, OSError) as exc:
         print(f"roam tunnel {what}: {label}{exc}", file=sys.stderr)
         return 2
-    if args.path_mtu < 576:
-        print(f"roam tunnel {what}: --path-mtu: at least 576", file=sys.stderr)
-        return 2
     tap = _make_tap(tap_name(parsed), args, what)
     if tap is None:
         return 1
@@ -353,52 +386,94 @@ def _aes(args) -> bool:
 
 
 def cmd_status(args) -> int:
-    ends = read_status_dir(args.status_dir)
+    """Print every end's status; a file that cannot be read or shown: one line on stderr, skipped.
+    0 when an end runs; 1 when none does (no status file, or every end is GONE)."""
+    problems: list[str] = []
+    ends = read_status_dir(args.status_dir, problems)
     if args.json:
+        shown = ends
         print(json.dumps(ends, indent=1))
-        return 0
-    if not ends:
-        print(f"no tunnel ends running (status directory {args.status_dir})")
+    else:
+        shown = []
+        for st in ends:
+            try:
+                lines = _end_lines(st)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                problems.append(f"{os.path.join(args.status_dir, st['file'])}: skipped: not a status file this "
+                                f"roam can show ({type(exc).__name__}: {exc})")
+                continue
+            shown.append(st)
+            print("\n".join(lines))
+    for p in problems:
+        print(f"roam tunnel status: {p}", file=sys.stderr)
+    if not shown:
+        if not args.json:
+            print(f"no tunnel ends running (status directory {args.status_dir})")
         return 1
-    for st in ends:
-        alive = st.get("alive")
-        head = f"{st.get('role')} pid {st.get('pid')}{'' if alive else ' (NOT RUNNING: process gone, stale status)'}"
-        where = st.get("listen") or f"proxy {st.get('proxy')} from {st.get('local')}"
-        print(f"{head}  {st.get('transport')} {where}  tap {st.get('tap')} mtu {st.get('tap_mtu')}  "
-              f"{st.get('cipher')}  up {'?' if st.get('uptime') is None else st['uptime']}s")
-        if st.get("role") == "host":
-            print(f"  session {st.get('session')} {_state(st.get('state'), alive)}  "
-                  f"macs {', '.join(st.get('macs') or []) or '-'}  last heard {_ago(st.get('last_heard_ago'))}  "
-                  f"{_offload(st)}")
-        elif st.get("role") == "proxy":
-            print(f"  {_offload(st)}")
-        for s in st.get("sessions", []):
-            print(f"  session {s['session']} {_state(s['state'], alive)}  endpoint {s['endpoint']}  "
-                  f"last seen {_ago(s['last_heard_ago'])}  macs {', '.join(s['named_macs']) or '-'}  "
-                  f"offload {'on' if s.get('offload') else 'off'}  {s.get('cipher', '')}  {_fmt(s['counters'])}")
-        if st.get("macs") and st.get("role") == "proxy":
-            print("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
-        print(f"  counters: {_fmt(st.get('counters', {}))}")
-        print(f"  drops: {_fmt(st.get('drops', {})) or 'none'}")
-        if st.get("driver"):
-            print(f"  driver: {_fmt(st['driver'])}")
+    if not any(st["alive"] for st in shown):
+        print(f"roam tunnel status: every tunnel end in {args.status_dir} is GONE (its process no longer runs): "
+              f"{len(shown)} stale status file(s)", file=sys.stderr)
+        return 1
     return 0
 
 
-def read_status_dir(status_dir: str) -> list[dict]:
-    """Status snapshots of the ends running with this status directory (stale ones marked)."""
+def _end_lines(st: dict) -> list[str]:
+    """One end's status as lines; an odd shape (a list where a table should be...) raises."""
+    alive = st["alive"]
+    head = f"{st.get('role')} pid {st.get('pid')}{'' if alive else ' (NOT RUNNING: process gone, stale status)'}"
+    where = st.get("listen") or f"proxy {st.get('proxy')} from {st.get('local')}"
+    out = [f"{head}  {st.get('transport')} {where}  tap {st.get('tap')} mtu {st.get('tap_mtu')}  "
+           f"{st.get('cipher')}  up {'?' if st.get('uptime') is None else st['uptime']}s"]
+    if st.get("role") == "host":
+        out.append(f"  session {st.get('session')} {_state(st.get('state'), alive)}  "
+                   f"macs {', '.join(st.get('macs') or []) or '-'}  "
+                   f"last heard {_ago(st.get('last_heard_ago'))}  {_offload(st)}")
+    elif st.get("role") == "proxy":
+        out.append(f"  {_offload(st)}")
+    for s in st.get("sessions") or []:
+        out.append(f"  session {s.get('session', '?')} {_state(s.get('state', '?'), alive)}  endpoint "
+                   f"{s.get('endpoint', '?')}  last seen {_ago(s.get('last_heard_ago', '?'))}  "
+                   f"macs {', '.join(s.get('named_macs') or []) or '-'}  offload {'on' if s.get('offload') else 'off'}"
+                   f"  {s.get('cipher', '')}  {_fmt(s.get('counters') or {})}")
+    if st.get("macs") and st.get("role") == "proxy":
+        out.append("  mac table: " + ", ".join(f"{m} -> {p}" for m, p in st["macs"].items()))
+    out.append(f"  counters: {_fmt(st.get('counters') or {})}")
+    out.append(f"  drops: {_fmt(st.get('drops') or {}) or 'none'}")
+    if st.get("driver"):
+        out.append(f"  driver: {_fmt(st['driver'])}")
+    return out
+
+
+def read_status_dir(status_dir: str, problems: list[str] | None = None) -> list[dict]:
+    """Status snapshots of the ends running with this status directory (stale ones marked).  What
+    cannot be read (the directory, a file, a file that holds no JSON object) is skipped, one line
+    each in ``problems``; a file gone meanwhile (its end stopped) silently."""
     out: list[dict] = []
+    said = [] if problems is None else problems
     try:
         names = sorted(os.listdir(status_dir))
     except FileNotFoundError:
         return out
+    except OSError as exc:
+        said.append(f"--status-dir {status_dir}: {exc.strerror or exc}")
+        return out
     for name in names:
         if not name.endswith(".json"):
             continue
+        path = os.path.join(status_dir, name)
         try:
-            with open(os.path.join(status_dir, name)) as f:
+            with open(path) as f:
                 st = json.load(f)
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            said.append(f"{path}: skipped: cannot read it: {exc.strerror or exc}")
+            continue
+        except ValueError as exc:
+            said.append(f"{path}: skipped: not JSON ({exc})")
+            continue
+        if not isinstance(st, dict):
+            said.append(f"{path}: skipped: not a status file (a JSON {type(st).__name__}, not an object)")
             continue
         st["alive"] = _alive(st.get("pid"), st.get("pid_start"))
         st["file"] = name
@@ -440,7 +515,9 @@ def _state(state, alive: object) -> str:
 
 
 def _ago(seconds) -> str:
-    return "never" if seconds is None else f"{seconds}s ago"
+    if seconds is None:
+        return "never"
+    return f"{seconds}s ago" if isinstance(seconds, (int, float)) else "?"
 
 
 def _fmt(d: dict) -> str:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_STATUS_DIR = "/run/roam/tunnel"  # the same default as `roam tunnel host --status-dir`
+from .tunnel_options import parse_unicast_mac
+
+DEFAULT_STATUS_DIR = "/run/roam/tunnel"  # also the default of `roam tunnel host|proxy|status --status-dir`
 CONTROL_NAME = "host.sock"
 
 
@@ -48,7 +50,7 @@ def add_control_commands(subparsers) -> None:
     m = subparsers.add_parser("macs", help="list the VM MACs the running host agent serves",
                               description="List the VM MACs the running host agent serves (given and learned).")
     _where(m)
-    m.set_defaults(func=lambda args: cmd_request(args, "list"))
+    m.set_defaults(func=lambda args: cmd_request(args, "list", "macs"))
 
 
 _WHY = ("Over the agent's control socket (mode 600, host.sock in its --status-dir): for orchestration hooks. "
@@ -65,28 +67,29 @@ def control_path(args) -> str:
     return args.control or os.path.join(args.status_dir, CONTROL_NAME)
 
 
-def cmd_request(args, verb: str) -> int:
-    """Send the request(s); print what the agent serves after them.  0: done; 1: no agent or refused."""
+def cmd_request(args, verb: str, command: str = "") -> int:
+    """Send the request(s) (``verb``: the control socket's word); print what the agent serves after
+    them.  0: done; 1: no agent or refused; 2: a bad --mac.  Messages name ``command`` (the user's)."""
     from tunnel.io.control import request
-    from tunnel.wire import parse_mac
+    command = command or verb
     path = control_path(args)
     macs = getattr(args, "mac", None) or [""]
     if verb != "list":
         for m in macs:
             try:
-                parse_mac(m)
+                parse_unicast_mac(m)
             except ValueError as exc:
-                print(f"roam tunnel {verb}: --mac: {exc}", file=sys.stderr)
+                print(f"roam tunnel {command}: --mac: {exc}", file=sys.stderr)
                 return 2
     reply: dict = {}
     for m in macs:
         try:
             reply = request(path, verb, m)
         except OSError as exc:
-            print(f"roam tunnel {verb}: no host agent answers on {path}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"roam tunnel {command}: no host agent answers on {path}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         if not reply.get("ok"):
-            print(f"roam tunnel {verb}: the agent refused: {reply.get('error')}", file=sys.stderr)
+            print(f"roam tunnel {command}: the agent refused: {reply.get('error')}", file=sys.stderr)
             return 1
     print("serving: " + (", ".join(reply.get("macs") or []) or "no MAC yet"))
     return 0

@@ -62,7 +62,10 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"not IP:PORT: {text!r}")
-    socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):  # its words ("illegal IP address string passed to inet_pton") name no text
+        raise ValueError(f"not IP:PORT: {text!r}") from None
     return host, int(port)
 
 
