@@ -1,14 +1,24 @@
 """`roam bench tunnel`'s real moves: a guest live-migrated by QEMU, agents running on both hosts.
 
 Issue 11's second move target: with a real QEMU live migration, the peer's longest stall
-in each direction at most the downtime + 50 ms.  The qemu backend of ``roam replay``
-already plays exactly that deployment (one ``roam tunnel host`` per host from time zero,
-told no MAC; the guest's TAP on the destination before it resumes), so this plays a
-generated scenario on it: N moves between two hosts at different sites, a TCP request
-every 5 ms each way (VM -> peer and peer -> VM).  Per move, from the endpoints' own logs:
-the pause (QEMU's STOP to RESUME; the scenario holds the guest at least 100 ms, QEMU's
-own downtime figure is printed beside it), each direction's longest gap between answers
-across it, and that gap less the pause.  Printed only; never asserted.
+in each direction at most QEMU's reported downtime + 50 ms, medians and worst over at
+least 20 moves.  The qemu backend of ``roam replay`` already plays exactly that
+deployment (one ``roam tunnel host`` per host from time zero, told no MAC; the guest's
+TAP on the destination before it resumes), so this plays a generated scenario on it: N
+moves between two hosts at different sites, a TCP request every 5 ms each way (VM -> peer
+and peer -> VM).  Per move, from the endpoints' own logs: each direction's longest gap
+between answers across the move, less two baselines:
+
+* QEMU's downtime (``downtime_ms`` from ``query-migrate``): the issue's own measure, judged
+  against 50 ms.  QEMU counts only its final stop-and-copy in it;
+* the guest's pause (QEMU's STOP to RESUME): how long the guest was really stopped.  The
+  backend holds it to the scenario's downtime (100 ms here: the destination is readied
+  while the guest is paused), so it is usually longer than QEMU's figure, and it is the
+  physical floor of any stall: the stall less it is what the tunnel and the guest's wake-up
+  added.
+
+Both are printed, so a miss of the issue's target can be read against the pause.  Printed
+only; never asserted.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ from tools.bench.table import render
 
 EVERY = 0.005  # seconds between requests, each way
 SPACING = 2.0  # seconds between moves (a TCG migration takes ~1 s)
-TARGET_MS = 50.0  # stall - pause
+TARGET_MS = 50.0  # the issue's: stall - QEMU's downtime (also printed against the pause)
 
 
 def scenario_toml(moves: int) -> str:
@@ -104,21 +114,40 @@ def report_qemu_moves(res: dict) -> str:
     if "error" in res:
         return f"QEMU moves: not measured: {res['error']}"
     rows = res["rows"]
-    table = [[k + 1, r["downtime_ms"], r["pause_ms"], r["out_ms"], _less(r["out_ms"], r["pause_ms"]), r["in_ms"],
-              _less(r["in_ms"], r["pause_ms"])] for k, r in enumerate(rows)]
+    table = [[k + 1, r["downtime_ms"], r["pause_ms"],
+              *(v for key in ("out_ms", "in_ms")
+                for v in ("-" if r[key] is None else r[key], _less(r[key], r["downtime_ms"]),
+                          _less(r[key], r["pause_ms"])))]
+             for k, r in enumerate(rows)]
     out = [f"Moves by QEMU live migration (TCG), agents running on both hosts, no MAC given; a TCP request every "
-           f"{EVERY * 1e3:.0f} ms each way; the peer's longest stall across each move, less the guest's pause:",
-           render(["move", "QEMU downtime ms", "pause ms", "VM->peer stall ms", "- pause", "peer->VM stall ms",
-                   "- pause"], table)]
+           f"{EVERY * 1e3:.0f} ms each way; the peer's longest stall across each move:",
+           render(["move", "QEMU downtime ms", "pause ms", "VM->peer stall ms", "- downtime", "- pause",
+                   "peer->VM stall ms", "- downtime", "- pause"], table),
+           "('- downtime': less QEMU's reported downtime, the issue's measure, which counts only QEMU's final "
+           "stop-and-copy; '- pause': less the guest's STOP -> RESUME, held to the scenario's downtime, the "
+           "physical floor of any stall)"]
+    worst = []
     for name, key in (("VM -> peer", "out_ms"), ("peer -> VM", "in_ms")):
-        over = [r[key] - r["pause_ms"] for r in rows if r[key] is not None]
-        if over:
-            out.append(f"{name}: stall - pause median {statistics.median(over):.0f} ms, worst {max(over):.0f} ms; "
-                       f"within pause + {TARGET_MS:.0f} ms in {sum(o <= TARGET_MS for o in over)} of {len(over)} moves")
+        for base, what in (("downtime_ms", "downtime"), ("pause_ms", "pause")):
+            over = [r[key] - r[base] for r in rows if r[key] is not None]
+            if not over:
+                continue
+            out.append(f"{name}: stall - {what} median {statistics.median(over):.0f} ms, worst {max(over):.0f} ms; "
+                       f"within {what} + {TARGET_MS:.0f} ms in {sum(o <= TARGET_MS for o in over)} of "
+                       f"{len(over)} moves")
+            if base == "downtime_ms":
+                worst.append(max(over))
+        missing = sum(r[key] is None for r in rows)
+        if missing:
+            out.append(f"{name}: no stall measured in {missing} of {len(rows)} moves")
+    if len(worst) == 2:
+        met = max(worst) <= TARGET_MS and all(r[k] is not None for r in rows for k in ("out_ms", "in_ms"))
+        out.append(f"target (issue 11): longest stall each way <= QEMU downtime + {TARGET_MS:.0f} ms over "
+                   f"{len(rows)} moves: worst {max(worst):.1f} ms beyond it ({'MET' if met else 'NOT MET'})")
     if res["warnings"]:
         out += ["warning: " + w for w in res["warnings"]]
     return "\n".join(out)
 
 
-def _less(a: float | None, b: float) -> float | None:
-    return None if a is None else a - b
+def _less(a: float | None, b: float) -> float | str:
+    return "-" if a is None else a - b
