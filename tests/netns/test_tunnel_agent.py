@@ -37,6 +37,19 @@ class AgentLab(TunnelLab):
         return self.roam(self.ns[host], "host", "--proxy", f"{PROXY_IP}:{PORT}", "--tap", "rt0", "--bridge", "brvm",
                          "--keepalive", "1", "--dead-after", "5", log=host)
 
+    def begin(self, hosts: tuple[str, ...]):
+        """The VM's link out of every bridge, then the proxy and an agent on each of ``hosts``, attached and
+        serving nobody: (proxy, {host: agent})."""
+        lab, ns = self.lab, self.ns
+        lab.ipr(ns["hosta"]).link("set", index=lab.index(ns["hosta"], "vmport"), master=0, state="down")
+        proxy = self.start_proxy()
+        wait_for(lambda: self.status(proxy), 20, "the proxy to start")
+        agents = {h: self.start_agent(h) for h in hosts}
+        for h, p in agents.items():
+            st = wait_for(lambda p=p: self.attached(p), 20, f"the agent on {h} to attach")
+            assert st["macs"] == [] and st["bridge"] == "brvm"  # told nothing: serves nobody yet
+        return proxy, agents
+
 
 def _pings(lab, ns: str, dst: str) -> bool:
     return lab.ping(ns, dst, count=1, timeout=0.5) == 1
@@ -66,13 +79,7 @@ def test_agents_running_before_the_vm_carry_it_across_moves_and_detach_drops_it(
     t = AgentLab(lab, tmp_path, "udp")
     ns = t.ns
     try:
-        lab.ipr(ns["hosta"]).link("set", index=lab.index(ns["hosta"], "vmport"), master=0, state="down")
-        proxy = t.start_proxy()
-        wait_for(lambda: t.status(proxy), 20, "the proxy to start")
-        agents = {h: t.start_agent(h) for h in ("hosta", "hostb")}
-        for h, p in agents.items():
-            st = wait_for(lambda p=p: t.attached(p), 20, f"the agent on {h} to attach")
-            assert st["macs"] == [] and st["bridge"] == "brvm"  # told nothing: serves nobody yet
+        proxy, agents = t.begin(("hosta", "hostb"))
 
         # The VM arrives on A: its link joins A's bridge; the agent learns it from its frames.
         t.enslave("hosta", "vmport")
@@ -121,11 +128,8 @@ def test_a_vm_port_leaving_the_bridge_is_forgotten_with_no_other_host_in_sight(l
     t = AgentLab(lab, tmp_path, "udp")
     ns = t.ns
     try:
-        lab.ipr(ns["hosta"]).link("set", index=lab.index(ns["hosta"], "vmport"), master=0, state="down")
-        proxy = t.start_proxy()
-        wait_for(lambda: t.status(proxy), 20, "the proxy to start")
-        agent = t.start_agent("hosta")
-        wait_for(lambda: t.attached(agent), 20, "the agent on A to attach")
+        proxy, agents = t.begin(("hosta",))
+        agent = agents["hosta"]
         t.enslave("hosta", "vmport")
         _flows(t)
         wait_for(lambda: _served_by(t, proxy, agent), 10, "the proxy to place the VM behind A")
