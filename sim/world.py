@@ -391,8 +391,9 @@ class Network:
 
     def gratuitous(self, site: Site, dst: bytes) -> None:
         """The gateway hears a gratuitous ARP for ``dst`` from its holder (``arp_process``, arp_accept off): an
-        entry it has takes it (``neigh_update`` to NUD_STALE, override), so one resolving or failed sends what
-        it held; a valid one with the same address keeps its state; none is made."""
+        entry it has takes it (``neigh_update`` to NUD_STALE, override; a valid one with the same address keeps
+        its state); none is made.  What a resolving or failed entry held goes out as any packet to a stale
+        entry does (``neigh_resolve_output``): the first sets DELAY."""
         n = site.neighbours.get(dst)
         holder = site.holders.get(dst)
         if n is None or holder is None:
@@ -403,7 +404,7 @@ class Network:
         n.gen += 1  # its timer is deleted: STALE has none
         queue, n.queue = n.queue, []
         for data, tag in queue:
-            self._to_lladdr(site, dst, n, data, tag)
+            self._resolve(site, dst, data, tag)
 
     def _failed(self, site: Site, n: Neighbour) -> None:
         """``neigh_invalidate``: every held packet is answered with ICMP host unreachable."""

@@ -123,6 +123,33 @@ def above_zero(text: str) -> float:
     return value
 
 
+def within(low: int, high: int):
+    """argparse type: a whole number from ``low`` to ``high`` (the bounds in the option's error)."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"a whole number from {low} to {high}, got {text!r}")
+        return value
+    return whole
+
+
+def seconds_from(low: float):
+    """argparse type: a finite duration of at least ``low`` seconds (a timer shorter than that would only
+    keep a loop busy)."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"seconds, at least {low:g}, got {text!r}")
+        return value
+    return seconds
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,12 +19,14 @@ import sys
 import time
 
 from . import daemon
-from .cli import above_zero, at_least_one
+from .cli import at_least_one, seconds_from, within
 from .tunnel_control import DEFAULT_STATUS_DIR, add_agent_options, add_control_commands, agent_kwargs
 from .tunnel_options import (
-    MTU_MAX, MTU_MIN, PATH_MTU_MAX, PATH_MTU_MIN, checked, endpoint, ifname, unicast_mac, within,
+    MTU_MAX, MTU_MIN, PATH_MTU_MAX, PATH_MTU_MIN, checked, endpoint, ifname, unicast_mac,
 )
 
+#: The shortest timer an option may set: shorter ones only keep the loop busy.
+MIN_SECONDS = 0.01
 _MTU_HELP = (f"MTU of the TAP device, {MTU_MIN}..{MTU_MAX} (default 1500). Each frame costs 32 bytes of tunnel "
              "overhead plus UDP/IPv4 28 (IPv6 48); over UDP a message larger than --path-mtu allows leaves as "
              "tunnel segments that each fit (never as IP fragments).")
@@ -96,9 +99,9 @@ def register(subparsers, help_text: str) -> None:
     pr.add_argument("--bridge", required=True, type=ifname, metavar="BR", help="existing home-LAN bridge to join")
     pr.add_argument("--tap", default=None, type=ifname, metavar="NAME",
                     help="name of the TAP to make (default roamp<PORT>)")
-    pr.add_argument("--session-timeout", type=above_zero, default=60.0, metavar="SECONDS",
+    pr.add_argument("--session-timeout", type=seconds_from(MIN_SECONDS), default=60.0, metavar="SECONDS",
                     help="close a session after this many seconds without authentic traffic (default 60)")
-    pr.add_argument("--mac-age", type=above_zero, default=300.0, metavar="SECONDS",
+    pr.add_argument("--mac-age", type=seconds_from(MIN_SECONDS), default=300.0, metavar="SECONDS",
                     help="MAC table ageing in seconds (default 300)")
     pr.add_argument("--max-sessions", type=at_least_one, default=256, metavar="N",
                     help="host ends served at once (default 256); beyond it a new one is refused, counted")
@@ -107,7 +110,7 @@ def register(subparsers, help_text: str) -> None:
     pr.add_argument("--max-tcp-connections", type=at_least_one, default=512, metavar="N",
                     help="--transport tcp: connections held at once; beyond it the oldest one not yet "
                     "authenticated is closed, or the new one refused (default 512)")
-    pr.add_argument("--tcp-auth-timeout", type=above_zero, default=10.0, metavar="SECONDS",
+    pr.add_argument("--tcp-auth-timeout", type=seconds_from(MIN_SECONDS), default=10.0, metavar="SECONDS",
                     help="--transport tcp: close a connection that sent no authentic message within this "
                     "many seconds (default 10)")
     common(pr)
@@ -127,9 +130,9 @@ def register(subparsers, help_text: str) -> None:
                    help="a VM's unicast MAC this host end serves (a claim, repeatable; not needed: VMs are "
                    "learned from their frames)")
     h.add_argument("--no-learn", action="store_true", help="do not learn more VM MACs from frames")
-    h.add_argument("--keepalive", type=above_zero, default=5.0, metavar="SECONDS",
+    h.add_argument("--keepalive", type=seconds_from(MIN_SECONDS), default=5.0, metavar="SECONDS",
                    help="keepalive interval in seconds (default 5)")
-    h.add_argument("--dead-after", type=above_zero, default=15.0, metavar="SECONDS",
+    h.add_argument("--dead-after", type=seconds_from(MIN_SECONDS), default=15.0, metavar="SECONDS",
                    help="re-attach under a new session after this many silent seconds, more than --keepalive "
                    "(default 15)")
     common(h)
@@ -162,7 +165,8 @@ def cmd_genkey(args) -> int:
                 os.fchmod(f.fileno(), 0o600)
                 f.write(text)
         except OSError as exc:  # a full disk: no half-written key left behind
-            os.unlink(args.out)
+            with contextlib.suppress(OSError):
+                os.unlink(args.out)
             print(f"roam tunnel genkey: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         return 0

@@ -16,19 +16,6 @@ MTU_MIN, MTU_MAX = 68, 65443
 PATH_MTU_MIN, PATH_MTU_MAX = 576, 65535
 
 
-def within(low: int, high: int):
-    """argparse type: a whole number from ``low`` to ``high`` (the bounds in the option's error)."""
-    def whole(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"a whole number from {low} to {high}, got {text!r}")
-        return value
-    return whole
-
-
 def endpoint(text: str) -> str:
     """argparse type: ``IP:PORT`` or ``[IPv6]:PORT``, checked here so that a typo is the option's error."""
     from tunnel.io.transport import parse_endpoint

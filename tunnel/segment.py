@@ -30,8 +30,9 @@ Bounds (:class:`Reassembly`): at most :data:`MAX_PENDING` messages in reassembly
 per session, and the bytes held for an end's sessions together at most ``budget``
 (a :class:`Budget` the proxy shares between its sessions) beyond each session's own
 ``reserve``.  The reserve (one whole message at the proxy) is why segments forged
-under one session's clear-text id, which only fail when their message is opened,
-cannot spend what another session needs: each can always put one message together.  A message whose
+under other sessions' clear-text ids, which only fail when their message is opened,
+cannot spend what a session needs: each can always put one message together, its own
+older ones giving way to it.  A message whose
 segments do not all arrive is lost, and counted, when a newer one needs its slot or
 one :data:`REORDER_SPAN` sequence numbers newer is whole.
 """
@@ -168,13 +169,7 @@ class Reassembly:
             raise WireError(Drop.REPLAYED, f"segment {index} again")
         if entry[2] + n > self.max_message:
             raise WireError(Drop.OVERSIZED, "segments larger than a message")
-        while self.budget.left < self._need(n) and self.pending:  # over the end's budget: the oldest go first
-            oldest = next(iter(self.pending))
-            if oldest == seq:
-                break
-            self._give_up(oldest)
-        if self.budget.left < self._need(n):
-            raise WireError(Drop.OVERSIZED, "reassembly budget spent")
+        self._make_room(seq, n)
         pieces[index] = bytes(segment[SEGMENT_HEAD:])
         self._hold(n)
         entry[1] += 1
@@ -182,6 +177,14 @@ class Reassembly:
         if entry[1] < count:
             return None
         return self._complete(seq, entry)
+
+    def _make_room(self, seq: int, n: int) -> None:
+        """Over the budget, this session's other messages go, oldest first; then, if still over, refused."""
+        while self.budget.left < self._need(n):
+            older = next((q for q in self.pending if q != seq), None)
+            if older is None:
+                raise WireError(Drop.OVERSIZED, "reassembly budget spent")
+            self._give_up(older)
 
     def _complete(self, seq: int, entry: list) -> bytes:
         del self.pending[seq]
@@ -210,10 +213,7 @@ class Reassembly:
         n = len(pieces)
         if entry[2] + n > self.max_message:
             raise WireError(Drop.OVERSIZED, "segments larger than a message")
-        while self.budget.left < self._need(n) and next(iter(self.pending)) != seq:
-            self._give_up(next(iter(self.pending)))
-        if self.budget.left < self._need(n):
-            raise WireError(Drop.OVERSIZED, "reassembly budget spent")
+        self._make_room(seq, n)
         slots = entry[3]
         slots[first] = pieces
         for i in range(first + 1, first + k):

@@ -185,7 +185,7 @@ class WorkerOffloader(Offloader):
 class NoRules:
     """A worker's rules: none (the parent's :class:`Rules` are the only ones)."""
 
-    kernel = None  # (the kernel path's rules are the parent's too)
+    kernel: list = []  # (empty, never filled: the kernel path's rules are the parent's too)
 
     def check_owners(self) -> None:
         pass

@@ -26,6 +26,7 @@ def test_the_targets_are_judged_against_references_of_the_same_run():
     got = _targets(report(slow, 1))
     assert [g.endswith("NOT MET") for g in got] == [True, True, True, False]
 
+
 def test_the_moves_default_to_the_issues_minimum_of_20():
     parser = argparse.ArgumentParser()
     add_arguments(parser)

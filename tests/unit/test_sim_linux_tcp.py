@@ -200,8 +200,8 @@ def test_a_silent_holder_answers_no_probe_and_its_packets_wait_then_fail():
 
 def test_gratuitous_arp_sends_what_a_resolving_entry_held():
     """arp_process with arp_accept off: a gratuitous ARP updates an entry the gateway has (neigh_update
-    to NUD_STALE with override), and an INCOMPLETE entry sends its queue at once; none is made for an
-    address the gateway never asked about."""
+    to NUD_STALE with override), and an INCOMPLETE entry sends its queue at once, which makes it DELAY
+    (neigh_resolve_output); none is made for an address the gateway never asked about."""
     clock, net, lan, far, got, icmp = _held_lan()
     other = wire.addr("203.0.113.6")
     lan.holders[other] = lambda d, t: got.append((clock.now, t))
@@ -213,9 +213,10 @@ def test_gratuitous_arp_sends_what_a_resolving_entry_held():
     assert got == [] and lan.neighbours[VM].state == Nud.INCOMPLETE
     lan.silent.discard(VM)
     net.gratuitous(lan, VM)
-    assert [t for _, t in got] == [7, 8] and lan.neighbours[VM].state == Nud.STALE
-    clock.run(10.0)
-    assert icmp == []  # its probe timer went with the update
+    n = lan.neighbours[VM]
+    assert [t for _, t in got] == [7, 8] and n.state == Nud.DELAY
+    clock.run(10.0)  # DELAY's timer (5 s, run by the wheel), then a unicast probe it answers
+    assert n.state == Nud.REACHABLE and icmp == []
 
 
 def test_gratuitous_arp_leaves_a_valid_entry_with_the_same_address_alone():
