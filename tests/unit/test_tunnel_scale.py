@@ -134,6 +134,6 @@ def test_one_vm_then_all_ten_vms_of_a_host_move_while_the_rest_keep_flowing(fabr
 
 def test_bench_scale_runs_at_tiny_counts_and_prints_its_table():
     out = report(measure(hosts=4, macs=8, frames=50, repeats=3))
-    for row in ("attach, sessions 4-4", "bytes/session", "bytes/MAC", "LAN -> 8 MACs", "LAN broadcast, 4 host ends",
+    for row in ("attach, sessions 4-4", "idle, 4 sessions", "CPU us/session/s", "bytes/session", "bytes/MAC", "LAN -> 8 MACs", "LAN broadcast, 4 host ends",
                 "move, 4 hosts, 8 MACs"):
         assert row in out

@@ -13,6 +13,9 @@ Printed (never asserted):
 * **attach**: CPU seconds (``time.process_time``) the proxy spends per session attach (hello,
   EPOCH, ATTACH, ACK), for the first and the last tenth of the N attaches: a cost that grows
   with the number of sessions shows as a ratio above 1;
+* **idle**: the proxy's CPU per session per second while nothing but keepalives flows (the host
+  ends' keepalives and ACKs, the proxy's timers), over a minute of simulated time: what each
+  attached host end costs the proxy when its VMs are quiet;
 * **memory per session / per MAC**: Python memory (``tracemalloc``) the proxy engine holds, as
   what dropping it gives back: with N sessions less with none, divided by N (and with M MACs
   less with none, divided by M); OpenSSL's own cipher contexts are outside tracemalloc's view,
@@ -292,7 +295,19 @@ def measure(hosts: int = 100, macs: int = 1000, frames: int = 20000, repeats: in
                                         max(3, repeats))
     out["move"], out["move_messages"] = _moves(f, hosts, per_host, repeats)
     out["move_small"], out["move_small_messages"] = _moves(small, small_hosts, per_host, repeats)
+    out["idle"], out["idle_small"] = _idle(f), _idle(small)  # last: a minute passes
     return out
+
+
+def _idle(f: Fabric, seconds: int = 60) -> float:
+    """The proxy's CPU seconds per session per second over ``seconds`` of simulated time, 1 s ticks: only
+    the ends' timers run (keepalives, their answers, the proxy's own expiry)."""
+    cpu = f.proxy_cpu
+    for _ in range(seconds):
+        f.tick(1.0)
+        f.pump()
+    f.clear()
+    return (f.proxy_cpu - cpu) / (len(f.hosts) * seconds)
 
 
 def _per_call(fn, n: int) -> float:
@@ -359,6 +374,8 @@ def report(m: dict) -> str:
         (f"attach, sessions 1-{tenth}", "CPU ms/session", m["attach_first"] * 1e3, "1.00"),
         (f"attach, sessions {hosts - tenth + 1}-{hosts}", "CPU ms/session", m["attach_last"] * 1e3,
          f"{m['attach_last'] / m['attach_first']:.2f}"),
+        (f"idle, {sh} sessions", "CPU us/session/s", m["idle_small"] * 1e6, "1.00"),
+        (f"idle, {hosts} sessions", "CPU us/session/s", m["idle"] * 1e6, f"{m['idle'] / m['idle_small']:.2f}"),
         (f"memory, {hosts} sessions", "bytes/session", m["bytes_per_session"], ""),
         (f"memory, {macs} MACs", "bytes/MAC", m["bytes_per_mac"], ""),
         ("LAN -> 1 MAC", "frames/s", m["fps_one"], "1.00"),
