@@ -35,10 +35,23 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="text (default) or json: one object a line with time, level, logger, message "
                         "and any extra fields. Under systemd's journal no timestamp of our own either way")
-    parser.add_argument("--metrics", metavar="ADDR:PORT", default=None,
+    parser.add_argument("--metrics", metavar="ADDR:PORT", default=None, type=metrics_address,
                         help="serve Prometheus metrics (the counters `status` shows) over HTTP on ADDR:PORT "
                         "([ADDR]:PORT for IPv6), path /metrics")
     parser.set_defaults(log_base=logging.INFO)
+
+
+def metrics_address(text: str) -> str:
+    """argparse type: ``IP:PORT`` or ``[IPv6]:PORT``, checked when parsed, so that a typo is the option's error
+    before a daemon makes its TAP or rules (whether the address can be listened on is known only then)."""
+    from tunnel.io.transport import parse_endpoint
+
+    try:
+        parse_endpoint(text)
+    except (ValueError, OSError):
+        raise argparse.ArgumentTypeError(f"not ADDR:PORT (an IP address and a port, [ADDR]:PORT for IPv6): "
+                                         f"{text!r}") from None
+    return text
 
 
 def under_journal(stream=None) -> bool:

@@ -90,6 +90,18 @@ def test_bad_metrics_address_is_one_clear_error(address, message):
         serve(address, NatCollector(dict))
 
 
+@pytest.mark.parametrize("argv", [["nat", "--external", "ext0"], ["tunnel", "proxy", "--listen", "127.0.0.1:4789",
+                                                                  "--bridge", "br0", "--plaintext"]])
+def test_a_bad_metrics_address_is_refused_when_parsed(argv, capsys):
+    """Before the daemon makes anything (its TAP, its rules): the option's own error, exit status 2."""
+    from tools import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args([*argv, "--metrics", "nonsense"])
+    assert e.value.code == 2
+    assert "argument --metrics: not ADDR:PORT" in capsys.readouterr().err
+
+
 def test_a_taken_port_is_one_clear_error(served):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
