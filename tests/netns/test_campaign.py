@@ -110,23 +110,45 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f} ms"
 
 
+def _alone(sc, rows: list) -> dict:
+    """The disagreeing ``rows`` of ``sc`` played again, their modes one at a time: (conn, mode) -> row."""
+    again = compare(sc, ("sim", "netns"), parallel=False, modes=tuple(dict.fromkeys(r.mode for r in rows)))
+    return {(r.conn, r.mode): r for r in again}
+
+
 def test_simulator_and_kernel_agree_on_every_verdict_and_reason():
+    """A cell that disagrees is played once more with its mode alone on the machine: the lab's modes run
+    in parallel on 2 cores, and where the kernel's answer sits within tens of milliseconds of a give-up
+    time, the Python tunnel's or NAT's latency under that load can decide it (seen: scenario 17, c2,
+    tunnel, "timed out" once in CI, "survived" in every run alone).  Agreeing alone, it is counted and
+    printed as raced under load, not hidden; disagreeing again, it fails."""
     if os.geteuid() != 0:
         pytest.skip("the netns backend needs root")
-    rows_all, bad, where = [], [], []
+    rows_all, bad, where, under_load = [], [], [], []
     for i, sc in enumerate(_sample()):
         rows = compare(sc, ("sim", "netns"), parallel=True)
         rows_all += rows
         where += [i] * len(rows)
         errors = [r for r in rows if r.cells["netns"].error is not None]
         assert not errors, (i, errors[0].cells["netns"].error)
+        differ = []
         for r in rows:
             if not r.reasons_agree:
                 sim, lab = r.cells["sim"], r.cells["netns"]
                 known = r.verdicts_agree and (r.mode, sim.reason, lab.reason) in KNOWN_REASON_GAPS
                 print(f"scenario {i}{' (a known reason gap)' if known else ''}:\n{render(rows)}")
                 if not known:
-                    bad.append((i, sc, r))
+                    differ.append(r)
+        if differ:
+            again = _alone(sc, differ)
+            for r in differ:
+                a = again[(r.conn, r.mode)]
+                lab = (r.cells["netns"].verdict, r.cells["netns"].reason)
+                print(f"scenario {i}, {r.conn} under {r.mode}, alone: {render([a]).splitlines()[2]}")
+                if a.reasons_agree:
+                    under_load.append((i, r.conn, r.mode, lab))
+                else:
+                    bad.append((i, sc, a))
     k, med, worst = interruption_summary(rows_all)
     print(f"\ncampaign: {len(rows_all)} cells over {N} scenarios; interruption |sim - netns| over {k} surviving "
           f"cells: median {_ms(med)}, worst {_ms(worst)}")
@@ -140,6 +162,8 @@ def test_simulator_and_kernel_agree_on_every_verdict_and_reason():
     # phase of the timer wheel (counted and shown, so that a campaign leaning on them is seen)
     raced = [(where[j], r.conn, r.mode, r.phases) for j, r in enumerate(rows_all) if r.phases]
     print(f"campaign: {len(raced)} cells agree only at another phase of the timer wheel: {raced}")
+    print(f"campaign: {len(under_load)} cells disagreed with the modes in parallel and agreed alone (the lab's "
+          f"answer under load first): {under_load}")
     if worst is not None:  # where the interruptions differ most: a place to look, not a failure
         j, r = max(((j, r) for j, r in enumerate(rows_all) if r.interruption_diff_ms() is not None),
                    key=lambda jr: jr[1].interruption_diff_ms())
