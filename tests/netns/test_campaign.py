@@ -7,7 +7,8 @@ every mode, UDP sessions and request/response, idle connections) is played by th
 simulator and by the netns backend (its modes in parallel), and every verdict AND every
 reason must be equal: the simulator plays each lab run's routers' reachable-time draws,
 and where the two raced within the kernel's timer granularity, the wheel's other phases
-(``tools.compare``).  The interruption agreement (median and worst absolute
+(``tools.compare``); a cell that still disagrees is played once more with its mode alone
+(the lab's latency under load, below).  The interruption agreement (median and worst absolute
 difference over the cells both saw survive) is printed, not asserted.  A disagreement
 found here becomes a named regression scenario under tests/scenarios/ with its own test.
 """
