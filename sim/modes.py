@@ -257,6 +257,8 @@ class Tunnel(Mode):
             import tunnel as tun
             from conntrack.answer import Action
             self.tun = tun
+            from tunnel.announce import neighbour_binding
+            self._binding = neighbour_binding  # what an ARP frame the proxy sends to the LAN tells its router
             self.ACCEPT, self.DROP = Action.ACCEPT, Action.DROP
             key = tun.Key(bytes(self.rng.getrandbits(8) for _ in range(32)))
             self.cipher = tun.AeadCipher(key)
@@ -430,21 +432,13 @@ class Tunnel(Mode):
             if ip is not None:
                 self.net.send(ip, tag, self.home)
             else:
-                garp = _gratuitous_arp(frame)
-                if garp is not None:  # the proxy announces a VM that moved: the gateway's entry takes it
-                    self.clock.after(self.home.lan_latency, _garp_arrives, self.net, (self.home, garp))
+                b = self._binding(frame)
+                if b is not None and len(b[0]) == 4:  # the proxy announces a VM that moved: its router takes it
+                    self.clock.after(self.home.lan_latency, _garp_arrives, self.net, (self.home, b[0]))
         self.proxy_timer.update()
 
     def vm_address(self) -> bytes:
         return self.address
-
-
-def _gratuitous_arp(frame: bytes) -> bytes | None:
-    """The address a gratuitous ARP (sender address = target address) announces; None for other frames."""
-    if len(frame) < 42 or frame[12:14] != b"\x08\x06" or frame[14:20] != b"\x00\x01\x08\x00\x06\x04":
-        return None
-    sip, tip = bytes(frame[28:32]), bytes(frame[38:42])
-    return sip if sip == tip else None
 
 
 def _garp_arrives(net: Network, where: tuple[Site, bytes]) -> None:
